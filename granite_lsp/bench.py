@@ -1,0 +1,296 @@
+"""``granite-lsp bench``: replay an editing trace through the real server, as an editor would drive it.
+
+Each mode runs its own server process over stdio (the LSP path an editor uses): ``reuse`` (our runtime
+with the state cache), ``no-reuse`` (same runtime, every prompt from zero) and ``transformers``
+(transformers' model and cache, full prompt every time). Edits are always replayed in full; the slow
+modes may answer only a sample of the completion requests (``--slow-steps``), which the report states.
+
+Trace format (JSON Lines, LSP UTF-16 positions):
+  {"op":"open","uri":U,"languageId":L,"text":T}
+  {"op":"change","uri":U,"range":{"start":{"line":..,"character":..},"end":{..}},"text":T}
+  {"op":"complete","uri":U,"line":N,"character":C}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
+MODES = ("reuse", "no-reuse", "transformers")
+METRICS = ("prompt_tokens", "processed_tokens", "reused_tokens", "prefill_ms", "decode_ms", "total_ms")
+
+
+class _Server:
+    """Minimal LSP client over a server subprocess (no pygls, so the bench sees the raw protocol)."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._id = 0
+        self._responses: dict[int, dict] = {}
+        self._notes: list[dict] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.stderr: list[str] = []
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line.decode(errors="replace"))
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        while True:
+            length = None
+            while True:
+                line = out.readline()
+                if not line:
+                    with self._cv:
+                        self._cv.notify_all()
+                    return
+                if not line.strip():
+                    break
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            msg = json.loads(out.read(length))
+            with self._cv:
+                if "method" in msg and "id" in msg:
+                    self._send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
+                elif "method" in msg:
+                    self._notes.append(msg)
+                else:
+                    self._responses[msg["id"]] = msg
+                self._cv.notify_all()
+
+    def _send(self, msg: dict) -> None:
+        body = json.dumps(msg).encode()
+        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.proc.stdin.flush()
+
+    def notify(self, method: str, params: Any) -> None:
+        self._send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def call(self, method: str, params: Any, timeout: float = 3600.0) -> Any:
+        self._id += 1
+        msg_id = self._id
+        self._send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while msg_id not in self._responses:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{method}: no response; server said:\n{''.join(self.stderr[-30:])}")
+                self._cv.wait(0.5)
+            resp = self._responses.pop(msg_id)
+        if "error" in resp:
+            raise RuntimeError(f"{method} failed: {resp['error']}")
+        return resp.get("result")
+
+    def wait_status(self, timeout: float = 1800.0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for n in self._notes:
+                    if n["method"] == "granite/status" and n["params"]["state"] in ("ready", "error"):
+                        return n["params"]
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not load; it said:\n{''.join(self.stderr[-30:])}")
+                self._cv.wait(0.5)
+
+    def peak_rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        return float("nan")
+
+    def close(self) -> None:
+        try:
+            self.call("shutdown", None, timeout=30)
+            self.notify("exit", None)
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+
+
+def load_trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _sample(indices: list[int], n: int) -> set[int]:
+    if n <= 0 or n >= len(indices):
+        return set(indices)
+    step = (len(indices) - 1) / (n - 1) if n > 1 else 0
+    return {indices[round(i * step)] for i in range(n)}
+
+
+def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
+    options = {
+        "maxTokens": args.max_tokens,
+        "ignoreEos": args.ignore_eos,
+        "raw": True,
+        "reuse": mode == "reuse",
+        "backend": "transformers" if mode == "transformers" else "native",
+        "randomWeights": str(Path(args.random_weights).resolve() / "config.json")
+        if args.random_weights and Path(args.random_weights).is_dir()
+        else (args.random_weights or ""),
+        "debounceMs": 0,
+    }
+    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(args.model), "--device", args.device]
+    cmd += ["--dtype", args.dtype]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    server = _Server(cmd)
+    t0 = time.perf_counter()
+    server.call(
+        "initialize",
+        {"processId": os.getpid(), "rootUri": None, "capabilities": {}, "initializationOptions": options},
+    )
+    server.notify("initialized", {})
+    status = server.wait_status()
+    if status["state"] != "ready":
+        server.close()
+        raise RuntimeError(f"{mode}: model failed to load: {status['message']}")
+    load_s = time.perf_counter() - t0
+    completes = [i for i, op in enumerate(trace) if op["op"] == "complete"]
+    wanted = set(completes) if mode == "reuse" else _sample(completes, args.slow_steps)
+    rows: list[dict] = []
+    versions: dict[str, int] = {}
+    for i, op in enumerate(trace):
+        kind = op["op"]
+        if kind == "open":
+            versions[op["uri"]] = 1
+            doc = {"uri": op["uri"], "languageId": op.get("languageId", "plaintext"), "version": 1, "text": op["text"]}
+            server.notify("textDocument/didOpen", {"textDocument": doc})
+        elif kind == "change":
+            versions[op["uri"]] += 1
+            change = {"range": op["range"], "text": op["text"]} if "range" in op else {"text": op["text"]}
+            server.notify(
+                "textDocument/didChange",
+                {"textDocument": {"uri": op["uri"], "version": versions[op["uri"]]}, "contentChanges": [change]},
+            )
+        elif kind == "complete" and i in wanted:
+            params = {
+                "textDocument": {"uri": op["uri"]},
+                "position": {"line": op["line"], "character": op["character"]},
+                "context": {"triggerKind": 1},
+            }
+            t = time.perf_counter()
+            result = server.call("textDocument/inlineCompletion", params)
+            wall_ms = (time.perf_counter() - t) * 1000.0
+            last = server.call("granite/stats", None)["last"]
+            items = (result or {}).get("items", [])
+            rows.append(
+                {
+                    "step": i,
+                    "text": items[0]["insertText"] if items else "",
+                    "request_ms": wall_ms,
+                    **{k: last.get(k) for k in METRICS},
+                    "generated_tokens": last.get("generated_tokens"),
+                }
+            )
+            if args.verbose:
+                r = rows[-1]
+                print(
+                    f"  [{mode}] step {i}: re-processed {r['processed_tokens']}, prefill {r['prefill_ms']:.0f} ms, "
+                    f"decode {r['decode_ms']:.0f} ms, request {wall_ms:.0f} ms",
+                    file=sys.stderr,
+                )
+    stats = server.call("granite/stats", None)
+    rss = server.peak_rss_mb()
+    server.close()
+    return {"mode": mode, "load_s": load_s, "rows": rows, "server_stats": stats, "peak_rss_mb": rss}
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in (*METRICS, "request_ms"):
+        values = sorted(float(r[key]) for r in rows if r.get(key) is not None)
+        if not values:
+            continue
+        p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+        out[key] = {"median": statistics.median(values), "p95": p95, "mean": statistics.fmean(values)}
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("inf")
+
+
+def report(results: dict[str, dict]) -> dict:
+    summary: dict[str, Any] = {"modes": {}}
+    for mode, res in results.items():
+        s = summarize(res["rows"])
+        summary["modes"][mode] = {"completions": len(res["rows"]), "peak_rss_mb": res["peak_rss_mb"], **s}
+        print(f"\n== {mode}: {len(res['rows'])} completions, server peak RSS {res['peak_rss_mb']:.0f} MB")
+        print(f"{'metric':<18}{'median':>12}{'p95':>12}")
+        for key, v in s.items():
+            print(f"{key:<18}{v['median']:>12.1f}{v['p95']:>12.1f}")
+    base = results.get("reuse")
+    if base:
+        by_step = {r["step"]: r for r in base["rows"]}
+        med = summary["modes"]["reuse"]
+        for mode in ("no-reuse", "transformers"):
+            if mode not in results:
+                continue
+            other = results[mode]["rows"]
+            same = sum(1 for r in other if r["step"] in by_step and by_step[r["step"]]["text"] == r["text"])
+            om = summary["modes"][mode]
+            ratios = {
+                "prefill_ms": _ratio(om["prefill_ms"]["median"], med["prefill_ms"]["median"]),
+                "total_ms": _ratio(om["total_ms"]["median"], med["total_ms"]["median"]),
+                "request_ms": _ratio(om["request_ms"]["median"], med["request_ms"]["median"]),
+                "exact": f"{same}/{len(other)}",
+            }
+            summary[f"{mode}_vs_reuse"] = ratios
+            print(
+                f"\n{mode} / reuse (medians, same run): prompt processing {ratios['prefill_ms']:.1f}x, "
+                f"total {ratios['total_ms']:.1f}x, request {ratios['request_ms']:.1f}x; "
+                f"identical completions {ratios['exact']}"
+            )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="granite-lsp bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
+    p.add_argument("--model", default=str(REPO / "model" / "tiny"), help="model (and tokenizer) directory")
+    p.add_argument("--random-weights", default="", help="config dir/file of a model to build with random weights")
+    p.add_argument("--mode", choices=(*MODES, "both", "all"), default="both")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--slow-steps", type=int, default=0, help="completions answered in slow modes (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="replay only the first N trace operations")
+    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    trace = load_trace(args.trace)
+    if args.limit:
+        trace = trace[: args.limit]
+    modes = {"both": ("reuse", "no-reuse"), "all": MODES}.get(args.mode, (args.mode,))
+    results = {}
+    for mode in modes:
+        print(f"running {mode} ...", file=sys.stderr)
+        results[mode] = run_mode(mode, trace, args)
+    summary = report(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "results": results}, indent=1
+            )
+        )
+    return 0

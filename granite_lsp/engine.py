@@ -1,0 +1,122 @@
+"""Greedy generation of a FIM middle over the state cache, with token healing and early stopping.
+
+Greedy, because a completion server must be deterministic: the same buffer and cursor give the same
+suggestion, which is what makes typing-through, caching and the exactness tests possible.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .fim import FimPrompt
+from .state_cache import StateCache
+from .tokens import TextTokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    processed_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return self.prefill_ms + self.decode_ms
+
+
+@dataclass
+class Generation:
+    text: str  # the new text after the cursor (healed bytes already removed)
+    token_ids: list[int]
+    stop_reason: str  # "eos" | "max_tokens" | "cancelled" | "callback"
+    stats: GenerationStats
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Engine:
+    """Turns a FIM prompt into the middle's continuation, reusing model state through ``cache``."""
+
+    def __init__(self, tokenizer: TextTokenizer, cache: StateCache) -> None:
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self._stop_ids = torch.tensor(sorted(tokenizer.control.stop_ids), dtype=torch.long)
+
+    def generate(
+        self,
+        doc: str,
+        prompt: FimPrompt,
+        max_tokens: int,
+        *,
+        ignore_eos: bool = False,
+        cancelled: Callable[[], bool] = lambda: False,
+        on_text: Callable[[str], bool] | None = None,
+    ) -> Generation:
+        """Decode up to ``max_tokens`` tokens.
+
+        ``cancelled`` is polled between decode steps; ``on_text`` sees the text so far after every token
+        and returns False to stop (post-processing rules, streaming), so that no step is spent on text
+        that will be thrown away.
+        """
+        stats = GenerationStats()
+        if cancelled():
+            return Generation("", [], "cancelled", stats)
+        pre = self.cache.prefill(doc, prompt.ids, marks=(prompt.prefix_len, prompt.static_len))
+        stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
+        stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
+
+        t0 = time.perf_counter()
+        table = self.tokenizer.token_bytes
+        stop_ids = self.tokenizer.control.stop_ids
+        pending = prompt.heal
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = ""
+        ids: list[int] = []
+        logits = pre.logits
+        reason = "max_tokens"
+        while len(ids) < max_tokens:
+            if cancelled():
+                reason = "cancelled"
+                break
+            token = self._choose(logits, pending, ignore_eos)
+            if token in stop_ids:
+                reason = "eos"
+                break
+            ids.append(token)
+            piece = table[token]
+            if pending:
+                if piece.startswith(pending):
+                    piece, pending = piece[len(pending) :], b""
+                else:
+                    piece, pending = b"", pending[len(piece) :]
+            text += decoder.decode(piece)
+            if on_text is not None and not on_text(text):
+                reason = "callback"
+                break
+            if len(ids) < max_tokens:
+                logits = self.cache.step(token)
+        text += decoder.decode(b"", final=True)
+        stats.generated_tokens = len(ids)
+        stats.decode_ms = (time.perf_counter() - t0) * 1000.0
+        return Generation(text, ids, reason, stats)
+
+    def _choose(self, logits: torch.Tensor, pending: bytes, ignore_eos: bool) -> int:
+        # The embedding may have rows past the tokenizer's vocabulary (padding): never pick those.
+        logits = logits[: len(self.tokenizer.token_bytes)]
+        if pending:
+            allowed = torch.tensor(self.tokenizer.ids_consistent_with(pending), dtype=torch.long)
+            return int(allowed[torch.argmax(logits[allowed])])
+        if ignore_eos:
+            logits = logits.clone()
+            logits[self._stop_ids] = float("-inf")
+        return int(torch.argmax(logits))

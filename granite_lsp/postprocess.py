@@ -1,0 +1,155 @@
+"""Shaping raw model output into a suggestion a user wants: one pipeline, applied while decoding.
+
+The same rules decide when to *stop generating* (so no decode step is spent on text we would cut) and
+how to *finish* the text. Every rule is conservative: it only ever shortens, trims or re-indents the
+suggestion and never touches what the user already typed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_INDENT = re.compile(r"[ \t]*")
+_CLOSING_LINE = re.compile(r"\s*([)\]}]+[;,)]*|end|fi|done|esac)\s*")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _indent_width(line: str, tab_size: int) -> int:
+    ws = _INDENT.match(line).group(0)
+    return sum(tab_size if c == "\t" else 1 for c in ws)
+
+
+@dataclass(frozen=True)
+class CursorContext:
+    line_prefix: str  # the cursor's line up to the cursor
+    line_rest: str  # the cursor's line after the cursor
+    following: tuple[str, ...]  # a few lines after the cursor's line
+    tab_size: int = 4
+    insert_spaces: bool | None = None  # None: keep whatever the model wrote
+
+    @classmethod
+    def at(cls, text: str, cursor: int, tab_size: int = 4, insert_spaces: bool | None = None) -> CursorContext:
+        start = max(text.rfind("\n", 0, cursor), text.rfind("\r", 0, cursor)) + 1
+        m = _LINE_BREAK.search(text, cursor)
+        end = m.start() if m else len(text)
+        following: list[str] = []
+        pos = m.end() if m else len(text)
+        while m and len(following) < 4:
+            m = _LINE_BREAK.search(text, pos)
+            following.append(text[pos : m.start() if m else len(text)])
+            pos = m.end() if m else len(text)
+        if insert_spaces is None:
+            insert_spaces = _detect_spaces(text[max(0, cursor - 4000) : cursor + 4000])
+        return cls(text[start:cursor], text[cursor:end], tuple(following), tab_size, insert_spaces)
+
+    @property
+    def multiline(self) -> bool:
+        """Mid-line (any text after the cursor on its line) gets one line; at a line's end, a block."""
+        return not self.line_rest.strip()
+
+
+def _detect_spaces(sample: str) -> bool | None:
+    tabs = len(re.findall(r"^\t", sample, re.M))
+    spaces = len(re.findall(r"^ {2,}", sample, re.M))
+    if tabs == spaces == 0:
+        return None
+    return spaces >= tabs
+
+
+@dataclass
+class Suggestion:
+    text: str  # what to insert at the cursor
+    replace: int  # how many characters after the cursor (on its line) the insertion replaces
+
+
+@dataclass
+class Shaper:
+    ctx: CursorContext
+    max_lines: int = 10
+    _base: int | None = field(default=None, init=False)
+
+    def wants_more(self, text: str) -> bool:
+        """Decode another token? False once the text has reached a point where ``finish`` would cut."""
+        return self._cut(text)[1] is False
+
+    def finish(self, text: str) -> Suggestion | None:
+        kept, _ = self._cut(text, final=True)
+        lines = [ln.rstrip() for ln in _LINE_BREAK.split(kept)]
+        while lines and not lines[-1].strip() and len(lines) > 1:
+            lines.pop()
+        lines = self._reindent(lines)
+        out = "\n".join(lines)
+        if len(lines) == 1:
+            out = out.rstrip() if self.ctx.line_rest.strip() == "" else out
+        if not out.strip():
+            return None
+        return Suggestion(out, self._merge_len(out))
+
+    # ---- rules ---------------------------------------------------------------------------------------
+
+    def _cut(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """The part of ``text`` to keep, and whether a rule has already ended it.
+
+        While decoding (``final`` False) the last line may still grow, so it is kept but not judged.
+        """
+        ctx = self.ctx
+        parts = _LINE_BREAK.split(text)
+        if not ctx.multiline:
+            return parts[0], len(parts) > 1
+        kept = [parts[0]]
+        first_full = ctx.line_prefix + parts[0]
+        base = _indent_width(first_full, ctx.tab_size) if first_full.strip() else None
+        went_deeper = False
+        next_line = next((ln.strip() for ln in ctx.following if ln.strip()), None)
+        for i, line in enumerate(parts[1:], start=1):
+            if len(kept) >= self.max_lines:
+                return "\n".join(kept), True
+            if i == len(parts) - 1 and not final:
+                kept.append(line)
+                break
+            if line.strip():
+                if line.strip() == next_line:
+                    return "\n".join(kept), True  # it started re-writing the code after the cursor
+                width = _indent_width(line, ctx.tab_size)
+                if base is None:
+                    base = width
+                elif width < base or (went_deeper and width <= base):
+                    # Dedented out of the block it started in; a lone closer of that block still belongs.
+                    if went_deeper and width == base and _CLOSING_LINE.fullmatch(line):
+                        kept.append(line)
+                    return "\n".join(kept), True
+                elif width > base:
+                    went_deeper = True
+            kept.append(line)
+        return "\n".join(kept), False
+
+    def _reindent(self, lines: list[str]) -> list[str]:
+        """Convert the leading whitespace of continuation lines to the buffer's style (tabs vs spaces)."""
+        spaces = self.ctx.insert_spaces
+        if spaces is None or len(lines) < 2:
+            return lines
+        out = [lines[0]]
+        tab = self.ctx.tab_size
+        for line in lines[1:]:
+            ws = _INDENT.match(line).group(0)
+            width = _indent_width(line, tab)
+            new_ws = " " * width if spaces else "\t" * (width // tab) + " " * (width % tab)
+            out.append(new_ws + line[len(ws) :])
+        return out
+
+    def _merge_len(self, text: str) -> int:
+        """Characters after the cursor that the suggestion also writes (auto-closed brackets, quotes).
+
+        Replacing them instead of inserting before them leaves exactly one closing character.
+        """
+        rest = self.ctx.line_rest
+        core = rest.rstrip()
+        if not core:
+            return 0
+        first = text.split("\n", 1)[0]
+        if "\n" in text:
+            return 0
+        if first.endswith(core):
+            return len(rest)
+        return 0

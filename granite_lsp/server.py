@@ -1,0 +1,355 @@
+"""LSP wiring: documents in, inline completions out. All model work goes through the ModelWorker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
+
+from . import __version__
+from .documents import UTF16, DocumentStore, PositionError
+from .scheduler import Job, ModelWorker
+from .service import CompletionService, load
+from .settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+STATUS = "granite/status"
+PARTIAL = "granite/partialCompletion"
+STATS = "granite/stats"
+ACCEPTED = "granite.accepted"
+STREAMING_CAPABILITY = "granitePartialCompletion"
+
+
+class GraniteProtocol(LanguageServerProtocol):
+    """Keeps document sync in our own exact store instead of pygls' workspace copy."""
+
+    _server: GraniteServer
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
+        doc = params.text_document
+        self._server.documents.open(doc.uri, doc.text, doc.version, doc.language_id)
+        self._server.on_document_changed(doc.uri)
+        yield from ()
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        server = self._server
+        uri = params.text_document.uri
+        doc = server.documents.get(uri)
+        if doc is None:
+            log.warning("didChange for a document that is not open: %s", uri)
+            return
+        encoding = server.position_encoding
+        for change in params.content_changes:
+            if isinstance(change, types.TextDocumentContentChangePartial):
+                r = change.range
+                doc.apply_change(
+                    change.text, (r.start.line, r.start.character), (r.end.line, r.end.character), encoding
+                )
+            else:
+                doc.apply_change(change.text)
+        doc.version = params.text_document.version
+        server.on_document_changed(uri)
+        yield from ()
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
+        uri = params.text_document.uri
+        self._server.documents.close(uri)
+        self._server.on_document_closed(uri)
+        yield from ()
+
+
+class GraniteServer(LanguageServer):
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__("granite-lsp", __version__, protocol_cls=GraniteProtocol)
+        self.documents = DocumentStore()
+        self.settings = settings or Settings()
+        self.service: CompletionService | None = None
+        self.load_error: str | None = None
+        self.loading = False
+        self._worker: ModelWorker | None = None
+        self._last_change: dict[str, float] = {}
+        self._typing_interval: dict[str, float] = {}
+        self.counters = {"requests": 0, "answered_null": 0, "answered_items": 0, "errors": 0}
+        self.last_stats: dict[str, Any] = {}
+
+    # ---- plumbing ------------------------------------------------------------------------------------
+
+    @property
+    def worker(self) -> ModelWorker:
+        if self._worker is None:
+            self._worker = ModelWorker(asyncio.get_running_loop())
+        return self._worker
+
+    @property
+    def position_encoding(self) -> str:
+        try:
+            enc = self.protocol.workspace.position_encoding
+        except RuntimeError:
+            return UTF16
+        return str(getattr(enc, "value", enc) or UTF16)
+
+    def client_streams(self) -> bool:
+        caps = self.client_capabilities
+        experimental = getattr(caps, "experimental", None) if caps else None
+        return isinstance(experimental, dict) and bool(experimental.get(STREAMING_CAPABILITY))
+
+    def on_document_changed(self, uri: str) -> None:
+        now = time.monotonic()
+        last = self._last_change.get(uri)
+        if last is not None and now - last < 1.0:
+            prev = self._typing_interval.get(uri, now - last)
+            self._typing_interval[uri] = 0.7 * prev + 0.3 * (now - last)
+        else:
+            self._typing_interval.pop(uri, None)
+        self._last_change[uri] = now
+        if self._worker is not None:
+            self._worker.supersede(uri)
+
+    def on_document_closed(self, uri: str) -> None:
+        self._last_change.pop(uri, None)
+        self._typing_interval.pop(uri, None)
+        if self._worker is not None:
+            self._worker.supersede(uri)
+            service = self.service
+            if service is not None:
+                self._worker.submit(None, lambda job: service.forget(uri))
+
+    def debounce_seconds(self, uri: str) -> float:
+        """Wait about one typing interval while the user is typing fast, not at all otherwise."""
+        interval = self._typing_interval.get(uri)
+        if interval is None:
+            return 0.0
+        return min(self.settings.debounce_ms / 1000.0, 0.8 * interval)
+
+    def notify_status(self, state: str, message: str = "") -> None:
+        loaded = self.service.loaded if self.service else None
+        self.protocol.notify(
+            STATUS,
+            {
+                "state": state,
+                "model": self.settings.model,
+                "device": loaded.device if loaded else self.settings.device,
+                "dtype": str(loaded.dtype).removeprefix("torch.") if loaded else self.settings.dtype,
+                "message": message,
+            },
+        )
+
+    # ---- model loading -------------------------------------------------------------------------------
+
+    async def load_model(self) -> None:
+        """Load (or reload) the model on the worker thread, reporting progress to the client."""
+        self.loading = True
+        self.load_error = None
+        settings = self.settings
+        token = str(uuid.uuid4())
+        progress = self.work_done_progress
+        use_progress = bool(
+            self.client_capabilities
+            and self.client_capabilities.window
+            and self.client_capabilities.window.work_done_progress
+        )
+        if use_progress:
+            try:
+                await asyncio.wait_for(progress.create_async(token), timeout=5)
+                progress.begin(token, types.WorkDoneProgressBegin(title="Granite", message="Loading model"))
+            except Exception:
+                use_progress = False
+        self.notify_status("loading", f"Loading {settings.model}")
+        loop = asyncio.get_running_loop()
+
+        def report(message: str, percent: int) -> None:
+            if use_progress:
+                value = types.WorkDoneProgressReport(message=message, percentage=percent)
+                loop.call_soon_threadsafe(progress.report, token, value)
+
+        def do_load(job: Job) -> CompletionService:
+            return CompletionService(load(settings, report), settings)
+
+        try:
+            self.service = await self.worker.submit(None, do_load).future
+            loaded = self.service.loaded
+            message = f"{settings.model} on {loaded.device} loaded in {loaded.load_seconds:.1f} s"
+            log.info(message)
+            self.notify_status("ready", message)
+        except Exception as e:
+            self.service = None
+            self.load_error = str(e)
+            log.error("model failed to load: %s", e)
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=f"granite-lsp: {e}"))
+            self.notify_status("error", str(e))
+        finally:
+            self.loading = False
+            if use_progress:
+                progress.end(token, types.WorkDoneProgressEnd(message="Ready" if self.service else "Failed"))
+
+    def apply_settings(self, options: Any) -> bool:
+        """Apply client options; True when the model must be (re)loaded."""
+        try:
+            new = self.settings.updated(options)
+        except SettingsError as e:
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=str(e)))
+            return False
+        reload = new.model_key() != self.settings.model_key() or (self.service is None and not self.loading)
+        self.settings = new
+        if self.service is not None and not reload:
+            service = self.service
+            self.worker.submit(None, lambda job: service.configure(new))
+        return reload
+
+    # ---- completion ----------------------------------------------------------------------------------
+
+    async def inline_completion(self, params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
+        self.counters["requests"] += 1
+        result = await self._inline_completion(params)
+        self.counters["answered_items" if result else "answered_null"] += 1
+        return result
+
+    async def _inline_completion(self, params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
+        uri = params.text_document.uri
+        doc = self.documents.get(uri)
+        service = self.service
+        if doc is None or service is None:
+            return None
+        encoding = self.position_encoding
+        try:
+            cursor = doc.offset_at(params.position.line, params.position.character, encoding, strict=True)
+        except PositionError as e:
+            log.warning("inline completion at an invalid position: %s", e)
+            return None
+        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+        version = doc.version
+        text = doc.text
+        worker = self.worker
+        stream = self.client_streams()
+        request_id = str(self.protocol.msg_id) if hasattr(self.protocol, "msg_id") else ""
+        loop = asyncio.get_running_loop()
+        position = {"line": params.position.line, "character": params.position.character}
+
+        def send_partial(so_far: str, done: bool = False) -> None:
+            payload = {"uri": uri, "version": version, "position": position, "requestId": request_id}
+            loop.call_soon_threadsafe(self.protocol.notify, PARTIAL, {**payload, "text": so_far, "done": done})
+
+        def run(job: Job):
+            return service.complete(
+                uri,
+                text,
+                cursor,
+                cancelled=job.cancelled,
+                on_text=(lambda s: send_partial(s)) if stream else None,
+            )
+
+        delay = self.debounce_seconds(uri) if automatic else 0.0
+        if delay > 0:
+            # Hold a place first: it supersedes older requests now, and a newer one supersedes it.
+            placeholder = worker.submit(uri, lambda job: None, enqueue=False)
+            await asyncio.sleep(delay)
+            if placeholder.cancelled():
+                return None
+            worker.cancel(placeholder, count=False)
+        job = worker.submit(uri, run)
+        try:
+            completion = await job.future
+        except asyncio.CancelledError:
+            worker.cancel(job)  # $/cancelRequest: stop between two decode steps
+            raise
+        except Exception as e:
+            self.counters["errors"] += 1
+            log.error("completion failed: %s", e)
+            return None
+        if completion is None:
+            return None
+        gen = completion.generation
+        self.last_stats = {**asdict(gen.stats), "total_ms": gen.stats.total_ms, "stop_reason": gen.stop_reason}
+        suggestion = completion.suggestion
+        if stream:
+            send_partial(suggestion.text if suggestion else "", True)
+        current = self.documents.get(uri)
+        if suggestion is None or current is None or current.version != version:
+            return None
+        start = params.position
+        end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
+        item = types.InlineCompletionItem(
+            insert_text=suggestion.text,
+            range=types.Range(start=start, end=types.Position(line=end_line, character=end_char)),
+            command=types.Command(
+                title="Granite: accepted",
+                command=ACCEPTED,
+                arguments=[{"uri": uri, "line": start.line, "character": start.character}],
+            ),
+        )
+        return types.InlineCompletionList(items=[item])
+
+    def stats(self) -> dict[str, Any]:
+        service = self.service
+        out: dict[str, Any] = {"counters": dict(self.counters), "last": dict(self.last_stats)}
+        if self._worker is not None:
+            out["worker"] = asdict(self._worker.stats)
+        if service is not None:
+            out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
+        out["documents"] = len(self.documents)
+        out["model_loaded"] = service is not None
+        out["load_error"] = self.load_error
+        return out
+
+
+def build_server(settings: Settings | None = None) -> GraniteServer:
+    server = GraniteServer(settings)
+
+    @server.feature(types.INITIALIZE)
+    def on_initialize(ls: GraniteServer, params: types.InitializeParams) -> None:
+        ls.apply_settings(params.initialization_options)
+        if params.process_id:
+            asyncio.get_running_loop().create_task(_watch_parent(params.process_id))
+
+    @server.feature(types.INITIALIZED)
+    async def on_initialized(ls: GraniteServer, params: types.InitializedParams) -> None:
+        await ls.load_model()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    async def on_configuration(ls: GraniteServer, params: types.DidChangeConfigurationParams) -> None:
+        settings = params.settings
+        if isinstance(settings, dict) and isinstance(settings.get("granite"), dict):
+            settings = settings["granite"]
+        if ls.apply_settings(settings) or (ls.service is None and not ls.loading):
+            await ls.load_model()
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions(work_done_progress=False))
+    async def on_inline_completion(ls: GraniteServer, params: types.InlineCompletionParams):
+        return await ls.inline_completion(params)
+
+    @server.command(ACCEPTED)
+    def on_accepted(ls: GraniteServer, *args: Any) -> None:
+        log.debug("suggestion accepted")
+        return None
+
+    @server.feature(STATS)
+    def on_stats(ls: GraniteServer, params: Any) -> dict[str, Any]:
+        return ls.stats()
+
+    return server
+
+
+async def _watch_parent(pid: int) -> None:
+    """Exit when the editor that started us is gone (LSP: initialize's processId)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("client process %s is gone; exiting", pid)
+            os._exit(0)
+        except PermissionError:
+            pass

@@ -1,0 +1,190 @@
+"""The completion pipeline shared by the LSP server, ``granite-lsp complete`` and the benchmark:
+buffer + cursor -> FIM prompt -> model (with state reuse) -> shaped suggestion.
+
+Keeping one pipeline is what makes the headless CLI a faithful stand-in for the editor path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import Engine, Generation
+from .fim import FimBudget, PromptBuilder
+from .model_files import resolve_model_dir
+from .postprocess import CursorContext, Shaper, Suggestion
+from .runtime import HybridModel
+from .settings import Settings
+from .state_cache import StateCache
+from .tokens import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+@dataclass
+class LoadedModel:
+    model: HybridModel
+    tokenizer: TextTokenizer
+    path: Path
+    device: str
+    dtype: torch.dtype
+    load_seconds: float
+    reference: torch.nn.Module | None = None  # transformers' model, only for the benchmark's baseline
+
+
+def load(settings: Settings, progress: Callable[[str, int], None] | None = None) -> LoadedModel:
+    """Resolve and load the model named in ``settings``; raises ModelNotFound / UnsafeCheckpoint."""
+    report = progress or (lambda message, percent: None)
+    t0 = time.perf_counter()
+    report(f"Locating {settings.model}", 0)
+    path = resolve_model_dir(settings.model, allow_download=settings.download)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    report("Loading tokenizer", 10)
+    tokenizer = TextTokenizer.from_dir(path)
+    report(f"Loading weights ({device}, {str(dtype).removeprefix('torch.')})", 20)
+    reference = None
+    if settings.random_weights:
+        model, reference = _random_model(settings.random_weights, dtype, device, keep_reference=settings.backend)
+    else:
+        model = HybridModel.from_pretrained(path, dtype=dtype, device=device)
+        if settings.backend == "transformers":
+            reference = _transformers_model(path, dtype, device)
+    if settings.quantize == "int8":
+        quantize = getattr(model, "quantize_int8", None)
+        if quantize is None:
+            raise RuntimeError("int8 weight-only quantization is not available in this build")
+        quantize()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise RuntimeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    report("Ready", 100)
+    return LoadedModel(model, tokenizer, path, device, dtype, time.perf_counter() - t0, reference)
+
+
+def _transformers_model(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    from transformers import GraniteMoeHybridForCausalLM
+
+    hf = GraniteMoeHybridForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    return hf.to(device).eval()
+
+
+def _random_model(
+    config_path: str, dtype: torch.dtype, device: str, keep_reference: str
+) -> tuple[HybridModel, torch.nn.Module | None]:
+    """A random-weight model of a real configuration (speed does not depend on the weights).
+
+    Built through transformers so that its baseline can be given exactly the same weights.
+    """
+    import json
+
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    config = json.loads(Path(config_path).read_text())
+    torch.manual_seed(0)
+    hf = GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**config)).to(dtype=dtype, device=device).eval()
+    model = HybridModel.from_state_dict(config, hf.state_dict(), dtype=dtype, device=device)
+    return model, (hf if keep_reference == "transformers" else None)
+
+
+@dataclass
+class Completion:
+    suggestion: Suggestion | None
+    generation: Generation
+    cursor: int
+
+
+class CompletionService:
+    """Holds the model, the state cache and each document's prompt memory."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        if loaded.reference is not None:
+            from .hf_backend import TransformersCache
+
+            self.cache = TransformersCache(loaded.reference)
+        else:
+            self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
+        self.engine = Engine(loaded.tokenizer, self.cache)
+        self._builders: dict[str, PromptBuilder] = {}
+
+    def configure(self, settings: Settings) -> None:
+        """Apply settings that need no reload; budgets reset the prompt memory (the layout changes)."""
+        if (settings.prefix_tokens, settings.suffix_tokens) != (
+            self.settings.prefix_tokens,
+            self.settings.suffix_tokens,
+        ):
+            self._builders.clear()
+        self.cache.max_bytes = settings.cache_mb << 20
+        self.cache.enabled = settings.reuse
+        self.settings = settings
+
+    def builder(self, doc: str) -> PromptBuilder:
+        b = self._builders.get(doc)
+        if b is None:
+            budget = FimBudget(self.settings.prefix_tokens, self.settings.suffix_tokens)
+            b = self._builders[doc] = PromptBuilder(self.loaded.tokenizer, budget)
+        return b
+
+    def forget(self, doc: str) -> None:
+        self._builders.pop(doc, None)
+        self.cache.forget(doc)
+
+    def complete(
+        self,
+        doc: str,
+        text: str,
+        cursor: int,
+        *,
+        max_tokens: int | None = None,
+        max_lines: int | None = None,
+        ignore_eos: bool = False,
+        shape: bool | None = None,
+        tab_size: int = 4,
+        insert_spaces: bool | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Completion:
+        """Complete at ``cursor`` (a code-point offset into ``text``)."""
+        shape = not self.settings.raw if shape is None else shape
+        prompt = self.builder(doc).build(text, cursor)
+        ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)
+        shaper = Shaper(ctx, max_lines=max_lines or self.settings.max_lines)
+
+        def keep_going(so_far: str) -> bool:
+            if on_text is not None:
+                on_text(so_far)
+            return not shape or shaper.wants_more(so_far)
+
+        gen = self.engine.generate(
+            doc,
+            prompt,
+            max_tokens if max_tokens is not None else self.settings.max_tokens,
+            ignore_eos=ignore_eos or self.settings.ignore_eos,
+            cancelled=cancelled,
+            on_text=keep_going,
+        )
+        if shape:
+            suggestion = shaper.finish(gen.text)
+        else:
+            suggestion = Suggestion(gen.text, 0) if gen.text else None
+        return Completion(suggestion, gen, cursor)

@@ -1,0 +1,209 @@
+"""Model-state reuse between requests: checkpoints of the recurrent state, attention KV shared by branch.
+
+A Mamba2 layer's state summarises every token it has seen and cannot be rolled back; attention KV can
+simply be cropped. So for each new prompt we find the longest already-processed prefix we hold a
+*checkpoint* for (a snapshot of all Mamba states at that position, plus the KV buffer it belongs to),
+restore it, and run the model over the rest only.
+
+Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
+- at the end of every prompt: the next keystroke usually extends it (typing forward, Enter) or equals it
+  (typing inside a healed word), and a few recent ones cover backspace and a typo fixed;
+- at ``<|fim_middle|>`` (the end of prefix + suffix): survives any edit inside the middle region;
+- every ``interval`` tokens of a long prefill: an edit high up in the file re-processes from the nearest
+  one below it, not from the top. They also cover moving the cursor elsewhere and back.
+Memory is capped across documents, least recently used first.
+
+KV buffers are shared by the checkpoints of one branch of token history and copied on write: a write at
+position p into a buffer that a checkpoint beyond p still needs first clones the first p positions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .runtime import HybridModel, KVCache, MambaSnapshot
+
+
+@dataclass
+class Checkpoint:
+    doc: str
+    tokens: np.ndarray  # the token ids this state has consumed, in order
+    snap: MambaSnapshot
+    kv: KVCache
+    logits: torch.Tensor  # of the last consumed position: an identical next prompt costs no forward at all
+    last_used: int = 0
+
+    @property
+    def pos(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor
+    prompt_tokens: int
+    reused_tokens: int
+    processed_tokens: int
+    prefill_ms: float
+
+
+@dataclass
+class CacheStats:
+    prefills: int = 0
+    tokens_reused: int = 0
+    tokens_processed: int = 0
+    checkpoints_taken: int = 0
+    evictions: int = 0
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+@dataclass
+class StateCache:
+    """One live model state plus checkpoints; ``enabled=False`` re-processes every prompt from zero."""
+
+    model: HybridModel
+    max_bytes: int = 512 << 20
+    interval: int = 256
+    enabled: bool = True
+    max_per_doc: int = 24
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        self.live = self.model.new_state(capacity=2048)
+        self._zero = self.live.snapshot()
+        self.live_tokens: list[int] = []
+        self.live_logits: torch.Tensor | None = None
+        self.checkpoints: list[Checkpoint] = []
+        self._tick = itertools.count(1)
+
+    # ---- public -------------------------------------------------------------------------------------
+
+    def prefill(self, doc: str, ids: list[int], marks: tuple[int, ...] = ()) -> PrefillResult:
+        """Bring the live state to the end of ``ids`` and return the last position's logits."""
+        if not ids:
+            raise ValueError("empty prompt")
+        t0 = time.perf_counter()
+        target = np.asarray(ids, dtype=np.int64)
+        start, logits = self._restore_best(doc, target)
+        stops = sorted({m for m in marks if start < m < len(ids)} | self._interval_marks(start, len(ids)))
+        if start < len(ids):
+            stops.append(len(ids))
+        pos = start
+        for stop in stops:
+            logits = self._run(target[pos:stop])
+            pos = stop
+            if self.enabled:
+                self._checkpoint(doc)
+        assert logits is not None
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.stats.prefills += 1
+        self.stats.tokens_reused += start
+        self.stats.tokens_processed += len(ids) - start
+        self._evict(protect=doc)
+        return PrefillResult(logits, len(ids), start, len(ids) - start, ms)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed one generated token to the live state (decode)."""
+        return self._run(np.asarray([token], dtype=np.int64))
+
+    def forget(self, doc: str) -> None:
+        self.checkpoints = [c for c in self.checkpoints if c.doc != doc]
+
+    def nbytes(self) -> int:
+        kvs = {id(c.kv): c.kv for c in self.checkpoints}
+        kvs[id(self.live.kv)] = self.live.kv
+        per_checkpoint = sum(c.snap.nbytes + c.logits.numel() * 4 for c in self.checkpoints)
+        return per_checkpoint + sum(kv.nbytes for kv in kvs.values())
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _interval_marks(self, start: int, end: int) -> set[int]:
+        if not self.enabled or self.interval <= 0:
+            return set()
+        first = (start // self.interval + 1) * self.interval
+        return set(range(first, end, self.interval))
+
+    def _restore_best(self, doc: str, target: np.ndarray) -> tuple[int, torch.Tensor | None]:
+        """Restore the state that has consumed the longest prefix of ``target``.
+
+        Returns its length and, when that is all of ``target``, the logits that follow it.
+        """
+        if not self.enabled:
+            self._restore(self._zero, self.live.kv, [], None)
+            return 0, None
+        live = np.asarray(self.live_tokens, dtype=np.int64)
+        best_pos, logits = 0, None
+        if 0 < len(live) <= len(target) and _common_prefix(live, target) == len(live):
+            best_pos, logits = len(live), self.live_logits
+        best: Checkpoint | None = None
+        for c in self.checkpoints:
+            if best_pos < c.pos <= len(target) and _common_prefix(c.tokens, target) == c.pos:
+                best, best_pos = c, c.pos
+        if best is not None:
+            best.last_used = next(self._tick)
+            self._restore(best.snap, best.kv, best.tokens.tolist(), best.logits)
+            logits = best.logits
+        elif best_pos == 0 and len(self.live_tokens):
+            self._restore(self._zero, self.live.kv, [], None)
+        return best_pos, logits
+
+    def _restore(self, snap: MambaSnapshot, kv: KVCache, tokens: list[int], logits: torch.Tensor | None) -> None:
+        # A branch's buffer may have been cropped below this checkpoint by an earlier restore; its data up
+        # to snap.pos is intact all the same, because writes copy first (see _make_writable).
+        kv.length = max(kv.length, snap.pos)
+        self.live.kv = kv
+        self.live.restore(snap)
+        self.live_tokens = tokens
+        self.live_logits = logits
+
+    def _run(self, ids: np.ndarray) -> torch.Tensor:
+        self._make_writable()
+        logits = self.model.forward(torch.from_numpy(ids), self.live)
+        self.live_tokens.extend(ids.tolist())
+        self.live_logits = logits
+        return logits
+
+    def _make_writable(self) -> None:
+        """Copy-on-write: never overwrite KV positions that a checkpoint still relies on."""
+        pos = self.live.pos
+        kv = self.live.kv
+        if any(c.kv is kv and c.pos > pos for c in self.checkpoints):
+            self.live.kv = kv.clone(pos)
+
+    def _checkpoint(self, doc: str) -> None:
+        pos = self.live.pos
+        tokens = np.asarray(self.live_tokens, dtype=np.int64)
+        for c in self.checkpoints:
+            if c.pos == pos and c.doc == doc and np.array_equal(c.tokens, tokens):
+                c.last_used = next(self._tick)
+                return
+        snap = self.live.snapshot()
+        self.checkpoints.append(Checkpoint(doc, tokens, snap, self.live.kv, self.live_logits, next(self._tick)))
+        self.stats.checkpoints_taken += 1
+        mine = [c for c in self.checkpoints if c.doc == doc]
+        if len(mine) > self.max_per_doc:
+            oldest = min(mine, key=lambda c: c.last_used)
+            self.checkpoints.remove(oldest)
+            self.stats.evictions += 1
+
+    def _evict(self, protect: str) -> None:
+        """Drop least recently used checkpoints until under the memory cap (the newest of ``protect`` stays)."""
+        while self.checkpoints and self.nbytes() > self.max_bytes:
+            newest = max((c for c in self.checkpoints if c.doc == protect), key=lambda c: c.last_used, default=None)
+            victims = [c for c in self.checkpoints if c is not newest]
+            if not victims:
+                break
+            self.checkpoints.remove(min(victims, key=lambda c: c.last_used))
+            self.stats.evictions += 1

@@ -1,0 +1,185 @@
+"""Tokenizer access: literal encoding of user text, the Granite control tokens, and token bytes.
+
+Granite's FIM tokens are ordinary added tokens (not marked special), so a naive ``encode`` would turn a
+literal ``<|fim_middle|>`` typed in a buffer into the control token and derail the prompt. User text is
+therefore always encoded *literally*; control tokens are looked up by their strings and spliced in.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+END_OF_TEXT = "<|end_of_text|>"
+FIM_PREFIX = "<|fim_prefix|>"
+FIM_MIDDLE = "<|fim_middle|>"
+FIM_SUFFIX = "<|fim_suffix|>"
+FIM_PAD = "<|fim_pad|>"
+FILENAME = "<|filename|>"
+REPONAME = "<|reponame|>"
+CONTROL_TOKENS = (END_OF_TEXT, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, FILENAME, REPONAME)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-to-unicode table used by byte-level BPE vocabularies."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars = visible[:]
+    extra = 0
+    for b in range(256):
+        if b not in visible:
+            visible.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(visible, chars, strict=True)}
+
+
+@dataclass(frozen=True)
+class ControlIds:
+    eos: int
+    fim_prefix: int
+    fim_middle: int
+    fim_suffix: int
+    fim_pad: int
+    filename: int
+    reponame: int
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Generation ends on EOS and on every control token: none of them can be part of a middle."""
+        return frozenset(
+            (self.eos, self.fim_prefix, self.fim_middle, self.fim_suffix, self.fim_pad, self.filename, self.reponame)
+        )
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class TextTokenizer:
+    """A byte-level BPE tokenizer with the Granite control tokens."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        ids = {}
+        for name in CONTROL_TOKENS:
+            tid = tokenizer.token_to_id(name)
+            if tid is None:
+                raise TokenizerError(f"the tokenizer has no {name} token; this is not a Granite FIM tokenizer")
+            ids[name] = tid
+        self.control = ControlIds(
+            eos=ids[END_OF_TEXT],
+            fim_prefix=ids[FIM_PREFIX],
+            fim_middle=ids[FIM_MIDDLE],
+            fim_suffix=ids[FIM_SUFFIX],
+            fim_pad=ids[FIM_PAD],
+            filename=ids[FILENAME],
+            reponame=ids[REPONAME],
+        )
+        self._added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> TextTokenizer:
+        file = Path(path) / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(f"no tokenizer.json in {path}")
+        return cls(Tokenizer.from_file(str(file)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` taken literally: never produces a control or other added token."""
+        if not text:
+            return []
+        if not any(a in text for a in self._added):
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return [tid for piece, _ in self.pretokenize(text) for tid in self._model_ids(piece)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids plus the character span each token covers (spans of a multi-byte char may repeat)."""
+        if any(a in text for a in self._added):
+            ids, offs = [], []
+            for piece, (start, end) in self.pretokenize_spans(text):
+                for tid in self._model_ids(piece):
+                    ids.append(tid)
+                    offs.append((start, end))
+            return ids, offs
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def _model_ids(self, bytelevel_piece: str) -> list[int]:
+        return [t.id for t in self._tok.model.tokenize(bytelevel_piece)]
+
+    def pretokenize(self, text: str) -> list[tuple[str, tuple[int, int]]]:
+        """The pre-tokenizer's pieces (in byte-level alphabet) with their character spans."""
+        pre = self._tok.pre_tokenizer
+        if pre is None:
+            raise TokenizerError("tokenizer has no pre-tokenizer")
+        return pre.pre_tokenize_str(text)
+
+    def pretokenize_spans(self, text: str) -> list[tuple[str, tuple[int, int]]]:
+        return self.pretokenize(text)
+
+    def last_piece_start(self, text: str) -> int:
+        """Character offset where the pre-tokenizer's last piece of ``text`` starts.
+
+        Appending to ``text`` only ever re-tokenizes (at most) that piece, which is what token healing
+        must hand back to the model.
+        """
+        pieces = self.pretokenize(text)
+        return pieces[-1][1][0] if pieces else len(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", "replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Raw bytes of every token id; control tokens map to b'' (they are never text)."""
+        dec = _byte_decoder()
+        size = self.vocab_size
+        table: list[bytes] = [b""] * size
+        for tok, tid in self._tok.get_vocab(with_added_tokens=False).items():
+            if tid < size:
+                table[tid] = bytes(dec[c] for c in tok) if all(c in dec for c in tok) else tok.encode()
+        for tid, added in self._tok.get_added_tokens_decoder().items():
+            if tid < size:
+                table[tid] = b"" if added.content in CONTROL_TOKENS or added.special else added.content.encode()
+        return table
+
+    @cached_property
+    def _sorted_bytes(self) -> tuple[list[bytes], list[int]]:
+        control = self.control.stop_ids
+        pairs = sorted((b, i) for i, b in enumerate(self.token_bytes) if b and i not in control)
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    @cached_property
+    def _bytes_to_id(self) -> dict[bytes, int]:
+        control = self.control.stop_ids
+        return {b: i for i, b in enumerate(self.token_bytes) if b and i not in control}
+
+    def ids_consistent_with(self, pending: bytes) -> list[int]:
+        """Token ids whose bytes could begin text that starts with ``pending``.
+
+        That is, tokens that start with ``pending`` or are a (non-empty) prefix of it; used to decode the
+        bytes handed back by token healing without ever contradicting what the user typed.
+        """
+        keys, ids = self._sorted_bytes
+        lo = bisect.bisect_left(keys, pending)
+        upper = pending.rstrip(b"\xff")
+        hi = bisect.bisect_left(keys, upper[:-1] + bytes([upper[-1] + 1])) if upper else len(keys)
+        out = ids[lo:hi]
+        table = self._bytes_to_id
+        for k in range(1, len(pending)):
+            tid = table.get(pending[:k])
+            if tid is not None:
+                out.append(tid)
+        return out
