@@ -71,7 +71,7 @@ class Engine:
         stats = GenerationStats()
         if cancelled():
             return Generation("", [], "cancelled", stats)
-        pre = self.cache.prefill(doc, prompt.ids, marks=(prompt.prefix_len, prompt.static_len))
+        pre = self.cache.prefill(doc, prompt.ids, marks=(prompt.context_len, prompt.prefix_len, prompt.static_len))
         stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
         stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
 

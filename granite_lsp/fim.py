@@ -36,6 +36,7 @@ from .tokens import TextTokenizer
 _CLOSERS_ONLY = re.compile(r"[\s)\]}>\"'`;:,.]*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 MAX_HEAL_BYTES = 48
+MAX_LINE_MIDDLE = 1024  # characters of the cursor's line that may go after <|fim_middle|>
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,16 @@ class PromptBuilder:
         if (
             0 <= mem.window_start <= mem.anchor <= cursor
             and text[mem.window_start : mem.anchor] == mem.head
-            and _is_line_start(text, mem.anchor)
+            and (_is_line_start(text, mem.anchor) or cursor - mem.anchor <= MAX_LINE_MIDDLE)
             and _is_line_start(text, mem.window_start)
             and len(_LINE_BREAK.findall(text, mem.anchor, cursor)) <= b.max_anchor_lines
         ):
             return mem.anchor, mem.window_start
         anchor = _line_start(text, cursor)
+        if cursor - anchor > MAX_LINE_MIDDLE:
+            # A huge line (minified code, data): the middle would be the whole line. Start it a little
+            # before the cursor instead; the model just sees a prefix that ends mid-line.
+            anchor = cursor - MAX_LINE_MIDDLE // 4
         window_start = mem.window_start
         if not (0 <= window_start <= anchor and _is_line_start(text, window_start)) or (
             len(self.tokenizer.encode(text[window_start:anchor])) > b.prefix_tokens
@@ -147,10 +152,11 @@ class PromptBuilder:
         keep = int(budget * (1.0 - self.budget.window_slack))
         first = max(0, len(ids) - keep)
         start = lo + (offsets[first][0] if first < len(offsets) else anchor - lo)
-        # Cut at the next line start so the window never begins mid-line.
-        while start < anchor and not _is_line_start(text, start):
-            start += 1
-        return start
+        if _is_line_start(text, start):
+            return start
+        # Cut at the next line start so the window never begins mid-line (unless the line is huge).
+        m = _LINE_BREAK.search(text, start, anchor)
+        return m.end() if m else start
 
     def _suffix_ids(self, text: str, start: int) -> list[int]:
         budget = self.budget.suffix_tokens

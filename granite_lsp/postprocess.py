@@ -73,6 +73,10 @@ class Shaper:
         """Decode another token? False once the text has reached a point where ``finish`` would cut."""
         return self._cut(text)[1] is False
 
+    def preview(self, text: str) -> str:
+        """What would be shown of ``text`` so far (for streaming): the part the rules keep."""
+        return self._cut(text)[0]
+
     def finish(self, text: str) -> Suggestion | None:
         kept, _ = self._cut(text, final=True)
         lines = [ln.rstrip() for ln in _LINE_BREAK.split(kept)]

@@ -11,12 +11,20 @@ from dataclasses import asdict
 from typing import Any
 
 from lsprotocol import types
+from pygls.exceptions import (
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcServerNotInitialized,
+)
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
 from . import __version__
+from .context import ContextRing
 from .documents import UTF16, DocumentStore, PositionError
+from .postprocess import Suggestion
 from .scheduler import Job, ModelWorker
 from .service import CompletionService, load
 from .settings import Settings, SettingsError
@@ -30,16 +38,58 @@ ACCEPTED = "granite.accepted"
 STREAMING_CAPABILITY = "granitePartialCompletion"
 
 
+_UNANSWERABLE = object()  # a request already answered with an error while it was being decoded
+
+
 class GraniteProtocol(LanguageServerProtocol):
-    """Keeps document sync in our own exact store instead of pygls' workspace copy."""
+    """pygls' protocol with two changes of substance.
+
+    Document sync goes to our own exact store instead of pygls' workspace copy, and every request gets
+    exactly one response: pygls drops requests whose params do not deserialize, and requests that
+    arrive before ``initialize`` or after ``shutdown``, without answering them, which leaves an editor
+    waiting forever.
+    """
 
     _server: GraniteServer
+
+    def structure_message(self, data: dict[str, Any]):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            if isinstance(data, dict) and "method" in data and data.get("id") is not None:
+                error = JsonRpcInvalidParams(f"invalid params for {data['method']}: {exc.__cause__ or exc}")
+                self._send_response(data["id"], error=error.to_response_error())
+                return _UNANSWERABLE
+            raise
+
+    def handle_message(self, message) -> None:
+        if message is _UNANSWERABLE:
+            return
+        method = getattr(message, "method", None)
+        msg_id = getattr(message, "id", None)
+        is_request = method is not None and msg_id is not None
+        if is_request and self._shutdown and method != types.EXIT:
+            error = JsonRpcInvalidRequest(f"{method}: the server is shutting down")
+            self._send_response(msg_id, error=error.to_response_error())
+            return
+        if is_request and not self._server.initialized and method != types.INITIALIZE:
+            error = JsonRpcServerNotInitialized(f"{method}: initialize first")
+            self._send_response(msg_id, error=error.to_response_error())
+            return
+        if method == types.INITIALIZE:
+            self._server.initialized = True
+        if method == types.EXIT and self._server.exiting:
+            log.warning("a second exit notification: already exiting")
+            return
+        if method == types.EXIT:
+            self._server.exiting = True
+        super().handle_message(message)
 
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
     def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
         doc = params.text_document
         self._server.documents.open(doc.uri, doc.text, doc.version, doc.language_id)
-        self._server.on_document_changed(doc.uri)
+        self._server.on_document_changed(doc.uri, 0)
         yield from ()
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
@@ -51,16 +101,18 @@ class GraniteProtocol(LanguageServerProtocol):
             log.warning("didChange for a document that is not open: %s", uri)
             return
         encoding = server.position_encoding
+        line = 0
         for change in params.content_changes:
             if isinstance(change, types.TextDocumentContentChangePartial):
                 r = change.range
                 doc.apply_change(
                     change.text, (r.start.line, r.start.character), (r.end.line, r.end.character), encoding
                 )
+                line = r.start.line
             else:
                 doc.apply_change(change.text)
         doc.version = params.text_document.version
-        server.on_document_changed(uri)
+        server.on_document_changed(uri, line)
         yield from ()
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
@@ -75,10 +127,13 @@ class GraniteServer(LanguageServer):
     def __init__(self, settings: Settings | None = None) -> None:
         super().__init__("granite-lsp", __version__, protocol_cls=GraniteProtocol)
         self.documents = DocumentStore()
+        self.context = ContextRing()
         self.settings = settings or Settings()
         self.service: CompletionService | None = None
         self.load_error: str | None = None
         self.loading = False
+        self.initialized = False
+        self.exiting = False
         self._worker: ModelWorker | None = None
         self._last_change: dict[str, float] = {}
         self._typing_interval: dict[str, float] = {}
@@ -106,7 +161,14 @@ class GraniteServer(LanguageServer):
         experimental = getattr(caps, "experimental", None) if caps else None
         return isinstance(experimental, dict) and bool(experimental.get(STREAMING_CAPABILITY))
 
-    def on_document_changed(self, uri: str) -> None:
+    def on_document_changed(self, uri: str, line: int) -> None:
+        doc = self.documents.get(uri)
+        if doc is not None:
+            start, end = ContextRing.region(line)
+            starts = doc.line_starts
+            a = starts[min(start, len(starts) - 1)]
+            b = starts[end] if end < len(starts) else len(doc.text)
+            self.context.note(uri, start, doc.text[a:b])
         now = time.monotonic()
         last = self._last_change.get(uri)
         if last is not None and now - last < 1.0:
@@ -119,6 +181,7 @@ class GraniteServer(LanguageServer):
             self._worker.supersede(uri)
 
     def on_document_closed(self, uri: str) -> None:
+        self.context.forget(uri)
         self._last_change.pop(uri, None)
         self._typing_interval.pop(uri, None)
         if self._worker is not None:
@@ -242,13 +305,25 @@ class GraniteServer(LanguageServer):
             payload = {"uri": uri, "version": version, "position": position, "requestId": request_id}
             loop.call_soon_threadsafe(self.protocol.notify, PARTIAL, {**payload, "text": so_far, "done": done})
 
+        context_ids = self.context.ids(uri, service.loaded.tokenizer, self.settings.context_tokens)
+        # Standard clients get the first complete line as soon as it exists; the rest keeps generating
+        # and is served from the typing-through memory when the user accepts that line.
+        early: asyncio.Future = loop.create_future()
+        early_ok = not stream and self.settings.early_first_line and not self.settings.raw
+
+        def on_text(shown: str) -> None:
+            if stream:
+                send_partial(shown)
+            elif early_ok and not early.done():
+                lines = shown.split("\n")
+                done_lines = lines[:-1]
+                first = next((i for i, ln in enumerate(done_lines) if ln.strip()), None)
+                if first is not None:
+                    loop.call_soon_threadsafe(_resolve_once, early, "\n".join(done_lines[: first + 1]).rstrip())
+
         def run(job: Job):
             return service.complete(
-                uri,
-                text,
-                cursor,
-                cancelled=job.cancelled,
-                on_text=(lambda s: send_partial(s)) if stream else None,
+                uri, text, cursor, context_ids=context_ids, cancelled=job.cancelled, on_text=on_text
             )
 
         delay = self.debounce_seconds(uri) if automatic else 0.0
@@ -261,10 +336,18 @@ class GraniteServer(LanguageServer):
             worker.cancel(placeholder, count=False)
         job = worker.submit(uri, run)
         try:
-            completion = await job.future
+            await asyncio.wait({job.future, early}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             worker.cancel(job)  # $/cancelRequest: stop between two decode steps
             raise
+        if not job.future.done():
+            current = self.documents.get(uri)
+            if current is None or current.version != version:
+                return None
+            self.counters["early_first_line"] = self.counters.get("early_first_line", 0) + 1
+            return self._item(doc, params.position, cursor, Suggestion(early.result(), 0), uri, encoding)
+        try:
+            completion = job.future.result()
         except Exception as e:
             self.counters["errors"] += 1
             log.error("completion failed: %s", e)
@@ -279,7 +362,9 @@ class GraniteServer(LanguageServer):
         current = self.documents.get(uri)
         if suggestion is None or current is None or current.version != version:
             return None
-        start = params.position
+        return self._item(doc, params.position, cursor, suggestion, uri, encoding)
+
+    def _item(self, doc, start: types.Position, cursor: int, suggestion: Suggestion, uri: str, encoding: str):
         end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
         item = types.InlineCompletionItem(
             insert_text=suggestion.text,
@@ -296,9 +381,10 @@ class GraniteServer(LanguageServer):
         service = self.service
         out: dict[str, Any] = {"counters": dict(self.counters), "last": dict(self.last_stats)}
         if self._worker is not None:
-            out["worker"] = asdict(self._worker.stats)
+            out["worker"] = {**asdict(self._worker.stats), "busy": self._worker.busy}
         if service is not None:
             out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
+            out["typed_through"] = service.shown.hits
         out["documents"] = len(self.documents)
         out["model_loaded"] = service is not None
         out["load_error"] = self.load_error
@@ -353,3 +439,8 @@ async def _watch_parent(pid: int) -> None:
             os._exit(0)
         except PermissionError:
             pass
+
+
+def _resolve_once(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)

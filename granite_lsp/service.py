@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, Generation
+from .engine import Engine, Generation, GenerationStats
 from .fim import FimBudget, PromptBuilder
 from .model_files import resolve_model_dir
 from .postprocess import CursorContext, Shaper, Suggestion
@@ -22,6 +22,7 @@ from .runtime import HybridModel
 from .settings import Settings
 from .state_cache import StateCache
 from .tokens import TextTokenizer
+from .typing_through import SuggestionMemory
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class CompletionService:
             self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
         self.engine = Engine(loaded.tokenizer, self.cache)
         self._builders: dict[str, PromptBuilder] = {}
+        self.shown = SuggestionMemory()
 
     def configure(self, settings: Settings) -> None:
         """Apply settings that need no reload; budgets reset the prompt memory (the layout changes)."""
@@ -147,6 +149,7 @@ class CompletionService:
 
     def forget(self, doc: str) -> None:
         self._builders.pop(doc, None)
+        self.shown.forget(doc)
         self.cache.forget(doc)
 
     def complete(
@@ -163,16 +166,21 @@ class CompletionService:
         insert_spaces: bool | None = None,
         cancelled: Callable[[], bool] = lambda: False,
         on_text: Callable[[str], None] | None = None,
+        context_ids: list[int] | None = None,
     ) -> Completion:
         """Complete at ``cursor`` (a code-point offset into ``text``)."""
         shape = not self.settings.raw if shape is None else shape
-        prompt = self.builder(doc).build(text, cursor)
+        if self.settings.type_through:
+            cached = self.shown.lookup(doc, text, cursor)
+            if cached is not None:
+                return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
+        prompt = self.builder(doc).build(text, cursor, context_ids)
         ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)
         shaper = Shaper(ctx, max_lines=max_lines or self.settings.max_lines)
 
         def keep_going(so_far: str) -> bool:
             if on_text is not None:
-                on_text(so_far)
+                on_text(shaper.preview(so_far) if shape else so_far)
             return not shape or shaper.wants_more(so_far)
 
         gen = self.engine.generate(
@@ -187,4 +195,6 @@ class CompletionService:
             suggestion = shaper.finish(gen.text)
         else:
             suggestion = Suggestion(gen.text, 0) if gen.text else None
+        if gen.stop_reason != "cancelled":
+            self.shown.remember(doc, text, cursor, suggestion)
         return Completion(suggestion, gen, cursor)

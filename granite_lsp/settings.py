@@ -18,6 +18,8 @@ _CAMEL = {
     "cacheMB": "cache_mb",
     "randomWeights": "random_weights",
     "ignoreEos": "ignore_eos",
+    "typeThrough": "type_through",
+    "earlyFirstLine": "early_first_line",
 }
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
@@ -47,6 +49,8 @@ class Settings:
     cache_mb: int = 512
     streaming: bool = False
     reuse: bool = True
+    early_first_line: bool = True  # answer standard clients once the first line is complete
+    type_through: bool = True  # answer keystrokes that match the shown suggestion from it
     # Benchmark-only knobs: a random-weight model of a given config, and transformers as the backend.
     random_weights: str = ""
     backend: str = "native"

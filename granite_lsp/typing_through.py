@@ -1,0 +1,53 @@
+"""Typing through a suggestion: keystrokes that match the ghost text are answered without the model.
+
+When the user types the first characters of the suggestion shown (or accepts a word or a line of it),
+the rest of that suggestion is still the answer, and recomputing it would only make the ghost text
+flicker and cost a model call per keystroke.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .postprocess import Suggestion
+
+
+@dataclass(frozen=True)
+class _Shown:
+    text: str  # the document when the suggestion was made
+    cursor: int
+    suggestion: Suggestion
+
+
+class SuggestionMemory:
+    def __init__(self) -> None:
+        self._shown: dict[str, _Shown] = {}
+        self.hits = 0
+
+    def remember(self, doc: str, text: str, cursor: int, suggestion: Suggestion | None) -> None:
+        if suggestion is None:
+            self._shown.pop(doc, None)
+        else:
+            self._shown[doc] = _Shown(text, cursor, suggestion)
+
+    def forget(self, doc: str) -> None:
+        self._shown.pop(doc, None)
+
+    def lookup(self, doc: str, text: str, cursor: int) -> Suggestion | None:
+        """The rest of the last suggestion, if the document is that one plus a typed prefix of it."""
+        shown = self._shown.get(doc)
+        if shown is None:
+            return None
+        typed = cursor - shown.cursor
+        full = shown.suggestion.text
+        if not 0 <= typed < len(full) or len(text) != len(shown.text) + typed:
+            return None
+        if not full.startswith(text[shown.cursor : cursor]):
+            return None
+        if text[: shown.cursor] != shown.text[: shown.cursor] or text[cursor:] != shown.text[shown.cursor :]:
+            return None
+        rest = full[typed:]
+        if not rest.strip():
+            return None
+        self.hits += 1
+        return Suggestion(rest, shown.suggestion.replace)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny trained model shipped in model/tiny and its memorized FIM fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "model" / "tiny"
+
+
+def load_fixtures() -> list[dict]:
+    return json.loads((TINY / "fixtures.json").read_text())
+
+
+def single_line_fixture() -> dict:
+    """A fixture whose middle is one line: the server answers it whole in one response."""
+    return next(f for f in load_fixtures() if not f.get("mid_token") and "\n" not in f["middle"])
+
+
+def expected_text(fixture: dict) -> str:
+    """The full file: the fixture's document with the memorized middle inserted at its cursor."""
+    from granite_lsp.documents import Document
+
+    doc = Document("x", fixture["text"])
+    cursor = doc.offset_at(fixture["line"], fixture["character"])
+    return fixture["text"][:cursor] + fixture["middle"] + fixture["text"][cursor:]
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    from granite_lsp.service import load
+    from granite_lsp.settings import Settings
+
+    return load(Settings().updated({"model": str(TINY), "device": "cpu", "dtype": "float32"}))
+
+
+@pytest.fixture
+def make_service(tiny_loaded):
+    from granite_lsp.service import CompletionService
+    from granite_lsp.settings import Settings
+
+    def make(**options):
+        settings = Settings().updated({"model": str(TINY), **options})
+        return CompletionService(tiny_loaded, settings)
+
+    return make

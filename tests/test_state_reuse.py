@@ -1,0 +1,154 @@
+"""State reuse: few tokens re-processed per keystroke, and never a different completion than from scratch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, load_fixtures
+
+from granite_lsp.documents import Document
+
+TRACES = REPO / "bench" / "traces"
+BUDGET = {"prefixTokens": 384, "suffixTokens": 96, "maxTokens": 8, "ignoreEos": True, "raw": True, "typeThrough": False}
+
+
+def replay(trace: list[dict], on_complete) -> None:
+    docs: dict[str, Document] = {}
+    for op in trace:
+        if op["op"] == "open":
+            docs[op["uri"]] = Document(op["uri"], op["text"])
+        elif op["op"] == "change":
+            r = op["range"]
+            start, end = (r["start"]["line"], r["start"]["character"]), (r["end"]["line"], r["end"]["character"])
+            docs[op["uri"]].apply_change(op["text"], start, end)
+        else:
+            doc = docs[op["uri"]]
+            on_complete(op["uri"], doc.text, doc.offset_at(op["line"], op["character"], strict=True))
+
+
+@pytest.mark.parametrize("trace_name", ["type_short.jsonl"])
+def test_reuse_is_exact_on_every_step_of_a_trace(make_service, trace_name: str) -> None:
+    trace = [json.loads(line) for line in (TRACES / trace_name).read_text().splitlines()]
+    reuse = make_service(**BUDGET)
+    scratch = make_service(**BUDGET, reuse=False)
+    processed: list[int] = []
+    mismatches: list[int] = []
+
+    def check(uri: str, text: str, cursor: int) -> None:
+        a = reuse.complete(uri, text, cursor)
+        b = scratch.complete(uri, text, cursor)
+        processed.append(a.generation.stats.processed_tokens)
+        assert b.generation.stats.reused_tokens == 0
+        if a.generation.token_ids != b.generation.token_ids:
+            mismatches.append(len(processed))
+
+    replay(trace, check)
+    assert len(processed) > 50
+    assert mismatches == [], f"reuse changed the completion at steps {mismatches}"
+    processed.sort()
+    assert processed[len(processed) // 2] <= 4, processed
+
+
+def _typing_service(make_service):
+    return make_service(**BUDGET)
+
+
+def _complete(service, text: str, cursor: int) -> int:
+    return service.complete("file:///s.py", text, cursor).generation.stats.processed_tokens
+
+
+def test_checkpoint_policy_covers_the_common_edits(make_service) -> None:
+    svc = _typing_service(make_service)
+    base = (REPO / "model" / "corpus" / "tasks.py").read_text()
+    anchor = base.index("def render")
+    text = base[:anchor] + base[anchor:]
+    first = _complete(svc, text, anchor)
+    assert first > 100  # cold: the whole prompt
+
+    def type_at(text: str, cursor: int, s: str) -> tuple[str, int]:
+        return text[:cursor] + s + text[cursor:], cursor + len(s)
+
+    cur = anchor
+    costs: dict[str, int] = {}
+    for ch in "def tot":  # typing forward
+        text, cur = type_at(text, cur, ch)
+        costs.setdefault("typing", 0)
+        costs["typing"] = max(costs["typing"], _complete(svc, text, cur))
+    text, cur = type_at(text, cur, "(")  # an auto-closed bracket: "()" with the cursor between
+    text = text[:cur] + ")" + text[cur:]
+    costs["auto_close"] = _complete(svc, text, cur)
+    text, cur = type_at(text, cur, "x")
+    costs["inside_brackets"] = _complete(svc, text, cur)
+    text = text[: cur - 1] + text[cur:]  # backspace
+    cur -= 1
+    costs["backspace"] = _complete(svc, text, cur)
+    text, cur = type_at(text, cur, "q")  # a typo ...
+    _complete(svc, text, cur)
+    text, cur = text[: cur - 1] + text[cur:], cur - 1  # ... fixed
+    text, cur = type_at(text, cur, "y")
+    costs["typo_fixed"] = _complete(svc, text, cur)
+    cur = text.index(")", cur) + 1
+    text, cur = type_at(text, cur, ":\n    ")  # Enter with auto-indent
+    costs["enter"] = _complete(svc, text, cur)
+    elsewhere = text.index("class Task")
+    _complete(svc, text, elsewhere)  # the cursor goes elsewhere ...
+    costs["back_again"] = _complete(svc, text, cur)  # ... and comes back
+    limits = {"typing": 4, "auto_close": 6, "inside_brackets": 4, "backspace": 4, "typo_fixed": 4, "enter": 8}
+    limits["back_again"] = 4
+    assert all(costs[k] <= limits[k] for k in limits), costs
+
+
+def test_memorized_middles_with_the_reuse_layout(make_service) -> None:
+    """The anchored layout still yields the memorized middles, typed into character by character."""
+    svc = make_service(typeThrough=False)
+    for fixture in [f for f in load_fixtures() if not f.get("mid_token")][:4]:
+        doc = Document("x", fixture["text"])
+        cursor = doc.offset_at(fixture["line"], fixture["character"])
+        text = fixture["text"]
+        middle = fixture["middle"]
+        first_line = middle.split("\n")[0]
+        for k in range(0, min(len(first_line), 12)):
+            typed_text = text[:cursor] + middle[:k] + text[cursor:]
+            got = svc.complete("file:///m.py", typed_text, cursor + k).suggestion
+            assert got is not None and got.text == middle[k:], (fixture["file"], k)
+
+
+def test_memory_cap_evicts_across_documents(make_service) -> None:
+    svc = make_service(**BUDGET, cacheMb=1)
+    text = (REPO / "model" / "corpus" / "tasks.py").read_text()
+    for i in range(6):
+        svc.complete(f"file:///d{i}.py", text, len(text) // 2)
+    assert svc.cache.nbytes() <= 1 << 20 or len(svc.cache.checkpoints) <= 1
+    assert svc.cache.stats.evictions > 0
+    # Still correct after evictions.
+    a = svc.complete("file:///d0.py", text, len(text) // 2).generation.token_ids
+    b = make_service(**BUDGET, reuse=False).complete("file:///x.py", text, len(text) // 2).generation.token_ids
+    assert a == b
+
+
+def test_trace_files_parse() -> None:
+    for path in Path(TRACES).glob("*.jsonl"):
+        ops = [json.loads(line) for line in path.read_text().splitlines()]
+        assert ops[0]["op"] == "open" and any(op["op"] == "complete" for op in ops)
+
+
+def test_typing_through_the_suggestion_needs_no_model(make_service) -> None:
+    svc = make_service()
+    fixture = next(f for f in load_fixtures() if not f.get("mid_token") and len(f["middle"]) > 6)
+    doc = Document("x", fixture["text"])
+    cursor = doc.offset_at(fixture["line"], fixture["character"])
+    text, middle = fixture["text"], fixture["middle"]
+    first = svc.complete("file:///t.py", text, cursor)
+    assert first.suggestion.text == middle
+    prefills = svc.cache.stats.prefills
+    for k in range(1, 5):
+        typed = text[:cursor] + middle[:k] + text[cursor:]
+        got = svc.complete("file:///t.py", typed, cursor + k)
+        assert got.generation.stop_reason == "typed_through"
+        assert got.suggestion.text == middle[k:]
+    assert svc.cache.stats.prefills == prefills and svc.shown.hits == 4
+    # Typing something else goes back to the model.
+    other = text[:cursor] + "#" + text[cursor:]
+    assert svc.complete("file:///t.py", other, cursor + 1).generation.stop_reason != "typed_through"
