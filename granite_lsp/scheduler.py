@@ -73,6 +73,10 @@ class ModelWorker:
             self._queue.put(job)
         return job
 
+    def has_pending(self, key: str) -> bool:
+        with self._lock:
+            return key in self._latest
+
     def supersede(self, key: str) -> None:
         """A document changed: whatever was queued or running for it is obsolete."""
         with self._lock:

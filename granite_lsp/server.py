@@ -191,11 +191,19 @@ class GraniteServer(LanguageServer):
                 self._worker.submit(None, lambda job: service.forget(uri))
 
     def debounce_seconds(self, uri: str) -> float:
-        """Wait about one typing interval while the user is typing fast, not at all otherwise."""
+        """How long an automatic request waits before it may start model work.
+
+        Long enough that, while the user types in a burst, the next keystroke arrives first (so the
+        request is superseded before the model starts); short when the user types slowly. Before any
+        typing rhythm is known (the first keystroke), the configured base value.
+        """
+        base = self.settings.debounce_ms / 1000.0
+        if base <= 0:
+            return 0.0
         interval = self._typing_interval.get(uri)
         if interval is None:
-            return 0.0
-        return min(self.settings.debounce_ms / 1000.0, 0.8 * interval)
+            return base
+        return min(2 * base, max(0.02, 1.2 * interval))
 
     def notify_status(self, state: str, message: str = "") -> None:
         loaded = self.service.loaded if self.service else None
@@ -372,10 +380,34 @@ class GraniteServer(LanguageServer):
             command=types.Command(
                 title="Granite: accepted",
                 command=ACCEPTED,
-                arguments=[{"uri": uri, "line": start.line, "character": start.character}],
+                arguments=[{"uri": uri, "line": start.line, "character": start.character, "text": suggestion.text}],
             ),
         )
         return types.InlineCompletionList(items=[item])
+
+    def prefetch_after_accept(self, info: dict) -> None:
+        """After a suggestion is accepted, compute the next one at the position after it.
+
+        It yields to real requests: skipped when one is already queued, superseded by any that
+        comes; its result waits in the typing-through memory for the editor's next request.
+        """
+        uri, service = info.get("uri"), self.service
+        doc = self.documents.get(uri) if isinstance(uri, str) else None
+        if doc is None or service is None or self.worker.has_pending(uri):
+            return
+        try:
+            start = doc.offset_at(int(info["line"]), int(info["character"]), self.position_encoding, strict=True)
+        except (KeyError, TypeError, ValueError):
+            return
+        cursor = start + len(str(info.get("text", "")))
+        if cursor > len(doc.text):
+            return
+        text = doc.text
+        context_ids = self.context.ids(uri, service.loaded.tokenizer, self.settings.context_tokens)
+        self.counters["prefetches"] = self.counters.get("prefetches", 0) + 1
+        self.worker.submit(
+            uri, lambda job: service.complete(uri, text, cursor, context_ids=context_ids, cancelled=job.cancelled)
+        )
 
     def stats(self) -> dict[str, Any]:
         service = self.service
@@ -418,7 +450,7 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
 
     @server.command(ACCEPTED)
     def on_accepted(ls: GraniteServer, *args: Any) -> None:
-        log.debug("suggestion accepted")
+        ls.prefetch_after_accept(args[0] if args and isinstance(args[0], dict) else {})
         return None
 
     @server.feature(STATS)

@@ -171,8 +171,8 @@ class CompletionService:
         """Complete at ``cursor`` (a code-point offset into ``text``)."""
         shape = not self.settings.raw if shape is None else shape
         if self.settings.type_through:
-            cached = self.shown.lookup(doc, text, cursor)
-            if cached is not None:
+            hit, cached = self.shown.lookup(doc, text, cursor)
+            if hit:
                 return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
         prompt = self.builder(doc).build(text, cursor, context_ids)
         ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)

@@ -16,7 +16,7 @@ from .postprocess import Suggestion
 class _Shown:
     text: str  # the document when the suggestion was made
     cursor: int
-    suggestion: Suggestion
+    suggestion: Suggestion | None  # None: the model had nothing to suggest here
 
 
 class SuggestionMemory:
@@ -25,29 +25,27 @@ class SuggestionMemory:
         self.hits = 0
 
     def remember(self, doc: str, text: str, cursor: int, suggestion: Suggestion | None) -> None:
-        if suggestion is None:
-            self._shown.pop(doc, None)
-        else:
-            self._shown[doc] = _Shown(text, cursor, suggestion)
+        self._shown[doc] = _Shown(text, cursor, suggestion)
 
     def forget(self, doc: str) -> None:
         self._shown.pop(doc, None)
 
-    def lookup(self, doc: str, text: str, cursor: int) -> Suggestion | None:
-        """The rest of the last suggestion, if the document is that one plus a typed prefix of it."""
+    def lookup(self, doc: str, text: str, cursor: int) -> tuple[bool, Suggestion | None]:
+        """(hit, suggestion): the rest of the last suggestion if the document is the one it was made
+        for plus a typed prefix of it; at the very same place, also "nothing to suggest"."""
         shown = self._shown.get(doc)
         if shown is None:
-            return None
+            return False, None
         typed = cursor - shown.cursor
-        full = shown.suggestion.text
-        if not 0 <= typed < len(full) or len(text) != len(shown.text) + typed:
-            return None
+        full = shown.suggestion.text if shown.suggestion else ""
+        if typed < 0 or (typed and typed >= len(full)) or len(text) != len(shown.text) + typed:
+            return False, None
         if not full.startswith(text[shown.cursor : cursor]):
-            return None
+            return False, None
         if text[: shown.cursor] != shown.text[: shown.cursor] or text[cursor:] != shown.text[shown.cursor :]:
-            return None
-        rest = full[typed:]
-        if not rest.strip():
-            return None
+            return False, None
         self.hits += 1
-        return Suggestion(rest, shown.suggestion.replace)
+        if shown.suggestion is None:
+            return True, None
+        rest = full[typed:]
+        return True, (Suggestion(rest, shown.suggestion.replace) if rest.strip() else None)

@@ -36,6 +36,7 @@ class RpcClient:
         self._next_id = 0
         self.responses: dict[Any, dict] = {}
         self.response_counts: dict[Any, int] = {}
+        self.answered_at: dict[Any, float] = {}
         self.notifications: list[dict] = []
         self.server_requests: list[dict] = []
         self._cv = threading.Condition()
@@ -78,6 +79,7 @@ class RpcClient:
                     self.notifications.append(msg)
                 else:
                     self.responses[msg.get("id")] = msg
+                    self.answered_at.setdefault(msg.get("id"), time.monotonic())
                     self.response_counts[msg.get("id")] = self.response_counts.get(msg.get("id"), 0) + 1
                 self._cv.notify_all()
 
