@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 _INDENT = re.compile(r"[ \t]*")
 _CLOSING_LINE = re.compile(r"\s*([)\]}]+[;,)]*|end|fi|done|esac)\s*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_OPENER = re.compile(r"([:{(\[]|\bdo|\bthen|=>)$")
 
 
 def _indent_width(line: str, tab_size: int) -> int:
@@ -95,6 +96,8 @@ class Shaper:
     def _cut(self, text: str, final: bool = False) -> tuple[str, bool]:
         """The part of ``text`` to keep, and whether a rule has already ended it.
 
+        The block the suggestion starts in is the cursor line's block; when the user's line ends by
+        opening a block (``if x:``, ``{``), it is that new block, whose closing line still belongs to it.
         While decoding (``final`` False) the last line may still grow, so it is kept but not judged.
         """
         ctx = self.ctx
@@ -102,10 +105,18 @@ class Shaper:
         if not ctx.multiline:
             return parts[0], len(parts) > 1
         kept = [parts[0]]
+        typed = ctx.line_prefix.rstrip()
+        opener_indent = _indent_width(ctx.line_prefix, ctx.tab_size) if _OPENER.search(typed) else None
         first_full = ctx.line_prefix + parts[0]
-        base = _indent_width(first_full, ctx.tab_size) if first_full.strip() else None
-        went_deeper = False
+        if opener_indent is not None:
+            base: int | None = opener_indent + 1  # anything at the opener's level or left of it ends it
+        else:
+            base = _indent_width(first_full, ctx.tab_size) if first_full.strip() else None
+        # A line equal to the code right after the cursor means it is re-writing it; closers like "}" are
+        # too common to tell anything.
         next_line = next((ln.strip() for ln in ctx.following if ln.strip()), None)
+        if next_line is not None and _CLOSING_LINE.fullmatch(next_line):
+            next_line = None
         for i, line in enumerate(parts[1:], start=1):
             if len(kept) >= self.max_lines:
                 return "\n".join(kept), True
@@ -118,13 +129,11 @@ class Shaper:
                 width = _indent_width(line, ctx.tab_size)
                 if base is None:
                     base = width
-                elif width < base or (went_deeper and width <= base):
-                    # Dedented out of the block it started in; a lone closer of that block still belongs.
-                    if went_deeper and width == base and _CLOSING_LINE.fullmatch(line):
+                elif width < base:
+                    # Dedented out of its block; the lone closer of a block the user opened belongs to it.
+                    if width == opener_indent and _CLOSING_LINE.fullmatch(line):
                         kept.append(line)
                     return "\n".join(kept), True
-                elif width > base:
-                    went_deeper = True
             kept.append(line)
         return "\n".join(kept), False
 

@@ -139,6 +139,7 @@ class GraniteServer(LanguageServer):
         self._typing_interval: dict[str, float] = {}
         self.counters = {"requests": 0, "answered_null": 0, "answered_items": 0, "errors": 0}
         self.last_stats: dict[str, Any] = {}
+        self._client_info: types.ClientInfo | None = None
 
     # ---- plumbing ------------------------------------------------------------------------------------
 
@@ -374,9 +375,12 @@ class GraniteServer(LanguageServer):
 
     def _item(self, doc, start: types.Position, cursor: int, suggestion: Suggestion, uri: str, encoding: str):
         end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
+        rng = types.Range(start=start, end=types.Position(line=end_line, character=end_char))
+        if suggestion.replace == 0 and self._client_draws_ranges_as_overlay():
+            rng = None  # Neovim draws any ranged item over the rest of the line; an insertion needs none
         item = types.InlineCompletionItem(
             insert_text=suggestion.text,
-            range=types.Range(start=start, end=types.Position(line=end_line, character=end_char)),
+            range=rng,
             command=types.Command(
                 title="Granite: accepted",
                 command=ACCEPTED,
@@ -384,6 +388,12 @@ class GraniteServer(LanguageServer):
             ),
         )
         return types.InlineCompletionList(items=[item])
+
+    def _client_draws_ranges_as_overlay(self) -> bool:
+        """VS Code needs an explicit range (it otherwise replaces from the word start to the line end);
+        Neovim 0.12 renders every ranged item as an overlay hiding the text after the cursor."""
+        name = (self._client_info.name if self._client_info else "").lower()
+        return name in ("neovim", "nvim")
 
     def prefetch_after_accept(self, info: dict) -> None:
         """After a suggestion is accepted, compute the next one at the position after it.
@@ -428,6 +438,7 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
 
     @server.feature(types.INITIALIZE)
     def on_initialize(ls: GraniteServer, params: types.InitializeParams) -> None:
+        ls._client_info = params.client_info
         ls.apply_settings(params.initialization_options)
         if params.process_id:
             asyncio.get_running_loop().create_task(_watch_parent(params.process_id))

@@ -79,8 +79,10 @@ def test_window_and_anchor_are_sticky_while_typing(tok: TextTokenizer) -> None:
         t = text[:cursor] + typed[:k] + "\n" + text[cursor:]
         prompts.append(builder.build(t, cursor + k))
     assert all(p.window_start == first.window_start and p.anchor == first.anchor for p in prompts)
-    # Typing appends: every prompt's static part (prefix+suffix) is unchanged.
-    assert all(p.ids[: first.static_len] == first.ids[: first.static_len] for p in prompts[:1])
+    # Typing appends: once the line exists, every prompt's static part (prefix + suffix) is unchanged.
+    base = prompts[0]
+    assert all(p.ids[: base.static_len] == base.ids[: base.static_len] for p in prompts)
+    assert all(p.ids[: len(q.ids) - 2] == q.ids[: len(q.ids) - 2] for q, p in zip(prompts, prompts[1:]))
     # Enter keeps the anchor (the new line joins the middle) ...
     t = text[:cursor] + typed + "\n    " + text[cursor:]
     after_enter = builder.build(t, cursor + len(typed) + 5)

@@ -14,12 +14,24 @@ from pytest_lsp import ClientServerConfig, LanguageClient
 SERVER = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(TINY), "--device", "cpu"]
 
 
+def _plain(obj):
+    """pygls hands unknown result types back as namedtuples: turn them into dicts again."""
+    if hasattr(obj, "_asdict"):
+        return {k: _plain(v) for k, v in obj._asdict().items()}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+async def _stats(client: LanguageClient) -> dict:
+    return _plain(await client.protocol.send_request_async("granite/stats", None))
+
+
 async def _wait_loaded(client: LanguageClient, timeout: float = 60.0) -> dict:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        stats = await client.protocol.send_request_async("granite/stats", None)
-        stats = stats if isinstance(stats, dict) else vars(stats)
+        stats = await _stats(client)
         if stats["model_loaded"] or stats["load_error"]:
             return stats
         if loop.time() > deadline:
@@ -72,8 +84,7 @@ async def test_capabilities(client: LanguageClient) -> None:
 async def _idle(client: LanguageClient) -> None:
     """Wait until the model worker has finished what it was generating in the background."""
     for _ in range(600):
-        stats = await client.protocol.send_request_async("granite/stats", None)
-        stats = stats if isinstance(stats, dict) else vars(stats)
+        stats = await _stats(client)
         if not stats["worker"]["busy"]:
             return
         await asyncio.sleep(0.05)
@@ -110,8 +121,7 @@ async def test_memorized_completion(client: LanguageClient, fixture: dict) -> No
     rest = await _complete(client, uri, line, character)
     assert rest is not None and rest.items
     assert accepted + rest.items[0].insert_text == middle
-    stats = await client.protocol.send_request_async("granite/stats", None)
-    stats = stats if isinstance(stats, dict) else vars(stats)
+    stats = await _stats(client)
     assert stats["typed_through"] >= 1
 
 
@@ -139,7 +149,9 @@ async def test_incremental_edits_then_completion(client: LanguageClient) -> None
         )
     result = await _complete(client, uri, line, len(typed))
     assert result is not None and result.items
-    assert typed + result.items[0].insert_text == fixture["middle"]
+    got = typed + result.items[0].insert_text
+    # The whole middle, or (multi-line, answered early) exactly its first line.
+    assert got in (fixture["middle"], fixture["middle"].split("\n")[0])
 
 
 async def test_unknown_document_and_bad_position_answer_null(client: LanguageClient) -> None:

@@ -73,3 +73,10 @@ def test_indentation_follows_the_buffer() -> None:
     text2 = "def f():\n    if x:\n        |\n"
     s2 = _shape(text2, "|", "a = 1\n\t\tb = 2", tab_size=4, insert_spaces=True)
     assert s2.text == "a = 1\n        b = 2"
+
+
+def test_statements_after_a_nested_block_stay_in_the_cursor_block() -> None:
+    text = "fn push() {\n        |\n    }\n"
+    raw = "if full {\n            return Err(x);\n        }\n        items.push(x);\n        Ok(())\n    }\nfn next() {"
+    s = _shape(text, "|", raw)
+    assert s.text == "if full {\n            return Err(x);\n        }\n        items.push(x);\n        Ok(())"
