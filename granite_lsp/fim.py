@@ -36,6 +36,7 @@ from .tokens import TextTokenizer
 _CLOSERS_ONLY = re.compile(r"[\s)\]}>\"'`;:,.]*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 MAX_HEAL_BYTES = 48
+MEMORIES = 4  # placements remembered per document
 MAX_LINE_MIDDLE = 1024  # characters of the cursor's line that may go after <|fim_middle|>
 
 
@@ -88,7 +89,7 @@ class PromptBuilder:
 
     tokenizer: TextTokenizer
     budget: FimBudget = field(default_factory=FimBudget)
-    _memory: _Memory = field(default_factory=_Memory)
+    _memories: list[_Memory] = field(default_factory=list)  # most recent first
 
     def build(self, text: str, cursor: int, context_ids: list[int] | None = None) -> FimPrompt:
         tok = self.tokenizer
@@ -117,28 +118,34 @@ class PromptBuilder:
         )
 
     def _place(self, text: str, cursor: int) -> tuple[int, int]:
-        """Choose (anchor, window_start), keeping the previous ones when they are still valid."""
-        mem = self._memory
+        """Choose (anchor, window_start), keeping a recent placement when it is still valid.
+
+        Several are remembered so that moving the cursor elsewhere and back finds the old one (and
+        with it the state checkpoints of the old prompt).
+        """
         b = self.budget
-        if (
-            0 <= mem.window_start <= mem.anchor <= cursor
-            and text[mem.window_start : mem.anchor] == mem.head
-            and (_is_line_start(text, mem.anchor) or cursor - mem.anchor <= MAX_LINE_MIDDLE)
-            and _is_line_start(text, mem.window_start)
-            and len(_LINE_BREAK.findall(text, mem.anchor, cursor)) <= b.max_anchor_lines
-        ):
-            return mem.anchor, mem.window_start
+        for i, mem in enumerate(self._memories):
+            if (
+                0 <= mem.window_start <= mem.anchor <= cursor
+                and text[mem.window_start : mem.anchor] == mem.head
+                and (_is_line_start(text, mem.anchor) or cursor - mem.anchor <= MAX_LINE_MIDDLE)
+                and _is_line_start(text, mem.window_start)
+                and len(_LINE_BREAK.findall(text, mem.anchor, cursor)) <= b.max_anchor_lines
+            ):
+                self._memories.insert(0, self._memories.pop(i))
+                return mem.anchor, mem.window_start
         anchor = _line_start(text, cursor)
         if cursor - anchor > MAX_LINE_MIDDLE:
             # A huge line (minified code, data): the middle would be the whole line. Start it a little
             # before the cursor instead; the model just sees a prefix that ends mid-line.
             anchor = cursor - MAX_LINE_MIDDLE // 4
-        window_start = mem.window_start
+        window_start = self._memories[0].window_start if self._memories else -1
         if not (0 <= window_start <= anchor and _is_line_start(text, window_start)) or (
             len(self.tokenizer.encode(text[window_start:anchor])) > b.prefix_tokens
         ):
             window_start = self._window_start(text, anchor)
-        self._memory = _Memory(window_start, anchor, text[window_start:anchor])
+        self._memories.insert(0, _Memory(window_start, anchor, text[window_start:anchor]))
+        del self._memories[MEMORIES:]
         return anchor, window_start
 
     def _window_start(self, text: str, anchor: int) -> int:

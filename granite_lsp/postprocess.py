@@ -105,8 +105,9 @@ class Shaper:
         if not ctx.multiline:
             return parts[0], len(parts) > 1
         kept = [parts[0]]
-        typed = ctx.line_prefix.rstrip()
-        opener_indent = _indent_width(ctx.line_prefix, ctx.tab_size) if _OPENER.search(typed) else None
+        # The user's line opens a block and the suggestion starts below it: the suggestion is its body.
+        opens = _OPENER.search(ctx.line_prefix.rstrip()) and not parts[0].strip()
+        opener_indent = _indent_width(ctx.line_prefix, ctx.tab_size) if opens else None
         first_full = ctx.line_prefix + parts[0]
         if opener_indent is not None:
             base: int | None = opener_indent + 1  # anything at the opener's level or left of it ends it

@@ -160,7 +160,8 @@ class GraniteServer(LanguageServer):
     def client_streams(self) -> bool:
         caps = self.client_capabilities
         experimental = getattr(caps, "experimental", None) if caps else None
-        return isinstance(experimental, dict) and bool(experimental.get(STREAMING_CAPABILITY))
+        wants = isinstance(experimental, dict) and bool(experimental.get(STREAMING_CAPABILITY))
+        return wants and self.settings.streaming
 
     def on_document_changed(self, uri: str, line: int) -> None:
         doc = self.documents.get(uri)

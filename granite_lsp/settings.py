@@ -47,7 +47,7 @@ class Settings:
     debounce_ms: int = 75
     context_tokens: int = 512
     cache_mb: int = 512
-    streaming: bool = False
+    streaming: bool = True  # partial notifications, for clients that also opt in by capability
     reuse: bool = True
     early_first_line: bool = True  # answer standard clients once the first line is complete
     type_through: bool = True  # answer keystrokes that match the shown suggestion from it
