@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY
+
 from granite_lsp.context import ContextRing
 from granite_lsp.fim import PromptBuilder
 from granite_lsp.tokens import TextTokenizer

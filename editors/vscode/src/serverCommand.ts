@@ -1,0 +1,83 @@
+// Finding the command that starts granite-lsp.
+import * as fs from 'fs';
+import * as path from 'path';
+import * as vscode from 'vscode';
+import { SECTION, expandHome } from './config';
+
+export interface ServerCommand {
+  command: string;
+  args: string[];
+  /** How the command was found, for the log. */
+  origin: string;
+}
+
+const EXE = process.platform === 'win32' ? 'granite-lsp.exe' : 'granite-lsp';
+const VENV_BIN = process.platform === 'win32' ? 'Scripts' : 'bin';
+
+function isExecutable(file: string): boolean {
+  try {
+    const st = fs.statSync(file);
+    if (!st.isFile()) {
+      return false;
+    }
+    if (process.platform === 'win32') {
+      return true;
+    }
+    fs.accessSync(file, fs.constants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function onPath(exe: string): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    if (dir && isExecutable(path.join(dir, exe))) {
+      return path.join(dir, exe);
+    }
+  }
+  return undefined;
+}
+
+function resolveVariables(value: string): string {
+  const folder = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath ?? '';
+  return expandHome(value.replace(/\$\{workspaceFolder\}/g, folder).replace(/\$\{userHome\}/g, process.env.HOME ?? ''));
+}
+
+/**
+ * The server command, in this order:
+ *  1. `granite.serverPath`;
+ *  2. `granite.pythonPath` → `<python> -m granite_lsp`;
+ *  3. `granite-lsp` on PATH;
+ *  4. `granite-lsp` in a `.venv` / `venv` of a workspace folder.
+ * `granite.serverArgs` (default `--stdio`) follows the executable.
+ */
+export function resolveServerCommand(): ServerCommand | undefined {
+  const cfg = vscode.workspace.getConfiguration(SECTION);
+  const args = (cfg.get<string[]>('serverArgs') ?? ['--stdio']).map(resolveVariables);
+
+  const serverPath = resolveVariables((cfg.get<string>('serverPath') ?? '').trim());
+  if (serverPath) {
+    return { command: serverPath, args, origin: 'granite.serverPath' };
+  }
+  const pythonPath = resolveVariables((cfg.get<string>('pythonPath') ?? '').trim());
+  if (pythonPath) {
+    return { command: pythonPath, args: ['-m', 'granite_lsp', ...args], origin: 'granite.pythonPath' };
+  }
+  const found = onPath(EXE);
+  if (found) {
+    return { command: found, args, origin: 'PATH' };
+  }
+  for (const folder of vscode.workspace.workspaceFolders ?? []) {
+    if (folder.uri.scheme !== 'file') {
+      continue;
+    }
+    for (const venv of ['.venv', 'venv']) {
+      const candidate = path.join(folder.uri.fsPath, venv, VENV_BIN, EXE);
+      if (isExecutable(candidate)) {
+        return { command: candidate, args, origin: `workspace ${venv}` };
+      }
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,215 @@
+"""Fast small-batch ``x @ W^T`` on CPU, for decoding.
+
+Decoding one token reads every weight once, so its speed is set by how close the matmuls get to
+memory bandwidth. torch's kernels for a single row of x reach a fraction of it on AVX2 machines
+(and its OpenMP regions stall when a core is busy), so ``gemv.cpp`` streams fp32, bf16 or
+int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. It is compiled on
+first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
+when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
+torch ops, just slower.
+
+Knobs (environment): ``GRANITE_LSP_KERNELS=0`` disables the extension;
+``GRANITE_LSP_KERNEL_CACHE`` overrides the build directory's parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["PackedLinear", "available", "build_error", "read_probe"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("gemv.cpp")
+# No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++20"]
+# Above this many rows of x, fp32 goes to MKL, which wins once the matmul is compute-bound.
+# bf16/int8 always use the kernel: every torch route for them was slower at every size we measured (T <= 256).
+FP32_KERNEL_MAX_ROWS = 64
+# Rows of W upcast at a time by the torch fallback for bf16/int8 (~4 MB of fp32).
+_FALLBACK_BLOCK_BYTES = 4 << 20
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" -> torch.ops namespace or None, "error" -> str
+
+
+def _cpu_supported() -> bool:
+    """True on x86-64 Linux when /proc/cpuinfo lists avx2 and fma (what the binary is compiled for)."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return {"avx2", "fma"} <= flags
+    return False
+
+
+def _build_dir() -> Path:
+    """A directory per (source, flags, torch, python): a stale binary is never picked up."""
+    root = os.environ.get("GRANITE_LSP_KERNEL_CACHE")
+    if not root:
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "granite-lsp", "kernels"
+        )
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    return Path(root) / tag.replace("+", "_")
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH, where the PyPI package's binary is only when the venv is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI package
+    except ImportError:
+        return
+    if ninja.BIN_DIR:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _load() -> object | None:
+    """The compiled ops (building them on first call), or None with the reason in build_error()."""
+    with _lock:
+        if "ops" in _state:
+            return _state["ops"]
+        ops, error = None, None
+        if os.environ.get("GRANITE_LSP_KERNELS", "1") == "0":
+            error = "disabled by GRANITE_LSP_KERNELS=0"
+        elif not _cpu_supported():
+            error = "CPU without AVX2/FMA (or not x86-64 Linux)"
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _ensure_ninja_on_path()
+                build_dir = _build_dir()
+                build_dir.mkdir(parents=True, exist_ok=True)
+                load(
+                    name="granite_gemv",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=_CFLAGS,
+                    build_directory=str(build_dir),
+                    is_python_module=False,  # registers torch.ops.granite_gemv; no pybind11 to compile
+                    verbose=False,  # ninja's output is captured: stdout belongs to the LSP transport
+                )
+                ops = torch.ops.granite_gemv
+            except Exception as e:  # no compiler, no ninja, read-only cache, ...: fall back to torch
+                error = f"{type(e).__name__}: {e}"
+        if error:
+            log.warning("granite_lsp.kernels unavailable, using torch matmuls: %s", error)
+        _state.update(ops=ops, error=error)
+        return ops
+
+
+def available() -> bool:
+    """Whether the extension is built and usable here (builds it on the first call: ~30-60 s)."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable (None when it is available or not yet tried)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def read_probe(buf: Tensor, threads: int | None = None) -> float:
+    """Streams ``buf`` (size a multiple of 256 KB) on the kernels' threads: the read-bandwidth ceiling."""
+    ops = _load()
+    if ops is None:
+        raise RuntimeError(f"kernels unavailable: {build_error()}")
+    return ops.read_probe(buf, threads or torch.get_num_threads())
+
+
+class PackedLinear:
+    """``y = x @ W^T (+ b)`` with W prepared once at load time: fp32, bf16, or int8 with a per-row scale.
+
+    Rows of x go through the extension (every T for bf16/int8, T <= FP32_KERNEL_MAX_ROWS for fp32),
+    where each output element is summed in the same order whatever T is: a row of x gets the
+    bit-identical result alone (decode) or in a batch (prefill).
+    """
+
+    def __init__(self, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
+        self.weight = weight  # [N, K] float32, bfloat16 or int8 (then scale: [N] float32)
+        self.scale = scale
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None, mode: str = "same") -> PackedLinear:
+        """Prepares ``weight`` [N, K]. mode "same" keeps fp32 / bf16 (fp16 becomes fp32); "int8"
+        quantizes symmetrically per output row (scale = max|row| / 127)."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+        weight = weight.detach()
+        scale = None
+        if mode == "int8":
+            w = weight.float()
+            scale = w.abs().amax(dim=1) / 127
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
+            weight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        elif mode == "same":
+            if weight.dtype == torch.float16:
+                weight = weight.float()
+            elif weight.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"unsupported weight dtype {weight.dtype}")
+        else:
+            raise ValueError(f"mode must be 'same' or 'int8', got {mode!r}")
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+        return cls(weight.contiguous(), scale, bias)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.bias) if t is not None)
+
+    def dequantize(self, rows: Tensor | slice | None = None) -> Tensor:
+        """The fp32 weight the layer computes with (or just ``rows`` of it: e.g. tied embeddings)."""
+        w = self.weight if rows is None else self.weight[rows]
+        w = w.float()
+        if self.scale is not None:
+            w = w * (self.scale if rows is None else self.scale[rows]).unsqueeze(-1)
+        return w
+
+    def __call__(self, x: Tensor, threads: int | None = None) -> Tensor:
+        """``x`` [..., K] float32 (other float dtypes are cast) -> float32 [..., N].
+
+        ``threads`` defaults to ``torch.get_num_threads()``; pass it explicitly when calling from
+        code that lowers torch's count for its small ops.
+        """
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        ops = _load()
+        if ops is not None and (self.weight.dtype != torch.float32 or x2.shape[0] <= FP32_KERNEL_MAX_ROWS):
+            y = ops.linear(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
+        else:
+            y = self._torch(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def _torch(self, x: Tensor) -> Tensor:
+        """The same product with torch ops: MKL for fp32, upcasting bf16/int8 a block of rows at a time."""
+        if self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        step = max(1, _FALLBACK_BLOCK_BYTES // (4 * self.in_features))
+        parts = [F.linear(x, self.dequantize(slice(a, a + step))) for a in range(0, self.out_features, step)]
+        y = torch.cat(parts, dim=-1) if parts else x.new_zeros(x.shape[0], 0)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def __repr__(self) -> str:
+        kind = "int8" if self.scale is not None else str(self.weight.dtype).removeprefix("torch.")
+        bias = ", bias" if self.bias is not None else ""
+        return f"PackedLinear({self.in_features} -> {self.out_features}, {kind}{bias})"

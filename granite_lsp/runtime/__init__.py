@@ -1,0 +1,10 @@
+"""In-process GraniteMoeHybrid runtime with explicit, restorable state (batch size 1).
+
+See ``model.HybridModel`` for the forward contract and ``state`` for KV caches and snapshots.
+"""
+
+from .config import HybridConfig
+from .model import HybridModel
+from .state import KVCache, MambaSnapshot, ModelState
+
+__all__ = ["HybridConfig", "HybridModel", "KVCache", "MambaSnapshot", "ModelState"]

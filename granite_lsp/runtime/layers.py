@@ -1,0 +1,200 @@
+"""The three kinds of sub-blocks of a GraniteMoeHybrid decoder layer, batch size 1.
+
+Plain classes holding tensors rather than ``nn.Module``s: there is no training, hooks or
+autograd here, and a decode step calls ~100 of these, so skipping module dispatch is free
+speed. Activations are [T, features] (no batch dim). Semantics follow transformers'
+``modeling_granitemoehybrid`` (its eager/torch path); in float32 the results agree with it to
+~1e-5 and with a float64 evaluation to ~5e-5 on the real shape (tests/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import HybridConfig
+from .matmul import linear
+from .ssm import ssm_chunked, ssm_recurrent
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF's RMSNorm: normalise in float32, cast back, then scale (in the model dtype).
+
+    In float32 torch's fused kernel gave bit-identical results in our checks, in one op not eight;
+    for bf16 it would round differently from HF (scale before the cast), so spell it out."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class MLP:
+    """Dense SwiGLU ("shared_mlp"): gate and up share one fused input matrix [2I, D]."""
+
+    def __init__(self, input_linear: Tensor, output_linear: Tensor) -> None:
+        self.w_in = input_linear
+        self.w_out = output_linear
+        self.inner = output_linear.shape[1]
+
+    def forward(self, h: Tensor) -> Tensor:
+        gu = linear(h, self.w_in)
+        gate, up = gu[:, : self.inner], gu[:, self.inner :]
+        return linear(F.silu(gate) * up, self.w_out)
+
+
+class Attention:
+    """Causal GQA self-attention appending into a preallocated KV buffer; no RoPE ("nope")
+    unless the config asks for it."""
+
+    def __init__(self, cfg: HybridConfig, wqkv: Tensor, bqkv: Tensor | None, wo: Tensor, bo: Tensor | None):
+        self.n_q = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.hd = cfg.head_dim
+        self.scale = cfg.attention_multiplier
+        self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
+
+    def forward(self, h: Tensor, kbuf: Tensor, vbuf: Tensor, pos: int, rope: tuple[Tensor, Tensor] | None):
+        T = h.shape[0]
+        nq, nkv, hd = self.n_q, self.n_kv, self.hd
+        qkv = linear(h, self.wqkv, self.bqkv)
+        q = qkv[:, : nq * hd].view(T, nq, hd).transpose(0, 1)
+        k = qkv[:, nq * hd : (nq + nkv) * hd].view(T, nkv, hd).transpose(0, 1)
+        v = qkv[:, (nq + nkv) * hd :].view(T, nkv, hd).transpose(0, 1)
+        if rope is not None:
+            q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+        end = pos + T
+        kbuf[:, pos:end] = k
+        vbuf[:, pos:end] = v
+        keys, values = kbuf[:, :end], vbuf[:, :end]
+        if T == 1:
+            out = _decode_attention(q, keys, values, self.scale)
+        else:
+            mask = None
+            if pos > 0:
+                # query i sits at absolute position pos + i and may see keys 0..pos+i
+                qpos = torch.arange(pos, end, device=h.device).unsqueeze(1)
+                mask = torch.arange(end, device=h.device).unsqueeze(0) <= qpos
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                keys.unsqueeze(0),
+                values.unsqueeze(0),
+                attn_mask=mask,
+                is_causal=pos == 0,
+                scale=self.scale,
+                enable_gqa=nq != nkv,
+            )[0]
+        out = out.transpose(0, 1).reshape(T, nq * hd)
+        return linear(out, self.wo, self.bo)
+
+
+def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """One query token: fold the query heads of each KV group into rows so GQA needs no
+    repeat of K/V and no mask; q [nq, 1, hd], keys/values [nkv, L, hd] -> [nq, 1, hd]."""
+    nq, _, hd = q.shape
+    nkv = keys.shape[0]
+    qg = q.reshape(nkv, nq // nkv, hd)
+    scores = torch.matmul(qg, keys.transpose(1, 2)).mul_(scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values).view(nq, 1, hd)
+
+
+def _apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    cos, sin = rope  # [T, hd]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def rope_tables(cfg: HybridConfig, pos: int, T: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin [T, head_dim] for positions pos..pos+T-1 (default RoPE, computed like HF)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    freqs = torch.arange(pos, pos + T, device=device).float().unsqueeze(1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class MambaMixer:
+    """Mamba2 mixer: in_proj -> causal depthwise conv + SiLU -> selective scan -> gated
+    group RMSNorm -> out_proj, continuing from (and updating) a conv and an SSM state."""
+
+    def __init__(
+        self,
+        cfg: HybridConfig,
+        in_proj: Tensor,
+        in_bias: Tensor | None,
+        conv_weight: Tensor,
+        conv_bias: Tensor | None,
+        dt_bias: Tensor,
+        A_log: Tensor,
+        D: Tensor,
+        norm_weight: Tensor,
+        out_proj: Tensor,
+        out_bias: Tensor | None,
+    ) -> None:
+        self.inner = cfg.mamba_intermediate
+        self.H = cfg.mamba_n_heads
+        self.P = cfg.mamba_d_head
+        self.G = cfg.mamba_n_groups
+        self.N = cfg.mamba_d_state
+        self.K = cfg.mamba_d_conv
+        self.conv_dim = cfg.mamba_conv_dim
+        self.eps = cfg.rms_norm_eps
+        self.dt_min, self.dt_max = cfg.time_step_min, cfg.time_step_max
+        self.w_in, self.b_in = in_proj, in_bias
+        # Conv taps as [K, C] float32: the conv runs as K shifted multiply-adds over [T, C]
+        # rows, which needs no transposes and is exact for any T >= 1.
+        self.conv_w = conv_weight.reshape(self.conv_dim, self.K).t().float().contiguous()
+        self.conv_b = conv_bias.float() if conv_bias is not None else None
+        # SSM parameters live in float32 whatever the model dtype (A is precomputed once).
+        self.dt_bias = dt_bias.float()
+        self.A = -torch.exp(A_log.float())
+        self.D = D.float()
+        self.norm_w = norm_weight
+        self.norm_w32 = norm_weight.float()
+        self.w_out, self.b_out = out_proj, out_bias
+
+    def forward(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor, chunk_size: int, recurrent_max: int):
+        T = h.shape[0]
+        E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
+        zxbcdt = linear(h, self.w_in, self.b_in)
+        z = zxbcdt[:, :E]
+        xbc = self._conv(zxbcdt[:, E : E + C], conv_state)  # [T, C] float32
+        dt = F.softplus(zxbcdt[:, E + C :].float() + self.dt_bias)
+        if self.dt_min > 0.0 or self.dt_max != float("inf"):
+            dt = dt.clamp(self.dt_min, self.dt_max)
+        x = xbc[:, :E].view(T, H, P)
+        B = xbc[:, E : E + G * N].view(T, G, N)
+        Cm = xbc[:, E + G * N :].view(T, G, N)
+        if T <= recurrent_max:
+            y = ssm_recurrent(x, dt, self.A, B, Cm, ssm_state)
+        else:
+            y = ssm_chunked(x, dt, self.A, B, Cm, ssm_state, chunk_size)
+        y = y.addcmul_(x, self.D.view(H, 1)).reshape(T, E)
+        return linear(self._gated_norm(y, z).to(h.dtype), self.w_out, self.b_out)
+
+    def _conv(self, xbc: Tensor, conv_state: Tensor) -> Tensor:
+        """Causal depthwise conv over [state; new inputs], then SiLU; updates ``conv_state``
+        to the last K-1 raw inputs (which may partly be old state when T < K-1)."""
+        T, K = xbc.shape[0], self.K
+        padded = torch.cat((conv_state, xbc)).float()  # [K-1+T, C]
+        conv_state.copy_(padded[T:])
+        out = padded[0:T] * self.conv_w[0]
+        if self.conv_b is not None:
+            out.add_(self.conv_b)
+        for k in range(1, K):
+            out.addcmul_(padded[k : k + T], self.conv_w[k])
+        return F.silu(out, inplace=True)
+
+    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
+        """HF's RMSNormGated with norm_before_gate=False: gate with silu(z), then RMS-normalise
+        within groups of I // G channels, scale by the weight."""
+        T = y.shape[0]
+        y = y.mul_(F.silu(z.float()))  # y is float32 and ours to overwrite
+        if self.G == 1:
+            # float32 product like HF's chunked path; the caller casts to the model dtype
+            return F.rms_norm(y, (self.inner,), self.norm_w32, self.eps)
+        yg = F.rms_norm(y.view(T, self.G, self.inner // self.G), (self.inner // self.G,), None, self.eps)
+        return self.norm_w32 * yg.view(T, self.inner)

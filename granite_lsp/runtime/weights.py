@@ -1,0 +1,135 @@
+"""Getting HF-named weights into memory: safetensors checkpoints, state dicts, random init.
+
+Everything is keyed exactly like transformers' ``GraniteMoeHybridForCausalLM.state_dict()``
+so a checkpoint, a live transformers model, and a random init all go through one path
+(``expected_shapes`` is the single source of truth for names and shapes). Only safetensors
+are read: pickle-based formats (.bin/.pt/.pth) can execute code on load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import HybridConfig
+
+TIED_LM_HEAD = "lm_head.weight"
+# Non-persistent buffers that some exporters still include; they carry nothing we need.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+
+
+def expected_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the model needs (lm_head only when untied)."""
+    D = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, D),
+        "model.norm.weight": (D,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes[TIED_LM_HEAD] = (cfg.vocab_size, D)
+    for i, kind in enumerate(cfg.layer_kinds):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (D,)
+        shapes[p + "post_attention_layernorm.weight"] = (D,)
+        shapes[p + "shared_mlp.input_linear.weight"] = (2 * cfg.shared_intermediate_size, D)
+        shapes[p + "shared_mlp.output_linear.weight"] = (D, cfg.shared_intermediate_size)
+        if kind == "mamba":
+            m = p + "mamba."
+            E, H, C = cfg.mamba_intermediate, cfg.mamba_n_heads, cfg.mamba_conv_dim
+            shapes[m + "in_proj.weight"] = (E + C + H, D)
+            if cfg.mamba_proj_bias:
+                shapes[m + "in_proj.bias"] = (E + C + H,)
+                shapes[m + "out_proj.bias"] = (D,)
+            shapes[m + "conv1d.weight"] = (C, 1, cfg.mamba_d_conv)
+            if cfg.mamba_conv_bias:
+                shapes[m + "conv1d.bias"] = (C,)
+            shapes[m + "dt_bias"] = (H,)
+            shapes[m + "A_log"] = (H,)
+            shapes[m + "D"] = (H,)
+            shapes[m + "norm.weight"] = (E,)
+            shapes[m + "out_proj.weight"] = (D, E)
+        else:
+            a = p + "self_attn."
+            q = cfg.num_attention_heads * cfg.head_dim
+            kv = cfg.num_key_value_heads * cfg.head_dim
+            for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                shapes[a + name + ".weight"] = (rows, D)
+                if cfg.attention_bias:
+                    shapes[a + name + ".bias"] = (rows,)
+            shapes[a + "o_proj.weight"] = (D, q)
+            if cfg.attention_bias:
+                shapes[a + "o_proj.bias"] = (D,)
+    return shapes
+
+
+def check_state_dict(cfg: HybridConfig, sd: dict[str, Tensor]) -> None:
+    """Raise ValueError listing missing, unexpected or mis-shaped tensors."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(k for k in set(sd) - set(want) if not (k == TIED_LM_HEAD or k.endswith(_IGNORABLE_SUFFIXES)))
+    wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k])
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                parts.append(f"{label}: {', '.join(items[:8])}{more}")
+        raise ValueError("state dict does not match the config; " + "; ".join(parts))
+
+
+def load_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a model directory (single file or sharded with an index), on CPU."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth") for p in root.glob(pat))
+        if pickled:
+            raise ValueError(
+                f"{root} holds only pickle checkpoints ({', '.join(pickled)}); refusing to load them "
+                "(unpickling can execute code). Convert to .safetensors first."
+            )
+        raise ValueError(f"no .safetensors weights found in {root}")
+    sd: dict[str, Tensor] = {}
+    for name in files:
+        sd.update(load_file(str(root / name), device="cpu"))
+    return sd
+
+
+def random_state_dict(cfg: HybridConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Float32 weights initialised roughly like HF's ``_init_weights``: N(0, initializer_range)
+    for matrices and conv taps, zero biases, unit norms, A_log = log(1..H), D = 1, dt_bias = 1."""
+    gen = torch.Generator().manual_seed(seed)
+    std = cfg.initializer_range
+    sd: dict[str, Tensor] = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("A_log"):
+            t = torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32))
+        elif name.endswith(("dt_bias", ".D", "norm.weight")):
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape)
+        else:
+            t = torch.empty(shape).normal_(0.0, std, generator=gen)
+        sd[name] = t
+    return sd
+
+
+def make_getter(sd: dict[str, Tensor], dtype: torch.dtype, device: torch.device | str) -> Callable[..., Tensor]:
+    """Fetch a tensor converted to the model dtype/device (``keep_fp32`` for SSM parameters)."""
+
+    def get(name: str, keep_fp32: bool = False) -> Tensor:
+        t = sd[name].detach()
+        return t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).contiguous()
+
+    return get

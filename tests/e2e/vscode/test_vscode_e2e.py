@@ -1,0 +1,52 @@
+"""End-to-end: the VS Code extension (editors/vscode) in real VS Code (code-server), driven by
+Playwright through headless Chromium, against granite-lsp with the tiny fixture model.
+
+The test itself is editors/vscode/e2e/e2e.test.mjs (Node); this wrapper runs it under pytest so
+that ``pytest -m e2e`` covers both editors. It needs editors/vscode/e2e/setup.sh to have run
+(apt packages, npm installs, the .vsix, code-server); it is skipped otherwise.
+
+Run:  bash editors/vscode/e2e/setup.sh && .venv/bin/pytest tests/e2e/vscode -m e2e -v
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[3]
+EXT = REPO / "editors" / "vscode"
+E2E = EXT / "e2e"
+CODE_SERVER = E2E / "node_modules" / "code-server" / "out" / "node" / "entry.js"
+VSIX = EXT / "granite-vscode.vsix"
+MODEL = REPO / "model" / "tiny"
+
+
+def test_vscode_ghost_text_accept():
+    missing = [str(p) for p in (CODE_SERVER, VSIX) if not p.exists()]
+    if missing or not shutil.which("node"):
+        pytest.skip(f"run editors/vscode/e2e/setup.sh first (missing: {', '.join(missing) or 'node'})")
+    env = dict(os.environ)
+    if not env.get("GRANITE_E2E_SERVER_CMD") and not env.get("GRANITE_E2E_FAKE"):
+        if not (MODEL / "fixtures.json").exists():
+            pytest.skip(f"{MODEL} has no fixtures.json (build the tiny model first)")
+        server = Path(sys.executable).parent / "granite-lsp"
+        env["GRANITE_E2E_SERVER_CMD"] = json.dumps([str(server), "--stdio", "--model", str(MODEL)])
+    proc = subprocess.run(
+        ["bash", str(E2E / "run.sh")],
+        cwd=E2E,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1800,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, f"VS Code e2e failed (exit {proc.returncode}):\n{proc.stdout[-20000:]}"

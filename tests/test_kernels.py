@@ -1,0 +1,146 @@
+"""granite_lsp.kernels: the AVX2 GEMV extension and its torch fallback against float64 references.
+
+The first run compiles the extension (~30-60 s on 2 cores); later runs load it from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from granite_lsp import kernels
+from granite_lsp.kernels import PackedLinear
+
+# (K, N): real widths, K % 8 != 0 (the scalar tail), N not a multiple of any row block.
+SHAPES = [(768, 203), (1536, 77), (100, 37), (7, 5), (2048, 1)]
+ROWS = [1, 2, 5, 9]
+MODES = ["fp32", "bf16", "int8"]
+
+needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"extension unavailable: {kernels.build_error()}")
+
+
+def test_extension_builds_where_required() -> None:
+    """CI sets GRANITE_LSP_REQUIRE_KERNELS=1 so that a broken build fails instead of skipping."""
+    if os.environ.get("GRANITE_LSP_REQUIRE_KERNELS") != "1":
+        pytest.skip("GRANITE_LSP_REQUIRE_KERNELS is not set")
+    assert kernels.available(), kernels.build_error()
+
+
+def _layer(
+    mode: str, n: int, k: int, bias: bool, seed: int = 0
+) -> tuple[PackedLinear, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    if mode == "bf16":
+        w = w.bfloat16()
+    return PackedLinear.from_weight(w, b, mode="int8" if mode == "int8" else "same"), w, b
+
+
+def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """float64 product with the weights the layer holds (int8: its dequantized weights)."""
+    y = x.double() @ layer.dequantize().double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, k: int) -> None:
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    # fp32 accumulation of k products: error grows ~ sqrt(k) * eps * |terms|
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=2e-6 * k**0.5)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_reference(mode: str, k: int, n: int, bias: bool) -> None:
+    layer, _, _ = _layer(mode, n, k, bias)
+    for t in ROWS:
+        x = torch.randn(t, k)
+        for threads in (1, 2, 3):
+            _check(layer(x, threads=threads), _reference(layer, x), k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k,n", [(768, 203), (100, 37)])
+def test_torch_fallback_matches_reference(mode: str, k: int, n: int) -> None:
+    layer, _, _ = _layer(mode, n, k, bias=True)
+    for t in ROWS:
+        x = torch.randn(t, k)
+        _check(layer._torch(x), _reference(layer, x), k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fallback_when_extension_unavailable(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, _, _ = _layer(mode, 50, 96, bias=True)
+    x = torch.randn(3, 96)
+    monkeypatch.setattr(kernels, "_load", lambda: None)
+    _check(layer(x), _reference(layer, x), 96)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_are_bit_identical_alone_or_batched(mode: str) -> None:
+    """Decode (one row) and prefill (many) must agree exactly, so cached states match either way."""
+    layer, _, _ = _layer(mode, 300, 768, bias=True)
+    x = torch.randn(19 if mode == "fp32" else 70, 768)
+    batched = layer(x, threads=2)
+    for i in (0, 7, x.shape[0] - 1):
+        assert torch.equal(layer(x[i : i + 1], threads=1), batched[i : i + 1])
+
+
+@needs_ext
+def test_concurrent_callers() -> None:
+    """The helper pool runs one job at a time; a second caller must still get right answers."""
+    layer, _, _ = _layer("int8", 3000, 768, bias=False)
+    xs = [torch.randn(1, 768) for _ in range(4)]
+    expected = [layer(x, threads=1) for x in xs]
+    failures: list[int] = []
+
+    def hammer(i: int) -> None:
+        for _ in range(30):
+            if not torch.equal(layer(xs[i], threads=2), expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_shapes_dtypes_and_size() -> None:
+    layer, w, b = _layer("fp32", 40, 64, bias=True)
+    assert layer(torch.randn(2, 3, 64)).shape == (2, 3, 40)
+    assert layer(torch.randn(64)).shape == (40,)
+    assert layer(torch.randn(0, 64)).shape == (0, 40)
+    y16 = layer(torch.randn(4, 64).bfloat16())
+    assert y16.dtype == torch.float32
+    assert layer.nbytes == w.numel() * 4 + 40 * 4
+    q, _, _ = _layer("int8", 40, 64, bias=False)
+    assert q.weight.dtype == torch.int8 and q.nbytes == 40 * 64 + 40 * 4
+    assert PackedLinear.from_weight(w.half()).weight.dtype == torch.float32
+    assert PackedLinear.from_weight(w.bfloat16()).weight.dtype == torch.bfloat16
+
+
+def test_int8_quantization() -> None:
+    w = torch.randn(16, 96)
+    w[3] = 0  # an all-zero row must not divide by zero
+    q = PackedLinear.from_weight(w, mode="int8")
+    assert q.weight.abs().max() == 127
+    err = (q.dequantize() - w).abs().amax(dim=1)
+    assert torch.all(err <= w.abs().amax(dim=1) / 254 + 1e-7)  # within half a quantization step
+    assert torch.equal(q.dequantize(torch.tensor([3, 5])), q.dequantize()[[3, 5]])
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        PackedLinear.from_weight(torch.randn(4, 4), mode="int4")
+    with pytest.raises(ValueError):
+        PackedLinear.from_weight(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError):
+        PackedLinear.from_weight(torch.zeros(4, 4, dtype=torch.int32))
