@@ -157,11 +157,14 @@ class GraniteServer(LanguageServer):
             return UTF16
         return str(getattr(enc, "value", enc) or UTF16)
 
-    def client_streams(self) -> bool:
+    def client_speaks_partials(self) -> bool:
+        """One of our own clients: it opted into granite/partialCompletion in its capabilities."""
         caps = self.client_capabilities
         experimental = getattr(caps, "experimental", None) if caps else None
-        wants = isinstance(experimental, dict) and bool(experimental.get(STREAMING_CAPABILITY))
-        return wants and self.settings.streaming
+        return isinstance(experimental, dict) and bool(experimental.get(STREAMING_CAPABILITY))
+
+    def client_streams(self) -> bool:
+        return self.client_speaks_partials() and self.settings.streaming
 
     def on_document_changed(self, uri: str, line: int) -> None:
         doc = self.documents.get(uri)
@@ -317,9 +320,10 @@ class GraniteServer(LanguageServer):
 
         context_ids = self.context.ids(uri, service.loaded.tokenizer, self.settings.context_tokens)
         # Standard clients get the first complete line as soon as it exists; the rest keeps generating
-        # and is served from the typing-through memory when the user accepts that line.
+        # and is served from the typing-through memory when the user accepts that line. Our own clients
+        # get the whole suggestion (growing through partial notifications when streaming is on).
         early: asyncio.Future = loop.create_future()
-        early_ok = not stream and self.settings.early_first_line and not self.settings.raw
+        early_ok = not self.client_speaks_partials() and self.settings.early_first_line and not self.settings.raw
 
         def on_text(shown: str) -> None:
             if stream:
