@@ -52,6 +52,13 @@ class GraniteProtocol(LanguageServerProtocol):
 
     _server: GraniteServer
 
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(self, params: types.InitializeParams):
+        result = yield from super().lsp_initialize(params)
+        # Advertise our extensions, so that our clients know they may opt in.
+        result.capabilities.experimental = {STREAMING_CAPABILITY: True, "graniteStats": STATS}
+        return result
+
     def structure_message(self, data: dict[str, Any]):
         try:
             return super().structure_message(data)

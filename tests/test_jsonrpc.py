@@ -19,6 +19,7 @@ def rpc():
 def test_provider_completions_burst_cancel_and_clean_exit(rpc: RpcClient) -> None:
     result = rpc.initialize()
     assert "inlineCompletionProvider" in result["capabilities"]
+    assert result["capabilities"]["experimental"]["granitePartialCompletion"] is True
     assert rpc.wait_notification("granite/status", lambda p: p["state"] == "ready")
 
     fixture = single_line_fixture()
