@@ -82,7 +82,7 @@ def test_window_and_anchor_are_sticky_while_typing(tok: TextTokenizer) -> None:
     # Typing appends: once the line exists, every prompt's static part (prefix + suffix) is unchanged.
     base = prompts[0]
     assert all(p.ids[: base.static_len] == base.ids[: base.static_len] for p in prompts)
-    assert all(p.ids[: len(q.ids) - 2] == q.ids[: len(q.ids) - 2] for q, p in zip(prompts, prompts[1:]))
+    assert all(p.ids[: len(q.ids) - 2] == q.ids[: len(q.ids) - 2] for q, p in zip(prompts, prompts[1:], strict=False))
     # Enter keeps the anchor (the new line joins the middle) ...
     t = text[:cursor] + typed + "\n    " + text[cursor:]
     after_enter = builder.build(t, cursor + len(typed) + 5)
