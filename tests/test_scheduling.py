@@ -110,4 +110,5 @@ def test_accepting_prefetches_the_next_suggestion(rpc: RpcClient) -> None:
     rpc.inline(uri, line, end)
     after = rpc.call("granite/stats")
     # Served from the prefetched suggestion (or nothing to suggest there): no new model run.
-    assert after["worker"]["ran"] == before["worker"]["ran"]
+    assert after["cache"]["prefills"] == before["cache"]["prefills"]
+    assert after["typed_through"] == before["typed_through"] + 1
