@@ -62,3 +62,11 @@ def test_pickle_only_checkpoint_is_refused(tmp_path) -> None:
     out = _run(str(path), "--line", "0", "--character", "0", "--model", str(model))
     assert out.returncode == 2
     assert "safetensors" in out.stderr and "pickle" in out.stderr
+
+
+def test_invalid_utf8_file_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "bad.py"
+    path.write_bytes(b"x = '\xff\xfe'\x00\n")
+    out = _run(str(path), "--line", "0", "--character", "0", "--model", str(TINY))
+    assert out.returncode == 2
+    assert "cannot read" in out.stderr

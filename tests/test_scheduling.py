@@ -112,3 +112,20 @@ def test_accepting_prefetches_the_next_suggestion(rpc: RpcClient) -> None:
     # Served from the prefetched suggestion (or nothing to suggest there): no new model run.
     assert after["cache"]["prefills"] == before["cache"]["prefills"]
     assert after["typed_through"] == before["typed_through"] + 1
+
+
+def test_debounce_adapts_to_typing_speed() -> None:
+    from granite_lsp.server import GraniteServer
+
+    server = GraniteServer()
+    uri = "file:///d.py"
+    server.documents.open(uri, "x")
+    assert server.debounce_seconds(uri) == server.settings.debounce_ms / 1000  # no rhythm known yet
+    for _ in range(6):  # fast typing: 30 ms between keystrokes
+        server.on_document_changed(uri, 0)
+        time.sleep(0.03)
+    fast = server.debounce_seconds(uri)
+    assert 0.03 < fast <= 2 * server.settings.debounce_ms / 1000  # longer than the gap: the next key wins
+    time.sleep(1.1)  # a pause ends the burst
+    server.on_document_changed(uri, 0)
+    assert server.debounce_seconds(uri) == server.settings.debounce_ms / 1000
