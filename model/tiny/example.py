@@ -1,0 +1,5 @@
+
+    def label(self) -> str:
+        
+
+    def finish(self) -> None:
