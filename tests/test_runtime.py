@@ -394,6 +394,25 @@ def test_outputs_and_state_stay_ordinary_tensors(tiny):
     assert inf_state.pos == 9
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 64, 65, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_kernel_choices_agree(rows, bias, monkeypatch):
+    """Every kernel route of matmul.linear (row-major, transposed, bf16 native / widened in
+    blocks) computes x @ W^T + b."""
+    from granite_lsp.runtime import matmul
+
+    monkeypatch.setattr(matmul, "WIDEN_BLOCK", 40 * 24)  # force several widening blocks
+    g = torch.Generator().manual_seed(rows)
+    w, x = torch.randn(100, 40, generator=g), torch.randn(rows, 40, generator=g)
+    b = torch.randn(100, generator=g) if bias else None
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    out = matmul.linear(x, w, b)
+    assert out.shape == (rows, 100) and out.is_contiguous()
+    assert (out.double() - ref).abs().max().item() < 1e-4
+    bf = matmul.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16())
+    assert bf.dtype == torch.bfloat16 and (bf.double() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
 # -- loading ---------------------------------------------------------------------------------------
 def test_from_pretrained_sharded_safetensors(tmp_path, tiny):
     from safetensors.torch import save_file

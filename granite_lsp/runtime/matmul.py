@@ -12,15 +12,15 @@ with torch 2.13's MKL / oneDNN:
   at 64 rows), so beyond a few rows the bf16 weight is widened to fp32 for the product (output
   rounded back to bf16).
 
-* Threads. A decode step is ~130 weight-streaming matmuls plus ~2000 small ops. torch opens an
-  OpenMP parallel region for every op above ~32k elements (the 0.8 MB Mamba state updates,
-  softmax, the logits scaling), and when the machine is busy (an editor, a build) the second
-  thread is often descheduled and every region waits for it: on 2 busy cores such ops went
-  from ~45 us to 2-8 ms, tripling the step time. Those ops are too small to gain from a second
-  thread anyway, so short forwards run single-threaded and only the matmuls (whose MKL
-  threading copes with contention) use the caller's thread count; switching costs ~0.2 us.
-  Thread counts are process-global in torch: this assumes one thread drives the model at a
-  time, as the server does.
+* Threads. A decode step is ~130 weight-streaming matmuls plus ~2000 small ops, a prefill adds
+  big elementwise and scan ops. torch opens an OpenMP parallel region for every op above ~32k
+  elements, and when the machine is busy (an editor, a build) the second thread is often
+  descheduled and every region waits for it: on 2 busy cores such ops went from ~45 us to
+  2-8 ms, tripling a decode step, and a 512-token prefill took 22-37 s instead of 8-10 s. The
+  matmuls cope (MKL's threading degrades gracefully), so by default everything except them
+  runs on one thread and ``linear`` alone uses the caller's thread count; switching costs
+  ~0.2 us. Thread counts are process-global in torch: this assumes one thread drives the
+  model at a time, as the server does.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from torch import Tensor
 # From this many rows on, a bf16 weight is widened to fp32 for the product (measured: 4 rows
 # 241 ms bf16 vs 302 widened for all layers; 8 rows 442 vs 355).
 BF16_WIDEN_MIN_ROWS = 6
+# Largest weight slice (elements) widened to fp32 at once: 16 MB, covers every layer but lm_head.
+WIDEN_BLOCK = 1 << 22
 
 # Up to this many rows the transposed product wins even counting the copy back to row-major
 # (7 layers: 32 rows 132 vs 175 ms, 128 rows 342 vs 360, 512 rows 1299 vs 1102: the transposing
@@ -67,11 +69,25 @@ def _product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     if x.dim() != 2:
         return F.linear(x, w, b)
     if w.dtype == torch.bfloat16 and rows >= BF16_WIDEN_MIN_ROWS:
-        return _product(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+        return _widened_product(x, w, b)
     if rows == 1 or rows > TRANSPOSED_MAX_ROWS:
         return F.linear(x, w, b)
     out = torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())
     return out.t().contiguous()
+
+
+def _widened_product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """bf16 product through fp32, widening at most ``WIDEN_BLOCK`` weight elements at a time
+    (the tied lm_head alone would otherwise need a 300 MB fp32 temporary)."""
+    xf = x.float()
+    rows_per_block = max(1, WIDEN_BLOCK // w.shape[1])
+    if w.shape[0] <= rows_per_block:
+        return _product(xf, w.float(), None if b is None else b.float()).to(x.dtype)
+    out = x.new_empty(x.shape[0], w.shape[0])
+    for i in range(0, w.shape[0], rows_per_block):
+        j = min(i + rows_per_block, w.shape[0])
+        out[:, i:j] = _product(xf, w[i:j].float(), None if b is None else b[i:j].float())
+    return out
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

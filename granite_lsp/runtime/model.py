@@ -32,9 +32,10 @@ DEFAULT_RECURRENT_MAX = 8
 # 1.53/2.32, 128: 0.38/0.95/1.57/3.02, 256: 0.60/1.19/2.45/8.03 (64 balances the [L, L] decay
 # work against the per-chunk [H, P, N] states: L^2 ~ P*N).
 DEFAULT_CHUNK_SIZE = 64
-# Forwards of up to this many tokens (decode, edits) run their small ops on one thread; only the
-# matmuls use the caller's thread count (see matmul.py for why and the measurements).
-DEFAULT_SINGLE_THREAD_MAX_T = 64
+# Run everything but the matmuls on one thread (see matmul.py). On 2 busy cores a 512-token
+# prefill with 2 threads took 8.2-10.4 s this way against 22-37 s with torch's default threading
+# of the elementwise/scan ops (1 thread throughout: ~6 s). Turn off only on an idle many-core box.
+DEFAULT_SINGLE_THREAD_SMALL_OPS = True
 
 
 @dataclass
@@ -60,7 +61,7 @@ class HybridModel:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         recurrent_max: int = DEFAULT_RECURRENT_MAX,
-        single_thread_max_t: int = DEFAULT_SINGLE_THREAD_MAX_T,
+        single_thread_small_ops: bool = DEFAULT_SINGLE_THREAD_SMALL_OPS,
     ) -> None:
         self.config = config
         self.embed = embed
@@ -69,7 +70,7 @@ class HybridModel:
         self.lm_head = lm_head  # the embedding itself when tied
         self.chunk_size = chunk_size
         self.recurrent_max = recurrent_max
-        self.single_thread_max_t = single_thread_max_t
+        self.single_thread_small_ops = single_thread_small_ops
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -200,8 +201,7 @@ class HybridModel:
         # difference was not measurable. A state a caller built in inference mode gets it.
         with torch.no_grad(), torch.inference_mode(state.is_inference):
             state.kv.reserve(pos + T)
-            if T <= self.single_thread_max_t:
-                # decode/edit-sized: nothing but the matmuls is big enough to gain from threads
+            if self.single_thread_small_ops:
                 with small_ops_single_threaded():
                     return self._forward(input_ids, state, all_logits)
             return self._forward(input_ids, state, all_logits)

@@ -146,10 +146,14 @@ class ModelState:
             raise ValueError("snapshot belongs to a model with a different number of Mamba layers")
         if snap.pos > self.kv.length:
             raise ValueError(f"snapshot at {snap.pos} is beyond the {self.kv.length} cached positions")
+        pairs = list(zip(self.conv + self.ssm, snap.conv + snap.ssm, strict=True))
+        for dst, src in pairs:  # validate everything before overwriting anything
+            if dst.shape != src.shape or dst.dtype != src.dtype:
+                raise ValueError(
+                    f"snapshot tensor {tuple(src.shape)} {src.dtype} != state {tuple(dst.shape)} {dst.dtype}"
+                )
         with torch.inference_mode(self.is_inference):
-            for dst, src in zip(self.conv + self.ssm, snap.conv + snap.ssm, strict=True):
-                if dst.shape != src.shape:
-                    raise ValueError(f"snapshot tensor shape {tuple(src.shape)} != state {tuple(dst.shape)}")
+            for dst, src in pairs:
                 dst.copy_(src)
         self.kv.crop(snap.pos)
         self.pos = snap.pos
