@@ -40,10 +40,6 @@ class Generation:
     stats: GenerationStats
 
 
-class Cancelled(Exception):
-    pass
-
-
 class Engine:
     """Turns a FIM prompt into the middle's continuation, reusing model state through ``cache``."""
 

@@ -104,7 +104,7 @@ class TextTokenizer:
         """Ids plus the character span each token covers (spans of a multi-byte char may repeat)."""
         if any(a in text for a in self._added):
             ids, offs = [], []
-            for piece, (start, end) in self.pretokenize_spans(text):
+            for piece, (start, end) in self.pretokenize(text):
                 for tid in self._model_ids(piece):
                     ids.append(tid)
                     offs.append((start, end))
@@ -121,18 +121,6 @@ class TextTokenizer:
         if pre is None:
             raise TokenizerError("tokenizer has no pre-tokenizer")
         return pre.pre_tokenize_str(text)
-
-    def pretokenize_spans(self, text: str) -> list[tuple[str, tuple[int, int]]]:
-        return self.pretokenize(text)
-
-    def last_piece_start(self, text: str) -> int:
-        """Character offset where the pre-tokenizer's last piece of ``text`` starts.
-
-        Appending to ``text`` only ever re-tokenizes (at most) that piece, which is what token healing
-        must hand back to the model.
-        """
-        pieces = self.pretokenize(text)
-        return pieces[-1][1][0] if pieces else len(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", "replace")

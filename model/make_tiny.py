@@ -30,19 +30,14 @@ import torch.nn.functional as F
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
+from granite_lsp.tokens import END_OF_TEXT, FILENAME, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, REPONAME
+
 # The GPT-4 (cl100k) split pattern, which Granite's tokenizer also uses before byte-level BPE.
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-END_OF_TEXT = "<|end_of_text|>"
-FIM_PREFIX = "<|fim_prefix|>"
-FIM_MIDDLE = "<|fim_middle|>"
-FIM_SUFFIX = "<|fim_suffix|>"
-FIM_PAD = "<|fim_pad|>"
-FILENAME = "<|filename|>"
-REPONAME = "<|reponame|>"
 # Like the real Granite tokenizer, only <|end_of_text|> is "special"; the FIM and metadata tokens are
 # plain added tokens (matched in text, never split, but not skipped when decoding).
 NON_SPECIAL_TOKENS = [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, FILENAME, REPONAME]

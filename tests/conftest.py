@@ -47,3 +47,13 @@ def make_service(tiny_loaded):
         return CompletionService(tiny_loaded, settings)
 
     return make
+
+
+@pytest.fixture
+def rpc():
+    """A server process on model/tiny behind the plain JSON-RPC test client."""
+    from jsonrpc_client import RpcClient
+
+    client = RpcClient()
+    yield client
+    client.kill()

@@ -10,16 +10,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 from conftest import TINY, single_line_fixture
 from jsonrpc_client import RpcClient, server_command
-
-
-@pytest.fixture
-def rpc():
-    client = RpcClient()
-    yield client
-    client.kill()
 
 
 def _error_code(resp: dict) -> int | None:

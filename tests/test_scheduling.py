@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from conftest import single_line_fixture
 from jsonrpc_client import RpcClient
-
-
-@pytest.fixture
-def rpc():
-    client = RpcClient()
-    yield client
-    client.kill()
 
 
 def test_burst_of_automatic_requests_runs_the_model_once(rpc: RpcClient) -> None:
