@@ -73,6 +73,8 @@ export interface StreamingHost<R> {
   onFinal?(ms: number, result: R | null | undefined): void;
   /** Grace period (ms) before a request whose VS Code call was cancelled is cancelled too. */
   graceMs?: number;
+  /** How long (ms) to wait for VS Code to answer a trigger before triggering again. */
+  triggerRetryMs?: number;
   log?(message: string): void;
 }
 
@@ -104,10 +106,20 @@ interface InFlight<R> {
   baseline?: string;
   /** When we last asked VS Code to ask again (0: no trigger outstanding). */
   triggeredAt: number;
+  /** Triggers in a row that VS Code did not answer with a provider call. */
+  unansweredTriggers: number;
+  /** Whether a provider call returned the final result. */
+  finalReturned: boolean;
 }
 
-/** A trigger that VS Code did not answer with a provider call within this time may be repeated. */
+/** A trigger that VS Code did not answer with a provider call within this time is repeated. */
 const TRIGGER_RETRY_MS = 1000;
+/**
+ * Unanswered triggers in a row before giving up. VS Code drops a trigger while it is
+ * busy (for instance still rendering the previous partial), so one is not enough, but
+ * a request the editor really ignores must not trigger forever.
+ */
+const MAX_UNANSWERED_TRIGGERS = 5;
 
 export function keyOf(uri: string, version: number, position: Pos): string {
   return `${uri}#${version}@${position.line}:${position.character}`;
@@ -135,6 +147,7 @@ export class StreamingCompletions<R> {
     }
     const flight = f;
     flight.triggeredAt = 0;
+    flight.unansweredTriggers = 0;
     flight.attached++;
     let wake: (() => void) | undefined;
     const cancelSub = token.onCancellationRequested(() => {
@@ -147,6 +160,7 @@ export class StreamingCompletions<R> {
         }
         if (flight.final) {
           flight.shownSeq = flight.partialSeq;
+          flight.finalReturned = true;
           this.remember(flight, this.host.textOf?.(flight.final.value, flight.position));
           return flight.final.value;
         }
@@ -228,6 +242,8 @@ export class StreamingCompletions<R> {
       waiters: new Set(),
       attached: 0,
       triggeredAt: 0,
+      unansweredTriggers: 0,
+      finalReturned: false,
     };
     const prev = this.lastShown;
     if (prev && this.host.carryOver) {
@@ -277,14 +293,30 @@ export class StreamingCompletions<R> {
   }
 
   private maybeTrigger(f: InFlight<R>): void {
-    if (this.current !== f || (f.triggeredAt !== 0 && Date.now() - f.triggeredAt < TRIGGER_RETRY_MS)) {
+    const retryMs = this.host.triggerRetryMs ?? TRIGGER_RETRY_MS;
+    if (this.current !== f || (f.triggeredAt !== 0 && Date.now() - f.triggeredAt < retryMs)) {
       return;
     }
     if (!this.host.isActiveAt(f.uri, f.version, f.position)) {
       return;
     }
-    f.triggeredAt = Date.now();
+    const at = Date.now();
+    f.triggeredAt = at;
+    f.unansweredTriggers++;
     this.host.trigger();
+    // VS Code may drop the trigger; if no provider call came and something is still
+    // unshown (a newer partial, or the final result after a partial), ask again.
+    setTimeout(() => {
+      if (this.current !== f || f.triggeredAt !== at || f.unansweredTriggers >= MAX_UNANSWERED_TRIGGERS) {
+        return;
+      }
+      const unshown = f.final ? !f.finalReturned && f.shownSeq > 0 : f.partialSeq > f.shownSeq;
+      if (unshown && !f.cts.token.isCancellationRequested) {
+        this.host.log?.(`trigger at ${f.key} was not answered; triggering again`);
+        f.triggeredAt = 0;
+        this.maybeTrigger(f);
+      }
+    }, retryMs);
   }
 
   private scheduleAbandonCheck(f: InFlight<R>): void {

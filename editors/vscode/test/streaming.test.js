@@ -47,6 +47,7 @@ function setup({ active = true } = {}) {
     trigger: () => events.triggers++,
     onFinal: (ms, result) => events.finals.push(result),
     graceMs: 20,
+    triggerRetryMs: 20,
   };
   const s = new StreamingCompletions(host);
   const request = () => {
@@ -93,6 +94,34 @@ test('a partial answers a waiting call; later partials re-trigger; the final tri
   assert.equal(events.triggers, 2);
   const p3 = s.provide(URI, 1, POS, new Source().token, request());
   assert.deepEqual(await p3, { items: ['return a + b'] });
+});
+
+test('a trigger VS Code drops is repeated until a call comes, then not again', async () => {
+  const { s, events, request } = setup();
+  const p1 = s.provide(URI, 1, POS, new Source().token, request());
+  await tick();
+  s.onPartial({ uri: URI, version: 1, position: POS, text: 'ret', done: false });
+  assert.deepEqual(await p1, { partial: 'ret', position: POS });
+  // The final result arrives after the partial; VS Code ignores the first triggers.
+  events.requests[0].d.resolve({ items: ['return a'] });
+  await new Promise((r) => setTimeout(r, 70));
+  assert.ok(events.triggers >= 2, `triggers: ${events.triggers}`);
+  const p2 = s.provide(URI, 1, POS, new Source().token, request());
+  assert.deepEqual(await p2, { items: ['return a'] });
+  const after = events.triggers;
+  await new Promise((r) => setTimeout(r, 70));
+  assert.equal(events.triggers, after, 'no trigger once the final result was returned');
+});
+
+test('an ignored trigger is repeated only a bounded number of times', async () => {
+  const { s, events, request } = setup();
+  const p1 = s.provide(URI, 1, POS, new Source().token, request());
+  await tick();
+  s.onPartial({ uri: URI, version: 1, position: POS, text: 'ret', done: false });
+  await p1;
+  events.requests[0].d.resolve({ items: ['return a'] });
+  await new Promise((r) => setTimeout(r, 300));
+  assert.ok(events.triggers >= 2 && events.triggers <= 5, `triggers: ${events.triggers}`);
 });
 
 test('partials for another document, version or position are ignored', async () => {

@@ -50,3 +50,20 @@ def test_vscode_ghost_text_accept():
     )
     print(proc.stdout)
     assert proc.returncode == 0, f"VS Code e2e failed (exit {proc.returncode}):\n{proc.stdout[-20000:]}"
+
+
+def test_vscode_streaming_unit():
+    """The extension's streaming logic (src/streaming.ts) under node's test runner: retriggers,
+    cancellation and partial/final ordering, which the end-to-end run only hits by timing."""
+    if not (EXT / "node_modules" / "typescript").exists() or not shutil.which("npm"):
+        pytest.skip("run editors/vscode/e2e/setup.sh first (extension npm dependencies)")
+    proc = subprocess.run(
+        ["npm", "test", "--silent"],
+        cwd=EXT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"npm test failed (exit {proc.returncode}):\n{proc.stdout[-8000:]}"
+    assert "# fail 0" in proc.stdout, proc.stdout[-4000:]
