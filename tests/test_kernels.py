@@ -17,7 +17,7 @@ from granite_lsp.kernels import PackedLinear
 # (K, N): real widths, K % 8 != 0 (the scalar tail), N not a multiple of any row block.
 SHAPES = [(768, 203), (1536, 77), (100, 37), (7, 5), (2048, 1)]
 ROWS = [1, 2, 5, 9]
-MODES = ["fp32", "bf16", "int8"]
+MODES = ["fp32", "bf16", "fp16", "int8"]
 
 needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"extension unavailable: {kernels.build_error()}")
 
@@ -37,6 +37,8 @@ def _layer(
     b = torch.randn(n, generator=g) if bias else None
     if mode == "bf16":
         w = w.bfloat16()
+    elif mode == "fp16":
+        w = w.half()
     return PackedLinear.from_weight(w, b, mode="int8" if mode == "int8" else "same"), w, b
 
 
@@ -123,7 +125,7 @@ def test_shapes_dtypes_and_size() -> None:
     assert layer.nbytes == w.numel() * 4 + 40 * 4
     q, _, _ = _layer("int8", 40, 64, bias=False)
     assert q.weight.dtype == torch.int8 and q.nbytes == 40 * 64 + 40 * 4
-    assert PackedLinear.from_weight(w.half()).weight.dtype == torch.float32
+    assert PackedLinear.from_weight(w.half()).weight.dtype == torch.float16
     assert PackedLinear.from_weight(w.bfloat16()).weight.dtype == torch.bfloat16
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from granite_lsp import kernels
 from granite_lsp.runtime import HybridConfig, HybridModel, KVCache, MambaSnapshot, ModelState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,11 +180,15 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", params=[False, True], ids=["torch-matmuls", "packed-kernels"])
+def tiny(request):
+    """(transformers model, ours, ids, transformers' logits); ours runs its matmuls through torch
+    (the GPU path) or through the CPU kernels' PackedLinear (the CPU default)."""
+    if request.param and not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.build_error()}")
     hf = _hf_model(TINY_CONFIG)
     ids = torch.randint(0, TINY_CONFIG["vocab_size"], (72,), generator=torch.Generator().manual_seed(1))
-    return hf, _ours(hf, TINY_CONFIG), ids, _hf_logits(hf, ids)
+    return hf, _ours(hf, TINY_CONFIG, packed=request.param), ids, _hf_logits(hf, ids)
 
 
 # -- equivalence with transformers --------------------------------------------------------------
@@ -477,7 +482,8 @@ def test_config_accepts_hf_spellings():
 
 
 # -- bfloat16 --------------------------------------------------------------------------------------
-def test_bfloat16_tracks_float32(tiny):
+@pytest.mark.parametrize("packed", [False, True], ids=["torch-bf16-activations", "packed-fp32-activations"])
+def test_bfloat16_tracks_float32(tiny, packed):
     """bf16 weights/activations (SSM state and scan in fp32), greedy decode of 8 steps.
 
     Tolerance: bf16 rounding of the residual stream alone moves these logits by up to ~10% of
@@ -490,8 +496,11 @@ def test_bfloat16_tracks_float32(tiny):
 
     hf, m32, ids, _ = tiny
     hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    m16 = _ours(hf, TINY_CONFIG, dtype=torch.bfloat16)
-    assert m16.dtype == torch.bfloat16
+    if packed and not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.build_error()}")
+    m16 = _ours(hf, TINY_CONFIG, dtype=torch.bfloat16, packed=packed)
+    assert m16.weight_dtype == torch.bfloat16
+    assert m16.dtype == (torch.float32 if packed else torch.bfloat16)
     s32, s16 = m32.new_state(8), m16.new_state(8)
     seq = ids[:40]
     l32, l16 = m32.forward(seq, s32), m16.forward(seq, s16)

@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, so its speed is set by how close the matmuls get to
 memory bandwidth. torch's kernels for a single row of x reach a fraction of it on AVX2 machines
 (and its OpenMP regions stall when a core is busy), so ``gemv.cpp`` streams fp32, bf16 or
-int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. It is compiled on
+fp16 or int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. It is compiled on
 first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
 when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
 torch ops, just slower.
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("gemv.cpp")
 # No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++20"]
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
 # Above this many rows of x, fp32 goes to MKL, which wins once the matmul is compute-bound.
 # bf16/int8 always use the kernel: every torch route for them was slower at every size we measured (T <= 256).
 FP32_KERNEL_MAX_ROWS = 64
@@ -45,7 +45,7 @@ _state: dict[str, object] = {}  # "ops" -> torch.ops namespace or None, "error" 
 
 
 def _cpu_supported() -> bool:
-    """True on x86-64 Linux when /proc/cpuinfo lists avx2 and fma (what the binary is compiled for)."""
+    """True on x86-64 Linux when /proc/cpuinfo lists avx2, fma and f16c (what the binary is compiled for)."""
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
@@ -55,7 +55,7 @@ def _cpu_supported() -> bool:
     for line in text.splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
-            return {"avx2", "fma"} <= flags
+            return {"avx2", "fma", "f16c"} <= flags
     return False
 
 
@@ -92,7 +92,7 @@ def _load() -> object | None:
         if os.environ.get("GRANITE_LSP_KERNELS", "1") == "0":
             error = "disabled by GRANITE_LSP_KERNELS=0"
         elif not _cpu_supported():
-            error = "CPU without AVX2/FMA (or not x86-64 Linux)"
+            error = "CPU without AVX2/FMA/F16C (or not x86-64 Linux)"
         else:
             try:
                 from torch.utils.cpp_extension import load
@@ -136,7 +136,7 @@ def read_probe(buf: Tensor, threads: int | None = None) -> float:
 
 
 class PackedLinear:
-    """``y = x @ W^T (+ b)`` with W prepared once at load time: fp32, bf16, or int8 with a per-row scale.
+    """``y = x @ W^T (+ b)`` with W prepared once at load time: fp32, bf16, fp16, or int8 with a per-row scale.
 
     Rows of x go through the extension (every T for bf16/int8, T <= FP32_KERNEL_MAX_ROWS for fp32),
     where each output element is summed in the same order whatever T is: a row of x gets the
@@ -144,15 +144,15 @@ class PackedLinear:
     """
 
     def __init__(self, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
-        self.weight = weight  # [N, K] float32, bfloat16 or int8 (then scale: [N] float32)
+        self.weight = weight  # [N, K] float32, bfloat16, float16 or int8 (then scale: [N] float32)
         self.scale = scale
         self.bias = bias
         self.out_features, self.in_features = weight.shape
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None = None, mode: str = "same") -> PackedLinear:
-        """Prepares ``weight`` [N, K]. mode "same" keeps fp32 / bf16 (fp16 becomes fp32); "int8"
-        quantizes symmetrically per output row (scale = max|row| / 127)."""
+        """Prepares ``weight`` [N, K]. mode "same" keeps fp32 / bf16 / fp16 (no copy when already
+        contiguous); "int8" quantizes symmetrically per output row (scale = max|row| / 127)."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
         weight = weight.detach()
@@ -163,15 +163,18 @@ class PackedLinear:
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
             weight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         elif mode == "same":
-            if weight.dtype == torch.float16:
-                weight = weight.float()
-            elif weight.dtype not in (torch.float32, torch.bfloat16):
+            if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"unsupported weight dtype {weight.dtype}")
         else:
             raise ValueError(f"mode must be 'same' or 'int8', got {mode!r}")
         if bias is not None:
             bias = bias.detach().float().contiguous()
         return cls(weight.contiguous(), scale, bias)
+
+    @property
+    def shape(self) -> torch.Size:
+        """(out_features, in_features), like the weight tensor it replaces."""
+        return self.weight.shape
 
     @property
     def nbytes(self) -> int:

@@ -1,4 +1,4 @@
-// y[T, N] = x[T, K] @ W[N, K]^T (* scale[N]) (+ bias[N]) with W in fp32, bf16 or int8, on AVX2.
+// y[T, N] = x[T, K] @ W[N, K]^T (* scale[N]) (+ bias[N]) with W in fp32, bf16, fp16 or int8, on AVX2.
 //
 // Built for decoding, where T is 1 and every weight is read once per token: the kernels are about
 // streaming W from memory at full bandwidth. x (a few KB) stays in L1 and registers, each 8-wide
@@ -43,6 +43,12 @@ struct BF16 {  // bf16 is the top half of an fp32: widening is a zero-extend and
     std::memcpy(&f, &bits, sizeof f);
     return f;
   }
+};
+
+struct F16 {  // IEEE half: F16C widens 8 at a time
+  using Elem = uint16_t;
+  static __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float one(const uint16_t* p) { return _cvtsh_ss(*p); }
 };
 
 struct I8 {  // symmetric per-row quantization: the row's scale is applied once, to the sum
@@ -266,12 +272,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
       run(Problem<BF16>{xp, wp, s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
       break;
     }
+    case at::kHalf: {
+      const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+      run(Problem<F16>{xp, wp, s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
+      break;
+    }
     case at::kChar:
       TORCH_CHECK(s, "int8 weights need a scale");
       run(Problem<I8>{xp, w.data_ptr<int8_t>(), s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
       break;
     default:
-      TORCH_CHECK(false, "w: float32, bfloat16 or int8");
+      TORCH_CHECK(false, "w: float32, bfloat16, float16 or int8");
   }
   return y;
 }

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import PackedLinear
+
 # From this many rows on, a bf16 weight is widened to fp32 for the product (measured: 4 rows
 # 241 ms bf16 vs 302 widened for all layers; 8 rows 442 vs 355).
 BF16_WIDEN_MIN_ROWS = 6
@@ -90,9 +92,21 @@ def _widened_product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x [T, in] @ w[out, in]^T (+ b) with the fastest kernel for T, on the caller's threads."""
+def linear(x: Tensor, w: Tensor | PackedLinear, b: Tensor | None = None) -> Tensor:
+    """x [T, in] @ w[out, in]^T (+ b) with the fastest kernel for T, on the caller's threads.
+
+    ``w`` may be a ``PackedLinear`` (CPU kernels, its bias inside; float32 in and out)."""
     n = _matmul_threads
+    if isinstance(w, PackedLinear):
+        if b is not None:
+            raise ValueError("a PackedLinear carries its own bias")
+        if n <= 1:
+            return w(x)
+        torch.set_num_threads(n)  # for its torch fallback (fp32 prefill goes to MKL)
+        try:
+            return w(x, threads=n)
+        finally:
+            torch.set_num_threads(1)
     if n <= 1:
         return _product(x, w, b)
     torch.set_num_threads(n)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import PackedLinear
+from ..kernels import available as kernels_available
 from .config import HybridConfig
 from .layers import MLP, Attention, MambaMixer, rms_norm, rope_tables
 from .matmul import linear, small_ops_single_threaded
@@ -54,10 +56,10 @@ class HybridModel:
     def __init__(
         self,
         config: HybridConfig,
-        embed: Tensor,
+        embed: Tensor | None,
         blocks: list[_Block],
         final_norm: Tensor,
-        lm_head: Tensor,
+        lm_head: Tensor | PackedLinear,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         recurrent_max: int = DEFAULT_RECURRENT_MAX,
@@ -67,7 +69,7 @@ class HybridModel:
         self.embed = embed
         self.blocks = blocks
         self.final_norm = final_norm
-        self.lm_head = lm_head  # the embedding itself when tied
+        self.lm_head = lm_head  # the embedding itself when tied (then ``embed`` may be None)
         self.chunk_size = chunk_size
         self.recurrent_max = recurrent_max
         self.single_thread_small_ops = single_thread_small_ops
@@ -80,17 +82,48 @@ class HybridModel:
         state_dict: dict[str, Tensor],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        *,
+        quantize: str | None = None,
+        packed: bool | None = None,
+        consume: bool = False,
         **kwargs: Any,
     ) -> HybridModel:
-        """Build from tensors named like transformers' ``GraniteMoeHybridForCausalLM.state_dict()``."""
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        """Build from tensors named like transformers' ``GraniteMoeHybridForCausalLM.state_dict()``.
+
+        ``dtype`` is the precision of the weights. ``packed`` (default: on CPU when the AVX2
+        kernels build) stores every matrix as a ``kernels.PackedLinear`` and computes activations
+        in float32: on CPUs without native bf16/fp16 arithmetic that is both faster and closer
+        to float32 than low-precision activations. Otherwise activations use ``dtype`` too.
+        ``quantize="int8"`` stores the matrices int8 with a per-row scale (always packed).
+        ``consume`` pops tensors from ``state_dict`` as they are converted, so a loader that
+        owns the dict never holds two copies of the weights.
+        """
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        int8 = quantize == "int8"
+        on_cpu = torch.device(device).type == "cpu"
+        if packed is None:
+            packed = on_cpu and (int8 or kernels_available())
+        if (packed or int8) and not on_cpu:
+            raise ValueError("packed / int8 weights are CPU-only; on GPU use bfloat16 or float16")
+        if not packed and dtype == torch.float16 and on_cpu:
+            dtype = torch.float32  # no fp16 arithmetic worth having on CPU without the kernels
         cfg = HybridConfig.load(config)
         check_state_dict(cfg, state_dict)
-        get = make_getter(state_dict, dtype, device)
+        compute = torch.float32 if packed else dtype
+        take = state_dict.pop if consume else state_dict.__getitem__
+        get_c = make_getter(state_dict, compute, device, take)  # norms, biases, embeddings
+        get_w = make_getter(state_dict, dtype, device, take)  # matrices
 
         def opt(name: str) -> Tensor | None:
-            return get(name) if name in state_dict else None
+            return get_c(name) if name in state_dict else None
+
+        def lin(w: Tensor, b: Tensor | None) -> tuple[Tensor | PackedLinear, Tensor | None]:
+            if not packed:
+                return w, b
+            return PackedLinear.from_weight(w, b, mode="int8" if int8 else "same"), None
 
         blocks: list[_Block] = []
         for i, kind in enumerate(cfg.layer_kinds):
@@ -98,41 +131,55 @@ class HybridModel:
             mixer: MambaMixer | Attention
             if kind == "mamba":
                 m = p + "mamba."
+                w_in, b_in = lin(get_w(m + "in_proj.weight"), opt(m + "in_proj.bias"))
+                w_out, b_out = lin(get_w(m + "out_proj.weight"), opt(m + "out_proj.bias"))
                 mixer = MambaMixer(
                     cfg,
-                    in_proj=get(m + "in_proj.weight"),
-                    in_bias=opt(m + "in_proj.bias"),
-                    conv_weight=get(m + "conv1d.weight", keep_fp32=True),
+                    in_proj=w_in,
+                    in_bias=b_in,
+                    conv_weight=get_c(m + "conv1d.weight", keep_fp32=True),
                     conv_bias=opt(m + "conv1d.bias"),
-                    dt_bias=get(m + "dt_bias", keep_fp32=True),
-                    A_log=get(m + "A_log", keep_fp32=True),
-                    D=get(m + "D", keep_fp32=True),
-                    norm_weight=get(m + "norm.weight"),
-                    out_proj=get(m + "out_proj.weight"),
-                    out_bias=opt(m + "out_proj.bias"),
+                    dt_bias=get_c(m + "dt_bias", keep_fp32=True),
+                    A_log=get_c(m + "A_log", keep_fp32=True),
+                    D=get_c(m + "D", keep_fp32=True),
+                    norm_weight=get_c(m + "norm.weight"),
+                    out_proj=w_out,
+                    out_bias=b_out,
                 )
                 slot = sum(1 for b in blocks if b.kind == "mamba")
             else:
                 a = p + "self_attn."
                 # q, k and v share their input: one fused matmul instead of three
-                wqkv = torch.cat([get(a + n + "_proj.weight") for n in "qkv"]).contiguous()
-                bqkv = torch.cat([get(a + n + "_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
-                mixer = Attention(cfg, wqkv, bqkv, get(a + "o_proj.weight"), opt(a + "o_proj.bias"))
+                wqkv = torch.cat([get_w(a + n + "_proj.weight") for n in "qkv"]).contiguous()
+                bqkv = torch.cat([get_c(a + n + "_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
+                wqkv_, bqkv_ = lin(wqkv, bqkv)
+                wo, bo = lin(get_w(a + "o_proj.weight"), opt(a + "o_proj.bias"))
+                mixer = Attention(cfg, wqkv_, bqkv_, wo, bo)
                 slot = sum(1 for b in blocks if b.kind == "attention")
-            mlp = MLP(get(p + "shared_mlp.input_linear.weight"), get(p + "shared_mlp.output_linear.weight"))
+            mlp = MLP(
+                lin(get_w(p + "shared_mlp.input_linear.weight"), None)[0],
+                lin(get_w(p + "shared_mlp.output_linear.weight"), None)[0],
+            )
             blocks.append(
                 _Block(
                     kind,
                     slot,
-                    get(p + "input_layernorm.weight"),
-                    get(p + "post_attention_layernorm.weight"),
+                    get_c(p + "input_layernorm.weight"),
+                    get_c(p + "post_attention_layernorm.weight"),
                     mixer,
                     mlp,
                 )
             )
-        embed = get("model.embed_tokens.weight")
-        lm_head = embed if cfg.tie_word_embeddings else get(TIED_LM_HEAD)
-        return cls(cfg, embed, blocks, get("model.norm.weight"), lm_head, **kwargs)
+        final_norm = get_c("model.norm.weight")
+        embed: Tensor | None
+        if cfg.tie_word_embeddings:
+            # One copy serves both: packed, the embedding lookup dequantizes rows of lm_head.
+            lm_head = lin(get_w("model.embed_tokens.weight"), None)[0]
+            embed = None if packed else lm_head  # type: ignore[assignment]
+        else:
+            embed = get_c("model.embed_tokens.weight")
+            lm_head = lin(get_w(TIED_LM_HEAD), None)[0]
+        return cls(cfg, embed, blocks, final_norm, lm_head, **kwargs)
 
     @classmethod
     def from_config(
@@ -158,16 +205,56 @@ class HybridModel:
         """Load a model directory (config.json + safetensors); never runs code from it."""
         root = Path(path)
         cfg = HybridConfig.load(root / "config.json")
-        return cls.from_state_dict(cfg, load_safetensors_dir(root), dtype, device, **kwargs)
+        return cls.from_state_dict(cfg, load_safetensors_dir(root), dtype, device, consume=True, **kwargs)
 
     # -- properties ----------------------------------------------------------------------------
     @property
+    def packed(self) -> bool:
+        """Whether the matrices are ``PackedLinear`` (CPU kernels; activations in float32)."""
+        return isinstance(self.lm_head, PackedLinear)
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The activations' (and KV / conv state's) dtype."""
+        return self.final_norm.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """How the matrices are stored: float32, bfloat16, float16 or int8."""
+        return self.lm_head.weight.dtype if isinstance(self.lm_head, PackedLinear) else self.lm_head.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.final_norm.device
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights (what a decode step streams, plus the embedding when untied)."""
+        seen: set[int] = set()
+        total = 0
+
+        def add(t: object) -> None:
+            nonlocal total
+            if isinstance(t, PackedLinear):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.nbytes
+            elif isinstance(t, Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+
+        for obj in (self.embed, self.lm_head, self.final_norm, *self.blocks):
+            if isinstance(obj, _Block):
+                for part in (obj.ln_in, obj.ln_post, *vars(obj.mixer).values(), *vars(obj.mlp).values()):
+                    add(part)
+            else:
+                add(obj)
+        return total
+
+    def embed_rows(self, input_ids: Tensor) -> Tensor:
+        """Embeddings of ``input_ids`` in the activation dtype (rows of the tied lm_head when packed)."""
+        if self.embed is None:
+            return self.lm_head.dequantize(input_ids).to(self.dtype)  # type: ignore[union-attr]
+        return F.embedding(input_ids, self.embed).to(self.dtype)
 
     # -- state -------------------------------------------------------------------------------
     def new_state(self, capacity: int = 1024) -> ModelState:
@@ -211,7 +298,7 @@ class HybridModel:
     def _forward(self, input_ids: Tensor, state: ModelState, all_logits: bool) -> Tensor:
         cfg = self.config
         T, pos = input_ids.shape[0], state.pos
-        x = F.embedding(input_ids.to(self.device), self.embed)
+        x = self.embed_rows(input_ids.to(self.device))
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None

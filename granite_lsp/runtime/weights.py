@@ -125,11 +125,19 @@ def random_state_dict(cfg: HybridConfig, seed: int = 0) -> dict[str, Tensor]:
     return sd
 
 
-def make_getter(sd: dict[str, Tensor], dtype: torch.dtype, device: torch.device | str) -> Callable[..., Tensor]:
-    """Fetch a tensor converted to the model dtype/device (``keep_fp32`` for SSM parameters)."""
+def make_getter(
+    sd: dict[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    take: Callable[[str], Tensor] | None = None,
+) -> Callable[..., Tensor]:
+    """Fetch a tensor converted to ``dtype``/device (``keep_fp32`` for SSM parameters).
+
+    ``take`` reads the tensor (default ``sd[name]``; ``sd.pop`` frees each one once converted)."""
+    read = take or sd.__getitem__
 
     def get(name: str, keep_fp32: bool = False) -> Tensor:
-        t = sd[name].detach()
+        t = read(name).detach()
         return t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).contiguous()
 
     return get
