@@ -201,6 +201,12 @@ def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
                     "stop_reason": last.get("stop_reason"),
                 }
             )
+            r = rows[-1]
+            steps = (r["generated_tokens"] or 0) - 1  # the first token comes from the prompt's logits
+            if steps > 0 and r.get("decode_ms"):
+                # the request's wall time against that many tokens' worth of decode steps alone
+                r["decode_step_ms"] = r["decode_ms"] / steps
+                r["request_over_decode"] = wall_ms / (r["decode_step_ms"] * r["generated_tokens"])
             if args.verbose:
                 r = rows[-1]
                 print(
@@ -218,7 +224,7 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Medians and p95 over the completions that ran the model (typed-through ones are counted apart)."""
     rows = [r for r in rows if r.get("stop_reason") != "typed_through"]
     out = {}
-    for key in (*METRICS, "request_ms"):
+    for key in (*METRICS, "request_ms", "decode_step_ms", "request_over_decode"):
         values = sorted(float(r[key]) for r in rows if r.get(key) is not None)
         if not values:
             continue
@@ -246,9 +252,15 @@ def report(results: dict[str, dict]) -> dict:
             f"\n== {mode}: {len(res['rows'])} completions ({through} typed through, no model run), "
             f"server peak RSS {res['peak_rss_mb']:.0f} MB"
         )
-        print(f"{'metric':<18}{'median':>12}{'p95':>12}")
+        print(f"{'metric':<20}{'median':>12}{'p95':>12}")
         for key, v in s.items():
-            print(f"{key:<18}{v['median']:>12.1f}{v['p95']:>12.1f}")
+            fmt = ".2f" if key == "request_over_decode" else ".1f"
+            print(f"{key:<20}{v['median']:>12{fmt}}{v['p95']:>12{fmt}}")
+        if "request_over_decode" in s:
+            print(
+                f"keystroke (request to response) / its decode steps alone: median "
+                f"{s['request_over_decode']['median']:.2f}x, p95 {s['request_over_decode']['p95']:.2f}x"
+            )
     base = results.get("reuse")
     if base:
         by_step = {r["step"]: r for r in base["rows"]}
@@ -277,7 +289,15 @@ def report(results: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--kernels" in argv:
+        # Runtime speed per precision (decode / prefill tokens/s, matmuls alone, server RSS).
+        from .runtime import microbench
+
+        microbench.main([a for a in argv if a != "--kernels"])
+        return 0
     p = argparse.ArgumentParser(prog="granite-lsp bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", action="store_true", help="runtime speed per precision (runtime/microbench.py)")
     p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
     p.add_argument("--model", default=str(REPO / "model" / "tiny"), help="model (and tokenizer) directory")
     p.add_argument("--random-weights", default="", help="config dir/file of a model to build with random weights")

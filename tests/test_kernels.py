@@ -132,7 +132,9 @@ def test_shapes_dtypes_and_size() -> None:
 def test_int8_quantization() -> None:
     w = torch.randn(16, 96)
     w[3] = 0  # an all-zero row must not divide by zero
+    before = w.clone()
     q = PackedLinear.from_weight(w, mode="int8")
+    assert torch.equal(w, before), "quantizing must not touch the caller's weights"
     assert q.weight.abs().max() == 127
     err = (q.dequantize() - w).abs().amax(dim=1)
     assert torch.all(err <= w.abs().amax(dim=1) / 254 + 1e-7)  # within half a quantization step

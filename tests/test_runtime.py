@@ -441,6 +441,28 @@ def test_from_pretrained_sharded_safetensors(tmp_path, tiny):
     assert (out - ref).abs().max().item() < TOL
 
 
+def test_safetensors_reader_rejects_corrupt_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from granite_lsp.runtime.weights import load_safetensors_dir
+
+    save_file(
+        {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)},
+        str(tmp_path / "m.safetensors"),
+    )
+    files = load_safetensors_dir(tmp_path)
+    assert sorted(files) == ["a", "b"] and files.shape_of("a") == (2, 3)
+    assert torch.equal(files["a"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(files.pop("b"), torch.ones(4, dtype=torch.bfloat16)) and "b" not in files
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:-8])  # truncated
+    with pytest.raises(ValueError, match="inconsistent offsets"):
+        load_safetensors_dir(tmp_path)
+    (tmp_path / "m.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_safetensors_dir(tmp_path)
+
+
 def test_from_pretrained_refuses_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")

@@ -158,10 +158,17 @@ class PackedLinear:
         weight = weight.detach()
         scale = None
         if mode == "int8":
-            w = weight.float()
-            scale = w.abs().amax(dim=1) / 127
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
-            weight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            # A block of rows at a time: the fp32 temporaries of a whole lm_head would be ~1 GB.
+            q = torch.empty(weight.shape, dtype=torch.int8)
+            scale = torch.empty(weight.shape[0], dtype=torch.float32)
+            step = max(1, _FALLBACK_BLOCK_BYTES // (4 * max(1, weight.shape[1])))
+            for a in range(0, weight.shape[0], step):
+                w = weight[a : a + step].to(torch.float32, copy=True)  # never the caller's tensor
+                s = w.abs().amax(dim=1) / 127
+                s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero rows stay zero
+                q[a : a + step] = torch.round(w.div_(s[:, None])).clamp_(-127, 127)
+                scale[a : a + step] = s
+            weight = q
         elif mode == "same":
             if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"unsupported weight dtype {weight.dtype}")

@@ -1,11 +1,17 @@
-"""Speed of the runtime on the real Granite-4.0-H-350M shape with random weights.
+"""Speed of the runtime on the real Granite-4.0-H-350M shape with random weights, per precision.
 
-Run ``python -m granite_lsp.runtime.microbench [--sweep]``. Speed does not depend on weight
-values, so no checkpoint is needed. Besides decode and prefill throughput it times the model's
-matmuls alone (``F.linear`` over the same weights, lm_head included): decode on CPU is bound by
-streaming those weights from memory, so "decode time / linear time" says how much is left to
-gain outside the matmuls. ``--sweep`` also times the scan chunk sizes and the recurrent/scan
-threshold that the defaults in ``model.py`` were chosen from.
+Run ``granite-lsp bench --kernels`` (or ``python -m granite_lsp.runtime.microbench``). Speed does
+not depend on weight values, so no checkpoint is needed. For each precision it prints decode and
+prefill tokens/s and, measured in the same run, the model's matmuls alone (lm_head included):
+through our kernels on the same packed weights, and through torch's own kernels on weights of
+the same shapes and precision (``F.linear``; ``torch._weight_int8pack_mm`` for int8). Decode on
+CPU is bound by streaming those weights from memory, so "decode step / matmuls alone" says how
+much is left to gain outside them. ``--rss`` also starts the real server on a checkpoint
+directory of that shape (written once, bf16 like Granite's) and reports its peak RSS after a
+completion. ``--sweep`` times the scan chunk sizes and the recurrent/scan threshold that the
+defaults in ``model.py`` were chosen from. llama.cpp's figures (llama-bench, 2 threads, measured
+on the 2-core AVX2 machine this was built on) are printed beside ours for reference only: they
+were not measured in this run.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..kernels import PackedLinear
+from .config import HybridConfig
 from .matmul import linear
 from .model import HybridModel
 from .ssm import ssm_chunked
@@ -79,7 +87,16 @@ def linear_weights(model: HybridModel) -> list[torch.Tensor]:
     return ws + [model.lm_head]
 
 
-def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torch.Tensor] = F.linear) -> float:
+def _torch_linear(x: torch.Tensor, w: torch.Tensor | PackedLinear) -> torch.Tensor:
+    """torch's own kernel for a weight in its stored precision (the baseline our kernels beat)."""
+    if isinstance(w, PackedLinear):
+        if w.scale is not None:
+            return torch._weight_int8pack_mm(x, w.weight, w.scale)
+        return F.linear(x.to(w.weight.dtype), w.weight)
+    return F.linear(x, w)
+
+
+def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torch.Tensor] = _torch_linear) -> float:
     """Seconds for the model's matmuls alone on T rows (lm_head on the last row only)."""
     ws = linear_weights(model)
     xs = [torch.randn(T, w.shape[1], dtype=model.dtype) for w in ws[:-1]]
@@ -113,18 +130,33 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
             if r or i:  # first step of the first round is warm-up
                 steps.append(time.perf_counter() - t0)
     t_step = min(steps)
-    t_step_median = statistics.median(steps)
-    t_lin1 = time_linears(model, 1, max(5, repeat * 3))
-    t_linp = time_linears(model, prefill, repeat, linear)  # the runtime's kernel choice for T rows
+    with _matmul_threads():
+        t_ours1 = time_linears(model, 1, max(5, repeat * 3), linear)  # the runtime's own matmuls
+        t_oursp = time_linears(model, prefill, repeat, linear)
+    t_torch1 = time_linears(model, 1, max(5, repeat * 3))
     return {
         "prefill_tok_s": prefill / t_prefill,
         "prefill_s": t_prefill,
-        "prefill_linear_s": t_linp,
+        "prefill_linear_s": t_oursp,
         "decode_tok_s": 1.0 / t_step,
         "decode_ms": t_step * 1e3,
-        "decode_median_ms": t_step_median * 1e3,
-        "linear_ms": t_lin1 * 1e3,
+        "decode_median_ms": statistics.median(steps) * 1e3,
+        "linear_ms": t_ours1 * 1e3,
+        "torch_linear_ms": t_torch1 * 1e3,
     }
+
+
+class _matmul_threads:
+    """Time ``linear`` as the model calls it: small ops on one thread, matmuls on all."""
+
+    def __enter__(self) -> None:
+        from .matmul import small_ops_single_threaded
+
+        self._ctx = small_ops_single_threaded()
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
 
 
 def sweep_chunk_sizes(model: HybridModel, repeat: int) -> None:
@@ -170,38 +202,119 @@ def sweep_threshold(model: HybridModel, repeat: int) -> None:
     model.recurrent_max = saved
 
 
+# llama-bench -t 2 on the real shape, this machine kind (see issue #4): tg128 / pp512 tokens/s.
+LLAMA_CPP = {
+    "float32": ("F32", 13.8, 130.0),
+    "bfloat16": ("F16", 26.4, 215.0),
+    "float16": ("F16", 26.4, 215.0),
+    "int8": ("Q8_0", 35.9, 161.0),
+}
+PRECISIONS = {
+    "float32": (torch.float32, None),
+    "bfloat16": (torch.bfloat16, None),
+    "float16": (torch.float16, None),
+    "int8": (torch.float32, "int8"),
+}
+
+
+def server_peak_rss_mb(precision: str, threads: int, workdir: Path) -> float:
+    """Peak RSS (VmHWM) of a real ``granite-lsp --stdio`` that loaded a real-shape checkpoint in
+    ``precision`` and answered one completion."""
+    import os
+    import shutil
+    import sys
+
+    from safetensors.torch import save_file
+
+    from ..bench import _Server
+    from .weights import random_state_dict
+
+    ckpt = workdir / "granite-4.0-h-350m-random"
+    if not (ckpt / "model.safetensors").is_file():
+        ckpt.mkdir(parents=True, exist_ok=True)
+        cfg = {**real_config(), "dtype": "bfloat16"}
+        sd = {k: v.to(torch.bfloat16).contiguous() for k, v in random_state_dict(HybridConfig.load(cfg)).items()}
+        save_file(sd, str(ckpt / "model.safetensors"))
+        del sd
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        tiny = Path(__file__).resolve().parents[2] / "model" / "tiny"
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tiny / name).is_file():
+                shutil.copy(tiny / name, ckpt / name)
+    dtype, quantize = PRECISIONS[precision]
+    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(ckpt), "--device", "cpu"]
+    cmd += ["--dtype", str(dtype).removeprefix("torch."), "--threads", str(threads)]
+    if quantize:
+        cmd += ["--quantize", quantize]
+    server = _Server(cmd)
+    try:
+        server.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}})
+        server.notify("initialized", {})
+        status = server.wait_status()
+        if status["state"] != "ready":
+            raise RuntimeError(f"server failed to load: {status['message']}")
+        text = "def add(a, b):\n    return a + b\n\n" * 40 + "def mul(a, b):\n    "
+        doc = {"uri": "file:///bench.py", "languageId": "python", "version": 1, "text": text}
+        server.notify("textDocument/didOpen", {"textDocument": doc})
+        pos = {"line": text.count("\n"), "character": 4}
+        server.call(
+            "textDocument/inlineCompletion",
+            {"textDocument": {"uri": doc["uri"]}, "position": pos, "context": {"triggerKind": 1}},
+        )
+        return server.peak_rss_mb()
+    finally:
+        server.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--precisions", "--dtypes", default="float32,bfloat16,float16,int8")
+    ap.add_argument("--rss", action="store_true", help="also measure the server's peak RSS per precision")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/granite-lsp-bench"))
     ap.add_argument("--sweep", action="store_true", help="also time chunk sizes and the recurrent threshold")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = real_config()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"hidden {cfg.get('hidden_size')} x {cfg.get('num_hidden_layers')} layers"
+        f"hidden {cfg.get('hidden_size')} x {cfg.get('num_hidden_layers')} layers, "
+        f"decode after {args.prefill} tokens, prefill of {args.prefill}"
     )
-    for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
-        model = HybridModel.from_config(cfg, dtype=dtype)
+    results: dict[str, dict[str, float]] = {}
+    for name in args.precisions.split(","):
+        dtype, quantize = PRECISIONS[name]
+        model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize)
         r = bench_model(model, args.prefill, args.decode, args.repeat)
+        r["weight_mb"] = model.weight_bytes() / 2**20
+        ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
         print(
-            f"{name:9s} decode {r['decode_tok_s']:6.2f} tok/s ({r['decode_ms']:.1f} ms/step after {args.prefill}, "
-            f"median {r['decode_median_ms']:.1f}; F.linear alone {r['linear_ms']:.1f} ms, "
-            f"ratio {r['decode_ms'] / r['linear_ms']:.2f})"
-        )
-        print(
-            f"{'':9s} prefill {r['prefill_tok_s']:6.1f} tok/s ({r['prefill_s']:.2f} s for {args.prefill}; "
-            f"its linears alone {r['prefill_linear_s']:.2f} s, ratio {r['prefill_s'] / r['prefill_linear_s']:.2f})"
+            f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if model.packed else 'torch matmuls'})\n"
+            f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
+            f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
+            f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
+            f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
+            f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
+            f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
+            f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
+            f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
+            f"  matmuls alone, {args.prefill} tokens: {r['prefill_linear_s']:.2f} s"
+            f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
         )
         if args.sweep:
             sweep_chunk_sizes(model, args.repeat)
             sweep_threshold(model, args.repeat)
         del model
+        if args.rss:
+            r["server_peak_rss_mb"] = server_peak_rss_mb(name, args.threads, args.workdir)
+            print(f"  server peak RSS after loading and one completion: {r['server_peak_rss_mb']:.0f} MB")
+        results[name] = r
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

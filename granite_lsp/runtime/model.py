@@ -9,6 +9,7 @@ chunked SSD scan, and logits are only computed where they are returned.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ class HybridModel:
     def from_state_dict(
         cls,
         config: dict[str, Any] | str | Path | HybridConfig,
-        state_dict: dict[str, Tensor],
+        state_dict: Mapping[str, Tensor],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         *,

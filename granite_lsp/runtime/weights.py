@@ -9,7 +9,7 @@ are read: pickle-based formats (.bin/.pt/.pth) can execute code on load.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -66,12 +66,13 @@ def expected_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(cfg: HybridConfig, sd: dict[str, Tensor]) -> None:
-    """Raise ValueError listing missing, unexpected or mis-shaped tensors."""
+def check_state_dict(cfg: HybridConfig, sd: Mapping[str, Tensor]) -> None:
+    """Raise ValueError listing missing, unexpected or mis-shaped tensors (without reading lazy ones)."""
     want = expected_shapes(cfg)
+    shape = sd.shape_of if isinstance(sd, SafetensorsFiles) else (lambda k: tuple(sd[k].shape))
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(k for k in set(sd) - set(want) if not (k == TIED_LM_HEAD or k.endswith(_IGNORABLE_SUFFIXES)))
-    wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k])
+    wrong = sorted(f"{k}: {shape(k)} != {want[k]}" for k in want if k in sd and shape(k) != want[k])
     if missing or unexpected or wrong:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -81,10 +82,89 @@ def check_state_dict(cfg: HybridConfig, sd: dict[str, Tensor]) -> None:
         raise ValueError("state dict does not match the config; " + "; ".join(parts))
 
 
-def load_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
-    """All tensors of a model directory (single file or sharded with an index), on CPU."""
-    from safetensors.torch import load_file
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+class SafetensorsFiles(Mapping[str, Tensor]):
+    """The tensors of .safetensors files, each read from disk only when asked for.
+
+    Why not ``safetensors.torch.load_file``: it maps the files, and every page read stays in the
+    process's resident memory until all their tensors are gone, so converting a bf16 checkpoint to
+    fp32 (or int8) briefly held both. Read with plain file I/O, one tensor at a time, and dropped
+    with ``pop`` once converted, the weights only ever exist once.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) != 8:
+                    raise ValueError(f"{path}: not a safetensors file (too short)")
+                n = int.from_bytes(head, "little")
+                size = path.stat().st_size
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"{path}: not a safetensors file (header length {n})")
+                try:
+                    header = json.loads(f.read(n))
+                except ValueError as e:
+                    raise ValueError(f"{path}: unreadable safetensors header: {e}") from None
+            base = 8 + n
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _ST_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+                shape = tuple(int(d) for d in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if end - start != numel * dtype.itemsize or base + end > size or start < 0:
+                    raise ValueError(f"{path}: tensor {name} has inconsistent offsets")
+                self._where[name] = (path, dtype, shape, base + start, end - start)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._where[name][2]
+
+    def __getitem__(self, name: str) -> Tensor:
+        path, dtype, shape, offset, nbytes = self._where[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
+                raise ValueError(f"{path}: truncated while reading {name}")
+        return buf.view(dtype).reshape(shape)
+
+    def pop(self, name: str) -> Tensor:
+        t = self[name]
+        del self._where[name]
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+
+def load_safetensors_dir(path: str | Path) -> SafetensorsFiles:
+    """All tensors of a model directory (single file or sharded with an index), read lazily."""
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -100,10 +180,7 @@ def load_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
                 "(unpickling can execute code). Convert to .safetensors first."
             )
         raise ValueError(f"no .safetensors weights found in {root}")
-    sd: dict[str, Tensor] = {}
-    for name in files:
-        sd.update(load_file(str(root / name), device="cpu"))
-    return sd
+    return SafetensorsFiles([root / name for name in files])
 
 
 def random_state_dict(cfg: HybridConfig, seed: int = 0) -> dict[str, Tensor]:
