@@ -148,3 +148,23 @@ def test_bad_arguments() -> None:
         PackedLinear.from_weight(torch.randn(4, 4, 4))
     with pytest.raises(ValueError):
         PackedLinear.from_weight(torch.zeros(4, 4, dtype=torch.int32))
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 768), (5, 64), (3, 7)])
+def test_rms_norm_matches_torch(shape: tuple[int, int]) -> None:
+    x, w = torch.randn(*shape) * 3, torch.randn(shape[-1])
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5))
+
+
+@needs_ext
+def test_add_rms_norm_and_swiglu_match_torch() -> None:
+    x, h, w = torch.randn(3, 64), torch.randn(3, 64), torch.randn(64)
+    want_x = x + 0.25 * h
+    want = torch.nn.functional.rms_norm(want_x, (64,), w, 1e-5)
+    got = kernels.add_rms_norm(x, h, 0.25, w, 1e-5)
+    torch.testing.assert_close(x, want_x)  # updated in place
+    torch.testing.assert_close(got, want)
+    gu = torch.randn(2, 40)
+    want_act = torch.nn.functional.silu(gu[:, :20]) * gu[:, 20:]
+    torch.testing.assert_close(kernels.swiglu(gu), want_act)

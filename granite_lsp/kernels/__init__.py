@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PackedLinear", "available", "build_error", "read_probe"]
+__all__ = [
+    "PackedLinear",
+    "available",
+    "build_error",
+    "add_rms_norm",
+    "mamba_decode_step",
+    "read_probe",
+    "rms_norm",
+    "swiglu",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +144,52 @@ def read_probe(buf: Tensor, threads: int | None = None) -> float:
     return ops.read_probe(buf, threads or torch.get_num_threads())
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """fp32 RMSNorm over the last dim, scaled by ``weight``; None when the extension is unavailable."""
+    ops = _load()
+    return None if ops is None else ops.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> Tensor | None:
+    """``x += alpha * h`` in place, then RMSNorm(x) * weight (fp32); None without the extension."""
+    ops = _load()
+    return None if ops is None else ops.add_rms_norm(x, h, alpha, weight, eps)
+
+
+def swiglu(gu: Tensor) -> Tensor | None:
+    """silu(gate) * up of ``gu`` = [gate | up] (fp32 rows); None without the extension."""
+    ops = _load()
+    return None if ops is None else ops.swiglu(gu)
+
+
+def mamba_decode_step(
+    zxbcdt: Tensor,
+    conv_state: Tensor,
+    conv_w: Tensor,
+    conv_b: Tensor | None,
+    dt_bias: Tensor,
+    A: Tensor,
+    D: Tensor,
+    ssm_state: Tensor,
+    norm_w: Tensor,
+    n_groups: int,
+    eps: float,
+    dt_min: float,
+    dt_max: float,
+    threads: int | None = None,
+) -> Tensor | None:
+    """One Mamba2 decode step between in_proj and out_proj (conv, SSM update, gated norm), fused;
+    updates ``conv_state`` and ``ssm_state`` in place. None when the extension is unavailable
+    (the caller then runs the same step in torch ops: runtime/layers.py)."""
+    ops = _load()
+    if ops is None:
+        return None
+    return ops.mamba_decode_step(
+        zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w,
+        n_groups, eps, dt_min, dt_max, threads or torch.get_num_threads(),
+    )  # fmt: skip
+
+
 class PackedLinear:
     """``y = x @ W^T (+ b)`` with W prepared once at load time: fp32, bf16, fp16, or int8 with a per-row scale.
 
@@ -195,15 +250,25 @@ class PackedLinear:
             w = w * (self.scale if rows is None else self.scale[rows]).unsqueeze(-1)
         return w
 
+    def runs_in_kernel(self, x: Tensor) -> bool:
+        """Whether ``self(x)`` stays in the extension (no torch matmul, so no torch threads)."""
+        ops = _state.get("ops")
+        return ops is not None and (
+            self.weight.dtype != torch.float32 or x.numel() <= FP32_KERNEL_MAX_ROWS * x.shape[-1]
+        )
+
     def __call__(self, x: Tensor, threads: int | None = None) -> Tensor:
         """``x`` [..., K] float32 (other float dtypes are cast) -> float32 [..., N].
 
         ``threads`` defaults to ``torch.get_num_threads()``; pass it explicitly when calling from
         code that lowers torch's count for its small ops.
         """
+        ops = _state.get("ops") or _load()
+        if ops is not None and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+            if self.weight.dtype != torch.float32 or x.shape[0] <= FP32_KERNEL_MAX_ROWS:  # the decode path
+                return ops.linear(x, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        ops = _load()
         if ops is not None and (self.weight.dtype != torch.float32 or x2.shape[0] <= FP32_KERNEL_MAX_ROWS):
             y = ops.linear(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         else:

@@ -7,6 +7,7 @@
 // in groups of 8 rows of x over each chunk while it sits in L2.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -314,9 +316,171 @@ double read_probe(const at::Tensor& buf, int64_t threads) {
   return total;
 }
 
+// ---------------------------------------------------------------------------------------------
+// One decode step of a Mamba2 mixer, between its two projections: the causal conv, the selective
+// state update and the gated RMSNorm, in one pass over the state. The same step in torch ops
+// (granite_lsp/runtime/layers.py) is ~30 small ops per layer that each cost more in dispatch than
+// in arithmetic, and three passes over the [H, P, N] state (decay, rank-1 update, read-out).
+
+struct MambaStep {
+  float* ssm;             // [H, P, N]
+  const float* xbc;       // conv output (after SiLU) [C]
+  const float* dt;        // [H]
+  const float* decay;     // [H]
+  float* y;               // [H * P]
+  int64_t H, P, N, G, E;
+};
+
+void mamba_heads(const void* ctx, int64_t c) {
+  const auto& m = *static_cast<const MambaStep*>(ctx);
+  const int64_t heads_per_chunk = 4, hg = m.H / m.G;
+  const int64_t h0 = c * heads_per_chunk, h1 = std::min(m.H, h0 + heads_per_chunk);
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t g = h / hg;
+    const float* B = m.xbc + m.E + g * m.N;
+    const float* C = m.xbc + m.E + m.G * m.N + g * m.N;
+    const __m256 d = _mm256_set1_ps(m.decay[h]);
+    for (int64_t p = 0; p < m.P; ++p) {
+      const float xdt = m.xbc[h * m.P + p] * m.dt[h];
+      const __m256 xv = _mm256_set1_ps(xdt);
+      float* s = m.ssm + (h * m.P + p) * m.N;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t n = 0;
+      for (; n + 8 <= m.N; n += 8) {
+        const __m256 sv = _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(s + n), d));
+        _mm256_storeu_ps(s + n, sv);
+        acc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(C + n), acc);
+      }
+      float out = hsum(acc);
+      for (; n < m.N; ++n) {
+        s[n] = s[n] * m.decay[h] + xdt * B[n];
+        out += s[n] * C[n];
+      }
+      m.y[h * m.P + p] = out;
+    }
+  }
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// zxbcdt [1, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
+// ssm_state [H, P, N] fp32 (updated). Returns the gated, normalised y [1, E] that out_proj takes.
+at::Tensor mamba_decode_step(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                             const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                             const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w,
+                             int64_t n_groups, double eps, double dt_min, double dt_max, int64_t threads) {
+  const int64_t H = ssm_state.size(0), P = ssm_state.size(1), N = ssm_state.size(2);
+  const int64_t E = H * P, G = n_groups, C = E + 2 * G * N, K = conv_w.size(0);
+  TORCH_CHECK(zxbcdt.is_cpu() && zxbcdt.scalar_type() == at::kFloat && zxbcdt.is_contiguous() &&
+                  zxbcdt.numel() == E + C + H,
+              "zxbcdt: contiguous fp32 [1, E + C + H]");
+  for (const at::Tensor* t : {&conv_state, &conv_w, &dt_bias, &A, &D, &ssm_state, &norm_w})
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_decode_step: fp32 contiguous");
+  TORCH_CHECK(conv_state.size(0) == K - 1 && conv_state.size(1) == C && conv_w.size(1) == C, "conv shapes");
+  TORCH_CHECK(H % G == 0 && E % G == 0 && norm_w.numel() == E && A.numel() == H && D.numel() == H, "head shapes");
+  const float* in = zxbcdt.data_ptr<float>();
+  const float *z = in, *raw = in + E, *dtr = in + E + C;
+  float* cs = conv_state.data_ptr<float>();
+  const float* cw = conv_w.data_ptr<float>();
+  const float* cb = conv_b ? conv_b->data_ptr<float>() : nullptr;
+  // causal depthwise conv over [state; new input], SiLU; the state keeps the last K-1 raw inputs
+  std::vector<float> xbc(C);
+  for (int64_t c = 0; c < C; ++c) {
+    float acc = cs[c] * cw[c];
+    if (cb) acc += cb[c];
+    for (int64_t k = 1; k < K - 1; ++k) acc += cs[k * C + c] * cw[k * C + c];
+    acc += raw[c] * cw[(K - 1) * C + c];
+    xbc[c] = silu(acc);
+  }
+  if (K > 2) std::memmove(cs, cs + C, sizeof(float) * (K - 2) * C);
+  std::memcpy(cs + (K - 2) * C, raw, sizeof(float) * C);
+  // dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
+  std::vector<float> dt(H), decay(H);
+  const float* db = dt_bias.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) {
+    const float v = dtr[h] + db[h];
+    float sp = v > 20.0f ? v : std::log1p(std::exp(v));
+    sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
+    dt[h] = sp;
+    decay[h] = std::exp(std::max(sp * Ap[h], -80.0f));
+  }
+  at::Tensor out = at::empty({1, E}, zxbcdt.options());
+  float* y = out.data_ptr<float>();
+  MambaStep m{ssm_state.data_ptr<float>(), xbc.data(), dt.data(), decay.data(), y, H, P, N, G, E};
+  const int64_t chunks = (H + 3) / 4;
+  pool().run(&mamba_heads, &m, chunks, int(std::clamp<int64_t>(threads, 1, 64)) - 1);
+  // D skip, gate with silu(z), RMS-normalise within each group, scale
+  const float* Dp = D.data_ptr<float>();
+  const float* nw = norm_w.data_ptr<float>();
+  const int64_t per = E / G;
+  for (int64_t i = 0; i < E; ++i) y[i] = (y[i] + xbc[i] * Dp[i / P]) * silu(z[i]);
+  for (int64_t g = 0; g < G; ++g) {
+    float* yg = y + g * per;
+    double ss = 0;
+    for (int64_t i = 0; i < per; ++i) ss += double(yg[i]) * yg[i];
+    const float r = 1.0f / std::sqrt(float(ss / per) + float(eps));
+    for (int64_t i = 0; i < per; ++i) yg[i] = yg[i] * r * nw[g * per + i];
+  }
+  return out;
+}
+
+// RMSNorm of each row of x [T, D] scaled by w [D], like torch's F.rms_norm in fp32 (whose
+// composite implementation costs ~20-60 us per 768-wide row in dispatch; a decode step has 65).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  at::Tensor out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * D;
+    float ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / float(D) + float(eps));
+    for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
+  }
+  return out;
+}
+
+// x += alpha * h (in place, the residual stream), then RMSNorm(x) * w: the two ops that sit
+// between every pair of sub-blocks, fused.
+at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32");
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == x.numel(), "h: like x");
+  float* xp = x.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float a = float(alpha);
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] += a * hp[i];
+  return rms_norm(x, w, eps);
+}
+
+// silu(gate) * up for gu = [gate | up] rows [T, 2I] -> [T, I] (the SwiGLU between the MLP's matmuls).
+at::Tensor swiglu(const at::Tensor& gu) {
+  TORCH_CHECK(gu.is_cpu() && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() == 2 &&
+                  gu.size(1) % 2 == 0,
+              "gu: contiguous fp32 [T, 2I]");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, gu.options());
+  const float* g = gu.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i) o[t * I + i] = silu(g[t * 2 * I + i]) * g[t * 2 * I + I + i];
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extension.load>
   m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &linear);
   m.def("read_probe(Tensor buf, int threads) -> float", &read_probe);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps) -> Tensor", &add_rms_norm);
+  m.def("swiglu(Tensor gu) -> Tensor", &swiglu);
+  m.def(
+      "mamba_decode_step(Tensor zxbcdt, Tensor conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, Tensor A, "
+      "Tensor D, Tensor ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
+      "-> Tensor",
+      &mamba_decode_step);
 }

@@ -13,9 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
 from .config import HybridConfig
-from .matmul import linear
+from .matmul import linear, matmul_threads
 from .ssm import ssm_chunked, ssm_recurrent
+
+
+def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual update ``x + alpha * h`` and its RMSNorm (fused in place on CPU fp32)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and h.is_contiguous():
+        out = kernels.add_rms_norm(x, h, alpha, weight, eps) if weight.dtype == torch.float32 else None
+        if out is not None:
+            return x, out
+    x = torch.add(x, h, alpha=alpha)
+    return x, rms_norm(x, weight, eps)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -24,6 +35,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     In float32 torch's fused kernel gave bit-identical results in our checks, in one op not eight;
     for bf16 it would round differently from HF (scale before the cast), so spell it out."""
     if x.dtype == torch.float32:
+        if x.device.type == "cpu" and x.is_contiguous() and weight.dtype == torch.float32:
+            out = kernels.rms_norm(x, weight, eps)
+            if out is not None:
+                return out
         return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -40,6 +55,10 @@ class MLP:
 
     def forward(self, h: Tensor) -> Tensor:
         gu = linear(h, self.w_in)
+        if gu.dtype == torch.float32 and gu.device.type == "cpu":
+            act = kernels.swiglu(gu)
+            if act is not None:
+                return linear(act, self.w_out)
         gate, up = gu[:, : self.inner], gu[:, self.inner :]
         return linear(F.silu(gate) * up, self.w_out)
 
@@ -155,11 +174,20 @@ class MambaMixer:
         self.norm_w = norm_weight
         self.norm_w32 = norm_weight.float()
         self.w_out, self.b_out = out_proj, out_bias
+        # One-token steps through the fused CPU kernel (kernels.mamba_decode_step) when available.
+        self.fused_decode = True
 
     def forward(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor, chunk_size: int, recurrent_max: int):
         T = h.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         zxbcdt = linear(h, self.w_in, self.b_in)
+        if T == 1 and self.fused_decode and zxbcdt.dtype == torch.float32 and zxbcdt.device.type == "cpu":
+            y1 = kernels.mamba_decode_step(
+                zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
+                self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
+            )  # fmt: skip
+            if y1 is not None:
+                return linear(y1, self.w_out, self.b_out)
         z = zxbcdt[:, :E]
         xbc = self._conv(zxbcdt[:, E : E + C], conv_state)  # [T, C] float32
         dt = F.softplus(zxbcdt[:, E + C :].float() + self.dt_bias)

@@ -92,6 +92,11 @@ def _widened_product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out
 
 
+def matmul_threads() -> int:
+    """The thread count matmuls (and our fused kernels) may use right now."""
+    return _matmul_threads or torch.get_num_threads()
+
+
 def linear(x: Tensor, w: Tensor | PackedLinear, b: Tensor | None = None) -> Tensor:
     """x [T, in] @ w[out, in]^T (+ b) with the fastest kernel for T, on the caller's threads.
 
@@ -102,6 +107,8 @@ def linear(x: Tensor, w: Tensor | PackedLinear, b: Tensor | None = None) -> Tens
             raise ValueError("a PackedLinear carries its own bias")
         if n <= 1:
             return w(x)
+        if w.runs_in_kernel(x):
+            return w(x, threads=n)
         torch.set_num_threads(n)  # for its torch fallback (fp32 prefill goes to MKL)
         try:
             return w(x, threads=n)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..kernels import PackedLinear
 from ..kernels import available as kernels_available
 from .config import HybridConfig
-from .layers import MLP, Attention, MambaMixer, rms_norm, rope_tables
+from .layers import MLP, Attention, MambaMixer, add_rms_norm, rms_norm, rope_tables
 from .matmul import linear, small_ops_single_threaded
 from .state import KVCache, MambaSnapshot, ModelState
 from .weights import TIED_LM_HEAD, check_state_dict, load_safetensors_dir, make_getter, random_state_dict
@@ -304,15 +304,20 @@ class HybridModel:
             x = x * cfg.embedding_multiplier
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
-        for blk in self.blocks:
-            h = rms_norm(x, blk.ln_in, eps)
+        x = x.contiguous()
+        h = rms_norm(x, self.blocks[0].ln_in, eps) if self.blocks else x
+        for i, blk in enumerate(self.blocks):
             if blk.kind == "mamba":
                 h = blk.mixer.forward(h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max)
             else:
                 h = blk.mixer.forward(h, state.kv.k[blk.slot], state.kv.v[blk.slot], pos, rope)
-            x = torch.add(x, h, alpha=rm)
-            h = blk.mlp.forward(rms_norm(x, blk.ln_post, eps))
-            x = torch.add(x, h, alpha=rm)
+            x, h = add_rms_norm(x, h, rm, blk.ln_post, eps)
+            h = blk.mlp.forward(h)
+            # the next block's input norm (or the final norm, applied in lm_head_logits)
+            if i + 1 < len(self.blocks):
+                x, h = add_rms_norm(x, h, rm, self.blocks[i + 1].ln_in, eps)
+            else:
+                x = torch.add(x, h, alpha=rm)
         state.pos = pos + T
         state.kv.length = pos + T
         return self.lm_head_logits(x if all_logits else x[-1])
