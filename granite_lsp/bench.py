@@ -149,6 +149,8 @@ def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
     }
     cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(args.model), "--device", args.device]
     cmd += ["--dtype", args.dtype]
+    if args.quantize != "none":
+        cmd += ["--quantize", args.quantize]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     server = _Server(cmd)
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--slow-steps", type=int, default=0, help="completions answered in slow modes (0: all)")
     p.add_argument("--limit", type=int, default=0, help="replay only the first N trace operations")
