@@ -35,6 +35,11 @@ DEFAULT_RECURRENT_MAX = 8
 # 1.53/2.32, 128: 0.38/0.95/1.57/3.02, 256: 0.60/1.19/2.45/8.03 (64 balances the [L, L] decay
 # work against the per-chunk [H, P, N] states: L^2 ~ P*N).
 DEFAULT_CHUNK_SIZE = 64
+# Longest input processed in one go; longer ones run in pieces (same result, bounded memory).
+# A multiple of the scan chunk. A 1024-token bf16 prefill in pieces of 256 / 512 / 1024 / whole
+# took 10.5 / 10.2 / 12.3 / 10.3 s (2 busy cores): no cost, and 512 bounds the transient
+# activations to ~60 MB.
+DEFAULT_PREFILL_PIECE = 512
 # Run everything but the matmuls on one thread (see matmul.py). On 2 busy cores a 512-token
 # prefill with 2 threads took 8.2-10.4 s this way against 22-37 s with torch's default threading
 # of the elementwise/scan ops (1 thread throughout: ~6 s). Turn off only on an idle many-core box.
@@ -65,6 +70,7 @@ class HybridModel:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         recurrent_max: int = DEFAULT_RECURRENT_MAX,
         single_thread_small_ops: bool = DEFAULT_SINGLE_THREAD_SMALL_OPS,
+        prefill_piece: int = DEFAULT_PREFILL_PIECE,
     ) -> None:
         self.config = config
         self.embed = embed
@@ -74,6 +80,7 @@ class HybridModel:
         self.chunk_size = chunk_size
         self.recurrent_max = recurrent_max
         self.single_thread_small_ops = single_thread_small_ops
+        self.prefill_piece = prefill_piece
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -114,9 +121,9 @@ class HybridModel:
         cfg = HybridConfig.load(config)
         check_state_dict(cfg, state_dict)
         compute = torch.float32 if packed else dtype
-        take = state_dict.pop if consume else state_dict.__getitem__
-        get_c = make_getter(state_dict, compute, device, take)  # norms, biases, embeddings
-        get_w = make_getter(state_dict, dtype, device, take)  # matrices
+        get_c = make_getter(state_dict, compute, device, consume)  # norms, biases, embeddings
+        # matrices; int8 quantizes from the stored precision, a block of rows at a time
+        get_w = make_getter(state_dict, None if int8 else dtype, device, consume)
 
         def opt(name: str) -> Tensor | None:
             return get_c(name) if name in state_dict else None
@@ -291,10 +298,21 @@ class HybridModel:
             state.kv.reserve(pos + T)
             if self.single_thread_small_ops:
                 with small_ops_single_threaded():
-                    return self._forward(input_ids, state, all_logits)
-            return self._forward(input_ids, state, all_logits)
+                    return self._forward_pieces(input_ids, state, all_logits)
+            return self._forward_pieces(input_ids, state, all_logits)
 
     __call__ = forward
+
+    def _forward_pieces(self, input_ids: Tensor, state: ModelState, all_logits: bool) -> Tensor:
+        """Long inputs in pieces of ``prefill_piece`` tokens: continuing from the state is exact,
+        and the activations of a whole 8k-token file (~100 MB per [T, 3352] projection, plus the
+        scan's decay blocks) would otherwise set the server's peak memory."""
+        piece = self.prefill_piece
+        T = input_ids.shape[0]
+        if T <= piece:
+            return self._forward(input_ids, state, all_logits)
+        outs = [self._forward(input_ids[a : a + piece], state, all_logits) for a in range(0, T, piece)]
+        return torch.cat(outs) if all_logits else outs[-1]
 
     def _forward(self, input_ids: Tensor, state: ModelState, all_logits: bool) -> Tensor:
         cfg = self.config

@@ -153,6 +153,23 @@ class SafetensorsFiles(Mapping[str, Tensor]):
         del self._where[name]
         return t
 
+    def pop_as(self, name: str, dtype: torch.dtype) -> Tensor:
+        """``pop(name).to(dtype)`` without holding the stored copy whole: converted in ~16 MB
+        pieces (a bf16 embedding read as fp32 would otherwise briefly need both, +150 MB)."""
+        path, stored, shape, offset, nbytes = self._where.pop(name)
+        out = torch.empty(shape, dtype=dtype)
+        flat = out.view(-1)
+        step = max(1, (16 << 20) // stored.itemsize)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for a in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - a)
+                buf = torch.empty(n * stored.itemsize, dtype=torch.uint8)
+                if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                    raise ValueError(f"{path}: truncated while reading {name}")
+                flat[a : a + n] = buf.view(stored)
+        return out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -203,18 +220,20 @@ def random_state_dict(cfg: HybridConfig, seed: int = 0) -> dict[str, Tensor]:
 
 
 def make_getter(
-    sd: dict[str, Tensor],
-    dtype: torch.dtype,
+    sd: Mapping[str, Tensor],
+    dtype: torch.dtype | None,
     device: torch.device | str,
-    take: Callable[[str], Tensor] | None = None,
+    consume: bool = False,
 ) -> Callable[..., Tensor]:
-    """Fetch a tensor converted to ``dtype``/device (``keep_fp32`` for SSM parameters).
-
-    ``take`` reads the tensor (default ``sd[name]``; ``sd.pop`` frees each one once converted)."""
-    read = take or sd.__getitem__
+    """Fetch a tensor converted to ``dtype`` (None: as stored) and ``device`` (``keep_fp32`` for
+    SSM parameters). ``consume`` removes each tensor from ``sd`` once read, so that a loader owning
+    the dict never holds two copies of the weights."""
 
     def get(name: str, keep_fp32: bool = False) -> Tensor:
-        t = read(name).detach()
-        return t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).contiguous()
+        want = torch.float32 if keep_fp32 else dtype
+        if consume and isinstance(sd, SafetensorsFiles) and want is not None and torch.device(device).type == "cpu":
+            return sd.pop_as(name, want)
+        t = (sd.pop(name) if consume else sd[name]).detach()  # type: ignore[attr-defined]
+        return t.to(device=device, dtype=want or t.dtype).contiguous()
 
     return get
