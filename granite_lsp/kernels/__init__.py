@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("gemv.cpp")
 # No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
-# Above this many rows of x, fp32 goes to MKL, which wins once the matmul is compute-bound.
-# bf16/int8 always use the kernel: every torch route for them was slower at every size we measured (T <= 256).
-FP32_KERNEL_MAX_ROWS = 64
+# Above this many rows of x the product goes to MKL (bf16/fp16/int8 widened to fp32 a block of
+# rows at a time), which wins once the matmul is compute-bound. Single layers were about even at
+# 512 rows, but whole-model prefill of 512 tokens (2 threads) took 4.76 s with the kernel and
+# 4.04 s through MKL for bf16, 5.60 vs 4.46 s for int8; below 64 rows the kernel wins by 1.2-6x.
+KERNEL_MAX_ROWS = 64
 # Rows of W upcast at a time by the torch fallback for bf16/int8 (~4 MB of fp32).
 _FALLBACK_BLOCK_BYTES = 4 << 20
 
@@ -193,9 +195,9 @@ def mamba_decode_step(
 class PackedLinear:
     """``y = x @ W^T (+ b)`` with W prepared once at load time: fp32, bf16, fp16, or int8 with a per-row scale.
 
-    Rows of x go through the extension (every T for bf16/int8, T <= FP32_KERNEL_MAX_ROWS for fp32),
-    where each output element is summed in the same order whatever T is: a row of x gets the
-    bit-identical result alone (decode) or in a batch (prefill).
+    Up to KERNEL_MAX_ROWS rows of x go through the extension (decode, small edits), where each output
+    element is summed in the same order whatever T is: a row gets the bit-identical result alone or
+    in a small batch. Longer inputs (prefill) go through MKL.
     """
 
     def __init__(self, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
@@ -252,10 +254,7 @@ class PackedLinear:
 
     def runs_in_kernel(self, x: Tensor) -> bool:
         """Whether ``self(x)`` stays in the extension (no torch matmul, so no torch threads)."""
-        ops = _state.get("ops")
-        return ops is not None and (
-            self.weight.dtype != torch.float32 or x.numel() <= FP32_KERNEL_MAX_ROWS * x.shape[-1]
-        )
+        return x.numel() <= KERNEL_MAX_ROWS * self.in_features and _load() is not None
 
     def __call__(self, x: Tensor, threads: int | None = None) -> Tensor:
         """``x`` [..., K] float32 (other float dtypes are cast) -> float32 [..., N].
@@ -263,13 +262,13 @@ class PackedLinear:
         ``threads`` defaults to ``torch.get_num_threads()``; pass it explicitly when calling from
         code that lowers torch's count for its small ops.
         """
-        ops = _state.get("ops") or _load()
+        ops = _load()
         if ops is not None and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
-            if self.weight.dtype != torch.float32 or x.shape[0] <= FP32_KERNEL_MAX_ROWS:  # the decode path
+            if x.shape[0] <= KERNEL_MAX_ROWS:  # the decode path
                 return ops.linear(x, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        if ops is not None and (self.weight.dtype != torch.float32 or x2.shape[0] <= FP32_KERNEL_MAX_ROWS):
+        if ops is not None and x2.shape[0] <= KERNEL_MAX_ROWS:
             y = ops.linear(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         else:
             y = self._torch(x2)
