@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import failpoints
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,8 @@ class WorkerStats:
     stale: int = 0
     cancelled_running: int = 0
     errors: int = 0
+    crashes: int = 0
+    restarts: int = 0
 
 
 class ModelWorker:
@@ -61,6 +65,7 @@ class ModelWorker:
         jobs and is superseded by newer ones, but never runs.
         """
         job = Job(key, fn, self._loop.create_future())
+        self._ensure_alive()
         with self._lock:
             if enqueue:
                 self.stats.submitted += 1
@@ -106,6 +111,19 @@ class ModelWorker:
         # Answer now; the worker will skip it (or stop it between two decode steps).
         self._loop.call_soon_threadsafe(_resolve, job.future, None, None)
 
+    def _ensure_alive(self) -> None:
+        """Restart the worker thread if it died some other way; queued jobs carry on."""
+        if not self._thread.is_alive():
+            log.error("model worker thread is dead")
+            self._restart()
+
+    def _restart(self) -> None:
+        with self._lock:
+            self.stats.restarts += 1
+            log.error("starting a new model worker thread (restart %d)", self.stats.restarts)
+            self._thread = threading.Thread(target=self._run, name="granite-model", daemon=True)
+            self._thread.start()
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
@@ -117,18 +135,29 @@ class ModelWorker:
                 job.started = True
                 self.stats.ran += 1
             self.busy = True
+            crashed: BaseException | None = None
             try:
+                if job.key is not None and failpoints.fire("worker-crash"):  # document jobs only
+                    raise failpoints.WorkerCrash("failpoint worker-crash")
                 result, error = job.fn(job), None
             except Exception as e:  # one failing request must never take the worker down
                 log.exception("model job failed")
                 self.stats.errors += 1
                 result, error = None, e
+            except BaseException as e:  # noqa: BLE001 - the thread dies; the next submit restarts it
+                log.critical("model worker thread crashed: %r", e, exc_info=True)
+                self.stats.crashes += 1
+                result, error, crashed = None, RuntimeError(f"model worker crashed: {e!r}"), e
             finally:
                 self.busy = False
                 with self._lock:
                     if job.key is not None and self._latest.get(job.key) is job:
                         self._latest.pop(job.key, None)
             self._loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            if crashed is not None:
+                # This thread is done for; a fresh one takes over the queue at once.
+                self._restart()
+                return
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

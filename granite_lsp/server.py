@@ -261,6 +261,8 @@ class GraniteServer(LanguageServer):
         def do_load(job: Job) -> CompletionService:
             return CompletionService(load(settings, report), settings)
 
+        # Drop the previous model first: holding two while the new one loads can itself run out of memory.
+        self.service = None
         try:
             self.service = await self.worker.submit(None, do_load).future
             loaded = self.service.loaded
@@ -269,10 +271,19 @@ class GraniteServer(LanguageServer):
             self.notify_status("ready", message)
         except Exception as e:
             self.service = None
-            self.load_error = str(e)
-            log.error("model failed to load: %s", e)
-            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=f"granite-lsp: {e}"))
-            self.notify_status("error", str(e))
+            reason = str(e)
+            if isinstance(e, MemoryError) or "can't allocate memory" in reason or "out of memory" in reason.lower():
+                reason = (
+                    f"not enough memory to load {settings.model} ({settings.dtype}, quantize {settings.quantize}): "
+                    f"{reason or type(e).__name__}. Try dtype bfloat16 or quantize int8, or free memory; "
+                    "changing the configuration retries."
+                )
+            self.load_error = reason
+            log.error("model failed to load: %s", reason)
+            self.window_show_message(
+                types.ShowMessageParams(type=types.MessageType.Error, message=f"granite-lsp: {reason}")
+            )
+            self.notify_status("error", reason)
         finally:
             self.loading = False
             if use_progress:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import failpoints
 from .engine import Engine, Generation, GenerationStats
 from .fim import FimBudget, PromptBuilder
 from .model_files import resolve_model_dir
@@ -191,6 +192,8 @@ class CompletionService:
         context_ids: list[int] | None = None,
     ) -> Completion:
         """Complete at ``cursor`` (a code-point offset into ``text``)."""
+        if failpoints.fire("complete"):
+            raise failpoints.InjectedFault("failpoint complete")
         shape = not self.settings.raw if shape is None else shape
         if self.settings.type_through:
             hit, cached = self.shown.lookup(doc, text, cursor)

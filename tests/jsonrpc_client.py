@@ -123,11 +123,12 @@ class RpcClient:
             raise RuntimeError(f"{method} failed: {resp['error']}")
         return resp.get("result")
 
-    def wait_notification(self, method: str, pred=lambda p: True, timeout: float = 120.0) -> dict:
+    def wait_notification(self, method: str, pred=lambda p: True, timeout: float = 120.0, after: int = 0) -> dict:
+        """The first ``method`` notification matching ``pred`` (among those from index ``after`` on)."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while True:
-                for n in self.notifications:
+                for n in self.notifications[after:]:
                     if n["method"] == method and pred(n.get("params")):
                         return n
                 left = deadline - time.monotonic()
