@@ -46,26 +46,6 @@ def _setup_logging(log_file: str | None, debug: bool) -> None:
     logging.getLogger("pygls").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def keep_large_allocations_returnable() -> None:
-    """Pin glibc's mmap threshold at 128 KB (its default) so that freed tensors go back to the OS.
-
-    glibc raises the threshold to the size of each large block that is freed (up to 32 MB), after
-    which such blocks come from the heap and stay in the process when freed: loading the weights
-    (buffers read and converted piece by piece) and a long prefill then leave a few hundred MB of
-    resident memory behind. Setting the threshold explicitly turns that adaptation off.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
-
-
 def _set_threads(n: int | None) -> None:
     if n:
         import torch
@@ -86,7 +66,6 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--version", action="version", version=f"granite-lsp {__version__}")
     args = p.parse_args(argv)
     _setup_logging(args.log_file, args.debug)
-    keep_large_allocations_returnable()
     _set_threads(args.threads)
     try:
         settings = _settings(args)

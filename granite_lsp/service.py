@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import failpoints
+from . import failpoints, memory
 from .engine import Engine, Generation, GenerationStats
 from .fim import FimBudget, PromptBuilder
 from .model_files import resolve_model_dir
@@ -100,6 +100,7 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
             reference = _transformers_model(path, dtype, device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise RuntimeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    memory.release()  # conversion buffers
     report("Ready", 100)
     return LoadedModel(model, tokenizer, path, device, model.weight_dtype, time.perf_counter() - t0, reference)
 

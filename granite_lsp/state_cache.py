@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import memory
 from .runtime import HybridModel, KVCache, MambaSnapshot
+
+# Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
+RELEASE_AFTER_TOKENS = 256
+# Marks closer than this to the previous checkpoint of the same prefill get none of their own.
+MIN_CHECKPOINT_GAP = 16
 
 
 @dataclass
@@ -105,8 +111,15 @@ class StateCache:
         t0 = time.perf_counter()
         target = np.asarray(ids, dtype=np.int64)
         start, logits = self._restore_best(doc, target)
-        stops = sorted({m for m in marks if start < m < len(ids)} | self._interval_marks(start, len(ids)))
+        stops: list[int] = []
+        for m in sorted({m for m in marks if start < m < len(ids)} | self._interval_marks(start, len(ids))):
+            # A checkpoint a few tokens after another saves those few tokens and costs a whole state
+            # (~23 MB on the real shape): e.g. prefix_len and static_len when the suffix is empty.
+            if not stops or m - stops[-1] >= MIN_CHECKPOINT_GAP:
+                stops.append(m)
         if start < len(ids):
+            if stops and len(ids) - stops[-1] < MIN_CHECKPOINT_GAP:
+                stops.pop()  # the end of the prompt (always a checkpoint) is close enough
             stops.append(len(ids))
         pos = start
         for stop in stops:
@@ -115,6 +128,8 @@ class StateCache:
             if self.enabled:
                 self._checkpoint(doc)
         assert logits is not None
+        if len(ids) - start >= RELEASE_AFTER_TOKENS:
+            memory.release()  # a long prefill's activations
         ms = (time.perf_counter() - t0) * 1000.0
         self.stats.prefills += 1
         self.stats.tokens_reused += start

@@ -96,6 +96,9 @@ _ST_DTYPES = {
 }
 
 
+_PIECE_BYTES = 16 << 20  # read (and convert) at most this much of a tensor at a time
+
+
 class SafetensorsFiles(Mapping[str, Tensor]):
     """The tensors of .safetensors files, each read from disk only when asked for.
 
@@ -106,6 +109,7 @@ class SafetensorsFiles(Mapping[str, Tensor]):
     """
 
     def __init__(self, files: list[Path]) -> None:
+        self._buf: Tensor | None = None
         self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
         for path in files:
             with open(path, "rb") as f:
@@ -159,15 +163,19 @@ class SafetensorsFiles(Mapping[str, Tensor]):
         path, stored, shape, offset, nbytes = self._where.pop(name)
         out = torch.empty(shape, dtype=dtype)
         flat = out.view(-1)
-        step = max(1, (16 << 20) // stored.itemsize)
+        if self._buf is None:  # one read buffer for every tensor: no garbage left on the heap
+            self._buf = torch.empty(_PIECE_BYTES, dtype=torch.uint8)
+        step = _PIECE_BYTES // stored.itemsize
         with open(path, "rb") as f:
             f.seek(offset)
             for a in range(0, flat.numel(), step):
                 n = min(step, flat.numel() - a)
-                buf = torch.empty(n * stored.itemsize, dtype=torch.uint8)
+                buf = self._buf[: n * stored.itemsize]
                 if f.readinto(memoryview(buf.numpy())) != buf.numel():
                     raise ValueError(f"{path}: truncated while reading {name}")
                 flat[a : a + n] = buf.view(stored)
+        if not self._where:
+            self._buf = None
         return out
 
     def __iter__(self) -> Iterator[str]:
