@@ -1,9 +1,10 @@
-"""Deliberate faults for reliability tests, armed only through the environment.
+"""Deliberate faults for reliability tests, armed only through the environment (or ``arm``).
 
-``GRANITE_LSP_FAILPOINTS="complete:2,worker-crash:1"`` makes the next 2 completion jobs raise and the
-next job after that kill the model worker thread. Tests use it to check that the real server, in its
-own process, survives what cannot be provoked from outside on demand (a bug in one request, a dying
-thread); nothing is armed in normal use, and each check is a dict lookup.
+``GRANITE_LSP_FAILPOINTS="complete:2,worker-crash:1"`` makes the next 2 completion jobs raise and
+the next job after that kill the model worker thread; ``forward-midway`` fails a model forward
+halfway through its layers, after half of the state has advanced (as running out of memory there
+would). Tests use them to check that the real server, in its own process, survives what cannot be
+provoked from outside on demand; nothing is armed in normal use, and each check is a dict lookup.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def _parse(spec: str) -> dict[str, int]:
 
 
 _armed.update(_parse(os.environ.get("GRANITE_LSP_FAILPOINTS", "")))
+
+
+def arm(name: str, count: int = 1) -> None:
+    """Arm ``name`` for the next ``count`` hits (in-process tests; the server reads the environment)."""
+    with _lock:
+        _armed[name] = count
 
 
 def fire(name: str) -> bool:

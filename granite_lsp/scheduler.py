@@ -154,6 +154,9 @@ class ModelWorker:
                     if job.key is not None and self._latest.get(job.key) is job:
                         self._latest.pop(job.key, None)
             self._loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            # Drop this job's result and error now, not when the next job ends: a failed load's
+            # traceback holds the half-built model, a finished load the previous service.
+            del job, result, error
             if crashed is not None:
                 # This thread is done for; a fresh one takes over the queue at once.
                 self._restart()

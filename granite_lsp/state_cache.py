@@ -118,8 +118,6 @@ class StateCache:
             if not stops or m - stops[-1] >= MIN_CHECKPOINT_GAP:
                 stops.append(m)
         if start < len(ids):
-            if stops and len(ids) - stops[-1] < MIN_CHECKPOINT_GAP:
-                stops.pop()  # the end of the prompt (always a checkpoint) is close enough
             stops.append(len(ids))
         pos = start
         for stop in stops:
@@ -193,7 +191,13 @@ class StateCache:
 
     def _run(self, ids: np.ndarray) -> torch.Tensor:
         self._make_writable()
-        logits = self.model.forward(torch.from_numpy(ids), self.live)
+        try:
+            logits = self.model.forward(torch.from_numpy(ids), self.live)
+        except BaseException:
+            # The live state is updated in place, layer by layer and piece by piece: after a failure
+            # (out of memory, ...) it matches no token list. Start over from empty, never from it.
+            self._restore(self._zero, self.live.kv, [], None)
+            raise
         self.live_tokens.extend(ids.tolist())
         self.live_logits = logits
         return logits

@@ -39,8 +39,10 @@ def float32_tokens() -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16", "int8"])
 def test_low_precision_greedy_tokens_equal_float32(name, float32_tokens):
-    if not kernels.available():
-        pytest.skip(f"CPU kernels unavailable ({kernels.build_error()}): fp16 / packed bf16 not offered")
+    if name != "int8" and not kernels.available():
+        # without them bf16 runs with bf16 activations (its own tolerance test: test_runtime) and
+        # fp16 falls back to fp32; int8 still runs, through the torch fallback
+        pytest.skip(f"CPU kernels unavailable ({kernels.build_error()})")
     dtype, tokens = _greedy_tokens(PRECISIONS[name])
     assert dtype == {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}[name]
     assert len(tokens) == len(float32_tokens) >= 10

@@ -250,13 +250,27 @@ def test_greedy_decode_matches_transformers(tiny):
     assert state.pos == 50
 
 
-@pytest.mark.parametrize("cfg", ["tiny", "variant"])
+# Odd sizes for the fused decode step: d_state not a multiple of 8 (the kernel's scalar tail), a head
+# count that leaves a partial chunk of heads, several groups.
+ODD_CONFIG: dict = {
+    **TINY_CONFIG,
+    "hidden_size": 24,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "mamba_n_heads": 6,
+    "mamba_d_head": 8,
+    "mamba_d_state": 12,
+    "mamba_n_groups": 2,
+}
+
+
+@pytest.mark.parametrize("cfg", ["tiny", "variant", "odd"])
 def test_fused_decode_step_equals_torch_ops(cfg):
     """kernels.mamba_decode_step (conv + SSM update + gated norm in one C++ pass) leaves the same
     states and logits as the torch ops it replaces, step after step (variant: 2 groups, biases)."""
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.build_error()}")
-    conf = TINY_CONFIG if cfg == "tiny" else VARIANT_CONFIG
+    conf = {"tiny": TINY_CONFIG, "variant": VARIANT_CONFIG, "odd": ODD_CONFIG}[cfg]
     hf = _hf_model(conf, seed=5)
     fused, plain = _ours(hf, conf), _ours(hf, conf)
     for blk in plain.blocks:

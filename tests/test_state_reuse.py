@@ -152,3 +152,34 @@ def test_typing_through_the_suggestion_needs_no_model(make_service) -> None:
     # Typing something else goes back to the model.
     other = text[:cursor] + "#" + text[cursor:]
     assert svc.complete("file:///t.py", other, cursor + 1).generation.stop_reason != "typed_through"
+
+
+def test_a_forward_that_fails_midway_leaves_no_corrupt_state(make_service) -> None:
+    """A forward that fails halfway through its layers (failpoint ``forward-midway``; out of memory in
+    real life) has already advanced half of the live state in place: the next request must not
+    continue from it, and completes exactly as a fresh service does."""
+    from granite_lsp import failpoints
+    from granite_lsp.failpoints import InjectedFault
+
+    fixture = load_fixtures()[0]
+    head = "".join(f"# padding line {i}: nothing to see here\n" for i in range(60))
+    text = head + fixture["text"]
+    cursor = len(head) + Document("x", fixture["text"]).offset_at(fixture["line"], fixture["character"])
+    svc = make_service(prefix_tokens=1536, type_through=False)
+    failpoints.arm("forward-midway", 1)
+    try:
+        with pytest.raises(InjectedFault):
+            svc.complete("file:///p.py", text, cursor, max_tokens=24, shape=False)
+    finally:
+        failpoints.arm("forward-midway", 0)
+    assert svc.cache.live.pos == 0 and svc.cache.live_tokens == []
+    again = svc.complete("file:///p.py", text, cursor, max_tokens=24, shape=False)
+    fresh = make_service(prefix_tokens=1536, type_through=False)
+    want = fresh.complete("file:///p.py", text, cursor, max_tokens=24, shape=False)
+    assert again.generation.token_ids == want.generation.token_ids
+    # Same computation on both sides, so the states must be bit-identical (a corrupt start is not).
+    import torch
+
+    mine_all, theirs_all = svc.cache.live.ssm + svc.cache.live.conv, fresh.cache.live.ssm + fresh.cache.live.conv
+    for mine, theirs in zip(mine_all, theirs_all, strict=True):
+        assert torch.equal(mine, theirs)

@@ -376,7 +376,11 @@ at::Tensor mamba_decode_step(const at::Tensor& zxbcdt, const at::Tensor& conv_st
               "zxbcdt: contiguous fp32 [1, E + C + H]");
   for (const at::Tensor* t : {&conv_state, &conv_w, &dt_bias, &A, &D, &ssm_state, &norm_w})
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_decode_step: fp32 contiguous");
-  TORCH_CHECK(conv_state.size(0) == K - 1 && conv_state.size(1) == C && conv_w.size(1) == C, "conv shapes");
+  TORCH_CHECK(K >= 2 && conv_state.size(0) == K - 1 && conv_state.size(1) == C && conv_w.size(1) == C, "conv shapes");
+  TORCH_CHECK(dt_bias.numel() == H, "dt_bias: [H]");
+  TORCH_CHECK(!conv_b || (conv_b->is_cpu() && conv_b->scalar_type() == at::kFloat && conv_b->is_contiguous() &&
+                          conv_b->numel() == C),
+              "conv_b: contiguous fp32 [C]");
   TORCH_CHECK(H % G == 0 && E % G == 0 && norm_w.numel() == E && A.numel() == H && D.numel() == H, "head shapes");
   const float* in = zxbcdt.data_ptr<float>();
   const float *z = in, *raw = in + E, *dtr = in + E + C;
@@ -479,8 +483,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
   m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps) -> Tensor", &add_rms_norm);
   m.def("swiglu(Tensor gu) -> Tensor", &swiglu);
   m.def(
-      "mamba_decode_step(Tensor zxbcdt, Tensor conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, Tensor A, "
-      "Tensor D, Tensor ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
+      "mamba_decode_step(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, "
+      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
       "-> Tensor",
       &mamba_decode_step);
 }

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import failpoints
 from ..kernels import PackedLinear
 from ..kernels import available as kernels_available
 from .config import HybridConfig
@@ -114,6 +115,8 @@ class HybridModel:
         on_cpu = torch.device(device).type == "cpu"
         if packed is None:
             packed = on_cpu and (int8 or kernels_available())
+        if int8 and not packed:
+            raise ValueError("int8 weights are always packed (PackedLinear); packed=False cannot hold them")
         if (packed or int8) and not on_cpu:
             raise ValueError("packed / int8 weights are CPU-only; on GPU use bfloat16 or float16")
         if not packed and dtype == torch.float16 and on_cpu:
@@ -324,7 +327,10 @@ class HybridModel:
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
         x = x.contiguous()
         h = rms_norm(x, self.blocks[0].ln_in, eps) if self.blocks else x
+        half = len(self.blocks) // 2
         for i, blk in enumerate(self.blocks):
+            if i == half and failpoints.fire("forward-midway"):
+                raise failpoints.InjectedFault("failpoint forward-midway")  # half the layers have advanced
             if blk.kind == "mamba":
                 h = blk.mixer.forward(h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max)
             else:

@@ -128,11 +128,18 @@ class SafetensorsFiles(Mapping[str, Tensor]):
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                if not isinstance(info, dict):
+                    raise ValueError(f"{path}: malformed entry for tensor {name}")
                 dtype = _ST_DTYPES.get(info.get("dtype"))
                 if dtype is None:
                     raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
+                try:
+                    shape = tuple(int(d) for d in info["shape"])
+                    start, end = (int(o) for o in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError(f"{path}: tensor {name} has a malformed shape or offsets") from None
+                if any(d < 0 for d in shape) or end < start:
+                    raise ValueError(f"{path}: tensor {name} has inconsistent offsets")
                 numel = 1
                 for d in shape:
                     numel *= d
