@@ -290,3 +290,109 @@ def test_out_of_memory_while_loading_then_retry() -> None:
         assert rpc.proc.poll() is None
     finally:
         rpc.kill()
+
+
+def test_tcp_on_an_explicit_host_warns() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "granite_lsp", "--tcp", "--host", "0.0.0.0", "--port", "0", "--model", str(TINY)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        addresses: list[str] = []
+        while not addresses and time.monotonic() < deadline:
+            time.sleep(0.2)
+            addresses = _listening_addresses(proc.pid)
+        assert addresses == ["00000000"], addresses  # what the user asked for, and only that
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert "listening on 0.0.0.0" in err and "anyone who can reach" in err
+
+
+def _listener() -> tuple[object, int, list[int]]:
+    """A local TCP server counting connections: the stand-in for the Hugging Face Hub."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    hits: list[int] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            hits.append(1)
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return sock, sock.getsockname()[1], hits
+
+
+def test_no_network_unless_a_download_is_asked_for(tmp_path) -> None:
+    """A model id that is not cached: without --download nothing connects to the hub (here a local
+    listener standing in for it via HF_ENDPOINT); with --download the same command does connect."""
+    sock, port, hits = _listener()
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+        "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+        "HF_HUB_OFFLINE": "0",
+        "NO_PROXY": "127.0.0.1",
+    }
+    src = tmp_path / "a.py"
+    src.write_text("x = 1\n")
+    cmd = [sys.executable, "-m", "granite_lsp", "complete", str(src), "--line", "0", "--character", "0"]
+    try:
+        out = subprocess.run(
+            [*cmd, "--model", "some-org/some-model"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 2 and "--download" in out.stderr
+        assert hits == [], "the server contacted the hub without being asked to"
+        out = subprocess.run(
+            [*cmd, "--model", "some-org/some-model", "--download"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 2 and "download failed" in out.stderr
+        assert hits, "--download should have contacted the (stand-in) hub"
+    finally:
+        sock.close()
+
+
+def test_context_comes_only_from_open_documents(tmp_path) -> None:
+    """Files next to an open document, or named by URI in it, are never read: the prompt is the same
+    size whether or not a large file sits there (the server reads no files, only what the editor sends)."""
+    sizes = []
+    folder = tmp_path / "project"
+    folder.mkdir()
+    for with_secret in (False, True):
+        if with_secret:
+            (folder / "secret.py").write_text("API_KEY = 'do-not-read'\n" * 2000)
+        uri = (folder / "a.py").as_uri()
+        text = f"# see {(folder / 'secret.py').as_uri()} and secret.py\nimport secret\nvalue = secret."
+        rpc = RpcClient()
+        try:
+            rpc.call(
+                "initialize",
+                {
+                    "processId": os.getpid(),
+                    "rootUri": folder.as_uri(),
+                    "workspaceFolders": [{"uri": folder.as_uri(), "name": "w"}],
+                    "capabilities": {},
+                    "initializationOptions": {"raw": True},  # the whole generation, no early answer
+                },
+            )
+            rpc.notify("initialized", {})
+            rpc.wait_notification("granite/status", lambda p: p["state"] in ("ready", "error"))
+            rpc.open(uri, text)
+            rpc.inline(uri, 2, len("value = secret."))
+            stats = rpc.call("granite/stats")
+            assert stats["last"], stats
+            sizes.append(stats["last"]["prompt_tokens"])
+        finally:
+            rpc.kill()
+    assert sizes[0] > 0 and sizes[0] == sizes[1], sizes
