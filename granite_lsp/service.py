@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from .engine import Engine, Generation, GenerationStats
 from .fim import FimBudget, PromptBuilder
 from .model_files import resolve_model_dir
 from .postprocess import CursorContext, Shaper, Suggestion
-from .runtime import HybridModel
+from .runtime import HybridConfig, HybridModel
 from .settings import Settings
 from .state_cache import StateCache
 from .tokens import TextTokenizer
@@ -39,7 +40,7 @@ def pick_device(device: str) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_dtype(dtype: str, device: str, config_path: Path | None = None) -> torch.dtype:
+def pick_dtype(dtype: str, device: str, config: dict[str, Any] | None = None) -> torch.dtype:
     """The weights' precision. "auto": bfloat16 on CUDA; on CPU the checkpoint's own dtype
     (config.json "dtype"/"torch_dtype": Granite ships bfloat16) when the AVX2 kernels are
     there, float32 otherwise. bf16 weights with fp32 activations lose nothing against a bf16
@@ -49,12 +50,8 @@ def pick_dtype(dtype: str, device: str, config_path: Path | None = None) -> torc
         return _DTYPES[dtype]
     if device != "cpu":
         return torch.bfloat16
-    stored = None
-    if config_path is not None and config_path.is_file():
-        import json
-
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-        stored = _DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or ""))
+    config = config or {}
+    stored = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or ""))
     if stored is None or stored == torch.float32:
         return torch.float32
     from . import kernels
@@ -80,9 +77,7 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     report(f"Locating {settings.model}", 0)
     path = resolve_model_dir(settings.model, allow_download=settings.download)
     device = pick_device(settings.device)
-    rw = Path(settings.random_weights) if settings.random_weights else None
-    config_path = (rw if rw.is_file() else rw / "config.json") if rw else path / "config.json"
-    dtype = pick_dtype(settings.dtype, device, config_path)
+    dtype = pick_dtype(settings.dtype, device, HybridConfig.load(settings.random_weights or path).raw)
     quantize = None if settings.quantize == "none" else settings.quantize
     if quantize and device != "cpu":
         raise RuntimeError(f"--quantize {quantize} is CPU-only; on {device} use --dtype bfloat16 or float16")

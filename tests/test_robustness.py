@@ -213,6 +213,16 @@ def _listening_addresses(pid: int) -> list[str]:
     return found
 
 
+def _wait_listening(pid: int, timeout: float = 30.0) -> list[str]:
+    """The addresses ``pid`` listens on, once it listens on any (or [] after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    addresses: list[str] = []
+    while not addresses and time.monotonic() < deadline:
+        time.sleep(0.2)
+        addresses = _listening_addresses(pid)
+    return addresses
+
+
 def test_tcp_binds_loopback_by_default() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "granite_lsp", "--tcp", "--port", "0", "--model", str(TINY)],
@@ -220,11 +230,7 @@ def test_tcp_binds_loopback_by_default() -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        addresses: list[str] = []
-        while not addresses and time.monotonic() < deadline:
-            time.sleep(0.2)
-            addresses = _listening_addresses(proc.pid)
+        addresses = _wait_listening(proc.pid)
         assert addresses and all(a == "0100007F" for a in addresses), addresses  # 127.0.0.1 only
     finally:
         proc.kill()
@@ -299,11 +305,7 @@ def test_tcp_on_an_explicit_host_warns() -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        addresses: list[str] = []
-        while not addresses and time.monotonic() < deadline:
-            time.sleep(0.2)
-            addresses = _listening_addresses(proc.pid)
+        addresses = _wait_listening(proc.pid)
         assert addresses == ["00000000"], addresses  # what the user asked for, and only that
     finally:
         proc.kill()

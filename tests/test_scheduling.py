@@ -49,30 +49,38 @@ def test_burst_of_automatic_requests_runs_the_model_once(rpc: RpcClient) -> None
     assert stats["worker"]["stale"] >= 49
 
 
-def test_cancel_stops_generation_between_decode_steps(rpc: RpcClient) -> None:
+def _start_long_generation(rpc: RpcClient, uri: str) -> int:
+    """A request that would generate 4000 tokens, given time to get going."""
     rpc.initialize({"maxTokens": 4000, "ignoreEos": True, "raw": True})
-    rpc.open("file:///long.py", "def f():\n    ")
-    msg_id = rpc.request("textDocument/inlineCompletion", rpc.inline_params("file:///long.py", 1, 4))
+    rpc.open(uri, "def f():\n    ")
+    msg_id = rpc.request("textDocument/inlineCompletion", rpc.inline_params(uri, 1, 4))
     time.sleep(1.0)
+    return msg_id
+
+
+def _wait_until_idle(rpc: RpcClient, timeout: float = 5.0) -> dict:
+    """granite/stats once the model worker is idle (or after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while rpc.call("granite/stats")["worker"]["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rpc.call("granite/stats")
+
+
+def test_cancel_stops_generation_between_decode_steps(rpc: RpcClient) -> None:
+    msg_id = _start_long_generation(rpc, "file:///long.py")
     t0 = time.monotonic()
     rpc.notify("$/cancelRequest", {"id": msg_id})
     resp = rpc.wait(msg_id, timeout=30)
     assert resp.get("result") is None or resp["error"]["code"] == -32800
     assert time.monotonic() - t0 < 1.0
     # The worker stopped too (not just the response): it is idle again well before 4000 tokens.
-    deadline = time.monotonic() + 5
-    while rpc.call("granite/stats")["worker"]["busy"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stats = rpc.call("granite/stats")
+    stats = _wait_until_idle(rpc)
     assert not stats["worker"]["busy"]
     assert stats["worker"]["cancelled_running"] >= 1
 
 
 def test_newer_document_version_supersedes_a_running_request(rpc: RpcClient) -> None:
-    rpc.initialize({"maxTokens": 4000, "ignoreEos": True, "raw": True})
-    rpc.open("file:///v.py", "def f():\n    ")
-    msg_id = rpc.request("textDocument/inlineCompletion", rpc.inline_params("file:///v.py", 1, 4))
-    time.sleep(0.5)
+    msg_id = _start_long_generation(rpc, "file:///v.py")
     t0 = time.monotonic()
     rpc.change("file:///v.py", 2, (1, 4), (1, 4), "x")
     assert rpc.wait(msg_id, timeout=30).get("result") is None

@@ -96,6 +96,8 @@ def _ensure_ninja_on_path() -> None:
 
 def _load() -> object | None:
     """The compiled ops (building them on first call), or None with the reason in build_error()."""
+    if "ops" in _state:  # decided already: no lock on the decode path (~150 calls per token)
+        return _state["ops"]
     with _lock:
         if "ops" in _state:
             return _state["ops"]
@@ -262,14 +264,10 @@ class PackedLinear:
         ``threads`` defaults to ``torch.get_num_threads()``; pass it explicitly when calling from
         code that lowers torch's count for its small ops.
         """
-        ops = _load()
-        if ops is not None and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
-            if x.shape[0] <= KERNEL_MAX_ROWS:  # the decode path
-                return ops.linear(x, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        if ops is not None and x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = ops.linear(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # a view of x when 2-D fp32
+        if self.runs_in_kernel(x2):
+            y = _load().linear(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         else:
             y = self._torch(x2)
         return y.reshape(*lead, self.out_features)

@@ -19,16 +19,21 @@ from .matmul import linear, matmul_threads
 from .ssm import ssm_chunked, ssm_recurrent
 
 
-def _few_rows(x: Tensor) -> bool:
-    """The fused single-threaded CPU ops pay off for decode-sized inputs; torch's vectorized,
-    multi-threaded ops win on prefill-sized ones (SwiGLU over 512 rows: 5 ms fused)."""
-    return x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1]
+def _fused(x: Tensor, *others: Tensor) -> bool:
+    """Whether the fused CPU kernels take this input: contiguous fp32 CPU tensors of decode size.
+    (They pay off for a few rows; torch's vectorized ops win on prefill: SwiGLU over 512 rows
+    took 5 ms fused.) The kernel wrappers still answer None when the extension is missing."""
+    return (
+        x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1]
+        and x.device.type == "cpu"
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (x, *others))
+    )
 
 
 def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """The residual update ``x + alpha * h`` and its RMSNorm (fused in place on CPU fp32)."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _few_rows(x) and x.is_contiguous() and h.is_contiguous():
-        out = kernels.add_rms_norm(x, h, alpha, weight, eps) if weight.dtype == torch.float32 else None
+    if _fused(x, h, weight):
+        out = kernels.add_rms_norm(x, h, alpha, weight, eps)
         if out is not None:
             return x, out
     x = torch.add(x, h, alpha=alpha)
@@ -41,11 +46,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     In float32 torch's fused kernel gave bit-identical results in our checks, in one op not eight;
     for bf16 it would round differently from HF (scale before the cast), so spell it out."""
     if x.dtype == torch.float32:
-        if x.device.type == "cpu" and _few_rows(x) and x.is_contiguous() and weight.dtype == torch.float32:
-            out = kernels.rms_norm(x, weight, eps)
-            if out is not None:
-                return out
-        return F.rms_norm(x, weight.shape, weight, eps)
+        out = kernels.rms_norm(x, weight, eps) if _fused(x, weight) else None
+        return out if out is not None else F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -61,10 +63,9 @@ class MLP:
 
     def forward(self, h: Tensor) -> Tensor:
         gu = linear(h, self.w_in)
-        if gu.dtype == torch.float32 and gu.device.type == "cpu" and _few_rows(gu):
-            act = kernels.swiglu(gu)
-            if act is not None:
-                return linear(act, self.w_out)
+        act = kernels.swiglu(gu) if _fused(gu) else None
+        if act is not None:
+            return linear(act, self.w_out)
         gate, up = gu[:, : self.inner], gu[:, self.inner :]
         return linear(F.silu(gate) * up, self.w_out)
 
@@ -187,7 +188,7 @@ class MambaMixer:
         T = h.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         zxbcdt = linear(h, self.w_in, self.b_in)
-        if T == 1 and self.fused_decode and zxbcdt.dtype == torch.float32 and zxbcdt.device.type == "cpu":
+        if T == 1 and self.fused_decode and _fused(zxbcdt, conv_state):
             y1 = kernels.mamba_decode_step(
                 zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),

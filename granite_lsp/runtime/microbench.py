@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..kernels import PackedLinear
 from .config import HybridConfig
-from .matmul import linear
+from .matmul import linear, small_ops_single_threaded
 from .model import HybridModel
 from .ssm import ssm_chunked
 
@@ -131,11 +131,11 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
             model.forward(ids[prefill + i : prefill + i + 1], state)
             if r or i:  # first step of the first round is warm-up
                 steps.append(time.perf_counter() - t0)
-        with _matmul_threads():
+        with small_ops_single_threaded():
             lin1.append(time_linears(model, 1, 2, linear))  # the runtime's own matmuls
     t_step = min(steps)
     t_ours1 = min(lin1)
-    with _matmul_threads():
+    with small_ops_single_threaded():
         t_oursp = time_linears(model, prefill, repeat, linear)
     t_torch1 = time_linears(model, 1, max(5, repeat * 3))
     return {
@@ -148,19 +148,6 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
         "linear_ms": t_ours1 * 1e3,
         "torch_linear_ms": t_torch1 * 1e3,
     }
-
-
-class _matmul_threads:
-    """Time ``linear`` as the model calls it: small ops on one thread, matmuls on all."""
-
-    def __enter__(self) -> None:
-        from .matmul import small_ops_single_threaded
-
-        self._ctx = small_ops_single_threaded()
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def sweep_chunk_sizes(model: HybridModel, repeat: int) -> None:

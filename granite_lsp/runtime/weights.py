@@ -9,6 +9,7 @@ are read: pickle-based formats (.bin/.pt/.pth) can execute code on load.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -138,52 +139,51 @@ class SafetensorsFiles(Mapping[str, Tensor]):
                     start, end = (int(o) for o in info["data_offsets"])
                 except (KeyError, TypeError, ValueError):
                     raise ValueError(f"{path}: tensor {name} has a malformed shape or offsets") from None
-                if any(d < 0 for d in shape) or end < start:
-                    raise ValueError(f"{path}: tensor {name} has inconsistent offsets")
-                numel = 1
-                for d in shape:
-                    numel *= d
-                if end - start != numel * dtype.itemsize or base + end > size or start < 0:
+                consistent = min(shape, default=0) >= 0 and 0 <= start <= end <= size - base
+                if not consistent or end - start != math.prod(shape) * dtype.itemsize:
                     raise ValueError(f"{path}: tensor {name} has inconsistent offsets")
                 self._where[name] = (path, dtype, shape, base + start, end - start)
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self._where[name][2]
 
-    def __getitem__(self, name: str) -> Tensor:
-        path, dtype, shape, offset, nbytes = self._where[name]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
-                raise ValueError(f"{path}: truncated while reading {name}")
-        return buf.view(dtype).reshape(shape)
-
-    def pop(self, name: str) -> Tensor:
-        t = self[name]
-        del self._where[name]
-        return t
-
-    def pop_as(self, name: str, dtype: torch.dtype) -> Tensor:
-        """``pop(name).to(dtype)`` without holding the stored copy whole: converted in ~16 MB
-        pieces (a bf16 embedding read as fp32 would otherwise briefly need both, +150 MB)."""
-        path, stored, shape, offset, nbytes = self._where.pop(name)
-        out = torch.empty(shape, dtype=dtype)
+    def _read(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Tensor ``name`` as ``dtype`` (default: as stored). Stored bytes go straight into the
+        result; a conversion goes through one shared ~16 MB buffer, a piece at a time, so a bf16
+        embedding read as fp32 never briefly needs both copies (+150 MB) and leaves no garbage."""
+        path, stored, shape, offset, nbytes = self._where[name]
+        out = torch.empty(shape, dtype=dtype or stored)
         flat = out.view(-1)
-        if self._buf is None:  # one read buffer for every tensor: no garbage left on the heap
-            self._buf = torch.empty(_PIECE_BYTES, dtype=torch.uint8)
-        step = _PIECE_BYTES // stored.itemsize
         with open(path, "rb") as f:
             f.seek(offset)
+            if out.dtype == stored:
+                if nbytes and f.readinto(memoryview(flat.view(torch.uint8).numpy())) != nbytes:
+                    raise ValueError(f"{path}: truncated while reading {name}")
+                return out
+            if self._buf is None:
+                self._buf = torch.empty(_PIECE_BYTES, dtype=torch.uint8)
+            step = _PIECE_BYTES // stored.itemsize
             for a in range(0, flat.numel(), step):
                 n = min(step, flat.numel() - a)
                 buf = self._buf[: n * stored.itemsize]
                 if f.readinto(memoryview(buf.numpy())) != buf.numel():
                     raise ValueError(f"{path}: truncated while reading {name}")
                 flat[a : a + n] = buf.view(stored)
+        return out
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._read(name)
+
+    def pop(self, name: str) -> Tensor:
+        return self.pop_as(name, None)
+
+    def pop_as(self, name: str, dtype: torch.dtype | None) -> Tensor:
+        """``pop(name).to(dtype)``, converted while reading (see ``_read``)."""
+        t = self._read(name, dtype)
+        del self._where[name]
         if not self._where:
             self._buf = None
-        return out
+        return t
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -246,9 +246,10 @@ def make_getter(
 
     def get(name: str, keep_fp32: bool = False) -> Tensor:
         want = torch.float32 if keep_fp32 else dtype
-        if consume and isinstance(sd, SafetensorsFiles) and want is not None and torch.device(device).type == "cpu":
-            return sd.pop_as(name, want)
-        t = (sd.pop(name) if consume else sd[name]).detach()  # type: ignore[attr-defined]
+        if consume and isinstance(sd, SafetensorsFiles):
+            t = sd.pop_as(name, want)  # converted while it is read
+        else:
+            t = (sd.pop(name) if consume else sd[name]).detach()  # type: ignore[attr-defined]
         return t.to(device=device, dtype=want or t.dtype).contiguous()
 
     return get

@@ -34,7 +34,8 @@ function deferred() {
   return { promise, resolve };
 }
 
-const tick = () => new Promise((r) => setTimeout(r, 5));
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const tick = () => sleep(5);
 const POS = { line: 3, character: 4 };
 const URI = 'file:///a.py';
 
@@ -104,12 +105,12 @@ test('a trigger VS Code drops is repeated until a call comes, then not again', a
   assert.deepEqual(await p1, { partial: 'ret', position: POS });
   // The final result arrives after the partial; VS Code ignores the first triggers.
   events.requests[0].d.resolve({ items: ['return a'] });
-  await new Promise((r) => setTimeout(r, 70));
+  await sleep(70);
   assert.ok(events.triggers >= 2, `triggers: ${events.triggers}`);
   const p2 = s.provide(URI, 1, POS, new Source().token, request());
   assert.deepEqual(await p2, { items: ['return a'] });
   const after = events.triggers;
-  await new Promise((r) => setTimeout(r, 70));
+  await sleep(70);
   assert.equal(events.triggers, after, 'no trigger once the final result was returned');
 });
 
@@ -120,7 +121,7 @@ test('an ignored trigger is repeated only a bounded number of times', async () =
   s.onPartial({ uri: URI, version: 1, position: POS, text: 'ret', done: false });
   await p1;
   events.requests[0].d.resolve({ items: ['return a'] });
-  await new Promise((r) => setTimeout(r, 300));
+  await sleep(300);
   assert.ok(events.triggers >= 2 && events.triggers <= 5, `triggers: ${events.triggers}`);
 });
 
@@ -159,27 +160,28 @@ test('a call at another key cancels the running request', async () => {
   assert.deepEqual(await p2, { items: ['b'] });
 });
 
-test('a request VS Code gave up on is cancelled after the grace period', async () => {
-  const { s, events, request } = setup();
+/** A provider call that VS Code cancels right after it started: it resolves with nothing. */
+async function abandonedCall(s, request) {
   const vs = new Source();
   const p = s.provide(URI, 1, POS, vs.token, request());
   await tick();
   vs.cancel();
-  assert.equal(await p, undefined);
+  return p;
+}
+
+test('a request VS Code gave up on is cancelled after the grace period', async () => {
+  const { s, events, request } = setup();
+  assert.equal(await abandonedCall(s, request), undefined);
   assert.equal(events.requests[0].token.isCancellationRequested, false);
-  await new Promise((r) => setTimeout(r, 40));
+  await sleep(40);
   assert.equal(events.requests[0].token.isCancellationRequested, true);
 });
 
 test('a request re-attached within the grace period keeps running', async () => {
   const { s, events, request } = setup();
-  const vs = new Source();
-  const p = s.provide(URI, 1, POS, vs.token, request());
-  await tick();
-  vs.cancel();
-  await p;
+  await abandonedCall(s, request);
   const p2 = s.provide(URI, 1, POS, new Source().token, request());
-  await new Promise((r) => setTimeout(r, 40));
+  await sleep(40);
   assert.equal(events.requests[0].token.isCancellationRequested, false);
   events.requests[0].d.resolve({ items: ['x'] });
   assert.deepEqual(await p2, { items: ['x'] });

@@ -309,36 +309,22 @@ function M.attach(bufnr, client_id)
   local augroup = api.nvim_create_augroup('granite_lsp_fallback_' .. bufnr, { clear = true })
   local st = { client_id = client_id, enabled = true, items = {}, index = 1, augroup = augroup }
   states[bufnr] = st
-  api.nvim_create_autocmd('InsertEnter', {
-    group = augroup,
-    buffer = bufnr,
-    callback = function()
-      if config().auto_trigger ~= false then
-        schedule_request(bufnr)
-      end
-    end,
-  })
-  api.nvim_create_autocmd({ 'TextChangedI', 'CursorMovedI' }, {
-    group = augroup,
-    buffer = bufnr,
-    callback = function()
-      on_change(bufnr)
-    end,
-  })
-  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
-    group = augroup,
-    buffer = bufnr,
-    callback = function()
-      M.clear(bufnr)
-    end,
-  })
-  api.nvim_create_autocmd({ 'BufUnload', 'BufWipeout' }, {
-    group = augroup,
-    buffer = bufnr,
-    callback = function()
-      M.detach(bufnr)
-    end,
-  })
+  local handlers = {
+    {
+      'InsertEnter',
+      function()
+        if config().auto_trigger ~= false then
+          schedule_request(bufnr)
+        end
+      end,
+    },
+    { { 'TextChangedI', 'CursorMovedI' }, function() on_change(bufnr) end },
+    { { 'InsertLeave', 'BufLeave' }, function() M.clear(bufnr) end },
+    { { 'BufUnload', 'BufWipeout' }, function() M.detach(bufnr) end },
+  }
+  for _, h in ipairs(handlers) do
+    api.nvim_create_autocmd(h[1], { group = augroup, buffer = bufnr, callback = h[2] })
+  end
 end
 
 function M.detach(bufnr)

@@ -31,6 +31,18 @@ local function units(n, encoding)
   return n == 4 and 2 or 1 -- utf-16
 end
 
+--- Walks `line` a character at a time while `go(byte_index, units)` holds (1-based byte index
+--- of the next character, `encoding` code units before it); returns the bytes and units passed.
+local function walk(line, encoding, go)
+  local i, n = 1, 0
+  while i <= #line and go(i, n) do
+    local len = seq_len(line:byte(i))
+    n = n + units(len, encoding)
+    i = i + len
+  end
+  return i - 1, n
+end
+
 --- Converts a byte column of `line` to an LSP character offset in `encoding`.
 ---@param line string
 ---@param col integer 0-based byte column
@@ -40,12 +52,9 @@ function M.byte_to_lsp(line, col, encoding)
   if encoding == 'utf-8' then
     return math.min(col, #line)
   end
-  local i, n = 1, 0
-  while i <= col and i <= #line do
-    local len = seq_len(line:byte(i))
-    n = n + units(len, encoding)
-    i = i + len
-  end
+  local _, n = walk(line, encoding, function(i)
+    return i <= col
+  end)
   return n
 end
 
@@ -60,13 +69,10 @@ function M.lsp_to_byte(line, character, encoding)
   if encoding == 'utf-8' then
     return math.min(character, #line)
   end
-  local i, n = 1, 0
-  while n < character and i <= #line do
-    local len = seq_len(line:byte(i))
-    n = n + units(len, encoding)
-    i = i + len
-  end
-  return math.min(i - 1, #line)
+  local bytes = walk(line, encoding, function(_, n)
+    return n < character
+  end)
+  return math.min(bytes, #line)
 end
 
 ---@param bufnr integer
