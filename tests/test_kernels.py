@@ -1,4 +1,5 @@
-"""granite_lsp.kernels: the AVX2 GEMV extension and its torch fallback against float64 references.
+"""granite_lsp.kernels: the AVX2 extension (streaming kernels and blocked GEMM) and its torch
+fallback against float64 references.
 
 The first run compiles the extension (~30-60 s on 2 cores); later runs load it from the cache.
 """
@@ -16,7 +17,8 @@ from granite_lsp.kernels import PackedLinear
 
 # (K, N): real widths, K % 8 != 0 (the scalar tail), N not a multiple of any row block.
 SHAPES = [(768, 203), (1536, 77), (100, 37), (7, 5), (2048, 1)]
-ROWS = [1, 2, 5, 9]
+# 1-9: the streaming kernels; 17 and 45 (past GEMV_MAX_ROWS): the blocked GEMM, with short row tiles.
+ROWS = [1, 2, 5, 9, 17, 45]
 MODES = ["fp32", "bf16", "fp16", "int8"]
 
 needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"extension unavailable: {kernels.build_error()}")
@@ -88,10 +90,21 @@ def test_fallback_when_extension_unavailable(mode: str, monkeypatch: pytest.Monk
 def test_rows_are_bit_identical_alone_or_batched(mode: str) -> None:
     """One row (decode) and a small batch (a short edit) agree exactly, so states match either way."""
     layer, _, _ = _layer(mode, 300, 768, bias=True)
-    x = torch.randn(kernels.KERNEL_MAX_ROWS, 768)
+    x = torch.randn(kernels.GEMV_MAX_ROWS, 768)
     batched = layer(x, threads=2)
     for i in (0, 7, x.shape[0] - 1):
         assert torch.equal(layer(x[i : i + 1], threads=1), batched[i : i + 1])
+
+
+@needs_ext
+def test_gemm_over_several_k_slices_and_column_blocks() -> None:
+    """K past one 256-wide slice (partial sums accumulate into y), N past one column block, and a
+    bias added exactly once."""
+    for mode in MODES:
+        layer, _, _ = _layer(mode, 1100, 700, bias=True, seed=3)
+        x = torch.randn(70, 700)
+        for threads in (1, 2):
+            _check(layer(x, threads=threads), _reference(layer, x), 700)
 
 
 @needs_ext

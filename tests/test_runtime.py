@@ -265,25 +265,29 @@ ODD_CONFIG: dict = {
 
 
 @pytest.mark.parametrize("cfg", ["tiny", "variant", "odd"])
-def test_fused_decode_step_equals_torch_ops(cfg):
-    """kernels.mamba_decode_step (conv + SSM update + gated norm in one C++ pass) leaves the same
-    states and logits as the torch ops it replaces, step after step (variant: 2 groups, biases)."""
+def test_fused_mixer_equals_torch_ops(cfg):
+    """kernels.mamba_mixer (conv + selective scan + gated norm in one C++ pass, any T) leaves the
+    same states and logits as the torch ops it replaces (recurrence for a few tokens, chunked
+    scan beyond), piece after piece and step after step (variant: 2 groups, biases)."""
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.build_error()}")
     conf = {"tiny": TINY_CONFIG, "variant": VARIANT_CONFIG, "odd": ODD_CONFIG}[cfg]
     hf = _hf_model(conf, seed=5)
-    fused, plain = _ours(hf, conf), _ours(hf, conf)
+    fused, plain = _ours(hf, conf, chunk_size=16), _ours(hf, conf, chunk_size=16)
     for blk in plain.blocks:
         if blk.kind == "mamba":
-            blk.mixer.fused_decode = False
-    ids = torch.randint(0, conf["vocab_size"], (40,), generator=torch.Generator().manual_seed(2))
-    sf, sp = fused.new_state(48), plain.new_state(48)
-    fused.forward(ids[:20], sf), plain.forward(ids[:20], sp)
-    for t in range(20, 40):
-        a, b = fused.forward(ids[t : t + 1], sf), plain.forward(ids[t : t + 1], sp)
-        assert (a - b).abs().max().item() < 1e-5
-    for x, y in zip((*sf.conv, *sf.ssm), (*sp.conv, *sp.ssm), strict=True):
-        assert (x - y).abs().max().item() < 1e-5
+            blk.mixer.fused = False
+    ids = torch.randint(0, conf["vocab_size"], (120,), generator=torch.Generator().manual_seed(2))
+    sf, sp = fused.new_state(128), plain.new_state(128)
+    start = 0
+    for n in (37, 2, 1, 1, 9, 1, 50, 1, 3, 1, 1, 13):  # prefill, edits and decode steps
+        a = fused.forward(ids[start : start + n], sf, all_logits=True)
+        b = plain.forward(ids[start : start + n], sp, all_logits=True)
+        start += n
+        assert (a - b).abs().max().item() < 1e-5, n
+        for x, y in zip((*sf.conv, *sf.ssm), (*sp.conv, *sp.ssm), strict=True):
+            assert (x - y).abs().max().item() < 1e-5, n
+    assert start == 120
 
 
 def test_variant_config_matches_transformers():

@@ -1,9 +1,11 @@
-"""Fast small-batch ``x @ W^T`` on CPU, for decoding.
+"""Fast ``x @ W^T`` on CPU: streaming kernels for decoding, a blocked GEMM for prefill.
 
 Decoding one token reads every weight once, so its speed is set by how close the matmuls get to
 memory bandwidth. torch's kernels for a single row of x reach a fraction of it on AVX2 machines
 (and its OpenMP regions stall when a core is busy), so ``gemv.cpp`` streams fp32, bf16 or
-fp16 or int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. It is compiled on
+fp16 or int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. Prefill is
+compute-bound instead, and MKL's sgemm reaches about half the FMA peak of the AMD Zen 3 machines
+this was tuned on, so ``gemv.cpp`` also has a blocked GEMM that widens W while packing it. It is compiled on
 first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
 when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
 torch ops, just slower.
@@ -32,7 +34,7 @@ __all__ = [
     "available",
     "build_error",
     "add_rms_norm",
-    "mamba_decode_step",
+    "mamba_mixer",
     "read_probe",
     "rms_norm",
     "swiglu",
@@ -43,11 +45,11 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("gemv.cpp")
 # No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
-# Above this many rows of x the product goes to MKL (bf16/fp16/int8 widened to fp32 a block of
-# rows at a time), which wins once the matmul is compute-bound. Single layers were about even at
-# 512 rows, but whole-model prefill of 512 tokens (2 threads) took 4.76 s with the kernel and
-# 4.04 s through MKL for bf16, 5.60 vs 4.46 s for int8; below 64 rows the kernel wins by 1.2-6x.
-KERNEL_MAX_ROWS = 64
+# Up to this many rows of x the streaming kernels run (each row's result bit-identical alone or in
+# a batch), above it the blocked GEMM, which wins from ~16-24 rows (bf16 768x3376: 8 rows 0.78 vs
+# 1.19 ms, 24 rows 2.45 vs 2.29, 64 rows 7.29 vs 4.76) and beat MKL's fp32 sgemm on the model's
+# 512-row shapes here by 1.0-1.5x (bf16/fp16/int8: 1.1-2.3x, MKL needing widened copies).
+GEMV_MAX_ROWS = 16
 # Rows of W upcast at a time by the torch fallback for bf16/int8 (~4 MB of fp32).
 _FALLBACK_BLOCK_BYTES = 4 << 20
 
@@ -166,7 +168,7 @@ def swiglu(gu: Tensor) -> Tensor | None:
     return None if ops is None else ops.swiglu(gu)
 
 
-def mamba_decode_step(
+def mamba_mixer(
     zxbcdt: Tensor,
     conv_state: Tensor,
     conv_w: Tensor,
@@ -182,13 +184,13 @@ def mamba_decode_step(
     dt_max: float,
     threads: int | None = None,
 ) -> Tensor | None:
-    """One Mamba2 decode step between in_proj and out_proj (conv, SSM update, gated norm), fused;
-    updates ``conv_state`` and ``ssm_state`` in place. None when the extension is unavailable
-    (the caller then runs the same step in torch ops: runtime/layers.py)."""
+    """A Mamba2 mixer between in_proj and out_proj (conv, selective scan, gated norm) for T >= 1
+    tokens, fused; updates ``conv_state`` and ``ssm_state`` in place. None when the extension is
+    unavailable (the caller then runs the same computation in torch ops: runtime/layers.py)."""
     ops = _load()
     if ops is None:
         return None
-    return ops.mamba_decode_step(
+    return ops.mamba_mixer(
         zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w,
         n_groups, eps, dt_min, dt_max, threads or torch.get_num_threads(),
     )  # fmt: skip
@@ -197,9 +199,10 @@ def mamba_decode_step(
 class PackedLinear:
     """``y = x @ W^T (+ b)`` with W prepared once at load time: fp32, bf16, fp16, or int8 with a per-row scale.
 
-    Up to KERNEL_MAX_ROWS rows of x go through the extension (decode, small edits), where each output
-    element is summed in the same order whatever T is: a row gets the bit-identical result alone or
-    in a small batch. Longer inputs (prefill) go through MKL.
+    Up to GEMV_MAX_ROWS rows of x go through the streaming kernels (decode, small edits), where each
+    output element is summed in the same order whatever T is: a row gets the bit-identical result
+    alone or in a small batch. Longer inputs (prefill) go through the extension's blocked GEMM.
+    Without the extension, torch computes the same product (MKL, widening a block at a time).
     """
 
     def __init__(self, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
@@ -256,7 +259,7 @@ class PackedLinear:
 
     def runs_in_kernel(self, x: Tensor) -> bool:
         """Whether ``self(x)`` stays in the extension (no torch matmul, so no torch threads)."""
-        return x.numel() <= KERNEL_MAX_ROWS * self.in_features and _load() is not None
+        return _load() is not None
 
     def __call__(self, x: Tensor, threads: int | None = None) -> Tensor:
         """``x`` [..., K] float32 (other float dtypes are cast) -> float32 [..., N].
@@ -266,8 +269,10 @@ class PackedLinear:
         """
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # a view of x when 2-D fp32
-        if self.runs_in_kernel(x2):
-            y = _load().linear(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
+        ops = _load()
+        if ops is not None:
+            op = ops.linear if x2.shape[0] <= GEMV_MAX_ROWS else ops.gemm
+            y = op(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
         else:
             y = self._torch(x2)
         return y.reshape(*lead, self.out_features)

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -250,8 +251,191 @@ void run(Problem<W> p, int threads) {
   pool().run(&chunk<W>, &p, n_chunks, threads - 1);
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
-                  const std::optional<at::Tensor>& bias, int64_t threads) {
+// ---------------------------------------------------------------------------------------------
+// Prefill: a blocked GEMM for many rows of x, where the product is compute-bound. MKL's sgemm
+// reaches about half of this machine's FMA peak (AMD Zen 3: it does not take its best path
+// there), and bf16/fp16/int8 weights had to be widened into fp32 copies first. Here W, in
+// whatever format it is stored, is widened (and for int8 scaled) while it is packed into
+// 16-column panels [k][16] of fp32, a KC x NB block at a time that stays in L2; a 6 x 16
+// register tile of y (12 accumulators) then takes one broadcast of x per row and two FMAs per
+// k. The packing costs one pass over W per call, against 6 * ceil(T / 6) passes of FMAs.
+
+// Scratch floats, uninitialised (a std::vector would zero megabytes that are overwritten anyway).
+inline std::unique_ptr<float[]> scratch(size_t n) { return std::unique_ptr<float[]>(new float[n]); }
+
+constexpr int kMR = 6, kNR = 16, kKC = 256;
+
+template <class W>
+struct Gemm {
+  const float* x;             // [T, K]
+  const typename W::Elem* w;  // [N, K]
+  const float* scale;         // [N] or null
+  const float* bias;          // [N] or null
+  float* y;                   // [T, N]
+  int64_t T, K, N, block_cols;
+  const float* xp = nullptr;  // x packed in row tiles (run_gemm)
+};
+
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Columns [n0, n0 + 16) of W^T, rows [k0, k0 + kc), as fp32 [kc][16] (columns past N are zero).
+template <class W>
+void pack_panel(const Gemm<W>& g, int64_t n0, int64_t k0, int64_t kc, float* dst) {
+  const typename W::Elem* row[kNR];
+  float s[kNR];
+  const int64_t valid = std::min<int64_t>(kNR, g.N - n0);
+  for (int r = 0; r < kNR; ++r) {
+    row[r] = r < valid ? g.w + (n0 + r) * g.K + k0 : nullptr;
+    s[r] = r < valid && g.scale ? g.scale[n0 + r] : 1.0f;
+  }
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 v[8];
+      for (int r = 0; r < 8; ++r) {
+        const int rr = half * 8 + r;
+        v[r] = row[rr] ? _mm256_mul_ps(W::load8(row[rr] + k), _mm256_set1_ps(s[rr])) : _mm256_setzero_ps();
+      }
+      transpose8(v);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * kNR + half * 8, v[j]);
+    }
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < kNR; ++r) dst[k * kNR + r] = row[r] ? W::one(row[r] + k) * s[r] : 0.0f;
+}
+
+// y[t0 .. t0 + rows, n0 .. n0 + cols) (rows <= 6, cols <= 16) = or += a @ b, with a the tile's
+// packed rows of x ([kc][6]) and b a packed panel of W^T ([kc][16]). The twelve accumulators are
+// named variables: as an array, GCC keeps them in memory.
+inline void micro_tile(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int rows, int cols,
+                       bool accumulate, const float* bias) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 av;
+#define GRANITE_ROW_FMA(i)                      \
+  av = _mm256_broadcast_ss(a + i);              \
+  c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0); \
+  c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);
+    GRANITE_ROW_FMA(0) GRANITE_ROW_FMA(1) GRANITE_ROW_FMA(2) GRANITE_ROW_FMA(3) GRANITE_ROW_FMA(4) GRANITE_ROW_FMA(5)
+#undef GRANITE_ROW_FMA
+  }
+  alignas(32) float tile[kMR][kNR];
+#define GRANITE_ROW_OUT(i)                 \
+  _mm256_store_ps(tile[i], c##i##0); \
+  _mm256_store_ps(tile[i] + 8, c##i##1);
+  GRANITE_ROW_OUT(0) GRANITE_ROW_OUT(1) GRANITE_ROW_OUT(2) GRANITE_ROW_OUT(3) GRANITE_ROW_OUT(4) GRANITE_ROW_OUT(5)
+#undef GRANITE_ROW_OUT
+  for (int i = 0; i < rows; ++i) {
+    float* yr = y + i * ldy;
+    if (cols == kNR) {
+      __m256 lo = _mm256_load_ps(tile[i]), hi = _mm256_load_ps(tile[i] + 8);
+      if (accumulate) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(yr));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(yr + 8));
+      } else if (bias) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8));
+      }
+      _mm256_storeu_ps(yr, lo);
+      _mm256_storeu_ps(yr + 8, hi);
+    } else {
+      for (int j = 0; j < cols; ++j) yr[j] = accumulate ? yr[j] + tile[i][j] : tile[i][j] + (bias ? bias[j] : 0.0f);
+    }
+  }
+}
+
+// x [T, K] as row tiles [ceil(T / 6)][K][6] (a short last tile repeats its last row), so that the
+// micro-kernel reads its six rows from one contiguous stream.
+struct PackX {
+  const float* x;
+  float* packed;
+  int64_t T, K;
+};
+
+void pack_x_tile(const void* ctx, int64_t tile) {
+  const auto& p = *static_cast<const PackX*>(ctx);
+  const float* rows[kMR];
+  for (int i = 0; i < kMR; ++i) rows[i] = p.x + std::min<int64_t>(tile * kMR + i, p.T - 1) * p.K;
+  float* dst = p.packed + tile * p.K * kMR;
+  for (int64_t k = 0; k < p.K; ++k)
+    for (int i = 0; i < kMR; ++i) dst[k * kMR + i] = rows[i][k];
+}
+
+// One block of block_cols columns of y, all rows. For each KC slice of K: pack the block's panels
+// of W (fp32, ~128 KB: L2), then for each panel (16 KB: it stays in L1) sweep a band of row tiles
+// (kRowBand rows of packed x, ~96 KB: L2), BLIS's loop order.
+constexpr int64_t kRowBand = 96;
+
+template <class W>
+void gemm_block(const void* problem, int64_t c) {
+  const auto& g = *static_cast<const Gemm<W>*>(problem);
+  const int64_t n0 = c * g.block_cols, cols = std::min(g.block_cols, g.N - n0);
+  const int64_t panels = (cols + kNR - 1) / kNR;
+  thread_local std::vector<float> buffer;
+  buffer.resize(size_t(panels * kNR * kKC + 16));
+  // 64-byte aligned: a panel row is one cache line, and a 32-byte load across two costs double
+  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+  for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
+    const int64_t kc = std::min<int64_t>(kKC, g.K - k0);
+    for (int64_t j = 0; j < panels; ++j) pack_panel(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
+    for (int64_t band = 0; band < g.T; band += kRowBand) {
+      const int64_t band_end = std::min(g.T, band + kRowBand);
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t n = n0 + j * kNR;
+        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
+        const float* b = packed + j * kNR * kc;
+        for (int64_t t = band; t < band_end; t += kMR) {
+          const float* a = g.xp + (t / kMR) * g.K * kMR + k0 * kMR;
+          micro_tile(a, b, kc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)), ncols, k0 > 0,
+                     g.bias ? g.bias + n : nullptr);
+        }
+      }
+    }
+  }
+}
+
+// Blocks of 16-128 columns, at least ~4 per thread so that a preempted thread holds up little.
+template <class W>
+void run_gemm(Gemm<W> g, int threads) {
+  const int64_t tiles = (g.T + kMR - 1) / kMR;
+  const auto xp = scratch(size_t(tiles * g.K * kMR));
+  PackX px{g.x, xp.get(), g.T, g.K};
+  pool().run(&pack_x_tile, &px, tiles, threads - 1);
+  g.xp = xp.get();
+  const int64_t want = (g.N + 4 * threads - 1) / (4 * threads);
+  g.block_cols = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, 8 * kNR);
+  const int64_t blocks = (g.N + g.block_cols - 1) / g.block_cols;
+  pool().run(&gemm_block<W>, &g, blocks, threads - 1);
+}
+
+template <class W>
+void product(bool blocked, const float* x, const typename W::Elem* w, const float* s, const float* b, float* y,
+             int64_t T, int64_t K, int64_t N, int threads) {
+  if (blocked) run_gemm(Gemm<W>{x, w, s, b, y, T, K, N, 0}, threads);
+  else run(Problem<W>{x, w, s, b, y, T, K, N, 0}, threads);
+}
+
+// blocked: the GEMM above (many rows of x) rather than the streaming kernels (a few rows).
+at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& bias, int64_t threads, bool blocked) {
   TORCH_CHECK(x.is_cpu() && w.is_cpu(), "CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [T, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: contiguous [N, K]");
@@ -264,29 +448,31 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   const float* s = scale ? scale->data_ptr<float>() : nullptr;
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
-  const int n_threads = int(std::clamp<int64_t>(threads, 1, 64));
+  float* yp = y.data_ptr<float>();
+  const int n = int(std::clamp<int64_t>(threads, 1, 64));
+  const auto* w16 = reinterpret_cast<const uint16_t*>(w.data_ptr());
   switch (w.scalar_type()) {
-    case at::kFloat:
-      run(Problem<F32>{xp, w.data_ptr<float>(), s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
-      break;
-    case at::kBFloat16: {
-      const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-      run(Problem<BF16>{xp, wp, s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
-      break;
-    }
-    case at::kHalf: {
-      const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-      run(Problem<F16>{xp, wp, s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
-      break;
-    }
+    case at::kFloat: product<F32>(blocked, xp, w.data_ptr<float>(), s, b, yp, T, K, N, n); break;
+    case at::kBFloat16: product<BF16>(blocked, xp, w16, s, b, yp, T, K, N, n); break;
+    case at::kHalf: product<F16>(blocked, xp, w16, s, b, yp, T, K, N, n); break;
     case at::kChar:
       TORCH_CHECK(s, "int8 weights need a scale");
-      run(Problem<I8>{xp, w.data_ptr<int8_t>(), s, b, y.data_ptr<float>(), T, K, N, 0}, n_threads);
+      product<I8>(blocked, xp, w.data_ptr<int8_t>(), s, b, yp, T, K, N, n);
       break;
     default:
       TORCH_CHECK(false, "w: float32, bfloat16, float16 or int8");
   }
   return y;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, int64_t threads) {
+  return linear_impl(x, w, scale, bias, threads, false);
+}
+
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, int64_t threads) {
+  return linear_impl(x, w, scale, bias, threads, true);
 }
 
 // A plain streaming read of `buf` on the same threads, in 256 KB chunks read as 8 side-by-side
@@ -317,115 +503,244 @@ double read_probe(const at::Tensor& buf, int64_t threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One decode step of a Mamba2 mixer, between its two projections: the causal conv, the selective
-// state update and the gated RMSNorm, in one pass over the state. The same step in torch ops
-// (granite_lsp/runtime/layers.py) is ~30 small ops per layer that each cost more in dispatch than
-// in arithmetic, and three passes over the [H, P, N] state (decay, rank-1 update, read-out).
+// Vectorized exp and SiLU: std::exp is ~15 ns a call, and a 512-token prefill needs ~50 M of
+// them (SiLU of the conv output, the gate, SwiGLU). Cody-Waite range reduction and a degree-6
+// polynomial (the Cephes expf coefficients): ~1-2 ulp, like the vectorized exp torch uses.
 
-struct MambaStep {
-  float* ssm;             // [H, P, N]
-  const float* xbc;       // conv output (after SiLU) [C]
-  const float* dt;        // [H]
-  const float* decay;     // [H]
-  float* y;               // [H * P]
-  int64_t H, P, N, G, E;
-};
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 
-void mamba_heads(const void* ctx, int64_t c) {
-  const auto& m = *static_cast<const MambaStep*>(ctx);
-  const int64_t heads_per_chunk = 4, hg = m.H / m.G;
-  const int64_t h0 = c * heads_per_chunk, h1 = std::min(m.H, h0 + heads_per_chunk);
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t g = h / hg;
-    const float* B = m.xbc + m.E + g * m.N;
-    const float* C = m.xbc + m.E + m.G * m.N + g * m.N;
-    const __m256 d = _mm256_set1_ps(m.decay[h]);
-    for (int64_t p = 0; p < m.P; ++p) {
-      const float xdt = m.xbc[h * m.P + p] * m.dt[h];
-      const __m256 xv = _mm256_set1_ps(xdt);
-      float* s = m.ssm + (h * m.P + p) * m.N;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t n = 0;
-      for (; n + 8 <= m.N; n += 8) {
-        const __m256 sv = _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(s + n), d));
-        _mm256_storeu_ps(s + n, sv);
-        acc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(C + n), acc);
-      }
-      float out = hsum(acc);
-      for (; n < m.N; ++n) {
-        s[n] = s[n] * m.decay[h] + xdt * B[n];
-        out += s[n] * C[n];
-      }
-      m.y[h * m.P + p] = out;
-    }
-  }
+inline __m256 silu8(__m256 v) {
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// zxbcdt [1, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
-// ssm_state [H, P, N] fp32 (updated). Returns the gated, normalised y [1, E] that out_proj takes.
-at::Tensor mamba_decode_step(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
-                             const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
-                             const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w,
-                             int64_t n_groups, double eps, double dt_min, double dt_max, int64_t threads) {
+// out[i] = silu(in[i]) (* mul[i] when given), n floats.
+inline void silu_row(const float* in, const float* mul, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = silu8(_mm256_loadu_ps(in + i));
+    if (mul) v = _mm256_mul_ps(v, _mm256_loadu_ps(mul + i));
+    _mm256_storeu_ps(out + i, v);
+  }
+  for (; i < n; ++i) out[i] = silu(in[i]) * (mul ? mul[i] : 1.0f);
+}
+
+// Rows [0, rows) cut into chunks of `per` rows for the pool: body(ctx, first, last).
+template <class F>
+void parallel_rows(int64_t rows, int64_t per, int threads, const F& f) {
+  struct Ctx {
+    const F* f;
+    int64_t rows, per;
+  } ctx{&f, rows, per};
+  auto body = [](const void* c, int64_t i) {
+    const auto& x = *static_cast<const Ctx*>(c);
+    (*x.f)(i * x.per, std::min(x.rows, (i + 1) * x.per));
+  };
+  pool().run(body, &ctx, (rows + per - 1) / per, threads - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Mamba2 mixer between its two projections, for T >= 1 tokens: the causal conv, the selective
+// scan and the gated RMSNorm, continuing from (and updating) the conv and SSM states.
+//
+// The scan is the plain recurrence S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t,
+// one head per task: a head's state (P x N fp32, 16 KB) stays in L1 for all T tokens, so the
+// cost is ~2.5 FMAs per state element per token and nothing else. The chunked matmul ("SSD")
+// form that GPUs want does more arithmetic than that here (~10 K against ~8 K multiply-adds per
+// token and head for the real shape) plus [L, L] decay blocks, and in torch ops it spent more
+// time in small-op overhead than in math. Decode is the same code with T = 1.
+
+struct MambaScan {
+  float* ssm;           // [H, P, N]
+  const float* xbc;     // conv output (after SiLU) [T, C]
+  const float* dt;      // [T, H]
+  const float* decay;   // [T, H]
+  float* y;             // [T, E]
+  int64_t T, H, P, N, G, E, C;
+};
+
+// One state row (N values) for one token: decay, add xdt * B, read out through C.
+inline float state_row(float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
+  const __m256 xv = _mm256_set1_ps(xdt), d = _mm256_set1_ps(decay);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    const __m256 sv = _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(s + n), d));
+    _mm256_storeu_ps(s + n, sv);
+    acc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(Cv + n), acc);
+  }
+  float out = hsum(acc);
+  for (; n < N; ++n) {
+    s[n] = s[n] * decay + xdt * B[n];
+    out += s[n] * Cv[n];
+  }
+  return out;
+}
+
+// Four state rows at once (N % 8 == 0): four independent FMA chains for the read-out (one chain
+// waits on FMA latency) sharing the B and C loads. Named variables: as arrays GCC keeps them in
+// memory.
+inline void state_rows4(float* s, int64_t N, const float* B, const float* Cv, const float* xdt, float decay, float* y) {
+  const __m256 d = _mm256_set1_ps(decay);
+  const __m256 x0 = _mm256_set1_ps(xdt[0]), x1 = _mm256_set1_ps(xdt[1]), x2 = _mm256_set1_ps(xdt[2]),
+               x3 = _mm256_set1_ps(xdt[3]);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
+  for (int64_t n = 0; n < N; n += 8) {
+    const __m256 b = _mm256_loadu_ps(B + n), c = _mm256_loadu_ps(Cv + n);
+#define GRANITE_STATE_ROW(i)                                                                   \
+  {                                                                                            \
+    const __m256 v = _mm256_fmadd_ps(x##i, b, _mm256_mul_ps(_mm256_loadu_ps(s##i + n), d)); \
+    _mm256_storeu_ps(s##i + n, v);                                                             \
+    a##i = _mm256_fmadd_ps(v, c, a##i);                                                        \
+  }
+    GRANITE_STATE_ROW(0) GRANITE_STATE_ROW(1) GRANITE_STATE_ROW(2) GRANITE_STATE_ROW(3)
+#undef GRANITE_STATE_ROW
+  }
+  y[0] = hsum(a0);
+  y[1] = hsum(a1);
+  y[2] = hsum(a2);
+  y[3] = hsum(a3);
+}
+
+void mamba_head(const void* ctx, int64_t h) {
+  const auto& m = *static_cast<const MambaScan*>(ctx);
+  const int64_t g = h / (m.H / m.G), P = m.P, N = m.N;
+  const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
+  float* state = m.ssm + h * P * N;
+  float xdt[4];
+  for (int64_t t = 0; t < m.T; ++t) {
+    const float* row = m.xbc + t * m.C;
+    const float* B = row + m.E + g * N;
+    const float* Cv = row + m.E + m.G * N + g * N;
+    const float* x = row + h * P;
+    const float dt = m.dt[t * m.H + h], decay = m.decay[t * m.H + h];
+    float* y = m.y + t * m.E + h * P;
+    for (int64_t p = 0; p < P4; p += 4) {
+      for (int r = 0; r < 4; ++r) xdt[r] = x[p + r] * dt;
+      state_rows4(state + p * N, N, B, Cv, xdt, decay, y + p);
+    }
+    for (int64_t p = P4; p < P; ++p) y[p] = state_row(state + p * N, N, B, Cv, x[p] * dt, decay);
+  }
+}
+
+// zxbcdt [T, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
+// ssm_state [H, P, N] fp32 (updated). Returns the gated, normalised y [T, E] that out_proj takes.
+at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                       const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                       const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
+                       double eps, double dt_min, double dt_max, int64_t threads) {
   const int64_t H = ssm_state.size(0), P = ssm_state.size(1), N = ssm_state.size(2);
-  const int64_t E = H * P, G = n_groups, C = E + 2 * G * N, K = conv_w.size(0);
-  TORCH_CHECK(zxbcdt.is_cpu() && zxbcdt.scalar_type() == at::kFloat && zxbcdt.is_contiguous() &&
-                  zxbcdt.numel() == E + C + H,
-              "zxbcdt: contiguous fp32 [1, E + C + H]");
+  const int64_t E = H * P, G = n_groups, C = E + 2 * G * N, K = conv_w.size(0), W = E + C + H;
+  TORCH_CHECK(zxbcdt.is_cpu() && zxbcdt.scalar_type() == at::kFloat && zxbcdt.is_contiguous() && zxbcdt.dim() == 2 &&
+                  zxbcdt.size(1) == W,
+              "zxbcdt: contiguous fp32 [T, E + C + H]");
   for (const at::Tensor* t : {&conv_state, &conv_w, &dt_bias, &A, &D, &ssm_state, &norm_w})
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_decode_step: fp32 contiguous");
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_mixer: fp32 contiguous");
   TORCH_CHECK(K >= 2 && conv_state.size(0) == K - 1 && conv_state.size(1) == C && conv_w.size(1) == C, "conv shapes");
   TORCH_CHECK(dt_bias.numel() == H, "dt_bias: [H]");
   TORCH_CHECK(!conv_b || (conv_b->is_cpu() && conv_b->scalar_type() == at::kFloat && conv_b->is_contiguous() &&
                           conv_b->numel() == C),
               "conv_b: contiguous fp32 [C]");
-  TORCH_CHECK(H % G == 0 && E % G == 0 && norm_w.numel() == E && A.numel() == H && D.numel() == H, "head shapes");
+  TORCH_CHECK(G >= 1 && H % G == 0 && E % G == 0 && norm_w.numel() == E && A.numel() == H && D.numel() == H,
+              "head shapes");
+  const int64_t T = zxbcdt.size(0);
+  const int n_threads = int(std::clamp<int64_t>(threads, 1, 64));
+  at::Tensor out = at::empty({T, E}, zxbcdt.options());
+  if (T == 0) return out;
   const float* in = zxbcdt.data_ptr<float>();
-  const float *z = in, *raw = in + E, *dtr = in + E + C;
   float* cs = conv_state.data_ptr<float>();
   const float* cw = conv_w.data_ptr<float>();
   const float* cb = conv_b ? conv_b->data_ptr<float>() : nullptr;
-  // causal depthwise conv over [state; new input], SiLU; the state keeps the last K-1 raw inputs
-  std::vector<float> xbc(C);
-  for (int64_t c = 0; c < C; ++c) {
-    float acc = cs[c] * cw[c];
-    if (cb) acc += cb[c];
-    for (int64_t k = 1; k < K - 1; ++k) acc += cs[k * C + c] * cw[k * C + c];
-    acc += raw[c] * cw[(K - 1) * C + c];
-    xbc[c] = silu(acc);
+  // (1) causal depthwise conv over [state; inputs] and SiLU, rows in parallel. Input row j of the
+  // window of token t is state row t + j while t + j < K - 1, else raw input t + j - (K - 1).
+  const auto xbc_buf = scratch(size_t(T * C));
+  float* const xbc = xbc_buf.get();
+  auto conv_rows = [&](int64_t t0, int64_t t1) {
+    std::vector<const float*> src(K);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < K; ++j)
+        src[j] = t + j < K - 1 ? cs + (t + j) * C : in + (t + j - (K - 1)) * W + E;
+      float* o = xbc + t * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        __m256 acc = cb ? _mm256_loadu_ps(cb + c) : _mm256_setzero_ps();
+        for (int64_t j = 0; j < K; ++j)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(src[j] + c), _mm256_loadu_ps(cw + j * C + c), acc);
+        _mm256_storeu_ps(o + c, silu8(acc));
+      }
+      for (; c < C; ++c) {
+        float acc = cb ? cb[c] : 0.0f;
+        for (int64_t j = 0; j < K; ++j) acc += src[j][c] * cw[j * C + c];
+        o[c] = silu(acc);
+      }
+    }
+  };
+  parallel_rows(T, 16, n_threads, conv_rows);
+  // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
+  std::vector<float> keep(size_t((K - 1) * C));
+  for (int64_t r = 0; r < K - 1; ++r) {
+    const int64_t j = T + r;  // row of [state; inputs]
+    std::memcpy(keep.data() + r * C, j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E, sizeof(float) * C);
   }
-  if (K > 2) std::memmove(cs, cs + C, sizeof(float) * (K - 2) * C);
-  std::memcpy(cs + (K - 2) * C, raw, sizeof(float) * C);
-  // dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
-  std::vector<float> dt(H), decay(H);
+  std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
+  // (2) dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
+  const auto dt_buf = scratch(size_t(2 * T * H));
+  float *const dt = dt_buf.get(), *const decay = dt + T * H;
   const float* db = dt_bias.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
-  for (int64_t h = 0; h < H; ++h) {
-    const float v = dtr[h] + db[h];
-    float sp = v > 20.0f ? v : std::log1p(std::exp(v));
-    sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
-    dt[h] = sp;
-    decay[h] = std::exp(std::max(sp * Ap[h], -80.0f));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float v = in[t * W + E + C + h] + db[h];
+      float sp = v > 20.0f ? v : std::log1p(std::exp(v));
+      sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
+      dt[t * H + h] = sp;
+      decay[t * H + h] = std::exp(std::max(sp * Ap[h], -80.0f));
+    }
   }
-  at::Tensor out = at::empty({1, E}, zxbcdt.options());
+  // (3) the scan, one head per task
   float* y = out.data_ptr<float>();
-  MambaStep m{ssm_state.data_ptr<float>(), xbc.data(), dt.data(), decay.data(), y, H, P, N, G, E};
-  const int64_t chunks = (H + 3) / 4;
-  pool().run(&mamba_heads, &m, chunks, int(std::clamp<int64_t>(threads, 1, 64)) - 1);
-  // D skip, gate with silu(z), RMS-normalise within each group, scale
+  MambaScan m{ssm_state.data_ptr<float>(), xbc, dt, decay, y, T, H, P, N, G, E, C};
+  pool().run(&mamba_head, &m, H, n_threads - 1);
+  // (4) D skip, gate with silu(z), RMS-normalise within each group, scale
   const float* Dp = D.data_ptr<float>();
   const float* nw = norm_w.data_ptr<float>();
   const int64_t per = E / G;
-  for (int64_t i = 0; i < E; ++i) y[i] = (y[i] + xbc[i] * Dp[i / P]) * silu(z[i]);
-  for (int64_t g = 0; g < G; ++g) {
-    float* yg = y + g * per;
-    double ss = 0;
-    for (int64_t i = 0; i < per; ++i) ss += double(yg[i]) * yg[i];
-    const float r = 1.0f / std::sqrt(float(ss / per) + float(eps));
-    for (int64_t i = 0; i < per; ++i) yg[i] = yg[i] * r * nw[g * per + i];
-  }
+  auto gate_rows = [&](int64_t t0, int64_t t1) {
+    std::vector<float> gate(static_cast<size_t>(E));
+    for (int64_t t = t0; t < t1; ++t) {
+      float* yt = y + t * E;
+      const float* xt = xbc + t * C;
+      silu_row(in + t * W, nullptr, gate.data(), E);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = h * P; i < (h + 1) * P; ++i) yt[i] = (yt[i] + xt[i] * Dp[h]) * gate[i];
+      for (int64_t g = 0; g < G; ++g) {
+        float* yg = yt + g * per;
+        double ss = 0;
+        for (int64_t i = 0; i < per; ++i) ss += double(yg[i]) * yg[i];
+        const float r = 1.0f / std::sqrt(float(ss / per) + float(eps));
+        for (int64_t i = 0; i < per; ++i) yg[i] = yg[i] * r * nw[g * per + i];
+      }
+    }
+  };
+  parallel_rows(T, 16, n_threads, gate_rows);
   return out;
 }
 
@@ -440,10 +755,20 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   float* op = out.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xp + r * D;
-    float ss = 0;
-    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+    float* orow = op + r * D;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < D; ++i) ss += xr[i] * xr[i];
     const float inv = 1.0f / std::sqrt(ss / float(D) + float(eps));
-    for (int64_t i = 0; i < D; ++i) op[r * D + i] = xr[i] * inv * wp[i];
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= D; i += 8)
+      _mm256_storeu_ps(orow + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), iv), _mm256_loadu_ps(wp + i)));
+    for (; i < D; ++i) orow[i] = xr[i] * inv * wp[i];
   }
   return out;
 }
@@ -456,7 +781,12 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, 
   float* xp = x.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float a = float(alpha);
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] += a * hp[i];
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  const int64_t n = x.numel();
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(xp + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(hp + i), _mm256_loadu_ps(xp + i)));
+  for (; i < n; ++i) xp[i] += a * hp[i];
   return rms_norm(x, w, eps);
 }
 
@@ -469,8 +799,7 @@ at::Tensor swiglu(const at::Tensor& gu) {
   at::Tensor out = at::empty({T, I}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) o[t * I + i] = silu(g[t * 2 * I + i]) * g[t * 2 * I + I + i];
+  for (int64_t t = 0; t < T; ++t) silu_row(g + t * 2 * I, g + t * 2 * I + I, o + t * I, I);
   return out;
 }
 
@@ -478,13 +807,14 @@ at::Tensor swiglu(const at::Tensor& gu) {
 
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extension.load>
   m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &linear);
+  m.def("gemm(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &gemm);
   m.def("read_probe(Tensor buf, int threads) -> float", &read_probe);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps) -> Tensor", &add_rms_norm);
   m.def("swiglu(Tensor gu) -> Tensor", &swiglu);
   m.def(
-      "mamba_decode_step(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, "
+      "mamba_mixer(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, "
       "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
       "-> Tensor",
-      &mamba_decode_step);
+      &mamba_mixer);
 }

@@ -20,14 +20,9 @@ from .ssm import ssm_chunked, ssm_recurrent
 
 
 def _fused(x: Tensor, *others: Tensor) -> bool:
-    """Whether the fused CPU kernels take this input: contiguous fp32 CPU tensors of decode size.
-    (They pay off for a few rows; torch's vectorized ops win on prefill: SwiGLU over 512 rows
-    took 5 ms fused.) The kernel wrappers still answer None when the extension is missing."""
-    return (
-        x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1]
-        and x.device.type == "cpu"
-        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (x, *others))
-    )
+    """Whether the fused CPU kernels take this input: contiguous fp32 CPU tensors. The kernel
+    wrappers still answer None when the extension is missing."""
+    return x.device.type == "cpu" and all(t.dtype == torch.float32 and t.is_contiguous() for t in (x, *others))
 
 
 def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -181,15 +176,16 @@ class MambaMixer:
         self.norm_w = norm_weight
         self.norm_w32 = norm_weight.float()
         self.w_out, self.b_out = out_proj, out_bias
-        # One-token steps through the fused CPU kernel (kernels.mamba_decode_step) when available.
-        self.fused_decode = True
+        # Through the fused CPU kernel (kernels.mamba_mixer) when available; False forces the
+        # torch ops below (tests compare the two).
+        self.fused = True
 
     def forward(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor, chunk_size: int, recurrent_max: int):
         T = h.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         zxbcdt = linear(h, self.w_in, self.b_in)
-        if T == 1 and self.fused_decode and _fused(zxbcdt, conv_state):
-            y1 = kernels.mamba_decode_step(
+        if self.fused and _fused(zxbcdt, conv_state):
+            y1 = kernels.mamba_mixer(
                 zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
             )  # fmt: skip
