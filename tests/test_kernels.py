@@ -181,3 +181,19 @@ def test_add_rms_norm_and_swiglu_match_torch() -> None:
     gu = torch.randn(2, 40)
     want_act = torch.nn.functional.silu(gu[:, :20]) * gu[:, 20:]
     torch.testing.assert_close(kernels.swiglu(gu), want_act)
+
+
+@needs_ext
+@pytest.mark.parametrize("hd,length", [(64, 1), (64, 1403), (6, 37)])
+def test_attention_decode_matches_softmax_attention(hd: int, length: int) -> None:
+    """One query token over a partly filled KV buffer, GQA with 3 query heads per KV head."""
+    g = torch.Generator().manual_seed(hd + length)
+    nkv, per, cap = 4, 3, length + 9
+    q = torch.randn(nkv * per * hd, generator=g)
+    k = torch.randn(nkv, cap, hd, generator=g)
+    v = torch.randn(nkv, cap, hd, generator=g)
+    out = kernels.attention_decode(q, k, v, length, 0.125, threads=2)
+    qh = q.double().view(nkv, per, hd)
+    scores = qh @ k[:, :length].double().transpose(1, 2) * 0.125
+    ref = (scores.softmax(-1) @ v[:, :length].double()).reshape(1, -1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)

@@ -266,17 +266,17 @@ ODD_CONFIG: dict = {
 
 @pytest.mark.parametrize("cfg", ["tiny", "variant", "odd"])
 def test_fused_mixer_equals_torch_ops(cfg):
-    """kernels.mamba_mixer (conv + selective scan + gated norm in one C++ pass, any T) leaves the
-    same states and logits as the torch ops it replaces (recurrence for a few tokens, chunked
-    scan beyond), piece after piece and step after step (variant: 2 groups, biases)."""
+    """kernels.mamba_mixer (conv + selective scan + gated norm in one C++ pass, any T) and
+    kernels.attention_decode leave the same states and logits as the torch ops they replace
+    (recurrence for a few tokens, chunked scan beyond), piece after piece and step after step
+    (variant: 2 groups, biases, RoPE; odd: head sizes that are not multiples of 8)."""
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.build_error()}")
     conf = {"tiny": TINY_CONFIG, "variant": VARIANT_CONFIG, "odd": ODD_CONFIG}[cfg]
     hf = _hf_model(conf, seed=5)
     fused, plain = _ours(hf, conf, chunk_size=16), _ours(hf, conf, chunk_size=16)
     for blk in plain.blocks:
-        if blk.kind == "mamba":
-            blk.mixer.fused = False
+        blk.mixer.fused = False  # Mamba mixer and decode attention
     ids = torch.randint(0, conf["vocab_size"], (120,), generator=torch.Generator().manual_seed(2))
     sf, sp = fused.new_state(128), plain.new_state(128)
     start = 0

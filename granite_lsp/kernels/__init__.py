@@ -34,6 +34,7 @@ __all__ = [
     "available",
     "build_error",
     "add_rms_norm",
+    "attention_decode",
     "mamba_mixer",
     "read_probe",
     "rms_norm",
@@ -166,6 +167,16 @@ def swiglu(gu: Tensor) -> Tensor | None:
     """silu(gate) * up of ``gu`` = [gate | up] (fp32 rows); None without the extension."""
     ops = _load()
     return None if ops is None else ops.swiglu(gu)
+
+
+def attention_decode(
+    q: Tensor, k: Tensor, v: Tensor, length: int, scale: float, threads: int | None = None
+) -> Tensor | None:
+    """Attention of one token's query heads ``q`` [nq * hd] over the first ``length`` positions of
+    the KV buffers [nkv, capacity, hd] (fp32, GQA groups of nq / nkv heads); [1, nq * hd], or None
+    without the extension."""
+    ops = _load()
+    return None if ops is None else ops.attention_decode(q, k, v, length, scale, threads or torch.get_num_threads())
 
 
 def mamba_mixer(

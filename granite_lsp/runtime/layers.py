@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
+from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import linear, matmul_threads
 from .ssm import ssm_chunked, ssm_recurrent
@@ -75,6 +76,7 @@ class Attention:
         self.hd = cfg.head_dim
         self.scale = cfg.attention_multiplier
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
+        self.fused = True  # one-token steps through kernels.attention_decode (False: torch ops)
 
     def forward(self, h: Tensor, kbuf: Tensor, vbuf: Tensor, pos: int, rope: tuple[Tensor, Tensor] | None):
         T = h.shape[0]
@@ -88,6 +90,10 @@ class Attention:
         end = pos + T
         kbuf[:, pos:end] = k
         vbuf[:, pos:end] = v
+        if T == 1 and self.fused and rope is None and _fused(qkv, kbuf, vbuf):
+            out = kernels.attention_decode(qkv[0, : nq * hd], kbuf, vbuf, end, self.scale, matmul_threads())
+            if out is not None:
+                return linear(out, self.wo, self.bo)
         keys, values = kbuf[:, :end], vbuf[:, :end]
         if T == 1:
             out = _decode_attention(q, keys, values, self.scale)
@@ -179,6 +185,10 @@ class MambaMixer:
         # Through the fused CPU kernel (kernels.mamba_mixer) when available; False forces the
         # torch ops below (tests compare the two).
         self.fused = True
+        # On CUDA, the conv and the scan through causal_conv1d / mamba_ssm when installed
+        # (cuda_kernels.py); False forces the torch ops there too. The chunk length of that scan.
+        self.cuda_kernels = True
+        self.cuda_chunk_size = cuda_kernels.SCAN_CHUNK_SIZE
 
     def forward(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor, chunk_size: int, recurrent_max: int):
         T = h.shape[0]
@@ -192,17 +202,24 @@ class MambaMixer:
             if y1 is not None:
                 return linear(y1, self.w_out, self.b_out)
         z = zxbcdt[:, :E]
-        xbc = self._conv(zxbcdt[:, E : E + C], conv_state)  # [T, C] float32
+        # CUDA kernels when installed (same layouts, same float32 math, same final states); each
+        # answers None when it cannot run here and the torch ops below take over.
+        gpu = self.cuda_kernels and zxbcdt.is_cuda
+        xbc = cuda_kernels.conv(zxbcdt[:, E : E + C], conv_state, self.conv_w.t(), self.conv_b) if gpu else None
+        if xbc is None:
+            xbc = self._conv(zxbcdt[:, E : E + C], conv_state)  # [T, C] float32
         dt = F.softplus(zxbcdt[:, E + C :].float() + self.dt_bias)
         if self.dt_min > 0.0 or self.dt_max != float("inf"):
             dt = dt.clamp(self.dt_min, self.dt_max)
         x = xbc[:, :E].view(T, H, P)
         B = xbc[:, E : E + G * N].view(T, G, N)
         Cm = xbc[:, E + G * N :].view(T, G, N)
-        if T <= recurrent_max:
-            y = ssm_recurrent(x, dt, self.A, B, Cm, ssm_state)
-        else:
-            y = ssm_chunked(x, dt, self.A, B, Cm, ssm_state, chunk_size)
+        y = cuda_kernels.scan(x, dt, self.A, B, Cm, ssm_state, self.cuda_chunk_size) if gpu else None
+        if y is None:
+            if T <= recurrent_max:
+                y = ssm_recurrent(x, dt, self.A, B, Cm, ssm_state)
+            else:
+                y = ssm_chunked(x, dt, self.A, B, Cm, ssm_state, chunk_size)
         y = y.addcmul_(x, self.D.view(H, 1)).reshape(T, E)
         return linear(self._gated_norm(y, z).to(h.dtype), self.w_out, self.b_out)
 

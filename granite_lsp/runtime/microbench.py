@@ -11,7 +11,9 @@ directory of that shape (written once, bf16 like Granite's) and reports its peak
 completion. ``--sweep`` times the scan chunk sizes and the recurrent/scan threshold that the
 defaults in ``model.py`` were chosen from. llama.cpp's figures (llama-bench, 2 threads, measured
 on the 2-core AVX2 machine this was built on) are printed beside ours for reference only: they
-were not measured in this run.
+were not measured in this run. ``--device cuda`` builds the model on the GPU instead (timings
+synchronize the device; it says whether the Mamba layers ran mamba_ssm / causal_conv1d kernels or
+the torch ops, see ``cuda_kernels.py``; no llama.cpp comparison there).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import PackedLinear
+from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import linear, small_ops_single_threaded
 from .model import HybridModel
@@ -65,14 +68,22 @@ def real_config() -> dict:
     return json.loads(REAL_CONFIG.read_text()) if REAL_CONFIG.is_file() else FALLBACK_CONFIG
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so wall times cover it (a no-op in a CPU-only process)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _time(fn: Callable[[], object], repeat: int) -> float:
     """Best wall time of ``repeat`` calls after one warm-up: on a shared machine other load only
     ever adds time, so the minimum is the least noisy estimate of what the code costs."""
     fn()
     samples = []
     for _ in range(repeat):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         samples.append(time.perf_counter() - t0)
     return min(samples)
 
@@ -99,8 +110,8 @@ def _torch_linear(x: torch.Tensor, w: torch.Tensor | PackedLinear) -> torch.Tens
 def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torch.Tensor] = _torch_linear) -> float:
     """Seconds for the model's matmuls alone on T rows (lm_head on the last row only)."""
     ws = linear_weights(model)
-    xs = [torch.randn(T, w.shape[1], dtype=model.dtype) for w in ws[:-1]]
-    x_head = torch.randn(1, model.lm_head.shape[1], dtype=model.dtype)
+    xs = [torch.randn(T, w.shape[1], dtype=model.dtype, device=model.device) for w in ws[:-1]]
+    x_head = torch.randn(1, model.lm_head.shape[1], dtype=model.dtype, device=model.device)
 
     def run() -> None:
         with torch.inference_mode():
@@ -127,8 +138,10 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
     for r in range(repeat + 1):
         state.restore(snap)
         for i in range(decode):
+            _sync()
             t0 = time.perf_counter()
             model.forward(ids[prefill + i : prefill + i + 1], state)
+            _sync()
             if r or i:  # first step of the first round is warm-up
                 steps.append(time.perf_counter() - t0)
         with small_ops_single_threaded():
@@ -208,7 +221,7 @@ PRECISIONS = {
 }
 
 
-def server_peak_rss_mb(precision: str, threads: int, workdir: Path) -> float:
+def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str = "cpu") -> float:
     """Peak RSS (VmHWM) of a real ``granite-lsp --stdio`` that loaded a real-shape checkpoint in
     ``precision`` and answered one completion."""
     import os
@@ -233,7 +246,7 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path) -> float:
             if (tiny / name).is_file():
                 shutil.copy(tiny / name, ckpt / name)
     dtype, quantize = PRECISIONS[precision]
-    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(ckpt), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(ckpt), "--device", device]
     cmd += ["--dtype", str(dtype).removeprefix("torch."), "--threads", str(threads)]
     if quantize:
         cmd += ["--quantize", quantize]
@@ -268,20 +281,45 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/granite-lsp-bench"))
     ap.add_argument("--sweep", action="store_true", help="also time chunk sizes and the recurrent threshold")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (GPU: bfloat16/float16/float32, no int8)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    if not on_cpu and args.sweep:
+        ap.error("--sweep times the CPU scan; run it with --device cpu")
+    if not on_cpu and "int8" in args.precisions.split(","):
+        ap.error("int8 weights are CPU-only (packed kernels); on a GPU use --precisions bfloat16,float16,float32")
     cfg = real_config()
+    where = f"threads {torch.get_num_threads()}"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, Mamba layers: {cuda_kernels.describe(device)}"
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, {where}, "
         f"hidden {cfg.get('hidden_size')} x {cfg.get('num_hidden_layers')} layers, "
         f"decode after {args.prefill} tokens, prefill of {args.prefill}"
     )
     results: dict[str, dict[str, float]] = {}
     for name in args.precisions.split(","):
         dtype, quantize = PRECISIONS[name]
-        model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize)
+        model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
         r = bench_model(model, args.prefill, args.decode, args.repeat)
         r["weight_mb"] = model.weight_bytes() / 2**20
+        if not on_cpu:
+            print(
+                f"\n{name} on {device} (weights {r['weight_mb']:.0f} MB)\n"
+                f"  decode  {r['decode_tok_s']:7.1f} tok/s  "
+                f"({r['decode_ms']:.2f} ms/step, median {r['decode_median_ms']:.2f})\n"
+                f"  prefill {r['prefill_tok_s']:7.0f} tok/s  ({r['prefill_s'] * 1e3:.1f} ms)\n"
+                f"  matmuls alone, 1 token: {r['linear_ms']:.2f} ms (torch F.linear {r['torch_linear_ms']:.2f} ms);"
+                f" {args.prefill} tokens: {r['prefill_linear_s'] * 1e3:.1f} ms"
+            )
+            if args.rss:
+                r["server_peak_rss_mb"] = server_peak_rss_mb(name, args.threads, args.workdir, args.device)
+                print(f"  server peak RSS after loading and one completion: {r['server_peak_rss_mb']:.0f} MB")
+            results[name] = r
+            del model
+            continue
         ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
         print(
             f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if model.packed else 'torch matmuls'})\n"
