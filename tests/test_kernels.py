@@ -164,23 +164,26 @@ def test_bad_arguments() -> None:
 
 
 @needs_ext
-@pytest.mark.parametrize("shape", [(1, 768), (5, 64), (3, 7)])
-def test_rms_norm_matches_torch(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("shape", [(1, 768), (5, 64), (3, 7), (100, 768)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_matches_torch(shape: tuple[int, int], threads: int) -> None:
     x, w = torch.randn(*shape) * 3, torch.randn(shape[-1])
-    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5))
+    want = torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5, threads), want)
 
 
 @needs_ext
-def test_add_rms_norm_and_swiglu_match_torch() -> None:
-    x, h, w = torch.randn(3, 64), torch.randn(3, 64), torch.randn(64)
+@pytest.mark.parametrize("rows", [3, 77])  # 77: several row tasks on the pool
+def test_add_rms_norm_and_swiglu_match_torch(rows: int) -> None:
+    x, h, w = torch.randn(rows, 64), torch.randn(rows, 64), torch.randn(64)
     want_x = x + 0.25 * h
     want = torch.nn.functional.rms_norm(want_x, (64,), w, 1e-5)
-    got = kernels.add_rms_norm(x, h, 0.25, w, 1e-5)
+    got = kernels.add_rms_norm(x, h, 0.25, w, 1e-5, threads=2)
     torch.testing.assert_close(x, want_x)  # updated in place
     torch.testing.assert_close(got, want)
-    gu = torch.randn(2, 40)
-    want_act = torch.nn.functional.silu(gu[:, :20]) * gu[:, 20:]
-    torch.testing.assert_close(kernels.swiglu(gu), want_act)
+    gu = torch.randn(rows, 42) * 6  # 21 wide: the vector loop and its scalar tail; SiLU far into both tails
+    want_act = torch.nn.functional.silu(gu[:, :21]) * gu[:, 21:]
+    torch.testing.assert_close(kernels.swiglu(gu, threads=2), want_act)
 
 
 @needs_ext
@@ -197,3 +200,14 @@ def test_attention_decode_matches_softmax_attention(hd: int, length: int) -> Non
     scores = qh @ k[:, :length].double().transpose(1, 2) * 0.125
     ref = (scores.softmax(-1) @ v[:, :length].double()).reshape(1, -1)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_vectorized_silu_over_the_whole_float_range() -> None:
+    """The AVX2 exp behind SiLU clamps its argument: huge, tiny and denormal-producing gates."""
+    gate = torch.tensor([-1e30, -100.0, -88.0, -87.5, -20.0, -1e-3, 0.0, 1e-3, 3.0, 20.0, 88.0, 100.0, 1e30] * 2)
+    gu = torch.cat([gate, torch.ones_like(gate)]).unsqueeze(0)
+    got = kernels.swiglu(gu, threads=1)
+    want = torch.nn.functional.silu(gate.double()).float().unsqueeze(0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-30)

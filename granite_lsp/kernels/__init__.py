@@ -151,22 +151,24 @@ def read_probe(buf: Tensor, threads: int | None = None) -> float:
     return ops.read_probe(buf, threads or torch.get_num_threads())
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
-    """fp32 RMSNorm over the last dim, scaled by ``weight``; None when the extension is unavailable."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, threads: int | None = None) -> Tensor | None:
+    """RMSNorm(x) * weight over the last dim (fp32, contiguous); None without the extension."""
     ops = _load()
-    return None if ops is None else ops.rms_norm(x, weight, eps)
+    return None if ops is None else ops.rms_norm(x, weight, eps, threads or torch.get_num_threads())
 
 
-def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> Tensor | None:
+def add_rms_norm(
+    x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float, threads: int | None = None
+) -> Tensor | None:
     """``x += alpha * h`` in place, then RMSNorm(x) * weight (fp32); None without the extension."""
     ops = _load()
-    return None if ops is None else ops.add_rms_norm(x, h, alpha, weight, eps)
+    return None if ops is None else ops.add_rms_norm(x, h, alpha, weight, eps, threads or torch.get_num_threads())
 
 
-def swiglu(gu: Tensor) -> Tensor | None:
+def swiglu(gu: Tensor, threads: int | None = None) -> Tensor | None:
     """silu(gate) * up of ``gu`` = [gate | up] (fp32 rows); None without the extension."""
     ops = _load()
-    return None if ops is None else ops.swiglu(gu)
+    return None if ops is None else ops.swiglu(gu, threads or torch.get_num_threads())
 
 
 def attention_decode(

@@ -510,6 +510,9 @@ double read_probe(const at::Tensor& buf, int64_t threads) {
 // polynomial (the Cephes expf coefficients): ~1-2 ulp, like the vectorized exp torch uses.
 
 inline __m256 exp8(__m256 x) {
+  // past the float range: +inf above, 0 below (which is what SiLU's and softmax's limits need)
+  const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283905206835f), _CMP_GT_OQ);
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654475055310f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -523,7 +526,8 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow, _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), overflow));
 }
 
 inline __m256 silu8(__m256 v) {
@@ -829,16 +833,9 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// RMSNorm of each row of x [T, D] scaled by w [D], like torch's F.rms_norm in fp32 (whose
-// composite implementation costs ~20-60 us per 768-wide row in dispatch; a decode step has 65).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
-  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
-  at::Tensor out = at::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
+// RMSNorm of rows [r0, r1) of x [T, D] into out, scaled by w [D].
+void rms_norm_rows(const float* xp, const float* wp, float* op, int64_t D, float eps, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     const float* xr = xp + r * D;
     float* orow = op + r * D;
     __m256 acc = _mm256_setzero_ps();
@@ -849,34 +846,59 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
     }
     float ss = hsum(acc);
     for (; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / float(D) + float(eps));
+    const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
     const __m256 iv = _mm256_set1_ps(inv);
     for (i = 0; i + 8 <= D; i += 8)
       _mm256_storeu_ps(orow + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), iv), _mm256_loadu_ps(wp + i)));
     for (; i < D; ++i) orow[i] = xr[i] * inv * wp[i];
   }
+}
+
+// Elementwise ops over rows: a handful of rows (decode) on the calling thread, more on the pool.
+constexpr int64_t kRowsPerTask = 32;
+
+// RMSNorm of each row of x [T, D] scaled by w [D], like torch's F.rms_norm in fp32 (whose
+// composite implementation costs ~20-60 us per 768-wide row in dispatch; a decode step has 65).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t threads) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  at::Tensor out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  parallel_rows(rows, kRowsPerTask, int(std::clamp<int64_t>(threads, 1, 64)),
+                [&](int64_t r0, int64_t r1) { rms_norm_rows(xp, wp, op, D, float(eps), r0, r1); });
   return out;
 }
 
 // x += alpha * h (in place, the residual stream), then RMSNorm(x) * w: the two ops that sit
 // between every pair of sub-blocks, fused.
-at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, const at::Tensor& w, double eps) {
-  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32");
+at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, const at::Tensor& w, double eps,
+                        int64_t threads) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == x.numel(), "h: like x");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
   float* xp = x.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float a = float(alpha);
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  const int64_t n = x.numel();
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(xp + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(hp + i), _mm256_loadu_ps(xp + i)));
-  for (; i < n; ++i) xp[i] += a * hp[i];
-  return rms_norm(x, w, eps);
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  at::Tensor out = at::empty_like(x);
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  parallel_rows(rows, kRowsPerTask, int(std::clamp<int64_t>(threads, 1, 64)), [&](int64_t r0, int64_t r1) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = r0 * D;
+    const int64_t end = r1 * D;
+    for (; i + 8 <= end; i += 8)
+      _mm256_storeu_ps(xp + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(hp + i), _mm256_loadu_ps(xp + i)));
+    for (; i < end; ++i) xp[i] += a * hp[i];
+    rms_norm_rows(xp, wp, op, D, float(eps), r0, r1);
+  });
+  return out;
 }
 
 // silu(gate) * up for gu = [gate | up] rows [T, 2I] -> [T, I] (the SwiGLU between the MLP's matmuls).
-at::Tensor swiglu(const at::Tensor& gu) {
+at::Tensor swiglu(const at::Tensor& gu, int64_t threads) {
   TORCH_CHECK(gu.is_cpu() && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() == 2 &&
                   gu.size(1) % 2 == 0,
               "gu: contiguous fp32 [T, 2I]");
@@ -884,7 +906,9 @@ at::Tensor swiglu(const at::Tensor& gu) {
   at::Tensor out = at::empty({T, I}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) silu_row(g + t * 2 * I, g + t * 2 * I + I, o + t * I, I);
+  parallel_rows(T, kRowsPerTask / 4, int(std::clamp<int64_t>(threads, 1, 64)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) silu_row(g + t * 2 * I, g + t * 2 * I + I, o + t * I, I);
+  });
   return out;
 }
 
@@ -894,9 +918,9 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
   m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &linear);
   m.def("gemm(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &gemm);
   m.def("read_probe(Tensor buf, int threads) -> float", &read_probe);
-  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
-  m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps) -> Tensor", &add_rms_norm);
-  m.def("swiglu(Tensor gu) -> Tensor", &swiglu);
+  m.def("rms_norm(Tensor x, Tensor w, float eps, int threads) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps, int threads) -> Tensor", &add_rms_norm);
+  m.def("swiglu(Tensor gu, int threads) -> Tensor", &swiglu);
   m.def("attention_decode(Tensor q, Tensor k, Tensor v, int length, float scale, int threads) -> Tensor",
         &attention_decode);
   m.def(

@@ -29,7 +29,7 @@ def _fused(x: Tensor, *others: Tensor) -> bool:
 def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """The residual update ``x + alpha * h`` and its RMSNorm (fused in place on CPU fp32)."""
     if _fused(x, h, weight):
-        out = kernels.add_rms_norm(x, h, alpha, weight, eps)
+        out = kernels.add_rms_norm(x, h, alpha, weight, eps, matmul_threads())
         if out is not None:
             return x, out
     x = torch.add(x, h, alpha=alpha)
@@ -42,7 +42,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     In float32 torch's fused kernel gave bit-identical results in our checks, in one op not eight;
     for bf16 it would round differently from HF (scale before the cast), so spell it out."""
     if x.dtype == torch.float32:
-        out = kernels.rms_norm(x, weight, eps) if _fused(x, weight) else None
+        out = kernels.rms_norm(x, weight, eps, matmul_threads()) if _fused(x, weight) else None
         return out if out is not None else F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -59,7 +59,7 @@ class MLP:
 
     def forward(self, h: Tensor) -> Tensor:
         gu = linear(h, self.w_in)
-        act = kernels.swiglu(gu) if _fused(gu) else None
+        act = kernels.swiglu(gu, matmul_threads()) if _fused(gu) else None
         if act is not None:
             return linear(act, self.w_out)
         gate, up = gu[:, : self.inner], gu[:, self.inner :]
