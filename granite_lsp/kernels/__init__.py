@@ -4,8 +4,9 @@ Decoding one token reads every weight once, so its speed is set by how close the
 memory bandwidth. torch's kernels for a single row of x reach a fraction of it on AVX2 machines
 (and its OpenMP regions stall when a core is busy), so ``gemv.cpp`` streams fp32, bf16 or
 fp16 or int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. Prefill is
-compute-bound instead, and MKL's sgemm reaches about half the FMA peak of the AMD Zen 3 machines
-this was tuned on, so ``gemv.cpp`` also has a blocked GEMM that widens W while packing it. It is compiled on
+compute-bound instead: ``gemv.cpp`` also has a blocked GEMM that widens W while packing it (MKL
+needs fp32 copies of bf16/fp16/int8 weights first), and fused Mamba2 mixer, attention, norm and
+SwiGLU ops for any number of tokens. It is compiled on
 first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
 when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
 torch ops, just slower.
@@ -48,8 +49,8 @@ _SOURCE = Path(__file__).with_name("gemv.cpp")
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
 # Up to this many rows of x the streaming kernels run (each row's result bit-identical alone or in
 # a batch), above it the blocked GEMM, which wins from ~16-24 rows (bf16 768x3376: 8 rows 0.78 vs
-# 1.19 ms, 24 rows 2.45 vs 2.29, 64 rows 7.29 vs 4.76) and beat MKL's fp32 sgemm on the model's
-# 512-row shapes here by 1.0-1.5x (bf16/fp16/int8: 1.1-2.3x, MKL needing widened copies).
+# 1.19 ms, 24 rows 2.45 vs 2.29, 64 rows 7.29 vs 4.76). On the model's 512-row shapes it ran at
+# 0.8-1.3x MKL's fp32 sgemm (noisy machine) and 1.1-2.3x MKL on widened bf16/fp16/int8 copies.
 GEMV_MAX_ROWS = 16
 # Rows of W upcast at a time by the torch fallback for bf16/int8 (~4 MB of fp32).
 _FALLBACK_BLOCK_BYTES = 4 << 20

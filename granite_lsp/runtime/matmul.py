@@ -1,6 +1,9 @@
-"""How the runtime runs its matmuls (and threads) on CPU; every weight product goes through ``linear``.
+"""How the runtime runs its matmuls (and threads); every weight product goes through ``linear``.
 
-Two measured effects on the 2-core AMD EPYC (Zen 3, AVX2, no native bf16) this was tuned on,
+With the CPU kernels (the default), weights are ``kernels.PackedLinear`` and their products run in
+the extension, for decode and prefill alike. What follows is about plain tensor weights: the
+fallback without the extension (and GPUs, which take ``F.linear``). Two measured effects on the
+2-core AMD EPYC (Zen 3, AVX2, no native bf16) this was tuned on,
 with torch 2.13's MKL / oneDNN:
 
 * Kernel choice by row count. ``F.linear`` (x @ W^T) is fine for one row but MKL handles a
@@ -109,7 +112,7 @@ def linear(x: Tensor, w: Tensor | PackedLinear, b: Tensor | None = None) -> Tens
             return w(x)
         if w.runs_in_kernel(x):
             return w(x, threads=n)
-        torch.set_num_threads(n)  # for its torch fallback (fp32 prefill goes to MKL)
+        torch.set_num_threads(n)  # for its torch fallback (the extension is missing)
         try:
             return w(x, threads=n)
         finally:

@@ -27,8 +27,10 @@ from .matmul import linear, small_ops_single_threaded
 from .state import KVCache, MambaSnapshot, ModelState
 from .weights import TIED_LM_HEAD, check_state_dict, load_safetensors_dir, make_getter, random_state_dict
 
-# Up to this many new tokens the token-by-token recurrence is used, above it the chunked scan.
-# Whole-model continuation after 256 tokens, 1 thread, ms CPU (recurrent / scan): T=1 191/232,
+# The torch path of the Mamba layers (no CPU extension; GPU without mamba_ssm): up to this many
+# new tokens the token-by-token recurrence is used, above it the chunked scan. (With the
+# extension, kernels.mamba_mixer runs the recurrence for any T.) Whole-model continuation after
+# 256 tokens, 1 thread, ms CPU (recurrent / scan): T=1 191/232,
 # 2 236/285, 4 289/304, 8 401/394, 16 454/524, 32 728/605: equal within noise from 6 to 16.
 DEFAULT_RECURRENT_MAX = 8
 # Chunk length of the SSD scan (does not change results). Scan alone on the real shape, 1 thread,
