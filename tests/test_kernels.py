@@ -205,9 +205,29 @@ def test_attention_decode_matches_softmax_attention(hd: int, length: int) -> Non
 @needs_ext
 def test_vectorized_silu_over_the_whole_float_range() -> None:
     """The AVX2 exp behind SiLU clamps its argument: huge, tiny and denormal-producing gates."""
-    gate = torch.tensor([-1e30, -100.0, -88.0, -87.5, -20.0, -1e-3, 0.0, 1e-3, 3.0, 20.0, 88.0, 100.0, 1e30] * 2)
+    edges = [-88.7, -88.5, -88.0, -87.5, -87.2, -87.0, 87.0, 88.0, 88.5, 88.7]  # around exp's clamps
+    gate = torch.tensor([-1e30, -100.0, -20.0, -1e-3, 0.0, 1e-3, 3.0, 20.0, 100.0, 1e30, *edges] * 2)
     gu = torch.cat([gate, torch.ones_like(gate)]).unsqueeze(0)
     got = kernels.swiglu(gu, threads=1)
     want = torch.nn.functional.silu(gate.double()).float().unsqueeze(0)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-30)
+    nan = kernels.swiglu(torch.tensor([[float("nan")] * 9 + [1.0] * 9]), threads=1)
+    assert torch.isnan(nan).all()
+
+
+@needs_ext
+def test_attention_decode_propagates_nan() -> None:
+    """A NaN in a key must not be softmaxed away (torch gives NaN; so must the kernel)."""
+    q, k, v = torch.randn(4 * 16), torch.randn(2, 20, 16), torch.randn(2, 20, 16)
+    k[0, 3, 5] = float("nan")  # in the vectorized part of the scores (the first 16 positions)
+    out = kernels.attention_decode(q, k, v, 20, 0.25, threads=1).view(4, 16)
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2:]).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("rows", [2, 30])  # streaming kernels and GEMM
+def test_empty_inner_dimension_gives_the_bias(rows: int) -> None:
+    layer = PackedLinear.from_weight(torch.zeros(5, 0), torch.arange(5.0))
+    assert torch.equal(layer(torch.zeros(rows, 0)), torch.arange(5.0).expand(rows, 5))
+    assert torch.equal(PackedLinear.from_weight(torch.zeros(5, 0))(torch.zeros(rows, 0)), torch.zeros(rows, 5))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -282,7 +283,7 @@ class PackedLinear:
         code that lowers torch's count for its small ops.
         """
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # a view of x when 2-D fp32
+        x2 = x.reshape(math.prod(lead), self.in_features).to(torch.float32).contiguous()  # a view when 2-D fp32
         ops = _load()
         if ops is not None:
             op = ops.linear if x2.shape[0] <= GEMV_MAX_ROWS else ops.gemm

@@ -386,16 +386,16 @@ void pack_x_tile(const void* ctx, int64_t tile) {
 // of W (fp32, ~128 KB: L2), then for each panel (16 KB: it stays in L1) sweep a band of row tiles
 // (kRowBand rows of packed x, ~96 KB: L2), BLIS's loop order.
 constexpr int64_t kRowBand = 96;
+constexpr int64_t kMaxBlockCols = 8 * kNR;
 
 template <class W>
 void gemm_block(const void* problem, int64_t c) {
   const auto& g = *static_cast<const Gemm<W>*>(problem);
   const int64_t n0 = c * g.block_cols, cols = std::min(g.block_cols, g.N - n0);
   const int64_t panels = (cols + kNR - 1) / kNR;
-  thread_local std::vector<float> buffer;
-  buffer.resize(size_t(panels * kNR * kKC + 16));
-  // 64-byte aligned: a panel row is one cache line, and a 32-byte load across two costs double
-  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+  // On the stack (128 KB; nothing to allocate, so nothing can throw inside a pool task), 64-byte
+  // aligned: a panel row is one cache line, and a 32-byte load across two costs double.
+  alignas(64) float packed[kMaxBlockCols * kKC];
   for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
     const int64_t kc = std::min<int64_t>(kKC, g.K - k0);
     for (int64_t j = 0; j < panels; ++j) pack_panel(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
@@ -424,7 +424,7 @@ void run_gemm(Gemm<W> g, int threads) {
   pool().run(&pack_x_tile, &px, tiles, threads - 1);
   g.xp = xp.get();
   const int64_t want = (g.N + 4 * threads - 1) / (4 * threads);
-  g.block_cols = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, 8 * kNR);
+  g.block_cols = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
   const int64_t blocks = (g.N + g.block_cols - 1) / g.block_cols;
   pool().run(&gemm_block<W>, &g, blocks, threads - 1);
 }
@@ -444,10 +444,12 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const std::opti
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: contiguous [N, K]");
   const int64_t T = x.size(0), N = w.size(0), K = w.size(1);
   for (const auto* v : {&scale, &bias})
-    TORCH_CHECK(!v->has_value() || ((*v)->scalar_type() == at::kFloat && (*v)->is_contiguous() && (*v)->numel() == N),
+    TORCH_CHECK(!v->has_value() || ((*v)->is_cpu() && (*v)->scalar_type() == at::kFloat && (*v)->is_contiguous() &&
+                                    (*v)->numel() == N),
                 "scale/bias: contiguous fp32 [N]");
   at::Tensor y = at::empty({T, N}, x.options());
   if (N == 0 || T == 0) return y;
+  if (K == 0) return bias ? y.copy_(bias->unsqueeze(0).expand({T, N})) : y.zero_();  // an empty sum
   const float* s = scale ? scale->data_ptr<float>() : nullptr;
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
@@ -511,10 +513,11 @@ double read_probe(const at::Tensor& buf, int64_t threads) {
 // polynomial (the Cephes expf coefficients): ~1-2 ulp, like the vectorized exp torch uses.
 
 inline __m256 exp8(__m256 x) {
-  // past the float range: +inf above, 0 below (which is what SiLU's and softmax's limits need)
-  const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283905206835f), _CMP_GT_OQ);
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654475055310f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+  // past the float range: +inf above, 0 below (which is what SiLU's and softmax's limits need);
+  // NaN stays NaN (min/max return their second operand when either is NaN)
+  const __m256 hi = _mm256_set1_ps(88.72283905206835f), lo = _mm256_set1_ps(-87.33654475055310f);
+  const __m256 overflow = _mm256_cmp_ps(x, hi, _CMP_GT_OQ), underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -526,8 +529,12 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  // 2^n as two factors: n reaches 128 at the top of the range, past the largest exponent
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 e2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  const __m256 r = _mm256_mul_ps(_mm256_mul_ps(p, e1), e2);
   return _mm256_andnot_ps(underflow, _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), overflow));
 }
 
@@ -573,6 +580,8 @@ void parallel_rows(int64_t rows, int64_t per, int threads, const F& f) {
 // form that GPUs want does more arithmetic than that here (~10 K against ~8 K multiply-adds per
 // token and head for the real shape) plus [L, L] decay blocks, and in torch ops it spent more
 // time in small-op overhead than in math. Decode is the same code with T = 1.
+
+constexpr int64_t kMaxConvWidth = 16;
 
 struct MambaScan {
   float* ssm;           // [H, P, N]
@@ -661,7 +670,9 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
               "zxbcdt: contiguous fp32 [T, E + C + H]");
   for (const at::Tensor* t : {&conv_state, &conv_w, &dt_bias, &A, &D, &ssm_state, &norm_w})
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_mixer: fp32 contiguous");
-  TORCH_CHECK(K >= 2 && conv_state.size(0) == K - 1 && conv_state.size(1) == C && conv_w.size(1) == C, "conv shapes");
+  TORCH_CHECK(K >= 2 && K <= kMaxConvWidth && conv_state.size(0) == K - 1 && conv_state.size(1) == C &&
+                  conv_w.size(1) == C,
+              "conv shapes (width 2..16)");
   TORCH_CHECK(dt_bias.numel() == H, "dt_bias: [H]");
   TORCH_CHECK(!conv_b || (conv_b->is_cpu() && conv_b->scalar_type() == at::kFloat && conv_b->is_contiguous() &&
                           conv_b->numel() == C),
@@ -681,7 +692,7 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   const auto xbc_buf = scratch(size_t(T * C));
   float* const xbc = xbc_buf.get();
   auto conv_rows = [&](int64_t t0, int64_t t1) {
-    std::vector<const float*> src(K);
+    const float* src[kMaxConvWidth];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t j = 0; j < K; ++j)
         src[j] = t + j < K - 1 ? cs + (t + j) * C : in + (t + j - (K - 1)) * W + E;
@@ -731,13 +742,19 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   const float* nw = norm_w.data_ptr<float>();
   const int64_t per = E / G;
   auto gate_rows = [&](int64_t t0, int64_t t1) {
-    std::vector<float> gate(static_cast<size_t>(E));
     for (int64_t t = t0; t < t1; ++t) {
       float* yt = y + t * E;
       const float* xt = xbc + t * C;
-      silu_row(in + t * W, nullptr, gate.data(), E);
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = h * P; i < (h + 1) * P; ++i) yt[i] = (yt[i] + xt[i] * Dp[h]) * gate[i];
+      const float* zt = in + t * W;
+      for (int64_t h = 0; h < H; ++h) {
+        const __m256 d = _mm256_set1_ps(Dp[h]);
+        int64_t i = h * P;
+        for (; i + 8 <= (h + 1) * P; i += 8) {
+          const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(xt + i), d, _mm256_loadu_ps(yt + i));
+          _mm256_storeu_ps(yt + i, _mm256_mul_ps(v, silu8(_mm256_loadu_ps(zt + i))));
+        }
+        for (; i < (h + 1) * P; ++i) yt[i] = (yt[i] + xt[i] * Dp[h]) * silu(zt[i]);
+      }
       for (int64_t g = 0; g < G; ++g) {
         float* yg = yt + g * per;
         double ss = 0;
@@ -762,6 +779,7 @@ struct DecodeAttention {
   const float* k;    // [nkv, cap, hd]
   const float* v;    // [nkv, cap, hd]
   float* out;        // [nq, hd]
+  float* scores;     // [nkv, L] scratch, one row per task
   int64_t nq, nkv, hd, cap, L;
   float scale;
 };
@@ -771,8 +789,7 @@ void attention_kv_head(const void* ctx, int64_t g) {
   const int64_t per = a.nq / a.nkv, hd = a.hd, L = a.L;
   const float* K = a.k + g * a.cap * hd;
   const float* V = a.v + g * a.cap * hd;
-  const auto buf = scratch(size_t(L));
-  float* p = buf.get();
+  float* p = a.scores + g * L;
   for (int64_t h = g * per; h < (g + 1) * per; ++h) {
     const float* q = a.q + h * hd;
     float best = -INFINITY;
@@ -825,11 +842,12 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t nkv = k.size(0), cap = k.size(1), hd = k.size(2);
   TORCH_CHECK(hd > 0 && q.numel() % hd == 0, "q: [nq * hd]");
   const int64_t nq = q.numel() / hd;
-  TORCH_CHECK(nq % nkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(nkv > 0 && nq % nkv == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(length >= 1 && length <= cap, "length: 1 .. capacity");
   at::Tensor out = at::empty({1, nq * hd}, q.options());
+  const auto scores = scratch(size_t(nkv * length));
   DecodeAttention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
-                    nq, nkv, hd, cap, length, float(scale)};
+                    scores.get(), nq, nkv, hd, cap, length, float(scale)};
   pool().run(&attention_kv_head, &a, nkv, int(std::clamp<int64_t>(threads, 1, 64)) - 1);
   return out;
 }
@@ -862,7 +880,7 @@ constexpr int64_t kRowsPerTask = 32;
 // composite implementation costs ~20-60 us per 768-wide row in dispatch; a decode step has 65).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t threads) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
+  TORCH_CHECK(w.is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   at::Tensor out = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -877,8 +895,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_
 at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, const at::Tensor& w, double eps,
                         int64_t threads) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
-  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == x.numel(), "h: like x");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
+  TORCH_CHECK(h.is_cpu() && h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == x.numel(), "h: like x");
+  TORCH_CHECK(w.is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
   float* xp = x.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float a = float(alpha);

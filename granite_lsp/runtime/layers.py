@@ -194,7 +194,7 @@ class MambaMixer:
         T = h.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         zxbcdt = linear(h, self.w_in, self.b_in)
-        if self.fused and _fused(zxbcdt, conv_state):
+        if self.fused and _fused(zxbcdt, conv_state, ssm_state):
             y1 = kernels.mamba_mixer(
                 zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
