@@ -724,15 +724,17 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   float *const dt = dt_buf.get(), *const decay = dt + T * H;
   const float* db = dt_bias.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t h = 0; h < H; ++h) {
-      const float v = in[t * W + E + C + h] + db[h];
-      float sp = v > 20.0f ? v : std::log1p(std::exp(v));
-      sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
-      dt[t * H + h] = sp;
-      decay[t * H + h] = std::exp(std::max(sp * Ap[h], -80.0f));
+  parallel_rows(T, 64, n_threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float v = in[t * W + E + C + h] + db[h];
+        float sp = v > 20.0f ? v : std::log1p(std::exp(v));
+        sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
+        dt[t * H + h] = sp;
+        decay[t * H + h] = std::exp(std::max(sp * Ap[h], -80.0f));
+      }
     }
-  }
+  });
   // (3) the scan, one head per task
   float* y = out.data_ptr<float>();
   MambaScan m{ssm_state.data_ptr<float>(), xbc, dt, decay, y, T, H, P, N, G, E, C};
