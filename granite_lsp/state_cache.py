@@ -88,15 +88,7 @@ class StateCache:
 
     def __post_init__(self) -> None:
         self.live = self.model.new_state(capacity=2048)
-        # The empty state, as broadcast views of one zero each: restoring copies zeros in, and
-        # it costs no memory (a real snapshot is ~23 MB on the real shape).
-        snap = self.live.snapshot()
-        self._zero = MambaSnapshot(
-            tuple(torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape) for t in snap.conv),
-            tuple(torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape) for t in snap.ssm),
-            0,
-        )
-        del snap
+        self._zero = self.model.zero_snapshot()  # restoring it copies zeros in; it holds no memory
         self.live_tokens: list[int] = []
         self.live_logits: torch.Tensor | None = None
         self.checkpoints: list[Checkpoint] = []

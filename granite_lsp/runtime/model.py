@@ -275,14 +275,20 @@ class HybridModel:
         cfg = self.config
         n_attn = len(cfg.attention_layers)
         kv = KVCache.empty(n_attn, cfg.num_key_value_heads, cfg.head_dim, capacity, self.dtype, self.device)
+        return ModelState(kv, self.zero_snapshot())
+
+    def zero_snapshot(self) -> MambaSnapshot:
+        """The Mamba states at position 0, as broadcast views of one zero each: no memory (a
+        real snapshot is ~22 MB on the real shape), and restoring or building a state from it
+        copies zeros in."""
+        cfg = self.config
         n_mamba = len(cfg.mamba_layers)
-        conv = tuple(
-            torch.zeros(cfg.mamba_d_conv - 1, cfg.mamba_conv_dim, dtype=self.dtype, device=self.device)
-            for _ in range(n_mamba)
-        )
+        conv_zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        ssm_zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        conv_shape = (cfg.mamba_d_conv - 1, cfg.mamba_conv_dim)
         ssm_shape = (cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
-        ssm = tuple(torch.zeros(ssm_shape, dtype=torch.float32, device=self.device) for _ in range(n_mamba))
-        return ModelState(kv, MambaSnapshot(conv, ssm, 0))
+        conv = tuple(conv_zero.expand(conv_shape) for _ in range(n_mamba))
+        return MambaSnapshot(conv, tuple(ssm_zero.expand(ssm_shape) for _ in range(n_mamba)), 0)
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, state: ModelState, all_logits: bool = False) -> Tensor:

@@ -128,8 +128,9 @@ class ModelState:
             raise ValueError(f"KV cache holds {kv.length} positions, snapshot was taken at {mamba.pos}")
         kv.crop(mamba.pos)
         self.kv = kv
-        self.conv: list[Tensor] = [t.clone() for t in mamba.conv]
-        self.ssm: list[Tensor] = [t.clone() for t in mamba.ssm]
+        # contiguous copies (a snapshot may hold broadcast views: Model.zero_snapshot)
+        self.conv: list[Tensor] = [t.clone(memory_format=torch.contiguous_format) for t in mamba.conv]
+        self.ssm: list[Tensor] = [t.clone(memory_format=torch.contiguous_format) for t in mamba.ssm]
         self.pos = mamba.pos
 
     def snapshot(self) -> MambaSnapshot:
