@@ -69,6 +69,21 @@ def small_ops_single_threaded() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@contextmanager
+def big_op_threads() -> Iterator[None]:
+    """Inside ``small_ops_single_threaded``, give one big torch op (prefill attention: one OpenMP
+    region of tens of ms, where a late thread costs little) the matmul thread count."""
+    n = _matmul_threads
+    if n <= 1:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 def _product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     rows = x.shape[0]
     if x.dim() != 2 or not x.is_cpu:  # the choices below are CPU measurements; a GPU takes F.linear
