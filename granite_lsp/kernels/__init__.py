@@ -2,11 +2,12 @@
 
 Decoding one token reads every weight once, so its speed is set by how close the matmuls get to
 memory bandwidth. torch's kernels for a single row of x reach a fraction of it on AVX2 machines
-(and its OpenMP regions stall when a core is busy), so ``gemv.cpp`` streams fp32, bf16 or
+(and its OpenMP regions stall when a core is busy), so ``linear.cpp`` streams fp32, bf16 or
 fp16 or int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its own. Prefill is
-compute-bound instead: ``gemv.cpp`` also has a blocked GEMM that widens W while packing it (MKL
-needs fp32 copies of bf16/fp16/int8 weights first), and fused Mamba2 mixer, attention, norm and
-SwiGLU ops for any number of tokens. It is compiled on
+compute-bound instead: ``linear.cpp`` also has a blocked GEMM that widens W while packing it (MKL
+needs fp32 copies of bf16/fp16/int8 weights first). ``mamba.cpp``, ``attention.cpp`` and
+``norms.cpp`` fuse the rest of a layer (Mamba2 mixer for any number of tokens, decode attention,
+norms, SwiGLU); ``common.h`` holds the thread pool and vector helpers, ``ops.cpp`` the op table. It is compiled on
 first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
 when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
 torch ops, just slower.
@@ -45,7 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("gemv.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "mamba.cpp", "attention.cpp", "norms.cpp")]
+_HEADERS = [_DIR / name for name in ("common.h", "ops.h")]
 # No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
 # Up to this many rows of x the streaming kernels run (each row's result bit-identical alone or in
@@ -82,7 +85,8 @@ def _build_dir() -> Path:
         root = os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "granite-lsp", "kernels"
         )
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    code = b"".join(f.name.encode() + f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+    key = hashlib.sha256(code + " ".join(_CFLAGS).encode()).hexdigest()[:12]
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
     return Path(root) / tag.replace("+", "_")
 
@@ -120,7 +124,7 @@ def _load() -> object | None:
                 build_dir.mkdir(parents=True, exist_ok=True)
                 load(
                     name="granite_gemv",
-                    sources=[str(_SOURCE)],
+                    sources=[str(f) for f in _SOURCES],
                     extra_cflags=_CFLAGS,
                     build_directory=str(build_dir),
                     is_python_module=False,  # registers torch.ops.granite_gemv; no pybind11 to compile

@@ -1,0 +1,369 @@
+// y[T, N] = x[T, K] @ W[N, K]^T (* scale[N]) (+ bias[N]) with W in fp32, bf16, fp16 or int8, on AVX2.
+//
+// Two kernels. For a few rows of x (decode, small edits), where every weight is read once per
+// token, streaming kernels read W from memory at full bandwidth: x (a few KB) stays in L1 and
+// registers, each 8-wide slice of W is widened to fp32 in registers and multiplied against up to
+// 8 rows of x, and the rows of W are shared between threads in chunks handed out on demand. For
+// many rows (prefill), where the product is compute-bound, the blocked GEMM further down.
+#include "common.h"
+#include "ops.h"
+
+namespace granite {
+namespace {
+
+template <class W>
+struct Problem {
+  const float* x;             // [T, K]
+  const typename W::Elem* w;  // [N, K]
+  const float* scale;         // [N] or null
+  const float* bias;          // [N] or null
+  float* y;                   // [T, N]
+  int64_t T, K, N, chunk_rows;
+};
+
+// y[t, n + r * stride] for T rows of x (t < T <= 8) and R rows of W (r < R). One accumulator per
+// (t, r) pair: with T * R >= 4 independent FMA chains the loop waits on loads, never on FMA
+// latency. Each y element is summed in the same order whatever T is, so a row of x gets the
+// bit-identical result alone (decode) or batched (prefill).
+template <class W, int T, int R>
+inline void rows(const Problem<W>& p, const float* x, float* y, int64_t n, int64_t stride) {
+  const int64_t K = p.K;
+  const typename W::Elem* w[R];
+  for (int r = 0; r < R; ++r) w[r] = p.w + (n + r * stride) * K;
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = W::load8(w[r] + k);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm256_fmadd_ps(xv[t], wv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[t][r]);
+      for (int64_t j = k; j < K; ++j) s += x[t * K + j] * W::one(w[r] + j);  // K % 8 tail
+      const int64_t row = n + r * stride;
+      if (p.scale) s *= p.scale[row];
+      if (p.bias) s += p.bias[row];
+      y[t * p.N + row] = s;
+    }
+  }
+}
+
+// W rows [begin, end) against T rows of x. The rows are cut into R equal runs read side by side,
+// each front to back: R long sequential streams keep more memory requests in flight than one
+// (single-threaded here: ~6.5 GB/s from one stream, ~11 from eight), and long streams let the
+// hardware prefetcher lock on, which R adjacent rows (R streams one row long, 768 bytes for an
+// int8 row) do not.
+template <class W, int T, int R>
+void row_range(const Problem<W>& p, const float* x, float* y, int64_t begin, int64_t end) {
+  const int64_t run = (end - begin) / R;
+  for (int64_t i = 0; i < run; ++i) rows<W, T, R>(p, x, y, begin + i, run);
+  for (int64_t n = begin + R * run; n < end; ++n) rows<W, T, 1>(p, x, y, n, 0);
+}
+
+// Rows of W per block, by rows of x: enough accumulators to hide FMA latency and enough streams
+// to keep memory busy, few enough to leave registers for x and W next to the T * R accumulators.
+template <class W>
+void row_range(const Problem<W>& p, int64_t t0, int64_t begin, int64_t end) {
+  const float* x = p.x + t0 * p.K;
+  float* y = p.y + t0 * p.N;
+  switch (std::min<int64_t>(p.T - t0, 8)) {
+    case 1: return row_range<W, 1, 8>(p, x, y, begin, end);
+    case 2: return row_range<W, 2, 6>(p, x, y, begin, end);
+    case 3: return row_range<W, 3, 4>(p, x, y, begin, end);
+    case 4: return row_range<W, 4, 3>(p, x, y, begin, end);
+    case 5: return row_range<W, 5, 2>(p, x, y, begin, end);
+    case 6: return row_range<W, 6, 2>(p, x, y, begin, end);
+    case 7: return row_range<W, 7, 1>(p, x, y, begin, end);
+    default: return row_range<W, 8, 1>(p, x, y, begin, end);
+  }
+}
+
+// One chunk of W rows against all of x, 8 rows of x at a time: the chunk is read from memory
+// once and from cache for the other groups of 8.
+template <class W>
+void chunk(const void* problem, int64_t c) {
+  const auto& p = *static_cast<const Problem<W>*>(problem);
+  const int64_t begin = c * p.chunk_rows, end = std::min(p.N, begin + p.chunk_rows);
+  for (int64_t t0 = 0; t0 < p.T; t0 += 8) row_range(p, t0, begin, end);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+
+// Chunks of >= 32 KB of weights (the shared counter costs nothing at that size), at most 256 KB
+// (they stay in L2 while the groups of x pass over them, and a chunk is what a preempted helper
+// can hold up), and >= 4 per thread when W is small.
+template <class W>
+void run(Problem<W> p, int threads) {
+  const int64_t row_bytes = p.K * int64_t(sizeof(typename W::Elem));
+  const int64_t bytes = std::clamp<int64_t>(row_bytes * p.N / (4 * threads), 32 << 10, 256 << 10);
+  p.chunk_rows = std::max<int64_t>(1, bytes / row_bytes);
+  const int64_t n_chunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
+  pool().run(&chunk<W>, &p, n_chunks, threads - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: a blocked GEMM for many rows of x, where the product is compute-bound. With no
+// native bf16/fp16/int8 arithmetic in AVX2, MKL needed fp32 copies of those weights first, made
+// a block at a time (the copies cost as much as the product for 512 rows). Here W, in whatever
+// format it is stored, is widened (and for int8 scaled) while it is packed into 16-column panels
+// [k][16] of fp32, a KC x NB block at a time that stays in L2; x is packed in 6-row tiles; a
+// 6 x 16 register tile of y (12 accumulators) then takes one broadcast of x per row and two FMAs
+// per k, BLIS's loop order. On the Zen 3 this was tuned on, the micro-kernel runs at ~98% of the
+// FMA peak from L1 and the whole GEMM at ~70-85% of it on one core (MKL's sgemm: 55-85%).
+
+
+constexpr int kMR = 6, kNR = 16, kKC = 256;
+
+template <class W>
+struct Gemm {
+  const float* x;             // [T, K]
+  const typename W::Elem* w;  // [N, K]
+  const float* scale;         // [N] or null
+  const float* bias;          // [N] or null
+  float* y;                   // [T, N]
+  int64_t T, K, N, block_cols;
+  const float* xp = nullptr;  // x packed in row tiles (run_gemm)
+};
+
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Columns [n0, n0 + 16) of W^T, rows [k0, k0 + kc), as fp32 [kc][16] (columns past N are zero).
+template <class W>
+void pack_panel(const Gemm<W>& g, int64_t n0, int64_t k0, int64_t kc, float* dst) {
+  const typename W::Elem* row[kNR];
+  float s[kNR];
+  const int64_t valid = std::min<int64_t>(kNR, g.N - n0);
+  for (int r = 0; r < kNR; ++r) {
+    row[r] = r < valid ? g.w + (n0 + r) * g.K + k0 : nullptr;
+    s[r] = r < valid && g.scale ? g.scale[n0 + r] : 1.0f;
+  }
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 v[8];
+      for (int r = 0; r < 8; ++r) {
+        const int rr = half * 8 + r;
+        if (!row[rr]) v[r] = _mm256_setzero_ps();
+        else if (g.scale) v[r] = _mm256_mul_ps(W::load8(row[rr] + k), _mm256_set1_ps(s[rr]));
+        else v[r] = W::load8(row[rr] + k);
+      }
+      transpose8(v);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * kNR + half * 8, v[j]);
+    }
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < kNR; ++r) dst[k * kNR + r] = row[r] ? W::one(row[r] + k) * s[r] : 0.0f;
+}
+
+// y[t0 .. t0 + rows, n0 .. n0 + cols) (rows <= 6, cols <= 16) = or += a @ b, with a the tile's
+// packed rows of x ([kc][6]) and b a packed panel of W^T ([kc][16]). The twelve accumulators are
+// named variables: as an array, GCC keeps them in memory.
+inline void micro_tile(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int rows, int cols,
+                       bool accumulate, const float* bias) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 av;
+#define GRANITE_ROW_FMA(i)                      \
+  av = _mm256_broadcast_ss(a + i);              \
+  c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0); \
+  c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);
+    GRANITE_ROW_FMA(0) GRANITE_ROW_FMA(1) GRANITE_ROW_FMA(2) GRANITE_ROW_FMA(3) GRANITE_ROW_FMA(4) GRANITE_ROW_FMA(5)
+#undef GRANITE_ROW_FMA
+  }
+  alignas(32) float tile[kMR][kNR];
+#define GRANITE_ROW_OUT(i)                 \
+  _mm256_store_ps(tile[i], c##i##0); \
+  _mm256_store_ps(tile[i] + 8, c##i##1);
+  GRANITE_ROW_OUT(0) GRANITE_ROW_OUT(1) GRANITE_ROW_OUT(2) GRANITE_ROW_OUT(3) GRANITE_ROW_OUT(4) GRANITE_ROW_OUT(5)
+#undef GRANITE_ROW_OUT
+  for (int i = 0; i < rows; ++i) {
+    float* yr = y + i * ldy;
+    if (cols == kNR) {
+      __m256 lo = _mm256_load_ps(tile[i]), hi = _mm256_load_ps(tile[i] + 8);
+      if (accumulate) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(yr));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(yr + 8));
+      } else if (bias) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8));
+      }
+      _mm256_storeu_ps(yr, lo);
+      _mm256_storeu_ps(yr + 8, hi);
+    } else {
+      for (int j = 0; j < cols; ++j) yr[j] = accumulate ? yr[j] + tile[i][j] : tile[i][j] + (bias ? bias[j] : 0.0f);
+    }
+  }
+}
+
+// x [T, K] as row tiles [ceil(T / 6)][K][6] (a short last tile repeats its last row), so that the
+// micro-kernel reads its six rows from one contiguous stream.
+struct PackX {
+  const float* x;
+  float* packed;
+  int64_t T, K;
+};
+
+void pack_x_tile(const void* ctx, int64_t tile) {
+  const auto& p = *static_cast<const PackX*>(ctx);
+  const float* rows[kMR];
+  for (int i = 0; i < kMR; ++i) rows[i] = p.x + std::min<int64_t>(tile * kMR + i, p.T - 1) * p.K;
+  float* dst = p.packed + tile * p.K * kMR;
+  for (int64_t k = 0; k < p.K; ++k)
+    for (int i = 0; i < kMR; ++i) dst[k * kMR + i] = rows[i][k];
+}
+
+// One block of block_cols columns of y, all rows. For each KC slice of K: pack the block's panels
+// of W (fp32, ~128 KB: L2), then for each panel (16 KB: it stays in L1) sweep a band of row tiles
+// (kRowBand rows of packed x, ~96 KB: L2), BLIS's loop order.
+constexpr int64_t kRowBand = 96;
+constexpr int64_t kMaxBlockCols = 8 * kNR;
+
+template <class W>
+void gemm_block(const void* problem, int64_t c) {
+  const auto& g = *static_cast<const Gemm<W>*>(problem);
+  const int64_t n0 = c * g.block_cols, cols = std::min(g.block_cols, g.N - n0);
+  const int64_t panels = (cols + kNR - 1) / kNR;
+  // On the stack (128 KB; nothing to allocate, so nothing can throw inside a pool task), 64-byte
+  // aligned: a panel row is one cache line, and a 32-byte load across two costs double.
+  alignas(64) float packed[kMaxBlockCols * kKC];
+  for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
+    const int64_t kc = std::min<int64_t>(kKC, g.K - k0);
+    for (int64_t j = 0; j < panels; ++j) pack_panel(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
+    for (int64_t band = 0; band < g.T; band += kRowBand) {
+      const int64_t band_end = std::min(g.T, band + kRowBand);
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t n = n0 + j * kNR;
+        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
+        const float* b = packed + j * kNR * kc;
+        for (int64_t t = band; t < band_end; t += kMR) {
+          const float* a = g.xp + (t / kMR) * g.K * kMR + k0 * kMR;
+          micro_tile(a, b, kc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)), ncols, k0 > 0,
+                     g.bias ? g.bias + n : nullptr);
+        }
+      }
+    }
+  }
+}
+
+// Blocks of 16-128 columns, at least ~4 per thread so that a preempted thread holds up little.
+template <class W>
+void run_gemm(Gemm<W> g, int threads) {
+  const int64_t tiles = (g.T + kMR - 1) / kMR;
+  const auto xp = scratch(size_t(tiles * g.K * kMR));
+  PackX px{g.x, xp.get(), g.T, g.K};
+  pool().run(&pack_x_tile, &px, tiles, threads - 1);
+  g.xp = xp.get();
+  const int64_t want = (g.N + 4 * threads - 1) / (4 * threads);
+  g.block_cols = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
+  const int64_t blocks = (g.N + g.block_cols - 1) / g.block_cols;
+  pool().run(&gemm_block<W>, &g, blocks, threads - 1);
+}
+
+template <class W>
+void product(bool blocked, const float* x, const typename W::Elem* w, const float* s, const float* b, float* y,
+             int64_t T, int64_t K, int64_t N, int threads) {
+  if (blocked) run_gemm(Gemm<W>{x, w, s, b, y, T, K, N, 0}, threads);
+  else run(Problem<W>{x, w, s, b, y, T, K, N, 0}, threads);
+}
+
+// blocked: the GEMM above (many rows of x) rather than the streaming kernels (a few rows).
+at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& bias, int64_t threads, bool blocked) {
+  TORCH_CHECK(x.is_cpu() && w.is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [T, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: contiguous [N, K]");
+  const int64_t T = x.size(0), N = w.size(0), K = w.size(1);
+  for (const auto* v : {&scale, &bias})
+    TORCH_CHECK(!v->has_value() || ((*v)->is_cpu() && (*v)->scalar_type() == at::kFloat && (*v)->is_contiguous() &&
+                                    (*v)->numel() == N),
+                "scale/bias: contiguous fp32 [N]");
+  at::Tensor y = at::empty({T, N}, x.options());
+  if (N == 0 || T == 0) return y;
+  if (K == 0) return bias ? y.copy_(bias->unsqueeze(0).expand({T, N})) : y.zero_();  // an empty sum
+  const float* s = scale ? scale->data_ptr<float>() : nullptr;
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int n = int(std::clamp<int64_t>(threads, 1, 64));
+  const auto* w16 = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  switch (w.scalar_type()) {
+    case at::kFloat: product<F32>(blocked, xp, w.data_ptr<float>(), s, b, yp, T, K, N, n); break;
+    case at::kBFloat16: product<BF16>(blocked, xp, w16, s, b, yp, T, K, N, n); break;
+    case at::kHalf: product<F16>(blocked, xp, w16, s, b, yp, T, K, N, n); break;
+    case at::kChar:
+      TORCH_CHECK(s, "int8 weights need a scale");
+      product<I8>(blocked, xp, w.data_ptr<int8_t>(), s, b, yp, T, K, N, n);
+      break;
+    default:
+      TORCH_CHECK(false, "w: float32, bfloat16, float16 or int8");
+  }
+  return y;
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, int64_t threads) {
+  return linear_impl(x, w, scale, bias, threads, false);
+}
+
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, int64_t threads) {
+  return linear_impl(x, w, scale, bias, threads, true);
+}
+
+
+// A plain streaming read of `buf` on the same threads, in 256 KB chunks read as 8 side-by-side
+// runs like the kernels: the ceiling that bench.py compares them with in the same process.
+double read_probe(const at::Tensor& buf, int64_t threads) {
+  constexpr int64_t kChunk = 1 << 16, kRun = kChunk / 8;  // floats
+  TORCH_CHECK(buf.is_cpu() && buf.is_contiguous() && buf.nbytes() % (kChunk * 4) == 0,
+              "buf: contiguous CPU tensor, a multiple of 256 KB");
+  std::vector<float> sums(buf.nbytes() / (kChunk * 4));
+  struct Ctx {
+    const float* p;
+    float* sums;
+  } ctx{static_cast<const float*>(buf.data_ptr()), sums.data()};
+  auto body = [](const void* c, int64_t i) {
+    const auto& ctx = *static_cast<const Ctx*>(c);
+    const float* p = ctx.p + i * kChunk;
+    __m256 acc[8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t j = 0; j < kRun; j += 8)
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_add_ps(acc[r], _mm256_loadu_ps(p + r * kRun + j));
+    for (int r = 1; r < 8; ++r) acc[0] = _mm256_add_ps(acc[0], acc[r]);
+    ctx.sums[i] = hsum(acc[0]);
+  };
+  pool().run(body, &ctx, int64_t(sums.size()), int(std::clamp<int64_t>(threads, 1, 64)) - 1);
+  double total = 0;
+  for (float v : sums) total += v;
+  return total;
+}
+
+
+}  // namespace granite

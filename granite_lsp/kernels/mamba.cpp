@@ -1,0 +1,211 @@
+// A Mamba2 mixer between in_proj and out_proj (conv, selective scan, gated norm), fused, any T.
+#include "common.h"
+#include "ops.h"
+
+namespace granite {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// A Mamba2 mixer between its two projections, for T >= 1 tokens: the causal conv, the selective
+// scan and the gated RMSNorm, continuing from (and updating) the conv and SSM states.
+//
+// The scan is the plain recurrence S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t,
+// one head per task: a head's state (P x N fp32, 16 KB) stays in L1 for all T tokens, so the
+// cost is ~2.5 FMAs per state element per token and nothing else. The chunked matmul ("SSD")
+// form that GPUs want does more arithmetic than that here (~10 K against ~8 K multiply-adds per
+// token and head for the real shape) plus [L, L] decay blocks, and in torch ops it spent more
+// time in small-op overhead than in math. Decode is the same code with T = 1.
+
+constexpr int64_t kMaxConvWidth = 16;
+
+struct MambaScan {
+  float* ssm;           // [H, P, N]
+  const float* xbc;     // conv output (after SiLU) [T, C]
+  const float* dt;      // [T, H]
+  const float* decay;   // [T, H]
+  float* y;             // [T, E]
+  int64_t T, H, P, N, G, E, C;
+};
+
+// One state row (N values) for one token: decay, add xdt * B, read out through C.
+inline float state_row(float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
+  const __m256 xv = _mm256_set1_ps(xdt), d = _mm256_set1_ps(decay);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    const __m256 sv = _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(s + n), d));
+    _mm256_storeu_ps(s + n, sv);
+    acc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(Cv + n), acc);
+  }
+  float out = hsum(acc);
+  for (; n < N; ++n) {
+    s[n] = s[n] * decay + xdt * B[n];
+    out += s[n] * Cv[n];
+  }
+  return out;
+}
+
+// Four state rows at once (N % 8 == 0): four independent FMA chains for the read-out (one chain
+// waits on FMA latency) sharing the B and C loads. Named variables: as arrays GCC keeps them in
+// memory.
+inline void state_rows4(float* s, int64_t N, const float* B, const float* Cv, const float* xdt, float decay, float* y) {
+  const __m256 d = _mm256_set1_ps(decay);
+  const __m256 x0 = _mm256_set1_ps(xdt[0]), x1 = _mm256_set1_ps(xdt[1]), x2 = _mm256_set1_ps(xdt[2]),
+               x3 = _mm256_set1_ps(xdt[3]);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
+  for (int64_t n = 0; n < N; n += 8) {
+    const __m256 b = _mm256_loadu_ps(B + n), c = _mm256_loadu_ps(Cv + n);
+#define GRANITE_STATE_ROW(i)                                                                   \
+  {                                                                                            \
+    const __m256 v = _mm256_fmadd_ps(x##i, b, _mm256_mul_ps(_mm256_loadu_ps(s##i + n), d)); \
+    _mm256_storeu_ps(s##i + n, v);                                                             \
+    a##i = _mm256_fmadd_ps(v, c, a##i);                                                        \
+  }
+    GRANITE_STATE_ROW(0) GRANITE_STATE_ROW(1) GRANITE_STATE_ROW(2) GRANITE_STATE_ROW(3)
+#undef GRANITE_STATE_ROW
+  }
+  y[0] = hsum(a0);
+  y[1] = hsum(a1);
+  y[2] = hsum(a2);
+  y[3] = hsum(a3);
+}
+
+void mamba_head(const void* ctx, int64_t h) {
+  const auto& m = *static_cast<const MambaScan*>(ctx);
+  const int64_t g = h / (m.H / m.G), P = m.P, N = m.N;
+  const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
+  float* state = m.ssm + h * P * N;
+  float xdt[4];
+  for (int64_t t = 0; t < m.T; ++t) {
+    const float* row = m.xbc + t * m.C;
+    const float* B = row + m.E + g * N;
+    const float* Cv = row + m.E + m.G * N + g * N;
+    const float* x = row + h * P;
+    const float dt = m.dt[t * m.H + h], decay = m.decay[t * m.H + h];
+    float* y = m.y + t * m.E + h * P;
+    for (int64_t p = 0; p < P4; p += 4) {
+      for (int r = 0; r < 4; ++r) xdt[r] = x[p + r] * dt;
+      state_rows4(state + p * N, N, B, Cv, xdt, decay, y + p);
+    }
+    for (int64_t p = P4; p < P; ++p) y[p] = state_row(state + p * N, N, B, Cv, x[p] * dt, decay);
+  }
+}
+
+}  // namespace
+
+// zxbcdt [T, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
+// ssm_state [H, P, N] fp32 (updated). Returns the gated, normalised y [T, E] that out_proj takes.
+at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                       const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                       const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
+                       double eps, double dt_min, double dt_max, int64_t threads) {
+  const int64_t H = ssm_state.size(0), P = ssm_state.size(1), N = ssm_state.size(2);
+  const int64_t E = H * P, G = n_groups, C = E + 2 * G * N, K = conv_w.size(0), W = E + C + H;
+  TORCH_CHECK(zxbcdt.is_cpu() && zxbcdt.scalar_type() == at::kFloat && zxbcdt.is_contiguous() && zxbcdt.dim() == 2 &&
+                  zxbcdt.size(1) == W,
+              "zxbcdt: contiguous fp32 [T, E + C + H]");
+  for (const at::Tensor* t : {&conv_state, &conv_w, &dt_bias, &A, &D, &ssm_state, &norm_w})
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_mixer: fp32 contiguous");
+  TORCH_CHECK(K >= 2 && K <= kMaxConvWidth && conv_state.size(0) == K - 1 && conv_state.size(1) == C &&
+                  conv_w.size(1) == C,
+              "conv shapes (width 2..16)");
+  TORCH_CHECK(dt_bias.numel() == H, "dt_bias: [H]");
+  TORCH_CHECK(!conv_b || (conv_b->is_cpu() && conv_b->scalar_type() == at::kFloat && conv_b->is_contiguous() &&
+                          conv_b->numel() == C),
+              "conv_b: contiguous fp32 [C]");
+  TORCH_CHECK(G >= 1 && H % G == 0 && E % G == 0 && norm_w.numel() == E && A.numel() == H && D.numel() == H,
+              "head shapes");
+  const int64_t T = zxbcdt.size(0);
+  const int n_threads = int(std::clamp<int64_t>(threads, 1, 64));
+  at::Tensor out = at::empty({T, E}, zxbcdt.options());
+  if (T == 0) return out;
+  const float* in = zxbcdt.data_ptr<float>();
+  float* cs = conv_state.data_ptr<float>();
+  const float* cw = conv_w.data_ptr<float>();
+  const float* cb = conv_b ? conv_b->data_ptr<float>() : nullptr;
+  // (1) causal depthwise conv over [state; inputs] and SiLU, rows in parallel. Input row j of the
+  // window of token t is state row t + j while t + j < K - 1, else raw input t + j - (K - 1).
+  const auto xbc_buf = scratch(size_t(T * C));
+  float* const xbc = xbc_buf.get();
+  auto conv_rows = [&](int64_t t0, int64_t t1) {
+    const float* src[kMaxConvWidth];
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < K; ++j)
+        src[j] = t + j < K - 1 ? cs + (t + j) * C : in + (t + j - (K - 1)) * W + E;
+      float* o = xbc + t * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        __m256 acc = cb ? _mm256_loadu_ps(cb + c) : _mm256_setzero_ps();
+        for (int64_t j = 0; j < K; ++j)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(src[j] + c), _mm256_loadu_ps(cw + j * C + c), acc);
+        _mm256_storeu_ps(o + c, silu8(acc));
+      }
+      for (; c < C; ++c) {
+        float acc = cb ? cb[c] : 0.0f;
+        for (int64_t j = 0; j < K; ++j) acc += src[j][c] * cw[j * C + c];
+        o[c] = silu(acc);
+      }
+    }
+  };
+  parallel_rows(T, 16, n_threads, conv_rows);
+  // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
+  std::vector<float> keep(size_t((K - 1) * C));
+  for (int64_t r = 0; r < K - 1; ++r) {
+    const int64_t j = T + r;  // row of [state; inputs]
+    std::memcpy(keep.data() + r * C, j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E, sizeof(float) * C);
+  }
+  std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
+  // (2) dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
+  const auto dt_buf = scratch(size_t(2 * T * H));
+  float *const dt = dt_buf.get(), *const decay = dt + T * H;
+  const float* db = dt_bias.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
+  parallel_rows(T, 64, n_threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float v = in[t * W + E + C + h] + db[h];
+        float sp = v > 20.0f ? v : std::log1p(std::exp(v));
+        sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
+        dt[t * H + h] = sp;
+        decay[t * H + h] = std::exp(std::max(sp * Ap[h], -80.0f));
+      }
+    }
+  });
+  // (3) the scan, one head per task
+  float* y = out.data_ptr<float>();
+  MambaScan m{ssm_state.data_ptr<float>(), xbc, dt, decay, y, T, H, P, N, G, E, C};
+  pool().run(&mamba_head, &m, H, n_threads - 1);
+  // (4) D skip, gate with silu(z), RMS-normalise within each group, scale
+  const float* Dp = D.data_ptr<float>();
+  const float* nw = norm_w.data_ptr<float>();
+  const int64_t per = E / G;
+  auto gate_rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* yt = y + t * E;
+      const float* xt = xbc + t * C;
+      const float* zt = in + t * W;
+      for (int64_t h = 0; h < H; ++h) {
+        const __m256 d = _mm256_set1_ps(Dp[h]);
+        int64_t i = h * P;
+        for (; i + 8 <= (h + 1) * P; i += 8) {
+          const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(xt + i), d, _mm256_loadu_ps(yt + i));
+          _mm256_storeu_ps(yt + i, _mm256_mul_ps(v, silu8(_mm256_loadu_ps(zt + i))));
+        }
+        for (; i < (h + 1) * P; ++i) yt[i] = (yt[i] + xt[i] * Dp[h]) * silu(zt[i]);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* yg = yt + g * per;
+        double ss = 0;
+        for (int64_t i = 0; i < per; ++i) ss += double(yg[i]) * yg[i];
+        const float r = 1.0f / std::sqrt(float(ss / per) + float(eps));
+        for (int64_t i = 0; i < per; ++i) yg[i] = yg[i] * r * nw[g * per + i];
+      }
+    }
+  };
+  parallel_rows(T, 16, n_threads, gate_rows);
+  return out;
+}
+
+
+}  // namespace granite

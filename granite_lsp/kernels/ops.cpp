@@ -1,0 +1,22 @@
+// Registers the extension's ops as torch.ops.<name given to cpp_extension.load>.
+#include <torch/library.h>
+
+#include "ops.h"
+
+using namespace granite;
+
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extension.load>
+  m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &linear);
+  m.def("gemm(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &gemm);
+  m.def("read_probe(Tensor buf, int threads) -> float", &read_probe);
+  m.def("rms_norm(Tensor x, Tensor w, float eps, int threads) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps, int threads) -> Tensor", &add_rms_norm);
+  m.def("swiglu(Tensor gu, int threads) -> Tensor", &swiglu);
+  m.def("attention_decode(Tensor q, Tensor k, Tensor v, int length, float scale, int threads) -> Tensor",
+        &attention_decode);
+  m.def(
+      "mamba_mixer(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, "
+      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
+      "-> Tensor",
+      &mamba_mixer);
+}

@@ -1,0 +1,33 @@
+// The ops the extension registers (ops.cpp), one source file per concern.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace granite {
+
+// linear.cpp: x @ W^T (+ b) for fp32 / bf16 / fp16 / int8 W, streaming (few rows) or blocked (many)
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, int64_t threads);
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, int64_t threads);
+double read_probe(const at::Tensor& buf, int64_t threads);
+
+// mamba.cpp
+at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                       const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                       const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
+                       double eps, double dt_min, double dt_max, int64_t threads);
+
+// attention.cpp
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length,
+                            double scale, int64_t threads);
+
+// norms.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t threads);
+at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, const at::Tensor& w, double eps,
+                        int64_t threads);
+at::Tensor swiglu(const at::Tensor& gu, int64_t threads);
+
+}  // namespace granite
