@@ -87,9 +87,8 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   const auto scores = scratch(size_t(nkv * length));
   DecodeAttention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
                     scores.get(), nq, nkv, hd, cap, length, float(scale)};
-  pool().run(&attention_kv_head, &a, nkv, int(std::clamp<int64_t>(threads, 1, 64)) - 1);
+  pool().run(&attention_kv_head, &a, nkv, thread_count(threads) - 1);
   return out;
 }
-
 
 }  // namespace granite

@@ -68,6 +68,25 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The thread count an op was given, as the pool takes it (1..64).
+inline int thread_count(int64_t threads) { return int(std::clamp<int64_t>(threads, 1, 64)); }
+
+// out = RMSNorm(x) * w over one row of D floats (out may be x).
+inline void rms_norm_row(const float* x, const float* w, float* out, int64_t D, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= D; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+  for (; i < D; ++i) out[i] = x[i] * inv * w[i];
+}
 
 // Scratch floats, uninitialised (a std::vector would zero megabytes that are overwritten anyway).
 inline std::unique_ptr<float[]> scratch(size_t n) { return std::unique_ptr<float[]>(new float[n]); }
@@ -205,7 +224,6 @@ inline Pool& pool() {
   static Pool* p = new Pool;  // never destroyed: helper threads may still be sleeping at exit
   return *p;
 }
-
 
 // Rows [0, rows) cut into chunks of `per` rows for the pool: body(ctx, first, last).
 template <class F>

@@ -11,6 +11,7 @@
 namespace granite {
 namespace {
 
+// One product y = x @ W^T (* scale) (+ bias), for the streaming kernels and the GEMM alike.
 template <class W>
 struct Problem {
   const float* x;             // [T, K]
@@ -18,7 +19,9 @@ struct Problem {
   const float* scale;         // [N] or null
   const float* bias;          // [N] or null
   float* y;                   // [T, N]
-  int64_t T, K, N, chunk_rows;
+  int64_t T, K, N;
+  int64_t block = 0;          // rows of W per task (streaming) or columns of y per task (GEMM)
+  const float* xp = nullptr;  // GEMM: x packed in row tiles
 };
 
 // y[t, n + r * stride] for T rows of x (t < T <= 8) and R rows of W (r < R). One accumulator per
@@ -89,10 +92,9 @@ void row_range(const Problem<W>& p, int64_t t0, int64_t begin, int64_t end) {
 template <class W>
 void chunk(const void* problem, int64_t c) {
   const auto& p = *static_cast<const Problem<W>*>(problem);
-  const int64_t begin = c * p.chunk_rows, end = std::min(p.N, begin + p.chunk_rows);
+  const int64_t begin = c * p.block, end = std::min(p.N, begin + p.block);
   for (int64_t t0 = 0; t0 < p.T; t0 += 8) row_range(p, t0, begin, end);
 }
-
 
 // ---------------------------------------------------------------------------------------------
 
@@ -103,8 +105,8 @@ template <class W>
 void run(Problem<W> p, int threads) {
   const int64_t row_bytes = p.K * int64_t(sizeof(typename W::Elem));
   const int64_t bytes = std::clamp<int64_t>(row_bytes * p.N / (4 * threads), 32 << 10, 256 << 10);
-  p.chunk_rows = std::max<int64_t>(1, bytes / row_bytes);
-  const int64_t n_chunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
+  p.block = std::max<int64_t>(1, bytes / row_bytes);
+  const int64_t n_chunks = (p.N + p.block - 1) / p.block;
   pool().run(&chunk<W>, &p, n_chunks, threads - 1);
 }
 
@@ -118,19 +120,7 @@ void run(Problem<W> p, int threads) {
 // per k, BLIS's loop order. On the Zen 3 this was tuned on, the micro-kernel runs at ~98% of the
 // FMA peak from L1 and the whole GEMM at ~70-85% of it on one core (MKL's sgemm: 55-85%).
 
-
 constexpr int kMR = 6, kNR = 16, kKC = 256;
-
-template <class W>
-struct Gemm {
-  const float* x;             // [T, K]
-  const typename W::Elem* w;  // [N, K]
-  const float* scale;         // [N] or null
-  const float* bias;          // [N] or null
-  float* y;                   // [T, N]
-  int64_t T, K, N, block_cols;
-  const float* xp = nullptr;  // x packed in row tiles (run_gemm)
-};
 
 inline void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -152,7 +142,7 @@ inline void transpose8(__m256 r[8]) {
 
 // Columns [n0, n0 + 16) of W^T, rows [k0, k0 + kc), as fp32 [kc][16] (columns past N are zero).
 template <class W>
-void pack_panel(const Gemm<W>& g, int64_t n0, int64_t k0, int64_t kc, float* dst) {
+void pack_panel(const Problem<W>& g, int64_t n0, int64_t k0, int64_t kc, float* dst) {
   const typename W::Elem* row[kNR];
   float s[kNR];
   const int64_t valid = std::min<int64_t>(kNR, g.N - n0);
@@ -237,7 +227,7 @@ void pack_x_tile(const void* ctx, int64_t tile) {
     for (int i = 0; i < kMR; ++i) dst[k * kMR + i] = rows[i][k];
 }
 
-// One block of block_cols columns of y, all rows. For each KC slice of K: pack the block's panels
+// One block of `block` columns of y, all rows. For each KC slice of K: pack the block's panels
 // of W (fp32, ~128 KB: L2), then for each panel (16 KB: it stays in L1) sweep a band of row tiles
 // (kRowBand rows of packed x, ~96 KB: L2), BLIS's loop order.
 constexpr int64_t kRowBand = 96;
@@ -245,8 +235,8 @@ constexpr int64_t kMaxBlockCols = 8 * kNR;
 
 template <class W>
 void gemm_block(const void* problem, int64_t c) {
-  const auto& g = *static_cast<const Gemm<W>*>(problem);
-  const int64_t n0 = c * g.block_cols, cols = std::min(g.block_cols, g.N - n0);
+  const auto& g = *static_cast<const Problem<W>*>(problem);
+  const int64_t n0 = c * g.block, cols = std::min(g.block, g.N - n0);
   const int64_t panels = (cols + kNR - 1) / kNR;
   // On the stack (128 KB; nothing to allocate, so nothing can throw inside a pool task), 64-byte
   // aligned: a panel row is one cache line, and a 32-byte load across two costs double.
@@ -272,23 +262,24 @@ void gemm_block(const void* problem, int64_t c) {
 
 // Blocks of 16-128 columns, at least ~4 per thread so that a preempted thread holds up little.
 template <class W>
-void run_gemm(Gemm<W> g, int threads) {
+void run_gemm(Problem<W> g, int threads) {
   const int64_t tiles = (g.T + kMR - 1) / kMR;
   const auto xp = scratch(size_t(tiles * g.K * kMR));
   PackX px{g.x, xp.get(), g.T, g.K};
   pool().run(&pack_x_tile, &px, tiles, threads - 1);
   g.xp = xp.get();
   const int64_t want = (g.N + 4 * threads - 1) / (4 * threads);
-  g.block_cols = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
-  const int64_t blocks = (g.N + g.block_cols - 1) / g.block_cols;
+  g.block = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
+  const int64_t blocks = (g.N + g.block - 1) / g.block;
   pool().run(&gemm_block<W>, &g, blocks, threads - 1);
 }
 
 template <class W>
 void product(bool blocked, const float* x, const typename W::Elem* w, const float* s, const float* b, float* y,
              int64_t T, int64_t K, int64_t N, int threads) {
-  if (blocked) run_gemm(Gemm<W>{x, w, s, b, y, T, K, N, 0}, threads);
-  else run(Problem<W>{x, w, s, b, y, T, K, N, 0}, threads);
+  const Problem<W> p{x, w, s, b, y, T, K, N};
+  if (blocked) run_gemm(p, threads);
+  else run(p, threads);
 }
 
 // blocked: the GEMM above (many rows of x) rather than the streaming kernels (a few rows).
@@ -309,7 +300,7 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const std::opti
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int n = int(std::clamp<int64_t>(threads, 1, 64));
+  const int n = thread_count(threads);
   const auto* w16 = reinterpret_cast<const uint16_t*>(w.data_ptr());
   switch (w.scalar_type()) {
     case at::kFloat: product<F32>(blocked, xp, w.data_ptr<float>(), s, b, yp, T, K, N, n); break;
@@ -337,7 +328,6 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   return linear_impl(x, w, scale, bias, threads, true);
 }
 
-
 // A plain streaming read of `buf` on the same threads, in 256 KB chunks read as 8 side-by-side
 // runs like the kernels: the ceiling that bench.py compares them with in the same process.
 double read_probe(const at::Tensor& buf, int64_t threads) {
@@ -359,11 +349,10 @@ double read_probe(const at::Tensor& buf, int64_t threads) {
     for (int r = 1; r < 8; ++r) acc[0] = _mm256_add_ps(acc[0], acc[r]);
     ctx.sums[i] = hsum(acc[0]);
   };
-  pool().run(body, &ctx, int64_t(sums.size()), int(std::clamp<int64_t>(threads, 1, 64)) - 1);
+  pool().run(body, &ctx, int64_t(sums.size()), thread_count(threads) - 1);
   double total = 0;
   for (float v : sums) total += v;
   return total;
 }
-
 
 }  // namespace granite

@@ -117,22 +117,23 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   TORCH_CHECK(G >= 1 && H % G == 0 && E % G == 0 && norm_w.numel() == E && A.numel() == H && D.numel() == H,
               "head shapes");
   const int64_t T = zxbcdt.size(0);
-  const int n_threads = int(std::clamp<int64_t>(threads, 1, 64));
+  const int n_threads = thread_count(threads);
   at::Tensor out = at::empty({T, E}, zxbcdt.options());
   if (T == 0) return out;
   const float* in = zxbcdt.data_ptr<float>();
   float* cs = conv_state.data_ptr<float>();
   const float* cw = conv_w.data_ptr<float>();
   const float* cb = conv_b ? conv_b->data_ptr<float>() : nullptr;
-  // (1) causal depthwise conv over [state; inputs] and SiLU, rows in parallel. Input row j of the
-  // window of token t is state row t + j while t + j < K - 1, else raw input t + j - (K - 1).
+  // (1) causal depthwise conv over [state; inputs] and SiLU, rows in parallel. Row j of
+  // [state; inputs] is state row j while j < K - 1, else raw input j - (K - 1); token t's window
+  // is rows t .. t + K - 1.
+  auto window_row = [&](int64_t j) { return j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E; };
   const auto xbc_buf = scratch(size_t(T * C));
   float* const xbc = xbc_buf.get();
   auto conv_rows = [&](int64_t t0, int64_t t1) {
     const float* src[kMaxConvWidth];
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t j = 0; j < K; ++j)
-        src[j] = t + j < K - 1 ? cs + (t + j) * C : in + (t + j - (K - 1)) * W + E;
+      for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
       float* o = xbc + t * C;
       int64_t c = 0;
       for (; c + 8 <= C; c += 8) {
@@ -151,10 +152,7 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   parallel_rows(T, 16, n_threads, conv_rows);
   // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
   std::vector<float> keep(size_t((K - 1) * C));
-  for (int64_t r = 0; r < K - 1; ++r) {
-    const int64_t j = T + r;  // row of [state; inputs]
-    std::memcpy(keep.data() + r * C, j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E, sizeof(float) * C);
-  }
+  for (int64_t r = 0; r < K - 1; ++r) std::memcpy(keep.data() + r * C, window_row(T + r), sizeof(float) * C);
   std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
   // (2) dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
   const auto dt_buf = scratch(size_t(2 * T * H));
@@ -194,18 +192,11 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
         }
         for (; i < (h + 1) * P; ++i) yt[i] = (yt[i] + xt[i] * Dp[h]) * silu(zt[i]);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* yg = yt + g * per;
-        double ss = 0;
-        for (int64_t i = 0; i < per; ++i) ss += double(yg[i]) * yg[i];
-        const float r = 1.0f / std::sqrt(float(ss / per) + float(eps));
-        for (int64_t i = 0; i < per; ++i) yg[i] = yg[i] * r * nw[g * per + i];
-      }
+      for (int64_t g = 0; g < G; ++g) rms_norm_row(yt + g * per, nw + g * per, yt + g * per, per, float(eps));
     }
   };
   parallel_rows(T, 16, n_threads, gate_rows);
   return out;
 }
-
 
 }  // namespace granite

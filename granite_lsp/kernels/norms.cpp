@@ -7,23 +7,7 @@ namespace {
 
 // RMSNorm of rows [r0, r1) of x [T, D] into out, scaled by w [D].
 void rms_norm_rows(const float* xp, const float* wp, float* op, int64_t D, float eps, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = xp + r * D;
-    float* orow = op + r * D;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= D; i += 8) {
-      const __m256 v = _mm256_loadu_ps(xr + i);
-      acc = _mm256_fmadd_ps(v, v, acc);
-    }
-    float ss = hsum(acc);
-    for (; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
-    const __m256 iv = _mm256_set1_ps(inv);
-    for (i = 0; i + 8 <= D; i += 8)
-      _mm256_storeu_ps(orow + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), iv), _mm256_loadu_ps(wp + i)));
-    for (; i < D; ++i) orow[i] = xr[i] * inv * wp[i];
-  }
+  for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * D, wp, op + r * D, D, eps);
 }
 
 // Elementwise ops over rows: a handful of rows (decode) on the calling thread, more on the pool.
@@ -40,7 +24,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_
   at::Tensor out = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  parallel_rows(rows, kRowsPerTask, int(std::clamp<int64_t>(threads, 1, 64)),
+  parallel_rows(rows, kRowsPerTask, thread_count(threads),
                 [&](int64_t r0, int64_t r1) { rms_norm_rows(xp, wp, op, D, float(eps), r0, r1); });
   return out;
 }
@@ -59,7 +43,7 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, 
   at::Tensor out = at::empty_like(x);
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  parallel_rows(rows, kRowsPerTask, int(std::clamp<int64_t>(threads, 1, 64)), [&](int64_t r0, int64_t r1) {
+  parallel_rows(rows, kRowsPerTask, thread_count(threads), [&](int64_t r0, int64_t r1) {
     const __m256 av = _mm256_set1_ps(a);
     int64_t i = r0 * D;
     const int64_t end = r1 * D;
@@ -80,11 +64,10 @@ at::Tensor swiglu(const at::Tensor& gu, int64_t threads) {
   at::Tensor out = at::empty({T, I}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  parallel_rows(T, kRowsPerTask / 4, int(std::clamp<int64_t>(threads, 1, 64)), [&](int64_t t0, int64_t t1) {
+  parallel_rows(T, kRowsPerTask / 4, thread_count(threads), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) silu_row(g + t * 2 * I, g + t * 2 * I + I, o + t * I, I);
   });
   return out;
 }
-
 
 }  // namespace granite
