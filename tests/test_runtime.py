@@ -207,6 +207,30 @@ def test_prefill_matches_transformers(tiny):
     assert (last - ref[-1]).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["torch-matmuls", "packed-kernels"])
+@pytest.mark.parametrize("last", ["mamba", "attention"])
+def test_last_row_only_path_equals_all_rows(last, packed):
+    """Without ``all_logits`` the last layer projects only the last row: the logits are those of
+    the all-rows path and the state it leaves is bit-identical (every row still entered it)."""
+    if packed and not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.build_error()}")
+    cfg = {**TINY_CONFIG, "layer_types": ["attention", "mamba", "mamba", last]}
+    hf = _hf_model(cfg)
+    model = _ours(hf, cfg, packed=packed)
+    ids = torch.randint(0, cfg["vocab_size"], (41,), generator=torch.Generator().manual_seed(3))
+    one, every = model.new_state(8), model.new_state(8)
+    got = model.forward(ids[:40], one)
+    want = model.forward(ids[:40], every, all_logits=True)[-1]
+    assert (got - want).abs().max().item() < 1e-5
+    ref = _hf_logits(hf, ids)
+    assert (got - ref[-2]).abs().max().item() < TOL
+    kv = [(t[:, :40] for t in (*s.kv.k, *s.kv.v)) for s in (one, every)]
+    for a, b in zip((*one.conv, *one.ssm, *kv[0]), (*every.conv, *every.ssm, *kv[1]), strict=True):
+        assert torch.equal(a, b)
+    # and the next token continues from either alike
+    assert torch.equal(model.forward(ids[40:], one), model.forward(ids[40:], every))
+
+
 @pytest.mark.parametrize(
     "splits",
     [

@@ -78,7 +78,16 @@ class Attention:
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
         self.fused = True  # one-token steps through kernels.attention_decode (False: torch ops)
 
-    def forward(self, h: Tensor, kbuf: Tensor, vbuf: Tensor, pos: int, rope: tuple[Tensor, Tensor] | None):
+    def forward(
+        self,
+        h: Tensor,
+        kbuf: Tensor,
+        vbuf: Tensor,
+        pos: int,
+        rope: tuple[Tensor, Tensor] | None,
+        out_rows: slice | None = None,
+    ) -> Tensor:
+        """``out_rows``: project only these rows' outputs (all rows still enter the KV cache)."""
         T = h.shape[0]
         nq, nkv, hd = self.n_q, self.n_kv, self.hd
         qkv = linear(h, self.wqkv, self.bqkv)
@@ -114,6 +123,8 @@ class Attention:
                     enable_gqa=nq != nkv,
                 )[0]
         out = out.transpose(0, 1).reshape(T, nq * hd)
+        if out_rows is not None:
+            out = out[out_rows].contiguous()
         return linear(out, self.wo, self.bo)
 
 
@@ -191,7 +202,16 @@ class MambaMixer:
         self.cuda_kernels = True
         self.cuda_chunk_size = cuda_kernels.SCAN_CHUNK_SIZE
 
-    def forward(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor, chunk_size: int, recurrent_max: int):
+    def forward(
+        self,
+        h: Tensor,
+        conv_state: Tensor,
+        ssm_state: Tensor,
+        chunk_size: int,
+        recurrent_max: int,
+        out_rows: slice | None = None,
+    ) -> Tensor:
+        """``out_rows``: project only these rows' outputs; the states still advance over all rows."""
         T = h.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         zxbcdt = linear(h, self.w_in, self.b_in)
@@ -201,7 +221,7 @@ class MambaMixer:
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
             )  # fmt: skip
             if y1 is not None:
-                return linear(y1, self.w_out, self.b_out)
+                return linear(y1 if out_rows is None else y1[out_rows], self.w_out, self.b_out)
         z = zxbcdt[:, :E]
         # CUDA kernels when installed (same layouts, same float32 math, same final states); each
         # answers None when it cannot run here and the torch ops below take over.
@@ -222,6 +242,8 @@ class MambaMixer:
             else:
                 y = ssm_chunked(x, dt, self.A, B, Cm, ssm_state, chunk_size)
         y = y.addcmul_(x, self.D.view(H, 1)).reshape(T, E)
+        if out_rows is not None:
+            y, z = y[out_rows], z[out_rows]
         return linear(self._gated_norm(y, z).to(h.dtype), self.w_out, self.b_out)
 
     def _conv(self, xbc: Tensor, conv_state: Tensor) -> Tensor:

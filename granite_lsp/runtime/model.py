@@ -339,10 +339,18 @@ class HybridModel:
         for i, blk in enumerate(self.blocks):
             if i == half and failpoints.fire("forward-midway"):
                 raise failpoints.InjectedFault("failpoint forward-midway")  # half the layers have advanced
+            # The last layer's outputs feed nothing but the logits: when only the last row's are
+            # wanted, its mixer still advances the state over every row, but its output
+            # projection and MLP run on that row alone (llama.cpp does the same).
+            rows = slice(T - 1, T) if i + 1 == len(self.blocks) and T > 1 and not all_logits else None
             if blk.kind == "mamba":
-                h = blk.mixer.forward(h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max)
+                h = blk.mixer.forward(
+                    h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max, rows
+                )
             else:
-                h = blk.mixer.forward(h, state.kv.k[blk.slot], state.kv.v[blk.slot], pos, rope)
+                h = blk.mixer.forward(h, state.kv.k[blk.slot], state.kv.v[blk.slot], pos, rope, rows)
+            if rows is not None:
+                x = x[rows]
             x, h = add_rms_norm(x, h, rm, blk.ln_post, eps)
             h = blk.mlp.forward(h)
             # the next block's input norm (or the final norm, applied in lm_head_logits)
