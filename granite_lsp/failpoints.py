@@ -44,6 +44,11 @@ def arm(name: str, count: int = 1) -> None:
         _armed[name] = count
 
 
+def armed(name: str) -> bool:
+    """Whether ``name`` would fire on its next hit (lets a fast path that skips the hit step aside)."""
+    return bool(_armed) and _armed.get(name, 0) > 0
+
+
 def fire(name: str) -> bool:
     """True (once per armed count) when failpoint ``name`` should fail now."""
     if not _armed:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from granite_lsp import kernels
+from granite_lsp import failpoints, kernels
 from granite_lsp.runtime import HybridConfig, HybridModel, KVCache, MambaSnapshot, ModelState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,6 +317,42 @@ def test_fused_mixer_equals_torch_ops(cfg):
     assert start == 120
 
 
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("cfg", ["tiny", "odd", "odd-rows", "mamba-last"])
+def test_one_call_decode_step_is_bit_identical(cfg, weights):
+    """A decode step through kernels.decode_layers (all layers in one C++ call) leaves exactly the
+    logits, Mamba states and KV of the layer-by-layer path, step after step."""
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.build_error()}")
+    conf = {
+        "tiny": TINY_CONFIG,
+        "odd": ODD_CONFIG,
+        "odd-rows": ODD_ROWS_CONFIG,
+        "mamba-last": {**TINY_CONFIG, "layer_types": ["attention", "mamba", "attention", "mamba"]},
+    }[cfg]
+    hf = _hf_model(conf, seed=6)
+    dtype = torch.float32 if weights == "int8" else getattr(torch, weights)
+    quantize = "int8" if weights == "int8" else None
+    one, layered = (
+        HybridModel.from_state_dict(conf, hf.state_dict(), dtype=dtype, quantize=quantize, packed=True)
+        for _ in range(2)
+    )
+    layered.fused_step = False
+    assert one._one_call_step_applies() and not layered._one_call_step_applies()
+    ids = torch.randint(0, conf["vocab_size"], (40,), generator=torch.Generator().manual_seed(7))
+    s1, s2 = one.new_state(4), layered.new_state(4)  # small: the KV buffers grow during decode
+    assert torch.equal(one.forward(ids[:9], s1), layered.forward(ids[:9], s2))
+    for t in range(9, 40):
+        a = one.forward(ids[t : t + 1], s1, all_logits=t % 2 == 0)
+        b = layered.forward(ids[t : t + 1], s2, all_logits=t % 2 == 0)
+        assert torch.equal(a, b), t
+        assert s1.pos == s2.pos == t + 1 and s1.kv.length == s2.kv.length == t + 1
+    for x, y in zip((*s1.conv, *s1.ssm), (*s2.conv, *s2.ssm), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip((*s1.kv.k, *s1.kv.v), (*s2.kv.k, *s2.kv.v), strict=True):
+        assert torch.equal(x[:, :40], y[:, :40])
+
+
 def test_variant_config_matches_transformers():
     hf = _hf_model(VARIANT_CONFIG, seed=3)
     model = _ours(hf, VARIANT_CONFIG, chunk_size=16)
@@ -416,6 +452,26 @@ def test_kv_growth_preserves_contents(tiny):
     _, model, ids, ref = tiny
     out = _run_splits(model, ids, [3, 1, 30, 38], capacity=1)
     assert (out - ref).abs().max().item() < TOL
+
+
+def test_one_call_decode_step_steps_aside(tiny):
+    """RoPE models, layers forced onto torch ops, or an armed failpoint take the layer-by-layer path."""
+    hf, model, _, _ = tiny
+    if not model.packed:
+        assert not model._one_call_step_applies()
+        return
+    assert model._one_call_step_applies() == kernels.available()
+    model.blocks[0].mixer.fused = False
+    try:
+        assert not model._one_call_step_applies()
+    finally:
+        model.blocks[0].mixer.fused = True
+    failpoints.arm("forward-midway", 1)
+    try:
+        assert not model._one_call_step_applies()
+    finally:
+        failpoints.arm("forward-midway", 0)
+    assert not _ours(_hf_model(VARIANT_CONFIG), VARIANT_CONFIG, packed=True)._one_call_step_applies()
 
 
 def test_rejects_bad_input(tiny):

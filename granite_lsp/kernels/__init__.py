@@ -7,7 +7,9 @@ fp16 or int8 (per-row scale) weights with AVX2 FMA on a small thread pool of its
 compute-bound instead: ``linear.cpp`` also has a blocked GEMM that widens W while packing it (MKL
 needs fp32 copies of bf16/fp16/int8 weights first). ``mamba.cpp``, ``attention.cpp`` and
 ``norms.cpp`` fuse the rest of a layer (Mamba2 mixer for any number of tokens, decode attention,
-norms, SwiGLU); ``common.h`` holds the thread pool and vector helpers, ``ops.cpp`` the op table. It is compiled on
+norms, SwiGLU); ``step.cpp`` runs every layer of a decode step in one call (the same kernels,
+without ~300 Python-to-C++ calls a token); ``common.h`` holds the thread pool and vector helpers,
+``ops.cpp`` the op table. It is compiled on
 first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
 when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
 torch ops, just slower.
@@ -38,6 +40,7 @@ __all__ = [
     "build_error",
     "add_rms_norm",
     "attention_decode",
+    "decode_layers",
     "mamba_mixer",
     "read_probe",
     "rms_norm",
@@ -47,7 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "mamba.cpp", "attention.cpp", "norms.cpp")]
+_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "mamba.cpp", "attention.cpp", "norms.cpp", "step.cpp")]
 _HEADERS = [_DIR / name for name in ("common.h", "ops.h")]
 # No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
@@ -213,6 +216,27 @@ def mamba_mixer(
         zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w,
         n_groups, eps, dt_min, dt_max, threads or torch.get_num_threads(),
     )  # fmt: skip
+
+
+def decode_layers(
+    x: Tensor,
+    weights: list[Tensor | None],
+    ints: list[int],
+    floats: list[float],
+    conv: list[Tensor],
+    ssm: list[Tensor],
+    k: list[Tensor],
+    v: list[Tensor],
+    pos: int,
+    threads: int | None = None,
+) -> Tensor | None:
+    """Every decoder layer of one decode step in one call (step.cpp documents the layout of
+    ``weights``, ``ints`` and ``floats``); updates ``x``, the states and the KV buffers in place
+    and returns the residual stream after the last layer. None without the extension."""
+    ops = _load()
+    if ops is None:
+        return None
+    return ops.decode_layers(x, weights, ints, floats, conv, ssm, k, v, pos, threads or torch.get_num_threads())
 
 
 class PackedLinear:

@@ -19,4 +19,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
       "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
       "-> Tensor",
       &mamba_mixer);
+  m.def(
+      "decode_layers(Tensor(a!) x, Tensor?[] weights, int[] ints, float[] floats, Tensor(b!)[] conv, "
+      "Tensor(c!)[] ssm, Tensor(d!)[] k, Tensor(e!)[] v, int pos, int threads) -> Tensor",
+      &decode_layers);
 }

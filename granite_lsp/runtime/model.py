@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import failpoints
+from .. import failpoints, kernels
 from ..kernels import PackedLinear
 from ..kernels import available as kernels_available
 from .config import HybridConfig
 from .layers import MLP, Attention, MambaMixer, add_rms_norm, rms_norm, rope_tables
-from .matmul import linear, small_ops_single_threaded
+from .matmul import linear, matmul_threads, small_ops_single_threaded
 from .state import KVCache, MambaSnapshot, ModelState
 from .weights import TIED_LM_HEAD, check_state_dict, load_safetensors_dir, make_getter, random_state_dict
 
@@ -84,6 +84,10 @@ class HybridModel:
         self.recurrent_max = recurrent_max
         self.single_thread_small_ops = single_thread_small_ops
         self.prefill_piece = prefill_piece
+        # Decode steps through kernels.decode_layers (every layer in one call) where it applies;
+        # False forces the layer-by-layer path (tests compare the two).
+        self.fused_step = True
+        self._step_plan: tuple[list[Tensor | None], list[int], list[float]] | None = None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -331,9 +335,15 @@ class HybridModel:
         x = self.embed_rows(input_ids.to(self.device))
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
+        x = x.contiguous()
+        if T == 1 and self._one_call_step_applies():
+            x = kernels.decode_layers(
+                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads()
+            )
+            state.pos = state.kv.length = pos + 1
+            return self.lm_head_logits(x if all_logits else x[-1])
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
-        x = x.contiguous()
         h = rms_norm(x, self.blocks[0].ln_in, eps) if self.blocks else x
         half = len(self.blocks) // 2
         for i, blk in enumerate(self.blocks):
@@ -361,6 +371,43 @@ class HybridModel:
         state.pos = pos + T
         state.kv.length = pos + T
         return self.lm_head_logits(x if all_logits else x[-1])
+
+    def _one_call_step_applies(self) -> bool:
+        """Whether a one-token step can run as kernels.decode_layers: the packed CPU kernels, no
+        RoPE, every layer on its fused kernels, and no failpoint waiting inside the layer loop."""
+        return (
+            self.fused_step
+            and self.packed
+            and not self.config.uses_rope
+            and kernels_available()
+            and all(blk.mixer.fused for blk in self.blocks)
+            and not failpoints.armed("forward-midway")
+        )
+
+    def _decode_plan(self) -> tuple[list[Tensor | None], list[int], list[float]]:
+        """The weights and sizes kernels.decode_layers takes, flattened once (layout: step.cpp)."""
+        if self._step_plan is None:
+            cfg = self.config
+            weights: list[Tensor | None] = []
+            ints = [cfg.mamba_n_groups, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim]
+
+            def packed(w: Tensor | PackedLinear) -> list[Tensor | None]:
+                assert isinstance(w, PackedLinear)
+                return [w.weight, w.scale, w.bias]
+
+            for blk in self.blocks:
+                weights += [blk.ln_in, blk.ln_post, *packed(blk.mlp.w_in)[:2], *packed(blk.mlp.w_out)[:2]]
+                mix = blk.mixer
+                if isinstance(mix, MambaMixer):
+                    weights += [*packed(mix.w_in), mix.conv_w, mix.conv_b, mix.dt_bias, mix.A, mix.D, mix.norm_w32]
+                    weights += packed(mix.w_out)
+                else:
+                    weights += [*packed(mix.wqkv), *packed(mix.wo)]
+                ints.append(0 if blk.kind == "mamba" else 1)
+            floats = [cfg.rms_norm_eps, cfg.residual_multiplier, cfg.time_step_min, cfg.time_step_max]
+            floats.append(cfg.attention_multiplier)
+            self._step_plan = (weights, ints, floats)
+        return self._step_plan
 
     def lm_head_logits(self, hidden: Tensor) -> Tensor:
         """Final norm + (tied) lm_head + 1/logits_scaling, in float32, for the given rows only."""
