@@ -207,16 +207,19 @@ def test_prefill_matches_transformers(tiny):
     assert (last - ref[-1]).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["torch-matmuls", "packed-kernels"])
+@pytest.mark.parametrize("path", ["torch-matmuls", "packed-kernels", "torch-ops"])
 @pytest.mark.parametrize("last", ["mamba", "attention"])
-def test_last_row_only_path_equals_all_rows(last, packed):
+def test_last_row_only_path_equals_all_rows(last, path):
     """Without ``all_logits`` the last layer projects only the last row: the logits are those of
     the all-rows path and the state it leaves is bit-identical (every row still entered it)."""
+    packed = path == "packed-kernels"
     if packed and not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.build_error()}")
     cfg = {**TINY_CONFIG, "layer_types": ["attention", "mamba", "mamba", last]}
     hf = _hf_model(cfg)
     model = _ours(hf, cfg, packed=packed)
+    for blk in model.blocks:
+        blk.mixer.fused = path != "torch-ops"  # torch-ops: no fused mixer or decode attention either
     ids = torch.randint(0, cfg["vocab_size"], (41,), generator=torch.Generator().manual_seed(3))
     one, every = model.new_state(8), model.new_state(8)
     got = model.forward(ids[:40], one)
@@ -317,8 +320,8 @@ def test_fused_mixer_equals_torch_ops(cfg):
     assert start == 120
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("cfg", ["tiny", "odd", "odd-rows", "mamba-last"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("cfg", ["tiny", "odd", "odd-rows", "mamba-last", "biases-untied", "mamba-only"])
 def test_one_call_decode_step_is_bit_identical(cfg, weights):
     """A decode step through kernels.decode_layers (all layers in one C++ call) leaves exactly the
     logits, Mamba states and KV of the layer-by-layer path, step after step."""
@@ -329,6 +332,9 @@ def test_one_call_decode_step_is_bit_identical(cfg, weights):
         "odd": ODD_CONFIG,
         "odd-rows": ODD_ROWS_CONFIG,
         "mamba-last": {**TINY_CONFIG, "layer_types": ["attention", "mamba", "attention", "mamba"]},
+        # biases everywhere, 2 SSM groups, a dt clamp, an untied head (the variant without RoPE)
+        "biases-untied": {**VARIANT_CONFIG, "position_embedding_type": "nope"},
+        "mamba-only": {**TINY_CONFIG, "layer_types": ["mamba"] * 4},
     }[cfg]
     hf = _hf_model(conf, seed=6)
     dtype = torch.float32 if weights == "int8" else getattr(torch, weights)
@@ -342,11 +348,18 @@ def test_one_call_decode_step_is_bit_identical(cfg, weights):
     ids = torch.randint(0, conf["vocab_size"], (40,), generator=torch.Generator().manual_seed(7))
     s1, s2 = one.new_state(4), layered.new_state(4)  # small: the KV buffers grow during decode
     assert torch.equal(one.forward(ids[:9], s1), layered.forward(ids[:9], s2))
+    snaps = None
     for t in range(9, 40):
+        if t == 20:
+            snaps = s1.snapshot(), s2.snapshot()
         a = one.forward(ids[t : t + 1], s1, all_logits=t % 2 == 0)
         b = layered.forward(ids[t : t + 1], s2, all_logits=t % 2 == 0)
         assert torch.equal(a, b), t
         assert s1.pos == s2.pos == t + 1 and s1.kv.length == s2.kv.length == t + 1
+    # steps from restored snapshots (fresh state buffers, cropped KV) agree too
+    r1, r2 = s1.fork(snaps[0]), s2.fork(snaps[1])
+    for t in range(20, 26):
+        assert torch.equal(one.forward(ids[t : t + 1], r1), layered.forward(ids[t : t + 1], r2)), t
     for x, y in zip((*s1.conv, *s1.ssm), (*s2.conv, *s2.ssm), strict=True):
         assert torch.equal(x, y)
     for x, y in zip((*s1.kv.k, *s1.kv.v), (*s2.kv.k, *s2.kv.v), strict=True):

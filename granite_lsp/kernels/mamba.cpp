@@ -19,7 +19,9 @@ namespace {
 // Tokens go in pairs: one load and one store of the state per pair halves the state's memory
 // traffic, which with the three FP operations per element bounds the loop. With each token's B
 // and C in one contiguous row (not at a whole conv row's stride) a 512-token mixer on the real
-// shape went from 23.5 to 15.8-20.7 ms (1 thread) and 13.0 to 9.5-10.3 ms (2 threads).
+// shape went from 23.5 to 15.8-20.7 ms (1 thread) and 13.0 to 9.5-10.3 ms (2 threads). (Results
+// are those of one token at a time; the conv's scalar tail, std::exp against exp8's 1-2 ulp, now
+// starts at E and at C, which moves a few channels when E is not a multiple of 8.)
 
 constexpr int64_t kMaxConvWidth = 16;
 constexpr int64_t kMaxHeadDim = 256;

@@ -46,6 +46,17 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
     const auto s = next(), b = next();
     return linear(in, w, s, b, threads);
   };
+  TORCH_CHECK(pos >= 0, "decode_layers: pos >= 0");
+  // Every state checked before any is touched: a bad one must not leave the others advanced.
+  for (at::TensorList states : {conv, ssm, k, v})
+    for (const at::Tensor& t : states)
+      TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                  "decode_layers: states and KV buffers must be contiguous fp32 CPU tensors");
+  for (size_t j = 0; j < k.size(); ++j)
+    TORCH_CHECK(j < v.size() && k[j].dim() == 3 && k[j].sizes() == v[j].sizes() && k[j].size(0) == nkv &&
+                    k[j].size(2) == hd && pos < k[j].size(1),
+                "decode_layers: KV buffers [nkv, cap > pos, hd]");
+  if (L == 0) return x_in.clone();
   at::Tensor x = x_in.contiguous();
   at::Tensor h;
   size_t m = 0, a = 0;  // Mamba and attention layers seen
@@ -70,10 +81,6 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       TORCH_CHECK(a < k.size() && a < v.size(), "decode_layers: fewer KV buffers than attention layers");
       const at::Tensor& kb = k[a];
       const at::Tensor& vb = v[a];
-      TORCH_CHECK(kb.scalar_type() == at::kFloat && vb.scalar_type() == at::kFloat && kb.is_contiguous() &&
-                      vb.is_contiguous() && kb.dim() == 3 && kb.sizes() == vb.sizes() && kb.size(0) == nkv &&
-                      kb.size(2) == hd && pos < kb.size(1),
-                  "decode_layers: KV buffers [nkv, cap > pos, hd] fp32");
       const at::Tensor qkv = linear3(h);
       TORCH_CHECK(qkv.numel() == (nq + 2 * nkv) * hd, "decode_layers: qkv width");
       const float* src = qkv.data_ptr<float>();

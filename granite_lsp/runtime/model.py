@@ -385,7 +385,8 @@ class HybridModel:
         )
 
     def _decode_plan(self) -> tuple[list[Tensor | None], list[int], list[float]]:
-        """The weights and sizes kernels.decode_layers takes, flattened once (layout: step.cpp)."""
+        """The weights and sizes kernels.decode_layers takes, flattened once (layout: step.cpp;
+        a model's weights never change after construction)."""
         if self._step_plan is None:
             cfg = self.config
             weights: list[Tensor | None] = []
@@ -396,7 +397,9 @@ class HybridModel:
                 return [w.weight, w.scale, w.bias]
 
             for blk in self.blocks:
-                weights += [blk.ln_in, blk.ln_post, *packed(blk.mlp.w_in)[:2], *packed(blk.mlp.w_out)[:2]]
+                mlp = [packed(blk.mlp.w_in), packed(blk.mlp.w_out)]
+                assert all(p[2] is None for p in mlp), "the MLP has no bias (step.cpp passes none)"
+                weights += [blk.ln_in, blk.ln_post, *mlp[0][:2], *mlp[1][:2]]
                 mix = blk.mixer
                 if isinstance(mix, MambaMixer):
                     weights += [*packed(mix.w_in), mix.conv_w, mix.conv_b, mix.dt_bias, mix.A, mix.D, mix.norm_w32]
