@@ -83,6 +83,7 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
         raise RuntimeError(f"--quantize {quantize} is CPU-only; on {device} use --dtype bfloat16 or float16")
     report("Loading tokenizer", 10)
     tokenizer = TextTokenizer.from_dir(path)
+    tokenizer.prepare()
     report(f"Loading weights ({device}, {str(dtype).removeprefix('torch.')})", 20)
     reference = None
     if settings.random_weights:

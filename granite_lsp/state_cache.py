@@ -87,7 +87,8 @@ class StateCache:
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
-        self.live = self.model.new_state(capacity=2048)
+        # The KV buffers grow (doubling) as prompts need: a short file never holds a long one's room.
+        self.live = self.model.new_state(capacity=256)
         self._zero = self.model.zero_snapshot()  # restoring it copies zeros in; it holds no memory
         self.live_tokens: list[int] = []
         self.live_logits: torch.Tensor | None = None

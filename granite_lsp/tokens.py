@@ -8,9 +8,13 @@ therefore always encoded *literally*; control tokens are looked up by their stri
 from __future__ import annotations
 
 import bisect
+import itertools
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import overload
 
 from tokenizers import Tokenizer
 
@@ -57,6 +61,28 @@ class ControlIds:
 
 class TokenizerError(ValueError):
     pass
+
+
+class TokenBytes(Sequence[bytes]):
+    """Every token's bytes, indexed by id, in one buffer: a 100k-token vocabulary as 100k bytes
+    objects (and the garbage of building them) held ~20 MB of the server's memory; this ~2 MB."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self._blob = b"".join(parts)
+        self._ends = array("I", itertools.accumulate(map(len, parts)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        end = self._ends[i]  # IndexError past the end, like a list
+        return self._blob[self._ends[i - 1] if i % len(self._ends) else 0 : end]
 
 
 class TextTokenizer:
@@ -129,30 +155,31 @@ class TextTokenizer:
         table = self.token_bytes
         return b"".join(table[i] for i in ids)
 
+    def prepare(self) -> None:
+        """Build the byte tables now (a second or so, ~25 MB of garbage on a 100k vocabulary) rather
+        than in the first completion, when the process is at its largest."""
+        _ = self.token_bytes, self._sorted_ids
+
     @cached_property
-    def token_bytes(self) -> list[bytes]:
+    def token_bytes(self) -> TokenBytes:
         """Raw bytes of every token id; control tokens map to b'' (they are never text)."""
         dec = _byte_decoder()
-        size = self.vocab_size
-        table: list[bytes] = [b""] * size
+        parts: list[bytes] = [b""] * self.vocab_size
         for tok, tid in self._tok.get_vocab(with_added_tokens=False).items():
-            if tid < size:
-                table[tid] = bytes(dec[c] for c in tok) if all(c in dec for c in tok) else tok.encode()
+            if tid < len(parts):
+                parts[tid] = bytes(dec[c] for c in tok) if all(c in dec for c in tok) else tok.encode()
         for tid, added in self._tok.get_added_tokens_decoder().items():
-            if tid < size:
-                table[tid] = b"" if added.content in CONTROL_TOKENS or added.special else added.content.encode()
-        return table
+            if tid < len(parts):
+                parts[tid] = b"" if added.content in CONTROL_TOKENS or added.special else added.content.encode()
+        return TokenBytes(parts)
 
     @cached_property
-    def _sorted_bytes(self) -> tuple[list[bytes], list[int]]:
-        control = self.control.stop_ids
-        pairs = sorted((b, i) for i, b in enumerate(self.token_bytes) if b and i not in control)
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-
-    @cached_property
-    def _bytes_to_id(self) -> dict[bytes, int]:
-        control = self.control.stop_ids
-        return {b: i for i, b in enumerate(self.token_bytes) if b and i not in control}
+    def _sorted_ids(self) -> array:
+        """Ids of the text tokens ordered by their bytes (for prefix searches by bisection)."""
+        table, control = self.token_bytes, self.control.stop_ids
+        return array(
+            "I", sorted((i for i in range(len(table)) if table[i] and i not in control), key=table.__getitem__)
+        )
 
     def ids_consistent_with(self, pending: bytes) -> list[int]:
         """Token ids whose bytes could begin text that starts with ``pending``.
@@ -160,14 +187,18 @@ class TextTokenizer:
         That is, tokens that start with ``pending`` or are a (non-empty) prefix of it; used to decode the
         bytes handed back by token healing without ever contradicting what the user typed.
         """
-        keys, ids = self._sorted_bytes
-        lo = bisect.bisect_left(keys, pending)
+        table, order = self.token_bytes, self._sorted_ids
+        lo = bisect.bisect_left(order, pending, key=table.__getitem__)
         upper = pending.rstrip(b"\xff")
-        hi = bisect.bisect_left(keys, upper[:-1] + bytes([upper[-1] + 1])) if upper else len(keys)
-        out = ids[lo:hi]
-        table = self._bytes_to_id
+        hi = (
+            bisect.bisect_left(order, upper[:-1] + bytes([upper[-1] + 1]), key=table.__getitem__)
+            if upper
+            else len(order)
+        )
+        out = list(order[lo:hi])
         for k in range(1, len(pending)):
-            tid = table.get(pending[:k])
-            if tid is not None:
-                out.append(tid)
+            prefix = pending[:k]
+            i = bisect.bisect_left(order, prefix, key=table.__getitem__)
+            if i < len(order) and table[order[i]] == prefix:
+                out.append(order[i])
         return out

@@ -118,8 +118,9 @@ def test_memorized_middles_with_the_reuse_layout(make_service) -> None:
 def test_memory_cap_evicts_across_documents(make_service) -> None:
     svc = make_service(**BUDGET, cacheMb=1)
     text = (REPO / "model" / "corpus" / "tasks.py").read_text()
-    for i in range(6):
-        svc.complete(f"file:///d{i}.py", text, len(text) // 2)
+    for i in range(6):  # six different files: each prompt differs from its first line on
+        body = f"# file {i}\n{text}"
+        svc.complete(f"file:///d{i}.py", body, len(body) // 2)
     assert svc.cache.nbytes() <= 1 << 20 or len(svc.cache.checkpoints) <= 1
     assert svc.cache.stats.evictions > 0
     # Still correct after evictions.
