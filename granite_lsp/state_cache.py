@@ -35,7 +35,7 @@ RELEASE_AFTER_TOKENS = 256
 MIN_CHECKPOINT_GAP = 16
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.remove must not compare token arrays (ambiguous, or a shape error)
 class Checkpoint:
     doc: str
     tokens: np.ndarray  # the token ids this state has consumed, in order

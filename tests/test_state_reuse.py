@@ -129,6 +129,28 @@ def test_memory_cap_evicts_across_documents(make_service) -> None:
     assert a == b
 
 
+def test_eviction_of_a_checkpoint_in_the_middle_of_the_list(tiny_loaded) -> None:
+    """The least recently used checkpoint is often not the oldest one (a restore refreshes it):
+    evicting it from the middle of the list must work, by the per-document limit and by the cap."""
+    from granite_lsp.state_cache import StateCache
+
+    cache = StateCache(tiny_loaded.model, max_per_doc=2, interval=0)
+    base = list(range(10, 50))
+    a, b, c = base + [1, 2, 3], base[:30] + [4, 5], base[:20] + [6, 7, 8, 9]
+    cache.prefill("d", a)
+    cache.prefill("d", b)
+    cache.prefill("d", a)  # restores a's checkpoint: now b's is the least recently used
+    assert [len(x.tokens) for x in cache.checkpoints] == [len(a), len(b)]
+    cache.prefill("d", c)  # a third checkpoint: over max_per_doc, b's (second in the list) goes
+    assert [x.tokens.tolist() for x in cache.checkpoints] == [a, c]
+    assert cache.stats.evictions == 1
+    cache.prefill("d", a)  # refresh a again: c's is the least recently used, last in the list
+    cache.max_bytes = cache.nbytes() - 1  # one checkpoint over the cap
+    cache.prefill("e", b)  # protects e's newest; evicts by recency from d's
+    assert all(x.tokens.tolist() != c for x in cache.checkpoints)
+    assert cache.nbytes() <= cache.max_bytes or len(cache.checkpoints) == 1
+
+
 def test_trace_files_parse() -> None:
     for path in Path(TRACES).glob("*.jsonl"):
         ops = [json.loads(line) for line in path.read_text().splitlines()]
