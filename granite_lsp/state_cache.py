@@ -33,6 +33,9 @@ from .runtime import HybridModel, KVCache, MambaSnapshot
 RELEASE_AFTER_TOKENS = 256
 # Marks closer than this to the previous checkpoint of the same prefill get none of their own.
 MIN_CHECKPOINT_GAP = 16
+# End-of-prompt checkpoints of a document's current token path kept as they are: backspace and a
+# fixed typo restore one of them exactly. Older ones are thinned to MIN_CHECKPOINT_GAP apart.
+RECENT_ENDS = 4
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare token arrays (ambiguous, or a shape error)
@@ -43,6 +46,7 @@ class Checkpoint:
     kv: KVCache
     logits: torch.Tensor  # of the last consumed position: an identical next prompt costs no forward at all
     last_used: int = 0
+    end: bool = False  # taken at the end of a prompt (not at a layout mark or an interval)
 
     @property
     def pos(self) -> int:
@@ -65,6 +69,7 @@ class CacheStats:
     tokens_processed: int = 0
     checkpoints_taken: int = 0
     evictions: int = 0
+    thinned: int = 0  # older end-of-prompt checkpoints dropped for a nearby one (see _thin_ends)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -113,11 +118,12 @@ class StateCache:
         if start < len(ids):
             stops.append(len(ids))
         pos = start
+        structural = set(marks) | self._interval_marks(start, len(ids))
         for stop in stops:
             logits = self._run(target[pos:stop])
             pos = stop
             if self.enabled:
-                self._checkpoint(doc)
+                self._checkpoint(doc, end=stop not in structural)
         assert logits is not None
         if len(ids) - start >= RELEASE_AFTER_TOKENS:
             memory.release()  # a long prefill's activations
@@ -202,21 +208,49 @@ class StateCache:
         if any(c.kv is kv and c.pos > pos for c in self.checkpoints):
             self.live.kv = kv.clone(pos)
 
-    def _checkpoint(self, doc: str) -> None:
+    def _checkpoint(self, doc: str, end: bool = False) -> None:
         pos = self.live.pos
         tokens = np.asarray(self.live_tokens, dtype=np.int64)
         for c in self.checkpoints:
             if c.pos == pos and c.doc == doc and np.array_equal(c.tokens, tokens):
                 c.last_used = next(self._tick)
+                c.end = c.end and end  # a layout mark stays one
                 return
         snap = self.live.snapshot()
-        self.checkpoints.append(Checkpoint(doc, tokens, snap, self.live.kv, self.live_logits, next(self._tick)))
+        new = Checkpoint(doc, tokens, snap, self.live.kv, self.live_logits, next(self._tick), end)
+        self.checkpoints.append(new)
         self.stats.checkpoints_taken += 1
+        if end:
+            self._thin_ends(new)
         mine = [c for c in self.checkpoints if c.doc == doc]
         if len(mine) > self.max_per_doc:
             oldest = min(mine, key=lambda c: c.last_used)
             self.checkpoints.remove(oldest)
             self.stats.evictions += 1
+
+    def _thin_ends(self, newest: Checkpoint) -> None:
+        """Typing takes an end-of-prompt checkpoint per keystroke, a whole state (~23 MB on the real
+        shape) a token or so after the previous one: kept, they filled the cache within ~20
+        keystrokes. The newest RECENT_ENDS on ``newest``'s token path stay; older ones stay only at
+        least MIN_CHECKPOINT_GAP tokens above the checkpoint below them, so that returning to one
+        that was dropped re-processes fewer tokens than that."""
+        path = [
+            c
+            for c in self.checkpoints
+            if c.doc == newest.doc and c.pos <= newest.pos and _common_prefix(c.tokens, newest.tokens) == c.pos
+        ]
+        ends = sorted((c for c in path if c.end), key=lambda c: c.pos)
+        floors = sorted(c.pos for c in path if not c.end)
+        below, i = -MIN_CHECKPOINT_GAP, 0
+        for c in ends[:-RECENT_ENDS]:
+            while i < len(floors) and floors[i] < c.pos:
+                below = max(below, floors[i])
+                i += 1
+            if c.pos - below < MIN_CHECKPOINT_GAP:
+                self.checkpoints.remove(c)
+                self.stats.thinned += 1
+            else:
+                below = c.pos
 
     def _evict(self, protect: str) -> None:
         """Drop least recently used checkpoints until under the memory cap (the newest of ``protect`` stays)."""

@@ -151,6 +151,35 @@ def test_eviction_of_a_checkpoint_in_the_middle_of_the_list(tiny_loaded) -> None
     assert cache.nbytes() <= cache.max_bytes or len(cache.checkpoints) == 1
 
 
+def test_typing_keeps_recent_ends_and_thins_older_ones(tiny_loaded) -> None:
+    """One end-of-prompt checkpoint per keystroke would fill the cache within ~20 keystrokes on the
+    real shape: the newest few stay, older ones only MIN_CHECKPOINT_GAP apart, and going back to a
+    dropped one re-processes fewer tokens than that, with the logits of a cold prefill (up to the
+    rounding of a different split into pieces)."""
+    from granite_lsp.state_cache import MIN_CHECKPOINT_GAP, RECENT_ENDS, StateCache
+
+    cache = StateCache(tiny_loaded.model, interval=0)
+    head = list(range(10, 60))
+    typed = list(range(100, 160))
+    cache.prefill("d", head + typed[:1], marks=(len(head),))
+    for n in range(2, len(typed) + 1):  # typing forward, a token per keystroke
+        cache.prefill("d", head + typed[:n], marks=(len(head),))
+    ends = sorted(c.pos for c in cache.checkpoints if c.end)
+    older, recent = ends[:-RECENT_ENDS], ends[-RECENT_ENDS:]
+    assert recent == [len(head) + n for n in range(len(typed) - RECENT_ENDS + 1, len(typed) + 1)]
+    floors = [len(head), *older]
+    assert all(b - a >= MIN_CHECKPOINT_GAP for a, b in zip(floors, floors[1:], strict=False)), ends
+    assert len(cache.checkpoints) <= 1 + RECENT_ENDS + len(typed) // MIN_CHECKPOINT_GAP
+    assert cache.stats.thinned > 0
+    # back to a prompt whose own checkpoint was thinned away
+    back = head + typed[:37]
+    res = cache.prefill("d", back)
+    assert 0 < res.processed_tokens < MIN_CHECKPOINT_GAP
+    cold = StateCache(tiny_loaded.model, enabled=False).prefill("d", back)
+    assert (res.logits - cold.logits).abs().max().item() < 1e-4
+    assert int(res.logits.argmax()) == int(cold.logits.argmax())
+
+
 def test_trace_files_parse() -> None:
     for path in Path(TRACES).glob("*.jsonl"):
         ops = [json.loads(line) for line in path.read_text().splitlines()]
