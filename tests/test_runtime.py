@@ -760,3 +760,16 @@ def _real_config_from_facts() -> dict:
         "logits_scaling": 3,
         "initializer_range": 0.1,
     }
+
+
+def test_kernels_bench_runs_on_the_tiny_model():
+    """`granite-lsp bench --kernels` machinery end to end on a small model: every figure is there
+    and finite, and the layer-by-layer steps it compares with leave the model as it was."""
+    from granite_lsp.runtime import microbench
+
+    hf = _hf_model(TINY_CONFIG)
+    model = _ours(hf, TINY_CONFIG, packed=kernels.available())
+    r = microbench.bench_model(model, prefill=20, decode=3, repeat=1)
+    keys = ("prefill_tok_s", "decode_tok_s", "decode_ms", "decode_layered_ms", "linear_ms", "torch_linear_ms")
+    assert all(r[k] > 0 and r[k] == r[k] for k in keys), r
+    assert model.fused_step

@@ -146,18 +146,24 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
     snap = state.snapshot()
     # Decode steps and the matmuls alone are timed in alternation, so that both see the same
     # machine (a shared 2-core box drifts by 30% within a minute); the minimum of each is kept.
-    steps, lin1 = [], []
+    # The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
+    # one-call step (kernels/step.cpp) saves. On GPU, and without the kernels, both are the same path.
+    steps, layered, lin1 = [], [], []
+    fused_step = model.fused_step
     for r in range(repeat + 1):
-        state.restore(snap)
-        for i in range(decode):
-            _sync()
-            t0 = time.perf_counter()
-            model.forward(ids[prefill + i : prefill + i + 1], state)
-            _sync()
-            if r or i:  # first step of the first round is warm-up
-                steps.append(time.perf_counter() - t0)
+        for one_call, out in ((True, steps), (False, layered)):
+            model.fused_step = one_call and fused_step
+            state.restore(snap)
+            for i in range(decode):
+                _sync()
+                t0 = time.perf_counter()
+                model.forward(ids[prefill + i : prefill + i + 1], state)
+                _sync()
+                if r or i:  # first step of the first round is warm-up
+                    out.append(time.perf_counter() - t0)
         with small_ops_single_threaded():
             lin1.append(time_linears(model, 1, 2, _kernel_linear))  # the runtime's own matmuls
+    model.fused_step = fused_step
     t_step = min(steps)
     t_ours1 = min(lin1)
     with small_ops_single_threaded():
@@ -170,6 +176,7 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
         "decode_tok_s": 1.0 / t_step,
         "decode_ms": t_step * 1e3,
         "decode_median_ms": statistics.median(steps) * 1e3,
+        "decode_layered_ms": min(layered) * 1e3,
         "linear_ms": t_ours1 * 1e3,
         "torch_linear_ms": t_torch1 * 1e3,
     }
@@ -390,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
             f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
             f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
+            f"  decode step layer by layer (no one-call step) {r['decode_layered_ms']:.1f} ms:"
+            f" x{r['decode_layered_ms'] / r['decode_ms']:.2f} the one-call step\n"
             f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
             f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
             f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
