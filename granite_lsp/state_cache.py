@@ -109,8 +109,9 @@ class StateCache:
         t0 = time.perf_counter()
         target = np.asarray(ids, dtype=np.int64)
         start, logits = self._restore_best(doc, target)
+        structural = set(marks) | self._interval_marks(start, len(ids))
         stops: list[int] = []
-        for m in sorted({m for m in marks if start < m < len(ids)} | self._interval_marks(start, len(ids))):
+        for m in sorted(m for m in structural if start < m < len(ids)):
             # A checkpoint a few tokens after another saves those few tokens and costs a whole state
             # (~23 MB on the real shape): e.g. prefix_len and static_len when the suffix is empty.
             if not stops or m - stops[-1] >= MIN_CHECKPOINT_GAP:
@@ -118,7 +119,6 @@ class StateCache:
         if start < len(ids):
             stops.append(len(ids))
         pos = start
-        structural = set(marks) | self._interval_marks(start, len(ids))
         for stop in stops:
             logits = self._run(target[pos:stop])
             pos = stop

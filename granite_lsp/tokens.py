@@ -10,11 +10,9 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import overload
 
 from tokenizers import Tokenizer
 
@@ -63,9 +61,9 @@ class TokenizerError(ValueError):
     pass
 
 
-class TokenBytes(Sequence[bytes]):
+class TokenBytes:
     """Every token's bytes, indexed by id, in one buffer: a 100k-token vocabulary as 100k bytes
-    objects (and the garbage of building them) held ~20 MB of the server's memory; this ~2 MB."""
+    objects (and the garbage of building them) held ~20 MB of the server's memory; this a few MB."""
 
     def __init__(self, parts: list[bytes]) -> None:
         self._blob = b"".join(parts)
@@ -74,15 +72,10 @@ class TokenBytes(Sequence[bytes]):
     def __len__(self) -> int:
         return len(self._ends)
 
-    @overload
-    def __getitem__(self, i: int) -> bytes: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[bytes]: ...
-    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> bytes:
         end = self._ends[i]  # IndexError past the end, like a list
-        return self._blob[self._ends[i - 1] if i % len(self._ends) else 0 : end]
+        i %= len(self._ends)
+        return self._blob[self._ends[i - 1] if i else 0 : end]
 
 
 class TextTokenizer:

@@ -59,6 +59,8 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
 # 1.19 ms, 24 rows 2.45 vs 2.29, 64 rows 7.29 vs 4.76). On the model's 512-row shapes it ran at
 # 0.8-1.3x MKL's fp32 sgemm (noisy machine) and 1.1-2.3x MKL on widened bf16/fp16/int8 copies.
 GEMV_MAX_ROWS = 16
+# Largest Mamba head dim kernels.mamba_mixer takes (mamba.cpp's per-head scratch, kMaxHeadDim).
+MAMBA_MAX_HEAD_DIM = 256
 # Rows of W upcast at a time by the torch fallback for bf16/int8 (~4 MB of fp32).
 _FALLBACK_BLOCK_BYTES = 4 << 20
 
@@ -312,13 +314,17 @@ class PackedLinear:
         """
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features).to(torch.float32).contiguous()  # a view when 2-D fp32
-        ops = _load()
-        if ops is not None:
-            op = ops.linear if x2.shape[0] <= GEMV_MAX_ROWS else ops.gemm
-            y = op(x2, self.weight, self.scale, self.bias, threads or torch.get_num_threads())
-        else:
-            y = self._torch(x2)
+        y = self.product(x2, threads or torch.get_num_threads())
         return y.reshape(*lead, self.out_features)
+
+    def product(self, x: Tensor, threads: int) -> Tensor:
+        """``x`` [T, K] contiguous float32 -> [T, N]: the streaming kernels for a few rows, the GEMM
+        for more, torch without the extension."""
+        ops = _load()
+        if ops is None:
+            return self._torch(x)
+        op = ops.linear if x.shape[0] <= GEMV_MAX_ROWS else ops.gemm
+        return op(x, self.weight, self.scale, self.bias, threads)
 
     def _torch(self, x: Tensor) -> Tensor:
         """The same product with torch ops: MKL for fp32, upcasting bf16/int8 a block of rows at a time."""

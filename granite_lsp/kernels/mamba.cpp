@@ -24,7 +24,7 @@ namespace {
 // starts at E and at C, which moves a few channels when E is not a multiple of 8.)
 
 constexpr int64_t kMaxConvWidth = 16;
-constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxHeadDim = 256;  // kernels.MAMBA_MAX_HEAD_DIM
 
 struct MambaScan {
   float* ssm;           // [H, P, N]
@@ -54,11 +54,20 @@ inline float state_row(float* s, int64_t N, const float* B, const float* Cv, flo
   return out;
 }
 
+// One token as the scan sees it: its B and C, x * dt of the head's rows, its decay, where its y goes.
+struct TokenRows {
+  const float *B, *C, *xdt;
+  float decay, *y;
+  TokenRows from(int64_t p) const { return {B, C, xdt + p, decay, y + p}; }  // the rows from p on
+};
+
 // Four state rows at once (N % 8 == 0): four independent FMA chains for the read-out (one chain
 // waits on FMA latency) sharing the B and C loads. Named variables: as arrays GCC keeps them in
 // memory.
-inline void state_rows4(float* s, int64_t N, const float* B, const float* Cv, const float* xdt, float decay, float* y) {
-  const __m256 d = _mm256_set1_ps(decay);
+inline void state_rows4(float* s, int64_t N, const TokenRows& tr) {
+  const float *B = tr.B, *Cv = tr.C, *xdt = tr.xdt;
+  float* y = tr.y;
+  const __m256 d = _mm256_set1_ps(tr.decay);
   const __m256 x0 = _mm256_set1_ps(xdt[0]), x1 = _mm256_set1_ps(xdt[1]), x2 = _mm256_set1_ps(xdt[2]),
                x3 = _mm256_set1_ps(xdt[3]);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -83,10 +92,6 @@ inline void state_rows4(float* s, int64_t N, const float* B, const float* Cv, co
 // The same for two consecutive tokens a, b in one pass over the rows: the state is loaded and
 // stored once per pair instead of once per token. Each value goes through the same operations in
 // the same order as two calls of state_rows4, so the results are identical.
-struct TokenRows {
-  const float *B, *C, *xdt;
-  float decay, *y;
-};
 inline void state_rows4_pair(float* s, int64_t N, const TokenRows& ta, const TokenRows& tb) {
   const __m256 da = _mm256_set1_ps(ta.decay), db = _mm256_set1_ps(tb.decay);
   const __m256 x0 = _mm256_set1_ps(ta.xdt[0]), x1 = _mm256_set1_ps(ta.xdt[1]), x2 = _mm256_set1_ps(ta.xdt[2]),
@@ -124,7 +129,6 @@ void mamba_head(const void* ctx, int64_t h) {
   const int64_t g = h / (m.H / m.G), P = m.P, N = m.N;
   const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
   float* state = m.ssm + h * P * N;
-  // Token t's view: its B and C, its x * dt for this head, its decay, where its y goes.
   auto token = [&](int64_t t, float* xdt) {
     const float* bc = m.bc + t * 2 * m.G * m.N;
     const float dt = m.dt[t * m.H + h];
@@ -139,16 +143,13 @@ void mamba_head(const void* ctx, int64_t h) {
   int64_t t = 0;
   for (; t + 2 <= m.T; t += 2) {
     const TokenRows a = token(t, xdt), b = token(t + 1, xdt + P);
-    for (int64_t p = 0; p < P4; p += 4) {
-      const TokenRows ap{a.B, a.C, a.xdt + p, a.decay, a.y + p}, bp{b.B, b.C, b.xdt + p, b.decay, b.y + p};
-      state_rows4_pair(state + p * N, N, ap, bp);
-    }
+    for (int64_t p = 0; p < P4; p += 4) state_rows4_pair(state + p * N, N, a.from(p), b.from(p));
     rest(a);
     rest(b);
   }
   if (t < m.T) {
     const TokenRows a = token(t, xdt);
-    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, a.B, a.C, a.xdt + p, a.decay, a.y + p);
+    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, a.from(p));
     rest(a);
   }
 }

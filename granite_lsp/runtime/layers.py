@@ -196,7 +196,7 @@ class MambaMixer:
         self.w_out, self.b_out = out_proj, out_bias
         # Through the fused CPU kernel (kernels.mamba_mixer) when available; False forces the
         # torch ops below (tests compare the two).
-        self.fused = self.P <= 256  # the kernel's per-head scratch holds head dims up to 256
+        self.fused = self.P <= kernels.MAMBA_MAX_HEAD_DIM
         # On CUDA, the conv and the scan through causal_conv1d / mamba_ssm when installed
         # (cuda_kernels.py); False forces the torch ops there too. The chunk length of that scan.
         self.cuda_kernels = True

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
 from ..kernels import PackedLinear
+from ..tokens import CONTROL_TOKENS
 from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import linear, matmul_threads, small_ops_single_threaded
@@ -109,14 +109,9 @@ def _torch_linear(x: torch.Tensor, w: torch.Tensor | PackedLinear) -> torch.Tens
 
 
 def _kernel_linear(x: torch.Tensor, w: torch.Tensor | PackedLinear) -> torch.Tensor:
-    """Our kernel for one matmul, called as directly as Python can (the extension's op, no wrapper):
-    the tightest "matmuls alone" time to hold a decode step against."""
-    if isinstance(w, PackedLinear):
-        ops = kernels._load()
-        if ops is not None:
-            op = ops.linear if x.shape[0] <= kernels.GEMV_MAX_ROWS else ops.gemm
-            return op(x, w.weight, w.scale, w.bias, matmul_threads())
-    return linear(x, w)
+    """Our kernel for one matmul, called as directly as Python can (no wrapper): the tightest
+    "matmuls alone" time to hold a decode step against."""
+    return w.product(x, matmul_threads()) if isinstance(w, PackedLinear) else linear(x, w)
 
 
 def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torch.Tensor] = _torch_linear) -> float:
@@ -147,12 +142,13 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
     # Decode steps and the matmuls alone are timed in alternation, so that both see the same
     # machine (a shared 2-core box drifts by 30% within a minute); the minimum of each is kept.
     # The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
-    # one-call step (kernels/step.cpp) saves. On GPU, and without the kernels, both are the same path.
+    # one-call step (kernels/step.cpp) saves, where it applies (not on GPU, nor without the kernels).
     steps, layered, lin1 = [], [], []
     fused_step = model.fused_step
+    paths = ((True, steps), (False, layered)) if model._one_call_step_applies() else ((fused_step, steps),)
     for r in range(repeat + 1):
-        for one_call, out in ((True, steps), (False, layered)):
-            model.fused_step = one_call and fused_step
+        for one_call, out in paths:
+            model.fused_step = one_call
             state.restore(snap)
             for i in range(decode):
                 _sync()
@@ -176,7 +172,7 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
         "decode_tok_s": 1.0 / t_step,
         "decode_ms": t_step * 1e3,
         "decode_median_ms": statistics.median(steps) * 1e3,
-        "decode_layered_ms": min(layered) * 1e3,
+        "decode_layered_ms": min(layered) * 1e3 if layered else None,
         "linear_ms": t_ours1 * 1e3,
         "torch_linear_ms": t_torch1 * 1e3,
     }
@@ -240,16 +236,8 @@ PRECISIONS = {
 }
 
 
-# Granite's control tokens and their ids (model/granite-4.0-h-350m: BOS = EOS = <|end_of_text|>).
-GRANITE_CONTROL_IDS = {
-    "<|end_of_text|>": 100257,
-    "<|fim_prefix|>": 100258,
-    "<|fim_middle|>": 100259,
-    "<|fim_suffix|>": 100260,
-    "<|fim_pad|>": 100261,
-    "<|filename|>": 100262,
-    "<|reponame|>": 100263,
-}
+# Granite's control tokens have the ids 100257.. in tokens.CONTROL_TOKENS' order (BOS = EOS).
+GRANITE_CONTROL_IDS = {name: 100257 + i for i, name in enumerate(CONTROL_TOKENS)}
 
 
 def write_granite_sized_tokenizer(dst: Path, corpus_chars: int = 40_000_000) -> None:
@@ -376,7 +364,32 @@ def main(argv: list[str] | None = None) -> None:
         model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
         r = bench_model(model, args.prefill, args.decode, args.repeat)
         r["weight_mb"] = model.weight_bytes() / 2**20
-        if not on_cpu:
+        if on_cpu:
+            ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
+            layered = r["decode_layered_ms"]
+            print(
+                f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if model.packed else 'torch matmuls'})\n"
+                f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
+                f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
+                f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
+                + (
+                    f"  decode step layer by layer (no one-call step) {layered:.1f} ms:"
+                    f" x{layered / r['decode_ms']:.2f} the one-call step\n"
+                    if layered
+                    else ""
+                )
+                + f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
+                f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
+                f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
+                f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
+                f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
+                f"  matmuls alone, {args.prefill} tokens: {r['prefill_linear_s']:.2f} s"
+                f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
+            )
+            if args.sweep:
+                sweep_chunk_sizes(model, args.repeat)
+                sweep_threshold(model, args.repeat)
+        else:
             print(
                 f"\n{name} on {device} (weights {r['weight_mb']:.0f} MB)\n"
                 f"  decode  {r['decode_tok_s']:7.1f} tok/s  "
@@ -385,34 +398,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"  matmuls alone, 1 token: {r['linear_ms']:.2f} ms (torch F.linear {r['torch_linear_ms']:.2f} ms);"
                 f" {args.prefill} tokens: {r['prefill_linear_s'] * 1e3:.1f} ms"
             )
-            if args.rss:
-                r["server_peak_rss_mb"] = server_peak_rss_mb(name, args.threads, args.workdir, args.device)
-                print(f"  server peak RSS after loading and one completion: {r['server_peak_rss_mb']:.0f} MB")
-            results[name] = r
-            del model
-            continue
-        ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
-        print(
-            f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if model.packed else 'torch matmuls'})\n"
-            f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
-            f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
-            f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
-            f"  decode step layer by layer (no one-call step) {r['decode_layered_ms']:.1f} ms:"
-            f" x{r['decode_layered_ms'] / r['decode_ms']:.2f} the one-call step\n"
-            f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
-            f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
-            f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
-            f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
-            f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
-            f"  matmuls alone, {args.prefill} tokens: {r['prefill_linear_s']:.2f} s"
-            f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
-        )
-        if args.sweep:
-            sweep_chunk_sizes(model, args.repeat)
-            sweep_threshold(model, args.repeat)
         del model
         if args.rss:
-            r["server_peak_rss_mb"] = server_peak_rss_mb(name, args.threads, args.workdir)
+            r["server_peak_rss_mb"] = server_peak_rss_mb(name, args.threads, args.workdir, args.device)
             print(f"  server peak RSS after loading and one completion: {r['server_peak_rss_mb']:.0f} MB")
         results[name] = r
     if args.json:
