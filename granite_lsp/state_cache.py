@@ -8,7 +8,8 @@ restore it, and run the model over the rest only.
 Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
 - at the end of every prompt: the next keystroke usually extends it (typing forward, Enter) or equals it
   (typing inside a healed word), and a few recent ones cover backspace and a typo fixed;
-- at ``<|fim_middle|>`` (the end of prefix + suffix): survives any edit inside the middle region;
+- at ``<|fim_middle|>`` (the end of prefix + suffix): survives any edit inside the middle region (of
+  marks closer than MIN_CHECKPOINT_GAP only one keeps a checkpoint, and this one wins);
 - every ``interval`` tokens of a long prefill: an edit high up in the file re-processes from the nearest
   one below it, not from the top. They also cover moving the cursor elsewhere and back.
 Memory is capped across documents, least recently used first.
@@ -110,13 +111,20 @@ class StateCache:
         target = np.asarray(ids, dtype=np.int64)
         start, logits = self._restore_best(doc, target)
         structural = set(marks) | self._interval_marks(start, len(ids))
+        # A checkpoint a few tokens after another saves those few tokens and costs a whole state (~23 MB
+        # on the real shape): of two marks closer than MIN_CHECKPOINT_GAP only one gets a checkpoint,
+        # the earlier, unless the later is the last mark (the end of the prompt's head, where every
+        # keystroke on the cursor line starts again): e.g. prefix_len and static_len when the suffix
+        # is empty, or an interval mark just below static_len.
+        last_mark = max(marks, default=-1)
         stops: list[int] = []
-        for m in sorted(m for m in structural if start < m < len(ids)):
-            # A checkpoint a few tokens after another saves those few tokens and costs a whole state
-            # (~23 MB on the real shape): e.g. prefix_len and static_len when the suffix is empty.
-            if not stops or m - stops[-1] >= MIN_CHECKPOINT_GAP:
-                stops.append(m)
-        if start < len(ids):
+        for m in sorted(m for m in structural if start < m <= len(ids)):
+            if stops and m - stops[-1] < MIN_CHECKPOINT_GAP:
+                if m == last_mark:
+                    stops[-1] = m
+                continue
+            stops.append(m)
+        if start < len(ids) and (not stops or stops[-1] != len(ids)):
             stops.append(len(ids))
         pos = start
         for stop in stops:

@@ -180,6 +180,30 @@ def test_typing_keeps_recent_ends_and_thins_older_ones(tiny_loaded) -> None:
     assert int(res.logits.argmax()) == int(cold.logits.argmax())
 
 
+def test_of_two_close_marks_the_head_end_keeps_its_checkpoint(tiny_loaded) -> None:
+    """Marks closer than MIN_CHECKPOINT_GAP share one checkpoint: the earlier, except that the last
+    mark (the end of the prompt's head, where each keystroke on the cursor line starts again) wins
+    over a close one below it. With an empty suffix a fresh line's prompt ends there: one
+    checkpoint, not two (~23 MB each on the real shape), and typing on re-processes only what was
+    typed, with the logits of a cold prefill."""
+    from granite_lsp.state_cache import MIN_CHECKPOINT_GAP, StateCache
+
+    cache = StateCache(tiny_loaded.model, interval=0)
+    ids = list(range(10, 70))
+    prefix_len, static_len = 40, 42  # fim_suffix and fim_middle apart
+    cache.prefill("d", ids[:static_len], marks=(0, prefix_len, static_len))
+    assert [(c.pos, c.end) for c in cache.checkpoints] == [(static_len, False)]
+    typed = ids[:static_len] + [5, 6]
+    res = cache.prefill("d", typed, marks=(0, prefix_len, static_len))
+    assert (res.reused_tokens, res.processed_tokens) == (static_len, 2)
+    cold = StateCache(tiny_loaded.model, enabled=False).prefill("d", typed)
+    assert (res.logits - cold.logits).abs().max().item() < 1e-4
+    # a close pair below the last mark keeps its earlier one; the last mark and the end their own
+    other = StateCache(tiny_loaded.model, interval=0)
+    other.prefill("d", ids, marks=(20, 20 + MIN_CHECKPOINT_GAP // 2, 50))
+    assert [(c.pos, c.end) for c in other.checkpoints] == [(20, False), (50, False), (len(ids), True)]
+
+
 def test_trace_files_parse() -> None:
     for path in Path(TRACES).glob("*.jsonl"):
         ops = [json.loads(line) for line in path.read_text().splitlines()]
