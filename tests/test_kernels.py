@@ -154,6 +154,23 @@ def test_int8_quantization() -> None:
     assert torch.equal(q.dequantize(torch.tensor([3, 5])), q.dequantize()[[3, 5]])
 
 
+def test_int8_quantization_in_blocks_is_the_per_row_formula() -> None:
+    """Quantized a block of rows at a time in one reused buffer (the loader's memory), with a short
+    last block and bf16 input: exactly round(w / s), s = max |row| / 127, as one whole-matrix step."""
+    from granite_lsp.kernels import _FALLBACK_BLOCK_BYTES
+
+    k = 512
+    rows = 2 * (_FALLBACK_BLOCK_BYTES // (4 * k)) + 7
+    w = torch.randn(rows, k).bfloat16()
+    w[5] = 0
+    q = PackedLinear.from_weight(w, mode="int8")
+    full = w.float()
+    s = full.abs().amax(dim=1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    assert torch.equal(q.scale, s)
+    assert torch.equal(q.weight, torch.round(full / s[:, None]).clamp(-127, 127).to(torch.int8))
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         PackedLinear.from_weight(torch.randn(4, 4), mode="int4")

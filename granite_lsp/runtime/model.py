@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import failpoints, kernels
+from .. import failpoints, kernels, memory
 from ..kernels import PackedLinear
 from ..kernels import available as kernels_available
 from .config import HybridConfig
@@ -142,6 +142,16 @@ class HybridModel:
                 return w, b
             return PackedLinear.from_weight(w, b, mode="int8" if int8 else "same"), None
 
+        # The embedding first: int8 quantizes it from a whole stored copy (154 MB in bf16), which
+        # loaded last, on top of every other weight, made the load the server's memory peak.
+        embed: Tensor | None
+        if cfg.tie_word_embeddings:
+            # One copy serves both: packed, the embedding lookup dequantizes rows of lm_head.
+            lm_head = lin(get_w("model.embed_tokens.weight"), None)[0]
+            embed = None if packed else lm_head  # type: ignore[assignment]
+        else:
+            embed = get_c("model.embed_tokens.weight")
+            lm_head = lin(get_w(TIED_LM_HEAD), None)[0]
         blocks: list[_Block] = []
         for i, kind in enumerate(cfg.layer_kinds):
             p = f"model.layers.{i}."
@@ -187,15 +197,11 @@ class HybridModel:
                     mlp,
                 )
             )
+            if int8:
+                # Quantizing leaves each read weight and its scratch freed between long-lived int8
+                # copies: trimmed a layer at a time, the heap never grows by more than one layer's.
+                memory.release()
         final_norm = get_c("model.norm.weight")
-        embed: Tensor | None
-        if cfg.tie_word_embeddings:
-            # One copy serves both: packed, the embedding lookup dequantizes rows of lm_head.
-            lm_head = lin(get_w("model.embed_tokens.weight"), None)[0]
-            embed = None if packed else lm_head  # type: ignore[assignment]
-        else:
-            embed = get_c("model.embed_tokens.weight")
-            lm_head = lin(get_w(TIED_LM_HEAD), None)[0]
         return cls(cfg, embed, blocks, final_norm, lm_head, **kwargs)
 
     @classmethod
