@@ -32,7 +32,7 @@ from .runtime import HybridModel, KVCache, MambaSnapshot
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
-# Marks closer than this to the previous checkpoint of the same prefill get none of their own.
+# Of two marks of the same prefill closer than this, only one gets a checkpoint (see prefill).
 MIN_CHECKPOINT_GAP = 16
 # End-of-prompt checkpoints of a document's current token path kept as they are: backspace and a
 # fixed typo restore one of them exactly. Older ones are thinned to MIN_CHECKPOINT_GAP apart.
@@ -115,12 +115,14 @@ class StateCache:
         # on the real shape): of two marks closer than MIN_CHECKPOINT_GAP only one gets a checkpoint,
         # the earlier, unless the later is the last mark (the end of the prompt's head, where every
         # keystroke on the cursor line starts again): e.g. prefix_len and static_len when the suffix
-        # is empty, or an interval mark just below static_len.
-        last_mark = max(marks, default=-1)
+        # is empty, or an interval mark just below static_len. The first mark (the end of the
+        # context in front of the file) keeps its own: every change of the file's text restarts
+        # there, and dropped it would send those to the interval mark below, up to 255 tokens back.
+        first_mark, last_mark = min(marks, default=-1), max(marks, default=-1)
         stops: list[int] = []
         for m in sorted(m for m in structural if start < m <= len(ids)):
             if stops and m - stops[-1] < MIN_CHECKPOINT_GAP:
-                if m == last_mark:
+                if m == last_mark and stops[-1] != first_mark:
                     stops[-1] = m
                 continue
             stops.append(m)

@@ -169,6 +169,13 @@ def test_int8_quantization_in_blocks_is_the_per_row_formula() -> None:
     s = torch.where(s > 0, s, torch.ones_like(s))
     assert torch.equal(q.scale, s)
     assert torch.equal(q.weight, torch.round(full / s[:, None]).clamp(-127, 127).to(torch.int8))
+    # a non-contiguous view quantizes like its contiguous copy and is left as it was
+    view = w[:, :96].t()
+    before = view.clone()
+    qt = PackedLinear.from_weight(view, mode="int8")
+    assert torch.equal(view, before)
+    qc = PackedLinear.from_weight(view.contiguous(), mode="int8")
+    assert torch.equal(qt.weight, qc.weight) and torch.equal(qt.scale, qc.scale)
 
 
 def test_bad_arguments() -> None:

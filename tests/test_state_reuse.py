@@ -202,6 +202,14 @@ def test_of_two_close_marks_the_head_end_keeps_its_checkpoint(tiny_loaded) -> No
     other = StateCache(tiny_loaded.model, interval=0)
     other.prefill("d", ids, marks=(20, 20 + MIN_CHECKPOINT_GAP // 2, 50))
     assert [(c.pos, c.end) for c in other.checkpoints] == [(20, False), (50, False), (len(ids), True)]
+    # an interval mark just below the last mark gives way to it
+    spaced = StateCache(tiny_loaded.model, interval=32)
+    spaced.prefill("d", ids, marks=(0, 30, 36))
+    assert [(c.pos, c.end) for c in spaced.checkpoints] == [(36, False), (len(ids), True)]
+    # ... but the context's end (the first mark) keeps its own: a new file text restarts there
+    context = StateCache(tiny_loaded.model, interval=0)
+    context.prefill("d", ids[:46], marks=(30, 35, 40))
+    assert [(c.pos, c.end) for c in context.checkpoints] == [(30, False), (46, True)]
 
 
 def test_trace_files_parse() -> None:
