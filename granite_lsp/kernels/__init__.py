@@ -9,10 +9,9 @@ needs fp32 copies of bf16/fp16/int8 weights first). ``mamba.cpp``, ``attention.c
 ``norms.cpp`` fuse the rest of a layer (Mamba2 mixer for any number of tokens, decode attention,
 norms, SwiGLU); ``step.cpp`` runs every layer of a decode step in one call (the same kernels,
 without ~300 Python-to-C++ calls a token); ``common.h`` holds the thread pool and vector helpers,
-``ops.cpp`` the op table. It is compiled on
-first use (``torch.utils.cpp_extension``: needs a C++ compiler and ninja) into a cache directory;
-when it cannot be built or the CPU lacks AVX2/FMA, ``PackedLinear`` computes the same thing with
-torch ops, just slower.
+``ops.cpp`` the op table. It is compiled on first use (``torch.utils.cpp_extension``: needs a C++
+compiler and ninja) into a cache directory; when it cannot be built or the CPU lacks AVX2/FMA,
+``PackedLinear`` computes the same thing with torch ops, just slower.
 
 Knobs (environment): ``GRANITE_LSP_KERNELS=0`` disables the extension;
 ``GRANITE_LSP_KERNEL_CACHE`` overrides the build directory's parent.

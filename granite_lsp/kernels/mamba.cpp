@@ -20,8 +20,8 @@ namespace {
 // traffic, which with the three FP operations per element bounds the loop. With each token's B
 // and C in one contiguous row (not at a whole conv row's stride) a 512-token mixer on the real
 // shape went from 23.5 to 15.8-20.7 ms (1 thread) and 13.0 to 9.5-10.3 ms (2 threads). (Results
-// are those of one token at a time; the conv's scalar tail, std::exp against exp8's 1-2 ulp, now
-// starts at E and at C, which moves a few channels when E is not a multiple of 8.)
+// are those of one token at a time. The conv's scalar tail, std::exp against exp8's 1-2 ulp,
+// takes the last E % 8 channels of x and the last (C - E) % 8 of B, C: none on Granite's shape.)
 
 constexpr int64_t kMaxConvWidth = 16;
 constexpr int64_t kMaxHeadDim = 256;  // kernels.MAMBA_MAX_HEAD_DIM
