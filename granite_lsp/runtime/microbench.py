@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,13 +130,30 @@ def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torc
     return _time(run, repeat)
 
 
-def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> dict[str, float]:
+def bench_model(
+    model: HybridModel, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None = None
+) -> dict[str, float]:
     ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
+    id_list = ids.tolist()
 
     def do_prefill() -> None:
         model.forward(ids[:prefill], model.new_state(prefill + decode))
 
-    t_prefill = _time(do_prefill, repeat)
+    # Each round times our prefill, then llama.cpp's (when given) on the same tokens; the first
+    # round is warm-up for both, and the minimum of the others is kept for each.
+    ours_pf, peer_pf = [], []
+    for r in range(repeat + 1):
+        _sync()
+        t0 = time.perf_counter()
+        do_prefill()
+        _sync()
+        if r:
+            ours_pf.append(time.perf_counter() - t0)
+        if peer is not None:
+            t = peer.prefill(id_list[:prefill])
+            if r:
+                peer_pf.append(t)
+    t_prefill = min(ours_pf)
     state = model.new_state(prefill + decode + 1)
     model.forward(ids[:prefill], state)
     snap = state.snapshot()
@@ -143,7 +161,7 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
     # machine (a shared 2-core box drifts by 30% within a minute); the minimum of each is kept.
     # The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
     # one-call step (kernels/step.cpp) saves, where it applies (not on GPU, nor without the kernels).
-    steps, layered, lin1 = [], [], []
+    steps, layered, lin1, peer_steps = [], [], [], []
     fused_step = model.fused_step
     paths = ((True, steps), (False, layered)) if model._one_call_step_applies() else ((fused_step, steps),)
     for r in range(repeat + 1):
@@ -159,6 +177,9 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
                     out.append(time.perf_counter() - t0)
         with small_ops_single_threaded():
             lin1.append(time_linears(model, 1, 2, _kernel_linear))  # the runtime's own matmuls
+        if peer is not None:
+            got = peer.decode(id_list[:prefill], id_list[prefill : prefill + decode])
+            peer_steps += got if r else got[1:]  # the same warm-up step as ours left out
     model.fused_step = fused_step
     t_step = min(steps)
     t_ours1 = min(lin1)
@@ -175,6 +196,15 @@ def bench_model(model: HybridModel, prefill: int, decode: int, repeat: int) -> d
         "decode_layered_ms": min(layered) * 1e3 if layered else None,
         "linear_ms": t_ours1 * 1e3,
         "torch_linear_ms": t_torch1 * 1e3,
+        **(
+            {
+                "llama_prefill_tok_s": prefill / min(peer_pf),
+                "llama_decode_tok_s": 1.0 / min(peer_steps),
+                "llama_decode_median_ms": statistics.median(peer_steps) * 1e3,
+            }
+            if peer is not None
+            else {}
+        ),
     }
 
 
@@ -234,6 +264,63 @@ PRECISIONS = {
     "float16": (torch.float16, None),
     "int8": (torch.float32, "int8"),
 }
+# The GGUF weight kind llama.cpp is measured in beside each of our precisions (as in LLAMA_CPP).
+LLAMA_CPP_KIND = {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}
+
+
+class LlamaPeer:
+    """llama.cpp in a child process (``llama_peer.py``), timed in the same rounds as our runtime:
+    the ratios printed against it are then measured on the same machine at the same moment."""
+
+    def __init__(self, python: str, gguf: Path, threads: int) -> None:
+        import subprocess
+
+        script = Path(__file__).with_name("llama_peer.py")
+        cmd = [python, str(script), str(gguf), "--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hello = self._read()
+        if not hello.get("ready"):
+            raise RuntimeError(f"llama.cpp peer did not start: {hello}")
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def _ask(self, req: dict) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if "error" in out:
+            raise RuntimeError(f"llama.cpp peer: {out['error']}")
+        return out
+
+    def prefill(self, ids: list[int]) -> float:
+        return float(self._ask({"op": "prefill", "tokens": ids})["s"])
+
+    def decode(self, ids: list[int], steps: list[int]) -> list[float]:
+        return [float(s) for s in self._ask({"op": "decode", "tokens": ids, "steps": steps})["s"]]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def llama_cpp_gguf(folder: Path, precision: str) -> Path:
+    """The GGUF that llama.cpp runs beside ``precision``, written into ``folder`` on first use."""
+    from .llama_gguf import write_gguf
+
+    kind = LLAMA_CPP_KIND[precision]
+    path = folder / f"granite-4.0-h-350m-random-{kind}.gguf"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"  writing {path} (llama.cpp's {kind.upper()} file of the same shape) ...", flush=True)
+        write_gguf(real_config(), path, kind)
+    return path
 
 
 # Granite's control tokens have the ids 100257.. in tokens.CONTROL_TOKENS' order (BOS = EOS).
@@ -286,7 +373,6 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
     """Peak RSS (VmHWM) of a real ``granite-lsp --stdio`` that loaded a real-shape checkpoint in
     ``precision`` and answered one completion."""
     import os
-    import sys
 
     from safetensors.torch import save_file
 
@@ -341,6 +427,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="also time chunk sizes and the recurrent threshold")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (GPU: bfloat16/float16/float32, no int8)")
+    ap.add_argument(
+        "--llama-cpp",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also time llama.cpp in the same rounds, on GGUF files of the same shape kept in DIR "
+        "(written there on first use; needs the gguf package here and llama-cpp-python under --llama-cpp-python)",
+    )
+    ap.add_argument(
+        "--llama-cpp-python",
+        default=sys.executable,
+        metavar="PYTHON",
+        help="an interpreter that can import llama_cpp (default: this one)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -349,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--sweep times the CPU scan; run it with --device cpu")
     if not on_cpu and "int8" in args.precisions.split(","):
         ap.error("int8 weights are CPU-only (packed kernels); on a GPU use --precisions bfloat16,float16,float32")
+    if not on_cpu and args.llama_cpp:
+        ap.error("--llama-cpp runs llama.cpp's CPU build; use it with --device cpu")
     cfg = real_config()
     where = f"threads {torch.get_num_threads()}"
     if device.type == "cuda":
@@ -362,7 +464,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.precisions.split(","):
         dtype, quantize = PRECISIONS[name]
         model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
-        r = bench_model(model, args.prefill, args.decode, args.repeat)
+        peer = None
+        if args.llama_cpp:
+            peer = LlamaPeer(args.llama_cpp_python, llama_cpp_gguf(args.llama_cpp, name), args.threads)
+        try:
+            r = bench_model(model, args.prefill, args.decode, args.repeat, peer)
+        finally:
+            if peer is not None:
+                peer.close()
         r["weight_mb"] = model.weight_bytes() / 2**20
         if on_cpu:
             ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
@@ -386,6 +495,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"  matmuls alone, {args.prefill} tokens: {r['prefill_linear_s']:.2f} s"
                 f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
             )
+            if peer is not None:
+                kind = LLAMA_CPP_KIND[name].upper()
+                tg, pp = r["llama_decode_tok_s"], r["llama_prefill_tok_s"]
+                print(
+                    f"  llama.cpp {kind} in the same rounds: decode {tg:6.2f} tok/s"
+                    f" (median {r['llama_decode_median_ms']:.1f} ms/step): ours x{r['decode_tok_s'] / tg:.2f};"
+                    f"  prefill {pp:6.1f} tok/s: ours x{r['prefill_tok_s'] / pp:.2f}"
+                )
             if args.sweep:
                 sweep_chunk_sizes(model, args.repeat)
                 sweep_threshold(model, args.repeat)
