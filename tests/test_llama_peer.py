@@ -1,4 +1,5 @@
-"""The bench's llama.cpp baseline: the GGUF file it writes, and the peer process that times it.
+"""The bench's llama.cpp baseline (runtime/llama_baseline.py): the GGUF file it writes, the peer
+process that times it, and the bench's rounds around it.
 
 The layout expected here is what llama.cpp's own converter writes for Granite-4.0-H
 (conversion/granite.py, read back from a file it made of the real shape): tensor names, GGUF
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,8 @@ from granite_lsp.runtime.config import HybridConfig
 
 gguf = pytest.importorskip("gguf")
 
-from granite_lsp.runtime.llama_gguf import write_gguf  # noqa: E402
-from granite_lsp.runtime.microbench import LlamaPeer, bench_model  # noqa: E402
+from granite_lsp.runtime.llama_baseline import LlamaPeer, PeerError, gguf_for, write_gguf  # noqa: E402
+from granite_lsp.runtime.microbench import bench_model  # noqa: E402
 from granite_lsp.runtime.model import HybridModel  # noqa: E402
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "model" / "tiny" / "config.json").read_text())
@@ -71,6 +73,8 @@ def test_gguf_has_the_layout_llama_cpp_loads(tmp_path: Path, kind: str) -> None:
     fields = reader.fields
     assert fields["general.architecture"].contents() == "granitehybrid"
     assert fields["tokenizer.ggml.model"].contents() == "none"
+    # llama.cpp's Granite loader takes a missing flag for "RoPE on": Granite 4.0-H has none
+    assert fields["granitehybrid.rope.scaling.finetuned"].contents() is False
     kv = [cfg.num_key_value_heads if k == "attention" else 0 for k in cfg.layer_kinds]
     assert fields["granitehybrid.attention.head_count_kv"].contents() == kv
     assert fields["granitehybrid.ssm.inner_size"].contents() == cfg.mamba_intermediate
@@ -83,6 +87,14 @@ def test_gguf_has_the_layout_llama_cpp_loads(tmp_path: Path, kind: str) -> None:
     assert np.isfinite(values).all() and abs(float(values.std()) - cfg.initializer_range) < 0.2 * cfg.initializer_range
     a = next(t for t in reader.tensors if t.name == "blk.0.ssm_a")
     assert (np.asarray(a.data) < 0).all()
+
+
+def test_gguf_file_names_carry_the_shape(tmp_path: Path) -> None:
+    a = gguf_for(tmp_path, TINY, "bfloat16")
+    assert gguf_for(tmp_path, TINY, "float16") == a  # fp16 and bf16 both run beside llama.cpp's F16
+    b = gguf_for(tmp_path, {**TINY, "num_hidden_layers": 5, "layer_types": TINY["layer_types"][:5]}, "bfloat16")
+    assert a != b and a.is_file() and b.is_file()
+    assert gguf_for(tmp_path, TINY, "int8").name.endswith("-q8_0.gguf")
 
 
 def test_gguf_refuses_what_it_cannot_write(tmp_path: Path) -> None:
@@ -106,13 +118,15 @@ def test_peer_times_llama_cpp_on_the_written_file(tmp_path: Path) -> None:
         pytest.skip("no llama-cpp-python (set GRANITE_LSP_LLAMA_CPP_PYTHON to an interpreter that has it)")
     path = tmp_path / "tiny-f16.gguf"
     write_gguf(TINY, path, "f16")
-    peer = LlamaPeer(python, path, threads=1)
+    peer = LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"])
     try:
         assert peer.prefill(list(range(1, 40))) > 0
         steps = peer.decode(list(range(1, 20)), [5, 6, 7])
         assert len(steps) == 3 and all(s > 0 for s in steps)
-        with pytest.raises(RuntimeError, match="unknown op"):
-            peer._ask({"op": "nonsense"})
+        with pytest.raises(PeerError, match="unknown op"):
+            peer.ask({"op": "nonsense"})
+        with pytest.raises(PeerError):  # longer than the context
+            peer.prefill(list(range(1, 700)))
         assert peer.prefill([1, 2, 3]) > 0  # still answering
         # and the bench times it in the same rounds as our runtime, on the same tokens
         model = HybridModel.from_config(TINY)
@@ -125,9 +139,50 @@ def test_peer_times_llama_cpp_on_the_written_file(tmp_path: Path) -> None:
 
 
 def test_peer_that_cannot_start_says_so(tmp_path: Path) -> None:
+    # Without llama-cpp-python the child fails at its import, with it at the missing file: both
+    # answer an error, which the bench raises (and the child is gone).
+    python = _llama_cpp_python() or sys.executable
+    with pytest.raises(PeerError, match="could not load"):
+        LlamaPeer(python, tmp_path / "absent.gguf", threads=1, ctx=64)
+
+
+def test_peer_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
     python = _llama_cpp_python()
     if python is None:
         pytest.skip("no llama-cpp-python (set GRANITE_LSP_LLAMA_CPP_PYTHON to an interpreter that has it)")
-    missing = tmp_path / "absent.gguf"
-    with pytest.raises(RuntimeError, match="peer exited"):
-        LlamaPeer(python, missing, threads=1)
+    path = tmp_path / "tiny-f16.gguf"
+    write_gguf(TINY, path, "f16")
+    with pytest.raises(PeerError, match="tokens"):
+        LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"] + 1)
+
+
+class _RecordingPeer:
+    """Stands in for llama.cpp where it is not installed (CI), to check the bench's rounds: what it
+    is asked, and which of its answers become the figures. It answers set times."""
+
+    def __init__(self) -> None:
+        self.prefills: list[list[int]] = []
+        self.decodes: list[tuple[list[int], list[int]]] = []
+
+    def prefill(self, ids: list[int]) -> float:
+        self.prefills.append(ids)
+        return [9.0, 2.0, 3.0][len(self.prefills) - 1]  # the first (warm-up) is the slowest
+
+    def decode(self, ids: list[int], steps: list[int]) -> list[float]:
+        self.decodes.append((ids, steps))
+        return [5.0] + [0.5 + 0.1 * i for i in range(1, len(steps))]
+
+
+def test_bench_rounds_give_the_peer_the_same_tokens_and_keep_its_best() -> None:
+    model = HybridModel.from_config(TINY)
+    peer = _RecordingPeer()
+    r = bench_model(model, prefill=12, decode=4, repeat=2, peer=peer)  # type: ignore[arg-type]
+    assert len(peer.prefills) == 3 and all(ids == peer.prefills[0] and len(ids) == 12 for ids in peer.prefills)
+    assert r["llama_prefill_tok_s"] == pytest.approx(12 / 2.0)  # the warm-up's 9 s left out
+    assert len(peer.decodes) == 3
+    for ids, steps in peer.decodes:
+        assert ids == peer.prefills[0] and len(steps) == 4 and ids + steps == peer.decodes[0][0] + peer.decodes[0][1]
+    # the first step of the first round is warm-up, as for ours; the 5 s steps of later rounds count
+    assert r["llama_decode_tok_s"] == pytest.approx(1 / 0.6)
+    counted = [0.6, 0.7, 0.8] + [5.0, 0.6, 0.7, 0.8] * 2
+    assert r["llama_decode_median_ms"] == pytest.approx(1e3 * statistics.median(counted))

@@ -9,9 +9,11 @@ CPU is bound by streaming those weights from memory, so "decode step / matmuls a
 much is left to gain outside them. ``--rss`` also starts the real server on a checkpoint
 directory of that shape (written once, bf16 like Granite's) and reports its peak RSS after a
 completion. ``--sweep`` times the scan chunk sizes and the recurrent/scan threshold that the
-defaults in ``model.py`` were chosen from. llama.cpp's figures (llama-bench, 2 threads, measured
-on the 2-core AVX2 machine this was built on) are printed beside ours for reference only: they
-were not measured in this run. ``--device cuda`` builds the model on the GPU instead (timings
+defaults in ``model.py`` were chosen from. The llama.cpp figures the issue set (llama-bench, 2
+threads, on the 2-core AVX2 machine this was built on, another day) are printed beside ours; with
+``--llama-cpp DIR`` llama.cpp also runs in this bench, alternating with ours round by round on
+the same tokens, and each of our figures gets a ratio to its figure from the same rounds
+(``llama_baseline.py``). ``--device cuda`` builds the model on the GPU instead (timings
 synchronize the device; it says whether the Mamba layers ran mamba_ssm / causal_conv1d kernels or
 the torch ops, see ``cuda_kernels.py``; no llama.cpp comparison there).
 """
@@ -33,6 +35,7 @@ from ..kernels import PackedLinear
 from ..tokens import CONTROL_TOKENS
 from . import cuda_kernels
 from .config import HybridConfig
+from .llama_baseline import KIND_FOR, LlamaPeer, gguf_for, settle
 from .matmul import linear, matmul_threads, small_ops_single_threaded
 from .model import HybridModel
 from .ssm import ssm_chunked
@@ -143,6 +146,8 @@ def bench_model(
     # round is warm-up for both, and the minimum of the others is kept for each.
     ours_pf, peer_pf = [], []
     for r in range(repeat + 1):
+        if peer is not None:
+            settle()
         _sync()
         t0 = time.perf_counter()
         do_prefill()
@@ -168,6 +173,8 @@ def bench_model(
         for one_call, out in paths:
             model.fused_step = one_call
             state.restore(snap)
+            if peer is not None:
+                settle()
             for i in range(decode):
                 _sync()
                 t0 = time.perf_counter()
@@ -264,63 +271,6 @@ PRECISIONS = {
     "float16": (torch.float16, None),
     "int8": (torch.float32, "int8"),
 }
-# The GGUF weight kind llama.cpp is measured in beside each of our precisions (as in LLAMA_CPP).
-LLAMA_CPP_KIND = {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}
-
-
-class LlamaPeer:
-    """llama.cpp in a child process (``llama_peer.py``), timed in the same rounds as our runtime:
-    the ratios printed against it are then measured on the same machine at the same moment."""
-
-    def __init__(self, python: str, gguf: Path, threads: int) -> None:
-        import subprocess
-
-        script = Path(__file__).with_name("llama_peer.py")
-        cmd = [python, str(script), str(gguf), "--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        hello = self._read()
-        if not hello.get("ready"):
-            raise RuntimeError(f"llama.cpp peer did not start: {hello}")
-
-    def _read(self) -> dict:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")
-        return json.loads(line)
-
-    def _ask(self, req: dict) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        out = self._read()
-        if "error" in out:
-            raise RuntimeError(f"llama.cpp peer: {out['error']}")
-        return out
-
-    def prefill(self, ids: list[int]) -> float:
-        return float(self._ask({"op": "prefill", "tokens": ids})["s"])
-
-    def decode(self, ids: list[int], steps: list[int]) -> list[float]:
-        return [float(s) for s in self._ask({"op": "decode", "tokens": ids, "steps": steps})["s"]]
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-def llama_cpp_gguf(folder: Path, precision: str) -> Path:
-    """The GGUF that llama.cpp runs beside ``precision``, written into ``folder`` on first use."""
-    from .llama_gguf import write_gguf
-
-    kind = LLAMA_CPP_KIND[precision]
-    path = folder / f"granite-4.0-h-350m-random-{kind}.gguf"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"  writing {path} (llama.cpp's {kind.upper()} file of the same shape) ...", flush=True)
-        write_gguf(real_config(), path, kind)
-    return path
 
 
 # Granite's control tokens have the ids 100257.. in tokens.CONTROL_TOKENS' order (BOS = EOS).
@@ -451,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("int8 weights are CPU-only (packed kernels); on a GPU use --precisions bfloat16,float16,float32")
     if not on_cpu and args.llama_cpp:
         ap.error("--llama-cpp runs llama.cpp's CPU build; use it with --device cpu")
+    if args.llama_cpp_python != sys.executable and not args.llama_cpp:
+        ap.error("--llama-cpp-python is the interpreter for --llama-cpp DIR; give both")
     cfg = real_config()
     where = f"threads {torch.get_num_threads()}"
     if device.type == "cuda":
@@ -463,10 +415,14 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, float]] = {}
     for name in args.precisions.split(","):
         dtype, quantize = PRECISIONS[name]
+        # llama.cpp's file first: writing it holds its weights in memory, which the model's
+        # would otherwise join
+        gguf = gguf_for(args.llama_cpp, cfg, name) if args.llama_cpp else None
         model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
         peer = None
-        if args.llama_cpp:
-            peer = LlamaPeer(args.llama_cpp_python, llama_cpp_gguf(args.llama_cpp, name), args.threads)
+        if gguf is not None:
+            ctx = args.prefill + args.decode + 8
+            peer = LlamaPeer(args.llama_cpp_python, gguf, args.threads, ctx, model.config.vocab_size)
         try:
             r = bench_model(model, args.prefill, args.decode, args.repeat, peer)
         finally:
@@ -496,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
             )
             if peer is not None:
-                kind = LLAMA_CPP_KIND[name].upper()
+                kind = KIND_FOR[name].upper()
                 tg, pp = r["llama_decode_tok_s"], r["llama_prefill_tok_s"]
                 print(
                     f"  llama.cpp {kind} in the same rounds: decode {tg:6.2f} tok/s"

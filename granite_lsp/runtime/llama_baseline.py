@@ -1,0 +1,221 @@
+"""llama.cpp as the bench's baseline, timed in the same run: its model file and its process.
+
+The issue's llama.cpp figures were taken on another day, and this shared 2-core machine moves by
+10-30% from one minute to the next, more than some of the margins measured against them. So the
+bench (``--llama-cpp DIR``) also runs llama.cpp itself, in rounds alternating with ours, and prints
+each of our figures as a ratio to its figure from the same rounds.
+
+Two parts live here. ``write_gguf`` makes llama.cpp's model file of the bench's shape: llama.cpp's
+own converter needs a tokenizer it recognises (it hashes a tokenization to pick its
+pre-tokenizer), and the real one cannot be downloaded here; speed does not depend on weight values
+or on the vocabulary, so this writes the keys and tensors that llama.cpp's ``granitehybrid``
+loader reads (names, dimensions and per-tensor types as its converter writes them for Granite
+4.0-H, checked against a file that converter made) with random values and no vocabulary
+(``tokenizer.ggml.model = "none"``: token ids in, logits out). It needs the ``gguf`` package, ggml's
+own writer. ``LlamaPeer`` then drives ``llama_peer.py`` in a child process under an interpreter
+that has llama-cpp-python: llama.cpp wants its own venv, and its OpenMP runtime and torch's
+should not share a process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import HybridConfig
+
+# The GGUF weight kind llama.cpp runs in beside each of our precisions (as the issue pairs them).
+KIND_FOR = {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}
+# Bumped whenever write_gguf's output changes, so that files written by an older version in the
+# bench's folder are not reused.
+LAYOUT_VERSION = 2
+
+
+def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0) -> None:
+    """Write ``path`` (under a temporary name first: a half-written file must not pass for a model)."""
+    import gguf
+
+    if kind not in set(KIND_FOR.values()):
+        raise ValueError(f"kind must be one of {sorted(set(KIND_FOR.values()))}, got {kind!r}")
+    cfg = HybridConfig.from_dict(raw_config)
+    if cfg.num_local_experts or cfg.uses_rope or cfg.attention_bias or cfg.mamba_proj_bias:
+        raise ValueError("only the dense, NoPE, bias-free Granite-4.0-H shape is written")
+    qtype = {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[kind]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
+        kind, gguf.LlamaFileType.MOSTLY_Q8_0
+    )
+    rng = np.random.default_rng(seed)
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    H, N, G, K = cfg.mamba_n_heads, cfg.mamba_d_state, cfg.mamba_n_groups, cfg.mamba_d_conv
+    E, C, F = cfg.mamba_intermediate, cfg.mamba_conv_dim, cfg.shared_intermediate_size
+    nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    tmp = path.with_name(path.name + ".part")
+    w = gguf.GGUFWriter(str(tmp), "granitehybrid")
+    try:
+        w.add_name("granite-lsp bench, random weights")
+        w.add_file_type(int(file_type))
+        w.add_block_count(L)
+        w.add_context_length(cfg.raw.get("max_position_embeddings", 32768))
+        w.add_embedding_length(D)
+        w.add_feed_forward_length(F)
+        w.add_head_count(nq)
+        w.add_head_count_kv([nkv if k == "attention" else 0 for k in cfg.layer_kinds])
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_expert_count(0)
+        w.add_expert_used_count(0)
+        w.add_expert_shared_feed_forward_length(F)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(hd)
+        # llama.cpp's Granite loader reads this flag as "the attention uses RoPE" and defaults it
+        # to true: without it, every attention layer would rotate q and k, as Granite 4.0-H does not.
+        w.add_rope_scaling_finetuned(False)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
+        w.add_ssm_conv_kernel(K)
+        w.add_ssm_state_size(N)
+        w.add_ssm_group_count(G)
+        w.add_ssm_inner_size(E)
+        w.add_ssm_time_step_rank(H)
+        w.add_tokenizer_model("none")
+
+        def f32(name: str, a: np.ndarray) -> None:
+            w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+
+        def matrix(name: str, rows: int, cols: int) -> None:
+            a = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cfg.initializer_range)
+            if kind == "f32":
+                w.add_tensor(name, a)
+            elif kind == "f16":
+                w.add_tensor(name, a.astype(np.float16))
+            else:
+                w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+        ones = np.ones(D, dtype=np.float32)
+        matrix("token_embd.weight", cfg.vocab_size, D)  # tied: llama.cpp reuses it as the output
+        for i, k in enumerate(cfg.layer_kinds):
+            b = f"blk.{i}."
+            f32(b + "attn_norm.weight", ones)
+            if k == "mamba":
+                matrix(b + "ssm_in.weight", 2 * E + 2 * G * N + H, D)
+                f32(b + "ssm_conv1d.weight", rng.standard_normal((C, K), dtype=np.float32) * 0.2)
+                f32(b + "ssm_conv1d.bias", np.zeros(C))
+                f32(b + "ssm_dt.bias", rng.uniform(-4.0, -2.0, H))
+                f32(b + "ssm_a", -rng.uniform(1.0, 16.0, (H, 1)))  # A = -exp(A_log), as the converter stores it
+                f32(b + "ssm_d", np.ones((H, 1)))
+                f32(b + "ssm_norm.weight", np.ones((G, E // G)))
+                matrix(b + "ssm_out.weight", D, E)
+            else:
+                matrix(b + "attn_q.weight", nq * hd, D)
+                matrix(b + "attn_k.weight", nkv * hd, D)
+                matrix(b + "attn_v.weight", nkv * hd, D)
+                matrix(b + "attn_output.weight", D, nq * hd)
+            f32(b + "ffn_norm.weight", ones)
+            matrix(b + "ffn_gate.weight", F, D)
+            matrix(b + "ffn_up.weight", F, D)
+            matrix(b + "ffn_down.weight", D, F)
+        f32("output_norm.weight", ones)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
+def gguf_for(folder: Path, raw_config: dict[str, Any], precision: str) -> Path:
+    """The file llama.cpp runs beside ``precision``, written into ``folder`` on first use. Its name
+    carries a hash of the config and of the layout version: a file for another shape, or from an
+    older writer, is never taken for this one."""
+    kind = KIND_FOR[precision]
+    tag = hashlib.sha256(json.dumps([raw_config, LAYOUT_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    path = folder / f"granite-hybrid-random-{tag}-{kind}.gguf"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"  writing {path} (llama.cpp's {kind.upper()} file of the same shape) ...", flush=True)
+        write_gguf(raw_config, path, kind)
+    return path
+
+
+class PeerError(RuntimeError):
+    """The llama.cpp process failed, answered with an error or went away."""
+
+
+class LlamaPeer:
+    """llama.cpp in a child process (``llama_peer.py``) that times what it is asked to run."""
+
+    def __init__(self, python: str, gguf: Path, threads: int, ctx: int, vocab_size: int | None = None) -> None:
+        script = Path(__file__).with_name("llama_peer.py")
+        cmd = [python, str(script), str(gguf), "--threads", str(threads), "--ctx", str(ctx)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            hello = self._read()
+            if "error" in hello:
+                raise PeerError(f"llama.cpp could not load {gguf}: {hello['error']}")
+            if vocab_size is not None and hello.get("n_vocab") != vocab_size:
+                raise PeerError(f"llama.cpp sees {hello.get('n_vocab')} tokens in {gguf}, the model has {vocab_size}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def ask(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above") from None
+        out = self._read()
+        if "error" in out:
+            raise PeerError(f"llama.cpp peer: {out['error']}")
+        return out
+
+    def prefill(self, ids: list[int]) -> float:
+        """Seconds to evaluate ``ids`` from an empty context."""
+        settle()
+        return float(self.ask({"op": "prefill", "tokens": ids})["s"])
+
+    def decode(self, ids: list[int], steps: list[int]) -> list[float]:
+        """Seconds of each one-token step after ``ids`` (evaluated untimed first)."""
+        settle()
+        return [float(s) for s in self.ask({"op": "decode", "tokens": ids, "steps": steps})["s"]]
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def settle() -> None:
+    """A moment between one side's run and the other's: threads that just finished (OpenMP's, the
+    kernels' pool) poll for up to a millisecond or so before they sleep, and must not do it on the
+    cores the other side is being timed on."""
+    time.sleep(0.02)
