@@ -112,12 +112,19 @@ def _llama_cpp_python() -> str | None:
     return python if ok else None
 
 
-def test_peer_times_llama_cpp_on_the_written_file(tmp_path: Path) -> None:
+@pytest.fixture
+def llama_cpp(tmp_path: Path) -> tuple[str, Path]:
+    """An interpreter with llama-cpp-python, and the tiny model's F16 file (skips without one)."""
     python = _llama_cpp_python()
     if python is None:
         pytest.skip("no llama-cpp-python (set GRANITE_LSP_LLAMA_CPP_PYTHON to an interpreter that has it)")
     path = tmp_path / "tiny-f16.gguf"
     write_gguf(TINY, path, "f16")
+    return python, path
+
+
+def test_peer_times_llama_cpp_on_the_written_file(llama_cpp: tuple[str, Path]) -> None:
+    python, path = llama_cpp
     peer = LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"])
     try:
         assert peer.prefill(list(range(1, 40))) > 0
@@ -146,12 +153,8 @@ def test_peer_that_cannot_start_says_so(tmp_path: Path) -> None:
         LlamaPeer(python, tmp_path / "absent.gguf", threads=1, ctx=64)
 
 
-def test_peer_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
-    python = _llama_cpp_python()
-    if python is None:
-        pytest.skip("no llama-cpp-python (set GRANITE_LSP_LLAMA_CPP_PYTHON to an interpreter that has it)")
-    path = tmp_path / "tiny-f16.gguf"
-    write_gguf(TINY, path, "f16")
+def test_peer_with_another_vocabulary_is_refused(llama_cpp: tuple[str, Path]) -> None:
+    python, path = llama_cpp
     with pytest.raises(PeerError, match="tokens"):
         LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"] + 1)
 
