@@ -149,8 +149,15 @@ def test_peer_that_cannot_start_says_so(tmp_path: Path) -> None:
     # Without llama-cpp-python the child fails at its import, with it at the missing file: both
     # answer an error, which the bench raises (and the child is gone).
     python = _llama_cpp_python() or sys.executable
-    with pytest.raises(PeerError, match="could not load"):
+    with pytest.raises(PeerError, match="could not start"):
         LlamaPeer(python, tmp_path / "absent.gguf", threads=1, ctx=64)
+
+
+def test_peer_under_an_interpreter_without_llama_cpp_says_which(tmp_path: Path) -> None:
+    if subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+        pytest.skip("this interpreter has llama-cpp-python")
+    with pytest.raises(PeerError, match="cannot import llama_cpp"):
+        LlamaPeer(sys.executable, tmp_path / "any.gguf", threads=1, ctx=64)
 
 
 def test_peer_with_another_vocabulary_is_refused(llama_cpp: tuple[str, Path]) -> None:

@@ -39,7 +39,10 @@ LAYOUT_VERSION = 2
 
 def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0) -> None:
     """Write ``path`` (under a temporary name first: a half-written file must not pass for a model)."""
-    import gguf
+    try:
+        import gguf
+    except ImportError as e:
+        raise RuntimeError("writing llama.cpp's GGUF file needs the gguf package: pip install -e '.[bench]'") from e
 
     if kind not in set(KIND_FOR.values()):
         raise ValueError(f"kind must be one of {sorted(set(KIND_FOR.values()))}, got {kind!r}")
@@ -165,7 +168,7 @@ class LlamaPeer:
         try:
             hello = self._read()
             if "error" in hello:
-                raise PeerError(f"llama.cpp could not load {gguf}: {hello['error']}")
+                raise PeerError(f"llama.cpp peer could not start on {gguf}: {hello['error']}")
             if vocab_size is not None and hello.get("n_vocab") != vocab_size:
                 raise PeerError(f"llama.cpp sees {hello.get('n_vocab')} tokens in {gguf}, the model has {vocab_size}")
         except BaseException:

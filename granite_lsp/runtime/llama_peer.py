@@ -29,7 +29,10 @@ def main() -> None:
 
     try:
         from llama_cpp import Llama
-
+    except ImportError as e:
+        answer({"error": f"{sys.executable} cannot import llama_cpp (pip install llama-cpp-python there): {e}"})
+        return
+    try:
         # As llama-bench runs pp512 (tools/llama-bench, llama.cpp 0c1e570): the whole prompt in
         # one batch, and flash attention on its default "auto", which is on for the CPU.
         llm = Llama(
