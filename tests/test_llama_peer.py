@@ -22,8 +22,8 @@ from granite_lsp.runtime.config import HybridConfig
 
 gguf = pytest.importorskip("gguf")
 
-from granite_lsp.runtime.llama_baseline import LlamaPeer, PeerError, gguf_for, write_gguf  # noqa: E402
-from granite_lsp.runtime.microbench import bench_model  # noqa: E402
+from granite_lsp.runtime.llama_baseline import KINDS, LlamaPeer, PeerError, gguf_for, write_gguf  # noqa: E402
+from granite_lsp.runtime.microbench import LLAMA_CPP, PRECISIONS, bench_model  # noqa: E402
 from granite_lsp.runtime.model import HybridModel  # noqa: E402
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "model" / "tiny" / "config.json").read_text())
@@ -90,11 +90,18 @@ def test_gguf_has_the_layout_llama_cpp_loads(tmp_path: Path, kind: str) -> None:
 
 
 def test_gguf_file_names_carry_the_shape(tmp_path: Path) -> None:
-    a = gguf_for(tmp_path, TINY, "bfloat16")
-    assert gguf_for(tmp_path, TINY, "float16") == a  # fp16 and bf16 both run beside llama.cpp's F16
-    b = gguf_for(tmp_path, {**TINY, "num_hidden_layers": 5, "layer_types": TINY["layer_types"][:5]}, "bfloat16")
+    a = gguf_for(tmp_path, TINY, "f16")
+    written = a.stat().st_mtime_ns
+    assert gguf_for(tmp_path, TINY, "f16") == a and a.stat().st_mtime_ns == written  # found, not rewritten
+    b = gguf_for(tmp_path, {**TINY, "num_hidden_layers": 5, "layer_types": TINY["layer_types"][:5]}, "f16")
     assert a != b and a.is_file() and b.is_file()
-    assert gguf_for(tmp_path, TINY, "int8").name.endswith("-q8_0.gguf")
+    assert gguf_for(tmp_path, TINY, "q8_0").name.endswith("-q8_0.gguf")
+
+
+def test_each_precision_runs_beside_a_kind_that_is_written() -> None:
+    kinds = {name: LLAMA_CPP[name][0].lower() for name in PRECISIONS}
+    assert kinds == {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}
+    assert set(kinds.values()) == set(KINDS)
 
 
 def test_gguf_refuses_what_it_cannot_write(tmp_path: Path) -> None:

@@ -30,8 +30,9 @@ import numpy as np
 
 from .config import HybridConfig
 
-# The GGUF weight kind llama.cpp runs in beside each of our precisions (as the issue pairs them).
-KIND_FOR = {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}
+# The GGUF weight kinds written (llama-bench's names, lower-cased: the bench's LLAMA_CPP table
+# says which one runs beside each of our precisions).
+KINDS = ("f32", "f16", "q8_0")
 # Bumped whenever write_gguf's output changes, so that files written by an older version in the
 # bench's folder are not reused.
 LAYOUT_VERSION = 2
@@ -44,19 +45,15 @@ def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0)
     except ImportError as e:
         raise RuntimeError("writing llama.cpp's GGUF file needs the gguf package: pip install -e '.[bench]'") from e
 
-    if kind not in set(KIND_FOR.values()):
-        raise ValueError(f"kind must be one of {sorted(set(KIND_FOR.values()))}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     cfg = HybridConfig.from_dict(raw_config)
     if cfg.num_local_experts or cfg.uses_rope or cfg.attention_bias or cfg.mamba_proj_bias:
         raise ValueError("only the dense, NoPE, bias-free Granite-4.0-H shape is written")
-    qtype = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[kind]
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
-        kind, gguf.LlamaFileType.MOSTLY_Q8_0
-    )
+    T, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    qtype, file_type = {"f32": (T.F32, FT.ALL_F32), "f16": (T.F16, FT.MOSTLY_F16), "q8_0": (T.Q8_0, FT.MOSTLY_Q8_0)}[
+        kind
+    ]
     rng = np.random.default_rng(seed)
     D, L = cfg.hidden_size, cfg.num_hidden_layers
     H, N, G, K = cfg.mamba_n_heads, cfg.mamba_d_state, cfg.mamba_n_groups, cfg.mamba_d_conv
@@ -98,12 +95,7 @@ def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0)
 
         def matrix(name: str, rows: int, cols: int) -> None:
             a = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cfg.initializer_range)
-            if kind == "f32":
-                w.add_tensor(name, a)
-            elif kind == "f16":
-                w.add_tensor(name, a.astype(np.float16))
-            else:
-                w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)  # F32/F16: a plain cast
 
         ones = np.ones(D, dtype=np.float32)
         matrix("token_embd.weight", cfg.vocab_size, D)  # tied: llama.cpp reuses it as the output
@@ -140,11 +132,10 @@ def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0)
     tmp.replace(path)
 
 
-def gguf_for(folder: Path, raw_config: dict[str, Any], precision: str) -> Path:
-    """The file llama.cpp runs beside ``precision``, written into ``folder`` on first use. Its name
-    carries a hash of the config and of the layout version: a file for another shape, or from an
-    older writer, is never taken for this one."""
-    kind = KIND_FOR[precision]
+def gguf_for(folder: Path, raw_config: dict[str, Any], kind: str) -> Path:
+    """The file of weight kind ``kind``, written into ``folder`` on first use. Its name carries a
+    hash of the config and of the layout version: a file for another shape, or from an older
+    writer, is never taken for this one."""
     tag = hashlib.sha256(json.dumps([raw_config, LAYOUT_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = folder / f"granite-hybrid-random-{tag}-{kind}.gguf"
     if not path.is_file():
@@ -179,8 +170,11 @@ class LlamaPeer:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")
+            raise self._gone()
         return json.loads(line)
+
+    def _gone(self) -> PeerError:
+        return PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")
 
     def ask(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -188,7 +182,7 @@ class LlamaPeer:
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
-            raise PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above") from None
+            raise self._gone() from None
         out = self._read()
         if "error" in out:
             raise PeerError(f"llama.cpp peer: {out['error']}")

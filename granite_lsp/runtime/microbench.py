@@ -35,7 +35,7 @@ from ..kernels import PackedLinear
 from ..tokens import CONTROL_TOKENS
 from . import cuda_kernels
 from .config import HybridConfig
-from .llama_baseline import KIND_FOR, LlamaPeer, gguf_for, settle
+from .llama_baseline import LlamaPeer, gguf_for, settle
 from .matmul import linear, matmul_threads, small_ops_single_threaded
 from .model import HybridModel
 from .ssm import ssm_chunked
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype, quantize = PRECISIONS[name]
         # llama.cpp's file first: writing it holds its weights in memory, which the model's
         # would otherwise join
-        gguf = gguf_for(args.llama_cpp, cfg, name) if args.llama_cpp else None
+        gguf = gguf_for(args.llama_cpp, cfg, LLAMA_CPP[name][0].lower()) if args.llama_cpp else None
         model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
         peer = None
         if gguf is not None:
@@ -452,10 +452,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
             )
             if peer is not None:
-                kind = KIND_FOR[name].upper()
                 tg, pp = r["llama_decode_tok_s"], r["llama_prefill_tok_s"]
                 print(
-                    f"  llama.cpp {kind} in the same rounds: decode {tg:6.2f} tok/s"
+                    f"  llama.cpp {ref_name} in the same rounds: decode {tg:6.2f} tok/s"
                     f" (median {r['llama_decode_median_ms']:.1f} ms/step): ours x{r['decode_tok_s'] / tg:.2f};"
                     f"  prefill {pp:6.1f} tok/s: ours x{r['prefill_tok_s'] / pp:.2f}"
                 )
