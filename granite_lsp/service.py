@@ -140,7 +140,7 @@ class CompletionService:
         self.loaded = loaded
         self.settings = settings
         if loaded.reference is not None:
-            from .hf_backend import TransformersCache
+            from .bench.reference import TransformersCache
 
             self.cache = TransformersCache(loaded.reference)
         else:

@@ -1,4 +1,4 @@
-"""The bench's llama.cpp baseline (runtime/llama_baseline.py): the GGUF file it writes, the peer
+"""The bench's llama.cpp baseline (granite_lsp/bench/llama_baseline.py): the GGUF file it writes, the peer
 process that times it, and the bench's rounds around it.
 
 The layout expected here is what llama.cpp's own converter writes for Granite-4.0-H
@@ -22,8 +22,8 @@ from granite_lsp.runtime.config import HybridConfig
 
 gguf = pytest.importorskip("gguf")
 
-from granite_lsp.runtime.llama_baseline import KINDS, LlamaPeer, PeerError, gguf_for, write_gguf  # noqa: E402
-from granite_lsp.runtime.microbench import LLAMA_CPP, PRECISIONS, bench_model  # noqa: E402
+from granite_lsp.bench.llama_baseline import KINDS, LlamaPeer, PeerError, gguf_for, write_gguf  # noqa: E402
+from granite_lsp.bench.microbench import LLAMA_CPP, PRECISIONS, bench_model  # noqa: E402
 from granite_lsp.runtime.model import HybridModel  # noqa: E402
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "model" / "tiny" / "config.json").read_text())

@@ -765,7 +765,7 @@ def _real_config_from_facts() -> dict:
 def test_kernels_bench_runs_on_the_tiny_model():
     """`granite-lsp bench --kernels` machinery end to end on a small model: every figure is there
     and finite, and the layer-by-layer steps it compares with leave the model as it was."""
-    from granite_lsp.runtime import microbench
+    from granite_lsp.bench import microbench
 
     hf = _hf_model(TINY_CONFIG)
     model = _ours(hf, TINY_CONFIG, packed=kernels.available())

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
 MODES = ("reuse", "no-reuse", "transformers")
 METRICS = ("prompt_tokens", "processed_tokens", "reused_tokens", "prefill_ms", "decode_ms", "total_ms")
@@ -292,14 +292,8 @@ def report(results: dict[str, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--kernels" in argv:
-        # Runtime speed per precision (decode / prefill tokens/s, matmuls alone, server RSS).
-        from .runtime import microbench
-
-        microbench.main([a for a in argv if a != "--kernels"])
-        return 0
     p = argparse.ArgumentParser(prog="granite-lsp bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", action="store_true", help="runtime speed per precision (runtime/microbench.py)")
+    p.add_argument("--kernels", action="store_true", help="runtime speed per precision (bench/microbench.py)")
     p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
     p.add_argument("--model", default=str(REPO / "model" / "tiny"), help="model (and tokenizer) directory")
     p.add_argument("--random-weights", default="", help="config dir/file of a model to build with random weights")

@@ -1,6 +1,6 @@
 """One decode token's matmuls on the real Granite-4.0-H-350M shapes: torch vs the AVX2 kernels.
 
-Run ``python -m granite_lsp.kernels.bench [--threads 2] [--rows 1] [--reps 9]``. Weight values do
+Run ``python -m granite_lsp.bench.matmuls [--threads 2] [--rows 1] [--reps 9]``. Weight values do
 not matter for speed, so weights are random. For fp32, bf16 and int8 it times every linear layer
 of one token (lm_head included) with torch (``F.linear``; int8: torch's weight-only
 ``_weight_int8pack_mm``) and with ``PackedLinear``, alternating the two within each repetition so
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import PackedLinear, available, build_error, read_probe
+from ..kernels import PackedLinear, available, build_error, read_probe
 
 HIDDEN, VOCAB, MLP = 768, 100352, 2048
 MAMBA_INNER, MAMBA_STATE, MAMBA_HEADS = 2 * HIDDEN, 128, 48  # expand 2, d_state 128, 1 group

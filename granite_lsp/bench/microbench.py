@@ -1,6 +1,6 @@
 """Speed of the runtime on the real Granite-4.0-H-350M shape with random weights, per precision.
 
-Run ``granite-lsp bench --kernels`` (or ``python -m granite_lsp.runtime.microbench``). Speed does
+Run ``granite-lsp bench --kernels`` (or ``python -m granite_lsp.bench.microbench``). Speed does
 not depend on weight values, so no checkpoint is needed. For each precision it prints decode and
 prefill tokens/s and, measured in the same run, the model's matmuls alone (lm_head included):
 through our kernels on the same packed weights, and through torch's own kernels on weights of
@@ -15,7 +15,7 @@ threads, on the 2-core AVX2 machine this was built on, another day) are printed 
 the same tokens, and each of our figures gets a ratio to its figure from the same rounds
 (``llama_baseline.py``). ``--device cuda`` builds the model on the GPU instead (timings
 synchronize the device; it says whether the Mamba layers ran mamba_ssm / causal_conv1d kernels or
-the torch ops, see ``cuda_kernels.py``; no llama.cpp comparison there).
+the torch ops, see ``runtime/cuda_kernels.py``; no llama.cpp comparison there).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import PackedLinear
+from ..runtime import cuda_kernels
+from ..runtime.config import HybridConfig
+from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
+from ..runtime.model import HybridModel
+from ..runtime.ssm import ssm_chunked
 from ..tokens import CONTROL_TOKENS
-from . import cuda_kernels
-from .config import HybridConfig
 from .llama_baseline import LlamaPeer, gguf_for, settle
-from .matmul import linear, matmul_threads, small_ops_single_threaded
-from .model import HybridModel
-from .ssm import ssm_chunked
 
 REAL_CONFIG = Path(__file__).resolve().parents[2] / "model" / "granite-4.0-h-350m" / "config.json"
 _ATTN = {10, 13, 17, 27}
@@ -326,8 +326,8 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
 
     from safetensors.torch import save_file
 
-    from ..bench import _Server
-    from .weights import random_state_dict
+    from ..runtime.weights import random_state_dict
+    from .trace import _Server
 
     ckpt = workdir / "granite-4.0-h-350m-random"
     if not (ckpt / "model.safetensors").is_file():

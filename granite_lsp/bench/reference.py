@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .state_cache import CacheStats, PrefillResult
+from ..state_cache import CacheStats, PrefillResult
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import HybridConfig
+from ..runtime.config import HybridConfig
 
 # The GGUF weight kinds written (llama-bench's names, lower-cased: the bench's LLAMA_CPP table
 # says which one runs beside each of our precisions).

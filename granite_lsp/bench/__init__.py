@@ -1,0 +1,25 @@
+"""``granite-lsp bench``: the benchmarks, kept apart from the product (nothing that serves imports them).
+
+- ``trace``: replay an editing trace through the real server over stdio (``granite-lsp bench [TRACE]``).
+- ``microbench``: runtime speed per precision on the real shape (``granite-lsp bench --kernels``).
+- ``matmuls``: one decode token's matmuls, torch vs our kernels (``python -m granite_lsp.bench.matmuls``).
+- ``llama_baseline`` / ``llama_peer``: llama.cpp timed in the same rounds (``--kernels --llama-cpp DIR``).
+- ``reference``: transformers' model as a generation backend, the trace replay's baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--kernels" in argv:
+        # Runtime speed per precision (decode / prefill tokens/s, matmuls alone, server RSS).
+        from . import microbench
+
+        microbench.main([a for a in argv if a != "--kernels"])
+        return 0
+    from .trace import main as trace_main
+
+    return trace_main(argv)
