@@ -77,6 +77,10 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     report(f"Locating {settings.model}", 0)
     path = resolve_model_dir(settings.model, allow_download=settings.download)
     device = pick_device(settings.device)
+    if device == "cpu":  # the one-time compile is announced in the editor's progress
+        from . import kernels
+
+        kernels.load(lambda message: report(message, 5))
     dtype = pick_dtype(settings.dtype, device, HybridConfig.load(settings.random_weights or path).raw)
     quantize = None if settings.quantize == "none" else settings.quantize
     if quantize and device != "cpu":

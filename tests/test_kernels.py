@@ -24,6 +24,12 @@ MODES = ["fp32", "bf16", "fp16", "int8"]
 needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"extension unavailable: {kernels.build_error()}")
 
 
+def _ops() -> kernels.CpuKernels:
+    ops = kernels.load()
+    assert ops is not None, kernels.build_error()
+    return ops
+
+
 def test_extension_builds_where_required() -> None:
     """CI sets GRANITE_LSP_REQUIRE_KERNELS=1 so that a broken build fails instead of skipping."""
     if os.environ.get("GRANITE_LSP_REQUIRE_KERNELS") != "1":
@@ -78,10 +84,10 @@ def test_torch_fallback_matches_reference(mode: str, k: int, n: int) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_fallback_when_extension_unavailable(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fallback_when_extension_unavailable(mode: str) -> None:
     layer, _, _ = _layer(mode, 50, 96, bias=True)
     x = torch.randn(3, 96)
-    monkeypatch.setattr(kernels, "_load", lambda: None)
+    layer.kernels = None  # what a model built without the extension hands its matrices
     _check(layer(x), _reference(layer, x), 96)
 
 
@@ -157,7 +163,7 @@ def test_int8_quantization() -> None:
 def test_int8_quantization_in_blocks_is_the_per_row_formula() -> None:
     """Quantized a block of rows at a time in one reused buffer (the loader's memory), with a short
     last block and bf16 input: exactly round(w / s), s = max |row| / 127, as one whole-matrix step."""
-    from granite_lsp.kernels import _FALLBACK_BLOCK_BYTES
+    from granite_lsp.kernels.packed import _FALLBACK_BLOCK_BYTES
 
     k = 512
     rows = 2 * (_FALLBACK_BLOCK_BYTES // (4 * k)) + 7
@@ -193,7 +199,7 @@ def test_bad_arguments() -> None:
 def test_rms_norm_matches_torch(shape: tuple[int, int], threads: int) -> None:
     x, w = torch.randn(*shape) * 3, torch.randn(shape[-1])
     want = torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5)
-    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5, threads), want)
+    torch.testing.assert_close(_ops().rms_norm(x, w, 1e-5, threads), want)
 
 
 @needs_ext
@@ -202,12 +208,12 @@ def test_add_rms_norm_and_swiglu_match_torch(rows: int) -> None:
     x, h, w = torch.randn(rows, 64), torch.randn(rows, 64), torch.randn(64)
     want_x = x + 0.25 * h
     want = torch.nn.functional.rms_norm(want_x, (64,), w, 1e-5)
-    got = kernels.add_rms_norm(x, h, 0.25, w, 1e-5, threads=2)
+    got = _ops().add_rms_norm(x, h, 0.25, w, 1e-5, threads=2)
     torch.testing.assert_close(x, want_x)  # updated in place
     torch.testing.assert_close(got, want)
     gu = torch.randn(rows, 42) * 6  # 21 wide: the vector loop and its scalar tail; SiLU far into both tails
     want_act = torch.nn.functional.silu(gu[:, :21]) * gu[:, 21:]
-    torch.testing.assert_close(kernels.swiglu(gu, threads=2), want_act)
+    torch.testing.assert_close(_ops().swiglu(gu, threads=2), want_act)
 
 
 @needs_ext
@@ -219,7 +225,7 @@ def test_attention_decode_matches_softmax_attention(hd: int, length: int) -> Non
     q = torch.randn(nkv * per * hd, generator=g)
     k = torch.randn(nkv, cap, hd, generator=g)
     v = torch.randn(nkv, cap, hd, generator=g)
-    out = kernels.attention_decode(q, k, v, length, 0.125, threads=2)
+    out = _ops().attention_decode(q, k, v, length, 0.125, threads=2)
     qh = q.double().view(nkv, per, hd)
     scores = qh @ k[:, :length].double().transpose(1, 2) * 0.125
     ref = (scores.softmax(-1) @ v[:, :length].double()).reshape(1, -1)
@@ -232,11 +238,11 @@ def test_vectorized_silu_over_the_whole_float_range() -> None:
     edges = [-88.7, -88.5, -88.0, -87.5, -87.2, -87.0, 87.0, 88.0, 88.5, 88.7]  # around exp's clamps
     gate = torch.tensor([-1e30, -100.0, -20.0, -1e-3, 0.0, 1e-3, 3.0, 20.0, 100.0, 1e30, *edges] * 2)
     gu = torch.cat([gate, torch.ones_like(gate)]).unsqueeze(0)
-    got = kernels.swiglu(gu, threads=1)
+    got = _ops().swiglu(gu, threads=1)
     want = torch.nn.functional.silu(gate.double()).float().unsqueeze(0)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-30)
-    nan = kernels.swiglu(torch.tensor([[float("nan")] * 9 + [1.0] * 9]), threads=1)
+    nan = _ops().swiglu(torch.tensor([[float("nan")] * 9 + [1.0] * 9]), threads=1)
     assert torch.isnan(nan).all()
 
 
@@ -245,7 +251,7 @@ def test_attention_decode_propagates_nan() -> None:
     """A NaN in a key must not be softmaxed away (torch gives NaN; so must the kernel)."""
     q, k, v = torch.randn(4 * 16), torch.randn(2, 20, 16), torch.randn(2, 20, 16)
     k[0, 3, 5] = float("nan")  # in the vectorized part of the scores (the first 16 positions)
-    out = kernels.attention_decode(q, k, v, 20, 0.25, threads=1).view(4, 16)
+    out = _ops().attention_decode(q, k, v, 20, 0.25, threads=1).view(4, 16)
     assert torch.isnan(out[:2]).all() and torch.isfinite(out[2:]).all()
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import kernels
+from ..kernels import MAMBA_MAX_HEAD_DIM, CpuKernels
 from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import big_op_threads, linear, matmul_threads
@@ -21,29 +21,30 @@ from .ssm import ssm_chunked, ssm_recurrent
 
 
 def _fused(x: Tensor, *others: Tensor) -> bool:
-    """Whether the fused CPU kernels take this input: contiguous fp32 CPU tensors. The kernel
-    wrappers still answer None when the extension is missing."""
+    """Whether the fused CPU kernels take this input: contiguous fp32 CPU tensors (whether there
+    are kernels at all was decided when the model was built: the ``kernels`` arguments)."""
     return x.device.type == "cpu" and all(t.dtype == torch.float32 and t.is_contiguous() for t in (x, *others))
 
 
-def add_rms_norm(x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(
+    x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float, kernels: CpuKernels | None
+) -> tuple[Tensor, Tensor]:
     """The residual update ``x + alpha * h`` and its RMSNorm (fused in place on CPU fp32)."""
-    if _fused(x, h, weight):
-        out = kernels.add_rms_norm(x, h, alpha, weight, eps, matmul_threads())
-        if out is not None:
-            return x, out
+    if kernels is not None and _fused(x, h, weight):
+        return x, kernels.add_rms_norm(x, h, alpha, weight, eps, matmul_threads())
     x = torch.add(x, h, alpha=alpha)
-    return x, rms_norm(x, weight, eps)
+    return x, rms_norm(x, weight, eps, kernels)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, kernels: CpuKernels | None) -> Tensor:
     """HF's RMSNorm: normalise in float32, cast back, then scale (in the model dtype).
 
     In float32 torch's fused kernel gave bit-identical results in our checks, in one op not eight;
     for bf16 it would round differently from HF (scale before the cast), so spell it out."""
     if x.dtype == torch.float32:
-        out = kernels.rms_norm(x, weight, eps, matmul_threads()) if _fused(x, weight) else None
-        return out if out is not None else F.rms_norm(x, weight.shape, weight, eps)
+        if kernels is not None and _fused(x, weight):
+            return kernels.rms_norm(x, weight, eps, matmul_threads())
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -52,16 +53,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 class MLP:
     """Dense SwiGLU ("shared_mlp"): gate and up share one fused input matrix [2I, D]."""
 
-    def __init__(self, input_linear: Tensor, output_linear: Tensor) -> None:
+    def __init__(self, input_linear: Tensor, output_linear: Tensor, kernels: CpuKernels | None) -> None:
         self.w_in = input_linear
         self.w_out = output_linear
         self.inner = output_linear.shape[1]
+        self.kernels = kernels
 
     def forward(self, h: Tensor) -> Tensor:
         gu = linear(h, self.w_in)
-        act = kernels.swiglu(gu, matmul_threads()) if _fused(gu) else None
-        if act is not None:
-            return linear(act, self.w_out)
+        if self.kernels is not None and _fused(gu):
+            return linear(self.kernels.swiglu(gu, matmul_threads()), self.w_out)
         gate, up = gu[:, : self.inner], gu[:, self.inner :]
         return linear(F.silu(gate) * up, self.w_out)
 
@@ -70,13 +71,23 @@ class Attention:
     """Causal GQA self-attention appending into a preallocated KV buffer; no RoPE ("nope")
     unless the config asks for it."""
 
-    def __init__(self, cfg: HybridConfig, wqkv: Tensor, bqkv: Tensor | None, wo: Tensor, bo: Tensor | None):
+    def __init__(
+        self,
+        cfg: HybridConfig,
+        wqkv: Tensor,
+        bqkv: Tensor | None,
+        wo: Tensor,
+        bo: Tensor | None,
+        kernels: CpuKernels | None,
+    ) -> None:
         self.n_q = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.hd = cfg.head_dim
         self.scale = cfg.attention_multiplier
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
-        self.fused = True  # one-token steps through kernels.attention_decode (False: torch ops)
+        self.kernels = kernels
+        # One-token steps through CpuKernels.attention_decode when there are kernels (False: torch ops).
+        self.fused = kernels is not None
 
     def forward(
         self,
@@ -99,10 +110,9 @@ class Attention:
         end = pos + T
         kbuf[:, pos:end] = k
         vbuf[:, pos:end] = v
-        if T == 1 and self.fused and rope is None and _fused(qkv, kbuf, vbuf):
-            out = kernels.attention_decode(qkv[0, : nq * hd], kbuf, vbuf, end, self.scale, matmul_threads())
-            if out is not None:
-                return linear(out, self.wo, self.bo)
+        if T == 1 and self.fused and self.kernels is not None and rope is None and _fused(qkv, kbuf, vbuf):
+            out = self.kernels.attention_decode(qkv[0, : nq * hd], kbuf, vbuf, end, self.scale, matmul_threads())
+            return linear(out, self.wo, self.bo)
         keys, values = kbuf[:, :end], vbuf[:, :end]
         if T == 1:
             out = _decode_attention(q, keys, values, self.scale)
@@ -172,6 +182,7 @@ class MambaMixer:
         norm_weight: Tensor,
         out_proj: Tensor,
         out_bias: Tensor | None,
+        kernels: CpuKernels | None,
     ) -> None:
         self.inner = cfg.mamba_intermediate
         self.H = cfg.mamba_n_heads
@@ -194,9 +205,10 @@ class MambaMixer:
         self.norm_w = norm_weight
         self.norm_w32 = norm_weight.float()
         self.w_out, self.b_out = out_proj, out_bias
-        # Through the fused CPU kernel (kernels.mamba_mixer) when available; False forces the
-        # torch ops below (tests compare the two).
-        self.fused = self.P <= kernels.MAMBA_MAX_HEAD_DIM
+        # Through the fused CPU kernel (CpuKernels.mamba_mixer) when there are kernels; False forces
+        # the torch ops below (tests compare the two).
+        self.kernels = kernels
+        self.fused = kernels is not None and self.P <= MAMBA_MAX_HEAD_DIM
         # On CUDA, the conv and the scan through causal_conv1d / mamba_ssm when installed
         # (cuda_kernels.py); False forces the torch ops there too. The chunk length of that scan.
         self.cuda_kernels = True
@@ -215,13 +227,12 @@ class MambaMixer:
         T = h.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         zxbcdt = linear(h, self.w_in, self.b_in)
-        if self.fused and _fused(zxbcdt, conv_state, ssm_state):
-            y1 = kernels.mamba_mixer(
+        if self.fused and self.kernels is not None and _fused(zxbcdt, conv_state, ssm_state):
+            y1 = self.kernels.mamba_mixer(
                 zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
             )  # fmt: skip
-            if y1 is not None:
-                return linear(y1 if out_rows is None else y1[out_rows], self.w_out, self.b_out)
+            return linear(y1 if out_rows is None else y1[out_rows], self.w_out, self.b_out)
         z = zxbcdt[:, :E]
         # CUDA kernels when installed (same layouts, same float32 math, same final states); each
         # answers None when it cannot run here and the torch ops below take over.

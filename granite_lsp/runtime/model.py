@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import failpoints, kernels, memory
-from ..kernels import PackedLinear
-from ..kernels import available as kernels_available
+from ..kernels import CpuKernels, PackedLinear
 from .config import HybridConfig
 from .layers import MLP, Attention, MambaMixer, add_rms_norm, rms_norm, rope_tables
 from .matmul import linear, matmul_threads, small_ops_single_threaded
@@ -74,8 +73,10 @@ class HybridModel:
         recurrent_max: int = DEFAULT_RECURRENT_MAX,
         single_thread_small_ops: bool = DEFAULT_SINGLE_THREAD_SMALL_OPS,
         prefill_piece: int = DEFAULT_PREFILL_PIECE,
+        cpu_kernels: CpuKernels | None = None,
     ) -> None:
         self.config = config
+        self.kernels = cpu_kernels  # decided when the weights were converted (kernels.load())
         self.embed = embed
         self.blocks = blocks
         self.final_norm = final_norm
@@ -119,8 +120,9 @@ class HybridModel:
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         int8 = quantize == "int8"
         on_cpu = torch.device(device).type == "cpu"
+        cpu_kernels = kernels.load() if on_cpu else None  # the one decision: the layers get it
         if packed is None:
-            packed = on_cpu and (int8 or kernels_available())
+            packed = on_cpu and (int8 or cpu_kernels is not None)
         if int8 and not packed:
             raise ValueError("int8 weights are always packed (PackedLinear); packed=False cannot hold them")
         if (packed or int8) and not on_cpu:
@@ -140,7 +142,7 @@ class HybridModel:
         def lin(w: Tensor, b: Tensor | None) -> tuple[Tensor | PackedLinear, Tensor | None]:
             if not packed:
                 return w, b
-            return PackedLinear.from_weight(w, b, mode="int8" if int8 else "same"), None
+            return PackedLinear.from_weight(w, b, mode="int8" if int8 else "same", kernels=cpu_kernels), None
 
         # The embedding first: int8 quantizes it from a whole stored copy (154 MB in bf16), which
         # loaded last, on top of every other weight, made the load the server's memory peak.
@@ -172,6 +174,7 @@ class HybridModel:
                     norm_weight=get_c(m + "norm.weight"),
                     out_proj=w_out,
                     out_bias=b_out,
+                    kernels=cpu_kernels,
                 )
                 slot = sum(1 for b in blocks if b.kind == "mamba")
             else:
@@ -181,11 +184,12 @@ class HybridModel:
                 bqkv = torch.cat([get_c(a + n + "_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
                 wqkv_, bqkv_ = lin(wqkv, bqkv)
                 wo, bo = lin(get_w(a + "o_proj.weight"), opt(a + "o_proj.bias"))
-                mixer = Attention(cfg, wqkv_, bqkv_, wo, bo)
+                mixer = Attention(cfg, wqkv_, bqkv_, wo, bo, cpu_kernels)
                 slot = sum(1 for b in blocks if b.kind == "attention")
             mlp = MLP(
                 lin(get_w(p + "shared_mlp.input_linear.weight"), None)[0],
                 lin(get_w(p + "shared_mlp.output_linear.weight"), None)[0],
+                cpu_kernels,
             )
             blocks.append(
                 _Block(
@@ -202,7 +206,7 @@ class HybridModel:
                 # copies: trimmed a layer at a time, the heap never grows by more than one layer's.
                 memory.release()
         final_norm = get_c("model.norm.weight")
-        return cls(cfg, embed, blocks, final_norm, lm_head, **kwargs)
+        return cls(cfg, embed, blocks, final_norm, lm_head, cpu_kernels=cpu_kernels, **kwargs)
 
     @classmethod
     def from_config(
@@ -343,14 +347,16 @@ class HybridModel:
             x = x * cfg.embedding_multiplier
         x = x.contiguous()
         if T == 1 and self._one_call_step_applies():
-            x = kernels.decode_layers(
+            assert self.kernels is not None
+            x = self.kernels.decode_layers(
                 x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads()
             )
             state.pos = state.kv.length = pos + 1
             return self.lm_head_logits(x if all_logits else x[-1])
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
-        h = rms_norm(x, self.blocks[0].ln_in, eps) if self.blocks else x
+        k = self.kernels
+        h = rms_norm(x, self.blocks[0].ln_in, eps, k) if self.blocks else x
         half = len(self.blocks) // 2
         for i, blk in enumerate(self.blocks):
             if i == half and failpoints.fire("forward-midway"):
@@ -367,11 +373,11 @@ class HybridModel:
                 h = blk.mixer.forward(h, state.kv.k[blk.slot], state.kv.v[blk.slot], pos, rope, rows)
             if rows is not None:
                 x = x[rows]
-            x, h = add_rms_norm(x, h, rm, blk.ln_post, eps)
+            x, h = add_rms_norm(x, h, rm, blk.ln_post, eps, k)
             h = blk.mlp.forward(h)
             # the next block's input norm (or the final norm, applied in lm_head_logits)
             if i + 1 < len(self.blocks):
-                x, h = add_rms_norm(x, h, rm, self.blocks[i + 1].ln_in, eps)
+                x, h = add_rms_norm(x, h, rm, self.blocks[i + 1].ln_in, eps, k)
             else:
                 x = torch.add(x, h, alpha=rm)
         state.pos = pos + T
@@ -385,7 +391,7 @@ class HybridModel:
             self.fused_step
             and self.packed
             and not self.config.uses_rope
-            and kernels_available()
+            and self.kernels is not None
             and all(blk.mixer.fused for blk in self.blocks)
             and not failpoints.armed("forward-midway")
         )
@@ -420,7 +426,7 @@ class HybridModel:
 
     def lm_head_logits(self, hidden: Tensor) -> Tensor:
         """Final norm + (tied) lm_head + 1/logits_scaling, in float32, for the given rows only."""
-        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps, self.kernels)
         logits = linear(h, self.lm_head).float()
         if self.config.logits_scaling != 1.0:
             logits.div_(self.config.logits_scaling)  # a fresh tensor either way

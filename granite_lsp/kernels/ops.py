@@ -1,0 +1,163 @@
+"""The kernels as Python sees them: ``load()`` decides once per process whether they are here, and
+``CpuKernels`` is their typed interface (one method per op in ops.cpp).
+
+The model asks ``load()`` once, when it is built, and hands the answer (a ``CpuKernels`` or None)
+to its layers and matrices: the call sites hold the decision instead of re-making it per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import build
+
+log = logging.getLogger(__name__)
+
+# Up to this many rows of x the streaming kernels run (each row's result bit-identical alone or in
+# a batch), above it the blocked GEMM, which wins from ~16-24 rows (bf16 768x3376: 8 rows 0.78 vs
+# 1.19 ms, 24 rows 2.45 vs 2.29, 64 rows 7.29 vs 4.76). On the model's 512-row shapes it ran at
+# 0.8-1.3x MKL's fp32 sgemm (noisy machine) and 1.1-2.3x MKL on widened bf16/fp16/int8 copies.
+GEMV_MAX_ROWS = 16
+# Largest Mamba head dim CpuKernels.mamba_mixer takes (mamba.cpp's per-head scratch, kMaxHeadDim).
+MAMBA_MAX_HEAD_DIM = 256
+
+
+class CpuKernels:
+    """The compiled ops; every method takes ``threads`` (the kernels' own pool, not torch's)."""
+
+    def __init__(self, ops: Any) -> None:
+        self._ops = ops
+
+    def linear(self, x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None, threads: int) -> Tensor:
+        """``x @ w^T (+ bias)`` for x [T, K] fp32: streaming kernels up to GEMV_MAX_ROWS rows, the
+        blocked GEMM above."""
+        op = self._ops.linear if x.shape[0] <= GEMV_MAX_ROWS else self._ops.gemm
+        return op(x, w, scale, bias, threads)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, threads: int) -> Tensor:
+        """RMSNorm(x) * weight over the last dim (fp32, contiguous)."""
+        return self._ops.rms_norm(x, weight, eps, threads)
+
+    def add_rms_norm(self, x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float, threads: int) -> Tensor:
+        """``x += alpha * h`` in place, then RMSNorm(x) * weight (fp32)."""
+        return self._ops.add_rms_norm(x, h, alpha, weight, eps, threads)
+
+    def swiglu(self, gu: Tensor, threads: int) -> Tensor:
+        """silu(gate) * up of ``gu`` = [gate | up] (fp32 rows)."""
+        return self._ops.swiglu(gu, threads)
+
+    def attention_decode(self, q: Tensor, k: Tensor, v: Tensor, length: int, scale: float, threads: int) -> Tensor:
+        """Attention of one token's query heads ``q`` [nq * hd] over the first ``length`` positions
+        of the KV buffers [nkv, capacity, hd] (fp32, GQA groups of nq / nkv heads); [1, nq * hd]."""
+        return self._ops.attention_decode(q, k, v, length, scale, threads)
+
+    def mamba_mixer(
+        self,
+        zxbcdt: Tensor,
+        conv_state: Tensor,
+        conv_w: Tensor,
+        conv_b: Tensor | None,
+        dt_bias: Tensor,
+        A: Tensor,
+        D: Tensor,
+        ssm_state: Tensor,
+        norm_w: Tensor,
+        n_groups: int,
+        eps: float,
+        dt_min: float,
+        dt_max: float,
+        threads: int,
+    ) -> Tensor:
+        """A Mamba2 mixer between in_proj and out_proj (conv, selective scan, gated norm) for T >= 1
+        tokens, fused; updates ``conv_state`` and ``ssm_state`` in place (the torch ops doing the
+        same: runtime/layers.py)."""
+        return self._ops.mamba_mixer(
+            zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w,
+            n_groups, eps, dt_min, dt_max, threads,
+        )  # fmt: skip
+
+    def decode_layers(
+        self,
+        x: Tensor,
+        weights: list[Tensor | None],
+        ints: list[int],
+        floats: list[float],
+        conv: list[Tensor],
+        ssm: list[Tensor],
+        k: list[Tensor],
+        v: list[Tensor],
+        pos: int,
+        threads: int,
+    ) -> Tensor:
+        """Every decoder layer of one decode step in one call (step.cpp documents the layout of
+        ``weights``, ``ints`` and ``floats``); updates ``x``, the states and the KV buffers in
+        place and returns the residual stream after the last layer."""
+        return self._ops.decode_layers(x, weights, ints, floats, conv, ssm, k, v, pos, threads)
+
+    def read_probe(self, buf: Tensor, threads: int) -> float:
+        """Streams ``buf`` (size a multiple of 256 KB) on the kernels' threads: the read-bandwidth ceiling."""
+        return self._ops.read_probe(buf, threads)
+
+
+class KernelsRequired(RuntimeError):
+    """GRANITE_LSP_REQUIRE_KERNELS=1 and the kernels could not be loaded."""
+
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "kernels" -> CpuKernels or None, "error" -> str or None
+
+
+def load(progress: build.Progress | None = None) -> CpuKernels | None:
+    """The kernels (built on the first call of the first process: ~30-60 s), or None with the reason
+    in ``build_error()``; decided once per process. ``progress`` hears about a compile.
+
+    ``GRANITE_LSP_KERNELS=0`` disables them; ``GRANITE_LSP_REQUIRE_KERNELS=1`` (CI) makes their
+    absence an error (``KernelsRequired``) instead of a slower fallback, unless disabled."""
+    if "kernels" in _state:  # decided already: no lock
+        return _state["kernels"]
+    with _lock:
+        if "kernels" not in _state:
+            _state.update(_decide(progress))
+    if _state["kernels"] is None and _required():
+        raise KernelsRequired(f"GRANITE_LSP_REQUIRE_KERNELS=1 but the CPU kernels are unavailable: {_state['error']}")
+    return _state["kernels"]
+
+
+def _required() -> bool:
+    return os.environ.get("GRANITE_LSP_REQUIRE_KERNELS") == "1" and os.environ.get("GRANITE_LSP_KERNELS") != "0"
+
+
+def _decide(progress: build.Progress | None) -> dict[str, Any]:
+    if os.environ.get("GRANITE_LSP_KERNELS", "1") == "0":
+        return {"kernels": None, "error": "disabled by GRANITE_LSP_KERNELS=0"}
+    if not build.cpu_supported():
+        return {"kernels": None, "error": "CPU without AVX2/FMA/F16C (or not x86-64 Linux)"}
+    ops, error = build.load_library(progress, retry_failed=_required())
+    if ops is None:
+        log.warning("CPU kernels unavailable, using torch ops: %s", error)
+        return {"kernels": None, "error": error}
+    return {"kernels": CpuKernels(ops), "error": None}
+
+
+def available() -> bool:
+    """Whether the kernels are built and usable here (builds them on the first call)."""
+    return load() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernels are unavailable (None when they are available or not yet tried)."""
+    return _state.get("error")
+
+
+def read_probe(buf: Tensor, threads: int | None = None) -> float:
+    """``CpuKernels.read_probe`` on torch's thread count by default; raises without the kernels."""
+    kernels = load()
+    if kernels is None:
+        raise RuntimeError(f"kernels unavailable: {build_error()}")
+    return kernels.read_probe(buf, threads or torch.get_num_threads())
