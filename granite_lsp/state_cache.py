@@ -14,8 +14,10 @@ Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
   one below it, not from the top. They also cover moving the cursor elsewhere and back.
 Memory is capped across documents, least recently used first.
 
-KV buffers are shared by the checkpoints of one branch of token history and copied on write: a write at
-position p into a buffer that a checkpoint beyond p still needs first clones the first p positions.
+KV buffers are shared by the checkpoints of one branch of token history and copied on write: each
+checkpoint holds its positions of the buffer (``KVCache.hold``), and the runtime branches the buffer
+before a write that would overwrite a held position (``ModelState.prepare``). This module is policy
+only: which checkpoints to take, keep and restore.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 
 from . import memory
-from .runtime import HybridModel, KVCache, MambaSnapshot
+from .runtime import HybridModel, MambaSnapshot
+from .runtime.state import KVHold
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
@@ -44,7 +47,7 @@ class Checkpoint:
     doc: str
     tokens: np.ndarray  # the token ids this state has consumed, in order
     snap: MambaSnapshot
-    kv: KVCache
+    kv: KVHold  # the KV buffer this state's positions are in, held while the checkpoint exists
     logits: torch.Tensor  # of the last consumed position: an identical next prompt costs no forward at all
     last_used: int = 0
     end: bool = False  # taken at the end of a prompt (not at a layout mark or an interval)
@@ -152,7 +155,7 @@ class StateCache:
         self.checkpoints = [c for c in self.checkpoints if c.doc != doc]
 
     def nbytes(self) -> int:
-        kvs = {id(c.kv): c.kv for c in self.checkpoints}
+        kvs = {id(c.kv.kv): c.kv.kv for c in self.checkpoints}
         kvs[id(self.live.kv)] = self.live.kv
         per_checkpoint = sum(c.snap.nbytes + c.logits.numel() * 4 for c in self.checkpoints)
         return per_checkpoint + sum(kv.nbytes for kv in kvs.values())
@@ -171,7 +174,7 @@ class StateCache:
         Returns its length and, when that is all of ``target``, the logits that follow it.
         """
         if not self.enabled:
-            self._restore(self._zero, self.live.kv, [], None)
+            self._restore(self._zero, None, [], None)
             return 0, None
         live = np.asarray(self.live_tokens, dtype=np.int64)
         best_pos, logits = 0, None
@@ -186,37 +189,26 @@ class StateCache:
             self._restore(best.snap, best.kv, best.tokens.tolist(), best.logits)
             logits = best.logits
         elif best_pos == 0 and len(self.live_tokens):
-            self._restore(self._zero, self.live.kv, [], None)
+            self._restore(self._zero, None, [], None)
         return best_pos, logits
 
-    def _restore(self, snap: MambaSnapshot, kv: KVCache, tokens: list[int], logits: torch.Tensor | None) -> None:
-        # A branch's buffer may have been cropped below this checkpoint by an earlier restore; its data up
-        # to snap.pos is intact all the same, because writes copy first (see _make_writable).
-        kv.length = max(kv.length, snap.pos)
-        self.live.kv = kv
-        self.live.restore(snap)
+    def _restore(self, snap: MambaSnapshot, kv: KVHold | None, tokens: list[int], logits: torch.Tensor | None) -> None:
+        """Continue from ``snap`` on the checkpoint's KV buffer (None: the live one)."""
+        self.live.restore(snap, kv)
         self.live_tokens = tokens
         self.live_logits = logits
 
     def _run(self, ids: np.ndarray) -> torch.Tensor:
-        self._make_writable()
         try:
             logits = self.model.forward(torch.from_numpy(ids), self.live)
         except BaseException:
             # The live state is updated in place, layer by layer and piece by piece: after a failure
             # (out of memory, ...) it matches no token list. Start over from empty, never from it.
-            self._restore(self._zero, self.live.kv, [], None)
+            self._restore(self._zero, None, [], None)
             raise
         self.live_tokens.extend(ids.tolist())
         self.live_logits = logits
         return logits
-
-    def _make_writable(self) -> None:
-        """Copy-on-write: never overwrite KV positions that a checkpoint still relies on."""
-        pos = self.live.pos
-        kv = self.live.kv
-        if any(c.kv is kv and c.pos > pos for c in self.checkpoints):
-            self.live.kv = kv.clone(pos)
 
     def _checkpoint(self, doc: str, end: bool = False) -> None:
         pos = self.live.pos
@@ -227,7 +219,7 @@ class StateCache:
                 c.end = c.end and end  # a layout mark stays one
                 return
         snap = self.live.snapshot()
-        new = Checkpoint(doc, tokens, snap, self.live.kv, self.live_logits, next(self._tick), end)
+        new = Checkpoint(doc, tokens, snap, self.live.kv.hold(), self.live_logits, next(self._tick), end)
         self.checkpoints.append(new)
         self.stats.checkpoints_taken += 1
         if end:

@@ -443,7 +443,7 @@ def test_kvcache_clone_and_crop_semantics():
     for i in range(2):
         kv.k[i][:, :5] = torch.arange(5.0).view(1, 5, 1) + 10 * i
         kv.v[i][:, :5] = -torch.arange(5.0).view(1, 5, 1)
-    kv.length = 5
+    kv.advance(5)
     c = kv.clone(3)
     assert c.length == 3 and c.capacity == 6
     assert torch.equal(c.k[1][:, :3], kv.k[1][:, :3]) and torch.equal(c.v[0][:, :3], kv.v[0][:, :3])
@@ -459,6 +459,50 @@ def test_kvcache_clone_and_crop_semantics():
         kv.clone(4)
     full = kv.clone()
     assert full.length == 2
+
+
+def test_kvcache_rewinds_within_its_history_and_branches_before_overwriting_a_hold():
+    """The cache's own invariants (runtime/state.py): rewinding back and forward again within the
+    positions written, never past them; a held position is never overwritten (the state branches
+    to a copy first); a dropped hold blocks nothing."""
+    kv = KVCache.empty(1, 1, 2, capacity=8, dtype=torch.float32, device="cpu")
+    kv.k[0][:, :6] = torch.arange(6.0).view(1, 6, 1)
+    kv.advance(6)
+    kv.rewind_to(2)
+    kv.rewind_to(6)  # forward again: the data is still there
+    with pytest.raises(ValueError):
+        kv.rewind_to(7)
+    kv.rewind_to(3)
+    kv.advance(1)  # position 3 rewritten: 4 and 5 belong to another history now
+    assert kv.length == kv.intact == 4
+    with pytest.raises(ValueError):
+        kv.rewind_to(5)
+    with pytest.raises(ValueError):
+        kv.advance(5)  # past the capacity
+
+    state = ModelState(KVCache.empty(1, 1, 2, capacity=8, dtype=torch.float32, device="cpu"), _no_mamba())
+    state.kv.k[0][:, :5] = 1.0
+    state.prepare(5)
+    state.advance(5)
+    hold = state.kv.hold()
+    shared = state.kv
+    state.restore(_no_mamba(2))
+    assert state.kv is shared and not shared.writable()
+    state.prepare(1)  # would overwrite position 2, which the hold keeps: branch
+    assert state.kv is not shared and state.kv.length == 2 and torch.equal(state.kv.k[0][:, :2], shared.k[0][:, :2])
+    state.kv.k[0][:, 2] = 7.0
+    state.advance(1)
+    assert torch.equal(shared.k[0][:, :5], torch.ones(1, 5, 2)) and shared.intact == hold.pos == 5
+    state.restore(_no_mamba(5), hold)  # back onto the held history
+    assert state.kv is shared and state.pos == 5
+    del hold
+    state.restore(_no_mamba(1))
+    state.prepare(1)
+    assert state.kv is shared  # nothing holds it any more: written in place
+
+
+def _no_mamba(pos: int = 0) -> MambaSnapshot:
+    return MambaSnapshot((), (), pos)
 
 
 def test_kv_growth_preserves_contents(tiny):

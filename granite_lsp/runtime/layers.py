@@ -9,6 +9,8 @@ speed. Activations are [T, features] (no batch dim). Semantics follow transforme
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -280,3 +282,15 @@ class MambaMixer:
             return F.rms_norm(y, (self.inner,), self.norm_w32, self.eps)
         yg = F.rms_norm(y.view(T, self.G, self.inner // self.G), (self.inner // self.G,), None, self.eps)
         return self.norm_w32 * yg.view(T, self.inner)
+
+
+@dataclass
+class Block:
+    """One decoder layer: input norm, mixer (Mamba or attention), post norm, MLP."""
+
+    kind: str  # "mamba" | "attention"
+    slot: int  # index into the state's Mamba buffers or KV layers
+    ln_in: Tensor
+    ln_post: Tensor
+    mixer: MambaMixer | Attention
+    mlp: MLP

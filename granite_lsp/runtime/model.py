@@ -10,7 +10,6 @@ chunked SSD scan, and logits are only computed where they are returned.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import failpoints, kernels, memory
+from .. import failpoints
 from ..kernels import CpuKernels, PackedLinear
 from .config import HybridConfig
-from .layers import MLP, Attention, MambaMixer, add_rms_norm, rms_norm, rope_tables
+from .layers import Block, MambaMixer, add_rms_norm, rms_norm, rope_tables
 from .matmul import linear, matmul_threads, small_ops_single_threaded
 from .state import KVCache, MambaSnapshot, ModelState
-from .weights import TIED_LM_HEAD, check_state_dict, load_safetensors_dir, make_getter, random_state_dict
+from .weights import convert_state_dict, load_safetensors_dir, random_state_dict
 
 # The torch path of the Mamba layers (no CPU extension; GPU without mamba_ssm): up to this many
 # new tokens the token-by-token recurrence is used, above it the chunked scan. (With the
@@ -48,16 +47,6 @@ DEFAULT_PREFILL_PIECE = 512
 DEFAULT_SINGLE_THREAD_SMALL_OPS = True
 
 
-@dataclass
-class _Block:
-    kind: str  # "mamba" | "attention"
-    slot: int  # index into the state's Mamba buffers or KV layers
-    ln_in: Tensor
-    ln_post: Tensor
-    mixer: MambaMixer | Attention
-    mlp: MLP
-
-
 class HybridModel:
     """Batch-size-1 GraniteMoeHybrid forward over explicit state (see module docstring)."""
 
@@ -65,7 +54,7 @@ class HybridModel:
         self,
         config: HybridConfig,
         embed: Tensor | None,
-        blocks: list[_Block],
+        blocks: list[Block],
         final_norm: Tensor,
         lm_head: Tensor | PackedLinear,
         *,
@@ -104,109 +93,10 @@ class HybridModel:
         consume: bool = False,
         **kwargs: Any,
     ) -> HybridModel:
-        """Build from tensors named like transformers' ``GraniteMoeHybridForCausalLM.state_dict()``.
-
-        ``dtype`` is the precision of the weights. ``packed`` (default: on CPU when the AVX2
-        kernels build) stores every matrix as a ``kernels.PackedLinear`` and computes activations
-        in float32: on CPUs without native bf16/fp16 arithmetic that is both faster and closer
-        to float32 than low-precision activations. Otherwise activations use ``dtype`` too.
-        ``quantize="int8"`` stores the matrices int8 with a per-row scale (always packed).
-        ``consume`` pops tensors from ``state_dict`` as they are converted, so a loader that
-        owns the dict never holds two copies of the weights.
-        """
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        if quantize not in (None, "none", "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        int8 = quantize == "int8"
-        on_cpu = torch.device(device).type == "cpu"
-        cpu_kernels = kernels.load() if on_cpu else None  # the one decision: the layers get it
-        if packed is None:
-            packed = on_cpu and (int8 or cpu_kernels is not None)
-        if int8 and not packed:
-            raise ValueError("int8 weights are always packed (PackedLinear); packed=False cannot hold them")
-        if (packed or int8) and not on_cpu:
-            raise ValueError("packed / int8 weights are CPU-only; on GPU use bfloat16 or float16")
-        if not packed and dtype == torch.float16 and on_cpu:
-            dtype = torch.float32  # no fp16 arithmetic worth having on CPU without the kernels
-        cfg = HybridConfig.load(config)
-        check_state_dict(cfg, state_dict)
-        compute = torch.float32 if packed else dtype
-        get_c = make_getter(state_dict, compute, device, consume)  # norms, biases, embeddings
-        # matrices; int8 quantizes from the stored precision, a block of rows at a time
-        get_w = make_getter(state_dict, None if int8 else dtype, device, consume)
-
-        def opt(name: str) -> Tensor | None:
-            return get_c(name) if name in state_dict else None
-
-        def lin(w: Tensor, b: Tensor | None) -> tuple[Tensor | PackedLinear, Tensor | None]:
-            if not packed:
-                return w, b
-            return PackedLinear.from_weight(w, b, mode="int8" if int8 else "same", kernels=cpu_kernels), None
-
-        # The embedding first: int8 quantizes it from a whole stored copy (154 MB in bf16), which
-        # loaded last, on top of every other weight, made the load the server's memory peak.
-        embed: Tensor | None
-        if cfg.tie_word_embeddings:
-            # One copy serves both: packed, the embedding lookup dequantizes rows of lm_head.
-            lm_head = lin(get_w("model.embed_tokens.weight"), None)[0]
-            embed = None if packed else lm_head  # type: ignore[assignment]
-        else:
-            embed = get_c("model.embed_tokens.weight")
-            lm_head = lin(get_w(TIED_LM_HEAD), None)[0]
-        blocks: list[_Block] = []
-        for i, kind in enumerate(cfg.layer_kinds):
-            p = f"model.layers.{i}."
-            mixer: MambaMixer | Attention
-            if kind == "mamba":
-                m = p + "mamba."
-                w_in, b_in = lin(get_w(m + "in_proj.weight"), opt(m + "in_proj.bias"))
-                w_out, b_out = lin(get_w(m + "out_proj.weight"), opt(m + "out_proj.bias"))
-                mixer = MambaMixer(
-                    cfg,
-                    in_proj=w_in,
-                    in_bias=b_in,
-                    conv_weight=get_c(m + "conv1d.weight", keep_fp32=True),
-                    conv_bias=opt(m + "conv1d.bias"),
-                    dt_bias=get_c(m + "dt_bias", keep_fp32=True),
-                    A_log=get_c(m + "A_log", keep_fp32=True),
-                    D=get_c(m + "D", keep_fp32=True),
-                    norm_weight=get_c(m + "norm.weight"),
-                    out_proj=w_out,
-                    out_bias=b_out,
-                    kernels=cpu_kernels,
-                )
-                slot = sum(1 for b in blocks if b.kind == "mamba")
-            else:
-                a = p + "self_attn."
-                # q, k and v share their input: one fused matmul instead of three
-                wqkv = torch.cat([get_w(a + n + "_proj.weight") for n in "qkv"]).contiguous()
-                bqkv = torch.cat([get_c(a + n + "_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
-                wqkv_, bqkv_ = lin(wqkv, bqkv)
-                wo, bo = lin(get_w(a + "o_proj.weight"), opt(a + "o_proj.bias"))
-                mixer = Attention(cfg, wqkv_, bqkv_, wo, bo, cpu_kernels)
-                slot = sum(1 for b in blocks if b.kind == "attention")
-            mlp = MLP(
-                lin(get_w(p + "shared_mlp.input_linear.weight"), None)[0],
-                lin(get_w(p + "shared_mlp.output_linear.weight"), None)[0],
-                cpu_kernels,
-            )
-            blocks.append(
-                _Block(
-                    kind,
-                    slot,
-                    get_c(p + "input_layernorm.weight"),
-                    get_c(p + "post_attention_layernorm.weight"),
-                    mixer,
-                    mlp,
-                )
-            )
-            if int8:
-                # Quantizing leaves each read weight and its scratch freed between long-lived int8
-                # copies: trimmed a layer at a time, the heap never grows by more than one layer's.
-                memory.release()
-        final_norm = get_c("model.norm.weight")
-        return cls(cfg, embed, blocks, final_norm, lm_head, cpu_kernels=cpu_kernels, **kwargs)
+        """Build from tensors named like transformers' ``GraniteMoeHybridForCausalLM.state_dict()``
+        (``weights.convert_state_dict`` documents the arguments); ``kwargs`` go to the constructor."""
+        w = convert_state_dict(config, state_dict, dtype, device, quantize=quantize, packed=packed, consume=consume)
+        return cls(w.config, w.embed, w.blocks, w.final_norm, w.lm_head, cpu_kernels=w.kernels, **kwargs)
 
     @classmethod
     def from_config(
@@ -270,7 +160,7 @@ class HybridModel:
                 total += t.numel() * t.element_size()
 
         for obj in (self.embed, self.lm_head, self.final_norm, *self.blocks):
-            if isinstance(obj, _Block):
+            if isinstance(obj, Block):
                 for part in (obj.ln_in, obj.ln_post, *vars(obj.mixer).values(), *vars(obj.mlp).values()):
                     add(part)
             else:
@@ -320,7 +210,7 @@ class HybridModel:
         # could not be modified in place by callers outside inference mode, and the speed
         # difference was not measurable. A state a caller built in inference mode gets it.
         with torch.no_grad(), torch.inference_mode(state.is_inference):
-            state.kv.reserve(pos + T)
+            state.prepare(T)
             if self.single_thread_small_ops:
                 with small_ops_single_threaded():
                     return self._forward_pieces(input_ids, state, all_logits)
@@ -351,7 +241,7 @@ class HybridModel:
             x = self.kernels.decode_layers(
                 x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads()
             )
-            state.pos = state.kv.length = pos + 1
+            state.advance(1)
             return self.lm_head_logits(x if all_logits else x[-1])
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
@@ -380,8 +270,7 @@ class HybridModel:
                 x, h = add_rms_norm(x, h, rm, self.blocks[i + 1].ln_in, eps, k)
             else:
                 x = torch.add(x, h, alpha=rm)
-        state.pos = pos + T
-        state.kv.length = pos + T
+        state.advance(T)
         return self.lm_head_logits(x if all_logits else x[-1])
 
     def _one_call_step_applies(self) -> bool:

@@ -3,11 +3,18 @@
 The server checkpoints the recurrent state so that an edit re-processes only the tokens after
 the last checkpoint before it. Mamba layers have a fixed-size state that cannot be "rewound",
 so it is copied out (``MambaSnapshot``); attention KV is append-only, so rewinding it is just
-cropping its length. A ``ModelState`` owns one of each plus the position they correspond to.
+moving its end. A ``ModelState`` owns one of each plus the position they correspond to.
+
+The KV cache keeps its own invariants: only ``advance`` (after a forward wrote the new positions),
+``rewind_to`` and ``crop`` move its end, and a position that someone ``hold``s for later (a
+checkpoint) is never overwritten: ``ModelState.prepare`` branches the cache (copies the positions
+in use to fresh buffers) before a write that would. So several checkpoints of one token history
+share one buffer, and a branch costs a copy only when it is written.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,11 +26,24 @@ def _nbytes(tensors: Sequence[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class KVHold:
+    """A promise that positions [0, pos) of ``kv`` stay as they are (a checkpoint will rewind to
+    them). Dropping the last reference releases it: nothing to forget to call."""
+
+    __slots__ = ("__weakref__", "kv", "pos")
+
+    def __init__(self, kv: KVCache, pos: int) -> None:
+        self.kv = kv
+        self.pos = pos
+
+
 class KVCache:
     """Per attention layer K/V buffers [n_kv_heads, capacity, head_dim]; the first ``length`` valid.
 
     Preallocated so that decoding writes one column in place instead of concatenating (which
     would copy the whole cache every token); grows by doubling when a forward needs more room.
+    Positions up to ``intact`` hold the data of this history (``rewind_to`` may go back up to it);
+    a write after ``length`` makes ``length`` the new ``intact``.
     """
 
     def __init__(self, k: list[Tensor], v: list[Tensor], length: int = 0) -> None:
@@ -31,9 +51,21 @@ class KVCache:
             raise ValueError("k and v must have one buffer per attention layer each")
         self.k = k
         self.v = v
-        self.length = length
         if length > self.capacity:
             raise ValueError(f"length {length} exceeds capacity {self.capacity}")
+        self._length = length
+        self._intact = length
+        self._holds: weakref.WeakSet[KVHold] = weakref.WeakSet()
+
+    @property
+    def length(self) -> int:
+        """Positions in use (what the next forward continues from)."""
+        return self._length
+
+    @property
+    def intact(self) -> int:
+        """Positions whose data is still this history's (>= length)."""
+        return self._intact
 
     @classmethod
     def empty(
@@ -61,10 +93,37 @@ class KVCache:
         return _nbytes(self.k) + _nbytes(self.v)
 
     def crop(self, n: int) -> None:
-        """Forget every position >= n (the data stays and is overwritten by later appends)."""
+        """Forget every position >= n for good (the data stays and is overwritten by later appends)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot crop a KV cache of length {self.length} to {n}")
-        self.length = n
+        self._length = self._intact = n
+
+    def rewind_to(self, n: int) -> None:
+        """Continue from position ``n``: back, or forward again up to ``intact`` (positions that a
+        rewind left behind hold their data until the next write)."""
+        if not 0 <= n <= self._intact:
+            raise ValueError(f"cannot rewind a KV cache holding {self._intact} intact positions to {n}")
+        self._length = n
+
+    def advance(self, n: int) -> None:
+        """A forward wrote positions [length, length + n): they are in use, later ones are stale."""
+        if n < 0 or self._length + n > self.capacity:
+            raise ValueError(f"cannot advance a KV cache of length {self.length} by {n} (capacity {self.capacity})")
+        self._length += n
+        self._intact = self._length
+
+    def hold(self, n: int | None = None) -> KVHold:
+        """Keep positions [0, n) (default: ``length``) as they are while the result is referenced."""
+        n = self._length if n is None else n
+        if not 0 <= n <= self._intact:
+            raise ValueError(f"cannot hold {n} positions of a KV cache holding {self._intact} intact ones")
+        hold = KVHold(self, n)
+        self._holds.add(hold)
+        return hold
+
+    def writable(self) -> bool:
+        """Whether writing after ``length`` overwrites no held position."""
+        return all(h.pos <= self._length for h in self._holds)
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` positions, growing geometrically so appends stay amortised O(1)."""
@@ -75,8 +134,9 @@ class KVCache:
         for bufs in (self.k, self.v):
             for i, old in enumerate(bufs):
                 new = old.new_zeros(old.shape[0], new_cap, old.shape[2])
-                new[:, : self.length] = old[:, : self.length]
+                new[:, : self._length] = old[:, : self._length]
                 bufs[i] = new
+        self._intact = self._length  # what a rewind left behind was not copied
 
     def clone(self, n: int | None = None, capacity: int | None = None) -> KVCache:
         """An independent cache holding this one's first ``n`` positions (default: all of them).
@@ -85,8 +145,8 @@ class KVCache:
         an immediate regrow; pass a smaller one to keep a long-lived copy compact.
         """
         n = self.length if n is None else n
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot clone {n} positions from a KV cache of length {self.length}")
+        if not 0 <= n <= self._intact:
+            raise ValueError(f"cannot clone {n} positions from a KV cache holding {self._intact} intact ones")
         cap = max(n, 1, self.capacity if capacity is None else capacity)
         k, v = [], []
         for src, dst in ((self.k, k), (self.v, v)):
@@ -119,14 +179,14 @@ class ModelState:
 
     ``ModelState(kv, mamba)`` pairs a KV cache with a snapshot: the snapshot is copied into
     fresh buffers (snapshots stay valid values, forward never mutates them), while ``kv`` is
-    used in place (clone it first if something else still needs its contents beyond
-    ``mamba.pos``). The cache is cropped to ``mamba.pos``.
+    used in place, rewound to ``mamba.pos`` (positions of it that something ``hold``s are not
+    overwritten: see ``prepare``); it must hold at least that many.
     """
 
     def __init__(self, kv: KVCache, mamba: MambaSnapshot) -> None:
         if kv.length < mamba.pos:
             raise ValueError(f"KV cache holds {kv.length} positions, snapshot was taken at {mamba.pos}")
-        kv.crop(mamba.pos)
+        kv.rewind_to(mamba.pos)
         self.kv = kv
         # contiguous copies (a snapshot may hold broadcast views: Model.zero_snapshot)
         self.conv: list[Tensor] = [t.clone(memory_format=torch.contiguous_format) for t in mamba.conv]
@@ -137,16 +197,20 @@ class ModelState:
         """Copy of the Mamba states at the current position (the KV needs no copy, see restore)."""
         return MambaSnapshot(tuple(t.clone() for t in self.conv), tuple(t.clone() for t in self.ssm), self.pos)
 
-    def restore(self, snap: MambaSnapshot) -> None:
-        """Rewind to ``snap``: copy its Mamba states back and crop the KV cache to its position.
+    def restore(self, snap: MambaSnapshot, hold: KVHold | None = None) -> None:
+        """Rewind to ``snap``: copy its Mamba states back and continue from its position, on this
+        state's KV cache (back from its current length) or on the one ``hold`` keeps (up to the
+        held positions, which no write has touched: a checkpoint keeps a hold beside its snapshot).
 
-        Only valid if the KV cache still holds the same tokens up to ``snap.pos`` (i.e. the
-        snapshot was taken on this state's history); that is the caller's bookkeeping.
+        Only valid if that cache holds the same tokens up to ``snap.pos`` (i.e. the snapshot was
+        taken on its history); that is the caller's bookkeeping.
         """
+        kv = self.kv if hold is None else hold.kv
+        limit = self.kv.length if hold is None else min(hold.pos, kv.intact)
         if len(snap.conv) != len(self.conv) or len(snap.ssm) != len(self.ssm):
             raise ValueError("snapshot belongs to a model with a different number of Mamba layers")
-        if snap.pos > self.kv.length:
-            raise ValueError(f"snapshot at {snap.pos} is beyond the {self.kv.length} cached positions")
+        if snap.pos > limit:
+            raise ValueError(f"snapshot at {snap.pos} is beyond the {limit} cached positions")
         pairs = list(zip(self.conv + self.ssm, snap.conv + snap.ssm, strict=True))
         for dst, src in pairs:  # validate everything before overwriting anything
             if dst.shape != src.shape or dst.dtype != src.dtype:
@@ -156,8 +220,23 @@ class ModelState:
         with torch.inference_mode(self.is_inference):
             for dst, src in pairs:
                 dst.copy_(src)
-        self.kv.crop(snap.pos)
+        kv.rewind_to(snap.pos)
+        self.kv = kv
         self.pos = snap.pos
+
+    def prepare(self, n: int) -> None:
+        """Before a forward writes ``n`` positions: branch the KV cache if a holder still needs
+        positions it would overwrite (copy-on-write), and make room."""
+        if not self.kv.writable():
+            self.kv = self.kv.clone(self.pos)
+        self.kv.reserve(self.pos + n)
+
+    def advance(self, n: int) -> None:
+        """A forward consumed ``n`` tokens (and wrote their KV positions)."""
+        if self.kv.length != self.pos:
+            raise ValueError(f"state is inconsistent: pos {self.pos} but KV length {self.kv.length}")
+        self.kv.advance(n)
+        self.pos += n
 
     def fork(self, snap: MambaSnapshot | None = None) -> ModelState:
         """An independent state (shares no buffer) at the current position, or at ``snap``."""

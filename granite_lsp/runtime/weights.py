@@ -1,4 +1,6 @@
-"""Getting HF-named weights into memory: safetensors checkpoints, state dicts, random init.
+"""Getting HF-named weights into the runtime: safetensors checkpoints, state dicts, random init,
+and their conversion into the layers (``convert_state_dict``: precision, packing, int8, whether
+the CPU kernels run them).
 
 Everything is keyed exactly like transformers' ``GraniteMoeHybridForCausalLM.state_dict()``
 so a checkpoint, a live transformers model, and a random init all go through one path
@@ -8,15 +10,21 @@ are read: pickle-based formats (.bin/.pt/.pth) can execute code on load.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import kernels, memory
+from ..kernels import CpuKernels, PackedLinear
 from .config import HybridConfig
+from .layers import MLP, Attention, Block, MambaMixer
+from .safetensors_files import SafetensorsFiles, load_safetensors_dir
+
+__all__ = ["ModelWeights", "convert_state_dict", "load_safetensors_dir", "random_state_dict"]
 
 TIED_LM_HEAD = "lm_head.weight"
 # Non-persistent buffers that some exporters still include; they carry nothing we need.
@@ -83,138 +91,6 @@ def check_state_dict(cfg: HybridConfig, sd: Mapping[str, Tensor]) -> None:
         raise ValueError("state dict does not match the config; " + "; ".join(parts))
 
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-_PIECE_BYTES = 16 << 20  # read (and convert) at most this much of a tensor at a time
-
-
-class SafetensorsFiles(Mapping[str, Tensor]):
-    """The tensors of .safetensors files, each read from disk only when asked for.
-
-    Why not ``safetensors.torch.load_file``: it maps the files, and every page read stays in the
-    process's resident memory until all their tensors are gone, so converting a bf16 checkpoint to
-    fp32 (or int8) briefly held both. Read with plain file I/O, one tensor at a time, and dropped
-    with ``pop`` once converted, the weights only ever exist once.
-    """
-
-    def __init__(self, files: list[Path]) -> None:
-        self._buf: Tensor | None = None
-        self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
-        for path in files:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) != 8:
-                    raise ValueError(f"{path}: not a safetensors file (too short)")
-                n = int.from_bytes(head, "little")
-                size = path.stat().st_size
-                if n <= 0 or 8 + n > size:
-                    raise ValueError(f"{path}: not a safetensors file (header length {n})")
-                try:
-                    header = json.loads(f.read(n))
-                except ValueError as e:
-                    raise ValueError(f"{path}: unreadable safetensors header: {e}") from None
-            base = 8 + n
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if not isinstance(info, dict):
-                    raise ValueError(f"{path}: malformed entry for tensor {name}")
-                dtype = _ST_DTYPES.get(info.get("dtype"))
-                if dtype is None:
-                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-                try:
-                    shape = tuple(int(d) for d in info["shape"])
-                    start, end = (int(o) for o in info["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    raise ValueError(f"{path}: tensor {name} has a malformed shape or offsets") from None
-                consistent = min(shape, default=0) >= 0 and 0 <= start <= end <= size - base
-                if not consistent or end - start != math.prod(shape) * dtype.itemsize:
-                    raise ValueError(f"{path}: tensor {name} has inconsistent offsets")
-                self._where[name] = (path, dtype, shape, base + start, end - start)
-
-    def shape_of(self, name: str) -> tuple[int, ...]:
-        return self._where[name][2]
-
-    def _read(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """Tensor ``name`` as ``dtype`` (default: as stored). Stored bytes go straight into the
-        result; a conversion goes through one shared ~16 MB buffer, a piece at a time, so a bf16
-        embedding read as fp32 never briefly needs both copies (+150 MB) and leaves no garbage."""
-        path, stored, shape, offset, nbytes = self._where[name]
-        out = torch.empty(shape, dtype=dtype or stored)
-        flat = out.view(-1)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if out.dtype == stored:
-                if nbytes and f.readinto(memoryview(flat.view(torch.uint8).numpy())) != nbytes:
-                    raise ValueError(f"{path}: truncated while reading {name}")
-                return out
-            if self._buf is None:
-                self._buf = torch.empty(_PIECE_BYTES, dtype=torch.uint8)
-            step = _PIECE_BYTES // stored.itemsize
-            for a in range(0, flat.numel(), step):
-                n = min(step, flat.numel() - a)
-                buf = self._buf[: n * stored.itemsize]
-                if f.readinto(memoryview(buf.numpy())) != buf.numel():
-                    raise ValueError(f"{path}: truncated while reading {name}")
-                flat[a : a + n] = buf.view(stored)
-        return out
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self._read(name)
-
-    def pop(self, name: str) -> Tensor:
-        return self.pop_as(name, None)
-
-    def pop_as(self, name: str, dtype: torch.dtype | None) -> Tensor:
-        """``pop(name).to(dtype)``, converted while reading (see ``_read``)."""
-        t = self._read(name, dtype)
-        del self._where[name]
-        if not self._where:
-            self._buf = None
-        return t
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-
-def load_safetensors_dir(path: str | Path) -> SafetensorsFiles:
-    """All tensors of a model directory (single file or sharded with an index), read lazily."""
-    root = Path(path)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in root.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth") for p in root.glob(pat))
-        if pickled:
-            raise ValueError(
-                f"{root} holds only pickle checkpoints ({', '.join(pickled)}); refusing to load them "
-                "(unpickling can execute code). Convert to .safetensors first."
-            )
-        raise ValueError(f"no .safetensors weights found in {root}")
-    return SafetensorsFiles([root / name for name in files])
-
-
 def random_state_dict(cfg: HybridConfig, seed: int = 0) -> dict[str, Tensor]:
     """Float32 weights initialised roughly like HF's ``_init_weights``: N(0, initializer_range)
     for matrices and conv taps, zero biases, unit norms, A_log = log(1..H), D = 1, dt_bias = 1."""
@@ -253,3 +129,146 @@ def make_getter(
         return t.to(device=device, dtype=want or t.dtype).contiguous()
 
     return get
+
+
+# -- conversion into the runtime's layers ------------------------------------------------------
+
+
+@dataclass
+class ModelWeights:
+    """Everything ``HybridModel`` computes with, converted from HF-named tensors."""
+
+    config: HybridConfig
+    embed: Tensor | None  # None when tied and packed: rows of lm_head serve as the embedding
+    blocks: list[Block]
+    final_norm: Tensor
+    lm_head: Tensor | PackedLinear
+    kernels: CpuKernels | None  # decided here, once: every layer and matrix got the same answer
+
+
+def convert_state_dict(
+    config: dict[str, Any] | str | Path | HybridConfig,
+    state_dict: Mapping[str, Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    quantize: str | None = None,
+    packed: bool | None = None,
+    consume: bool = False,
+) -> ModelWeights:
+    """Tensors named like transformers' ``GraniteMoeHybridForCausalLM.state_dict()`` -> layers.
+
+    ``dtype`` is the precision of the weights. ``packed`` (default: on CPU when the AVX2
+    kernels build) stores every matrix as a ``kernels.PackedLinear`` and computes activations
+    in float32: on CPUs without native bf16/fp16 arithmetic that is both faster and closer
+    to float32 than low-precision activations. Otherwise activations use ``dtype`` too.
+    ``quantize="int8"`` stores the matrices int8 with a per-row scale (always packed).
+    ``consume`` pops tensors from ``state_dict`` as they are converted, so a loader that
+    owns the dict never holds two copies of the weights.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    int8 = quantize == "int8"
+    on_cpu = torch.device(device).type == "cpu"
+    cpu_kernels = kernels.load() if on_cpu else None  # the one decision: the layers get it
+    if packed is None:
+        packed = on_cpu and (int8 or cpu_kernels is not None)
+    if int8 and not packed:
+        raise ValueError("int8 weights are always packed (PackedLinear); packed=False cannot hold them")
+    if (packed or int8) and not on_cpu:
+        raise ValueError("packed / int8 weights are CPU-only; on GPU use bfloat16 or float16")
+    if not packed and dtype == torch.float16 and on_cpu:
+        dtype = torch.float32  # no fp16 arithmetic worth having on CPU without the kernels
+    cfg = HybridConfig.load(config)
+    check_state_dict(cfg, state_dict)
+    conv = _Converter(cfg, state_dict, dtype, device, packed, int8, consume, cpu_kernels)
+    # The embedding first: int8 quantizes it from a whole stored copy (154 MB in bf16), which
+    # loaded last, on top of every other weight, made the load the server's memory peak.
+    embed, lm_head = conv.embedding_and_lm_head()
+    blocks: list[Block] = []
+    for i, kind in enumerate(cfg.layer_kinds):
+        slot = sum(1 for b in blocks if b.kind == kind)
+        blocks.append(conv.block(i, kind, slot))
+        if int8:
+            # Quantizing leaves each read weight and its scratch freed between long-lived int8
+            # copies: trimmed a layer at a time, the heap never grows by more than one layer's.
+            memory.release()
+    return ModelWeights(cfg, embed, blocks, conv.c("model.norm.weight"), lm_head, cpu_kernels)
+
+
+class _Converter:
+    """Reads HF-named tensors as the layers want them: ``c`` for norms, biases, embeddings and SSM
+    parameters (the activation dtype), ``w`` for matrices (stored precision or ``dtype``), ``lin``
+    wraps a matrix as the layers compute with it."""
+
+    def __init__(
+        self,
+        cfg: HybridConfig,
+        sd: Mapping[str, Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        packed: bool,
+        int8: bool,
+        consume: bool,
+        cpu_kernels: CpuKernels | None,
+    ) -> None:
+        self.cfg, self.sd, self.packed, self.int8, self.kernels = cfg, sd, packed, int8, cpu_kernels
+        self.c = make_getter(sd, torch.float32 if packed else dtype, device, consume)
+        # matrices; int8 quantizes from the stored precision, a block of rows at a time
+        self.w = make_getter(sd, None if int8 else dtype, device, consume)
+
+    def opt(self, name: str) -> Tensor | None:
+        return self.c(name) if name in self.sd else None
+
+    def lin(self, w: Tensor, b: Tensor | None = None) -> tuple[Tensor | PackedLinear, Tensor | None]:
+        if not self.packed:
+            return w, b
+        mode = "int8" if self.int8 else "same"
+        return PackedLinear.from_weight(w, b, mode=mode, kernels=self.kernels), None
+
+    def embedding_and_lm_head(self) -> tuple[Tensor | None, Tensor | PackedLinear]:
+        if self.cfg.tie_word_embeddings:
+            # One copy serves both: packed, the embedding lookup dequantizes rows of lm_head.
+            lm_head = self.lin(self.w("model.embed_tokens.weight"))[0]
+            return (None if self.packed else lm_head), lm_head  # type: ignore[return-value]
+        embed = self.c("model.embed_tokens.weight")
+        return embed, self.lin(self.w(TIED_LM_HEAD))[0]
+
+    def block(self, i: int, kind: str, slot: int) -> Block:
+        p = f"model.layers.{i}."
+        mixer = self.mamba(p + "mamba.") if kind == "mamba" else self.attention(p + "self_attn.")
+        mlp = MLP(
+            self.lin(self.w(p + "shared_mlp.input_linear.weight"))[0],
+            self.lin(self.w(p + "shared_mlp.output_linear.weight"))[0],
+            self.kernels,
+        )
+        ln_in, ln_post = self.c(p + "input_layernorm.weight"), self.c(p + "post_attention_layernorm.weight")
+        return Block(kind, slot, ln_in, ln_post, mixer, mlp)
+
+    def mamba(self, m: str) -> MambaMixer:
+        w_in, b_in = self.lin(self.w(m + "in_proj.weight"), self.opt(m + "in_proj.bias"))
+        w_out, b_out = self.lin(self.w(m + "out_proj.weight"), self.opt(m + "out_proj.bias"))
+        return MambaMixer(
+            self.cfg,
+            in_proj=w_in,
+            in_bias=b_in,
+            conv_weight=self.c(m + "conv1d.weight", keep_fp32=True),
+            conv_bias=self.opt(m + "conv1d.bias"),
+            dt_bias=self.c(m + "dt_bias", keep_fp32=True),
+            A_log=self.c(m + "A_log", keep_fp32=True),
+            D=self.c(m + "D", keep_fp32=True),
+            norm_weight=self.c(m + "norm.weight"),
+            out_proj=w_out,
+            out_bias=b_out,
+            kernels=self.kernels,
+        )
+
+    def attention(self, a: str) -> Attention:
+        # q, k and v share their input: one fused matmul instead of three
+        wqkv = torch.cat([self.w(a + n + "_proj.weight") for n in "qkv"]).contiguous()
+        bqkv = torch.cat([self.c(a + n + "_proj.bias") for n in "qkv"]) if self.cfg.attention_bias else None
+        wqkv_, bqkv_ = self.lin(wqkv, bqkv)
+        wo, bo = self.lin(self.w(a + "o_proj.weight"), self.opt(a + "o_proj.bias"))
+        return Attention(self.cfg, wqkv_, bqkv_, wo, bo, self.kernels)
