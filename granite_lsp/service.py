@@ -21,6 +21,7 @@ from .fim import FimBudget, PromptBuilder
 from .model_files import resolve_model_dir
 from .postprocess import CursorContext, Shaper, Suggestion
 from .runtime import HybridConfig, HybridModel
+from .runtime.weights import random_state_dict
 from .settings import Settings
 from .state_cache import StateCache
 from .tokens import TextTokenizer
@@ -89,15 +90,7 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     tokenizer = TextTokenizer.from_dir(path)
     tokenizer.prepare()
     report(f"Loading weights ({device}, {str(dtype).removeprefix('torch.')})", 20)
-    reference = None
-    if settings.random_weights:
-        model, reference = _random_model(
-            settings.random_weights, dtype, device, keep_reference=settings.backend, quantize=quantize
-        )
-    else:
-        model = HybridModel.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
-        if settings.backend == "transformers":
-            reference = _transformers_model(path, dtype, device)
+    model, reference = _load_weights(settings, path, dtype, device, quantize)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise RuntimeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     memory.release()  # conversion buffers
@@ -105,29 +98,27 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     return LoadedModel(model, tokenizer, path, device, model.weight_dtype, time.perf_counter() - t0, reference)
 
 
-def _transformers_model(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    from transformers import GraniteMoeHybridForCausalLM
-
-    hf = GraniteMoeHybridForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    return hf.to(device).eval()
-
-
-def _random_model(
-    config_path: str, dtype: torch.dtype, device: str, keep_reference: str, quantize: str | None = None
+def _load_weights(
+    settings: Settings, path: Path, dtype: torch.dtype, device: str, quantize: str | None
 ) -> tuple[HybridModel, torch.nn.Module | None]:
-    """A random-weight model of a real configuration (speed does not depend on the weights).
+    """Our model, and transformers' twin of it when the bench asks for that backend (its baseline).
 
-    Built through transformers so that its baseline can be given exactly the same weights.
+    ``random_weights``: a model of that configuration with random weights (speed does not depend on
+    them); the twin gets exactly the same weights.
     """
-    import json
+    if settings.random_weights:
+        cfg = HybridConfig.load(settings.random_weights)
+        weights = random_state_dict(cfg)
+        model = HybridModel.from_state_dict(cfg, weights, dtype=dtype, device=device, quantize=quantize)
+    else:
+        model = HybridModel.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
+    if settings.backend != "transformers":
+        return model, None
+    from .bench import reference  # the bench's baseline: never imported when serving
 
-    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
-
-    config = json.loads(Path(config_path).read_text())
-    torch.manual_seed(0)
-    hf = GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**config)).to(dtype=dtype, device=device).eval()
-    model = HybridModel.from_state_dict(config, hf.state_dict(), dtype=dtype, device=device, quantize=quantize)
-    return model, (hf if keep_reference == "transformers" else None)
+    if settings.random_weights:
+        return model, reference.from_state_dict(cfg.raw, weights, dtype, device)
+    return model, reference.from_checkpoint(path, dtype, device)
 
 
 @dataclass

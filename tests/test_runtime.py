@@ -19,7 +19,6 @@ from granite_lsp.runtime import HybridConfig, HybridModel, KVCache, MambaSnapsho
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "model" / "tiny"
-REAL_CONFIG = ROOT / "model" / "granite-4.0-h-350m" / "config.json"
 TOL = 1e-4
 
 TINY_CONFIG: dict = {
@@ -759,7 +758,9 @@ def test_real_shape_matches_transformers_and_float64():
     the 1e-4 bound against transformers applies to the positions it computes in its first
     chunk, the 1e-4 bound against float64 to all, and after position 256 we only require to be
     no further from transformers than transformers is from the exact result."""
-    cfg = json.loads(REAL_CONFIG.read_text()) if REAL_CONFIG.is_file() else _real_config_from_facts()
+    from granite_lsp.bench.shape import real_config
+
+    cfg = real_config()
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "dtype", "torch_dtype")}
     torch.set_num_threads(2)
     hf = _hf_model(cfg, seed=11)
@@ -780,30 +781,6 @@ def test_real_shape_matches_transformers_and_float64():
     assert err_hf[:first].max().item() < TOL
     assert err_exact < TOL
     assert (err_hf[first:].double() <= hf_exact[first:] + TOL).all()
-
-
-def _real_config_from_facts() -> dict:
-    attn = {10, 13, 17, 27}
-    return {
-        **{k: v for k, v in TINY_CONFIG.items() if k != "layer_types"},
-        "vocab_size": 100352,
-        "hidden_size": 768,
-        "num_hidden_layers": 32,
-        "layer_types": ["attention" if i in attn else "mamba" for i in range(32)],
-        "num_attention_heads": 12,
-        "num_key_value_heads": 4,
-        "shared_intermediate_size": 2048,
-        "intermediate_size": 2048,
-        "mamba_n_heads": 48,
-        "mamba_d_head": 32,
-        "mamba_d_state": 128,
-        "mamba_chunk_size": 256,
-        "attention_multiplier": 0.015625,
-        "embedding_multiplier": 12,
-        "residual_multiplier": 0.246,
-        "logits_scaling": 3,
-        "initializer_range": 0.1,
-    }
 
 
 def test_kernels_bench_runs_on_the_tiny_model():

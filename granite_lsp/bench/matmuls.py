@@ -19,20 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import PackedLinear, available, build_error, read_probe
-
-HIDDEN, VOCAB, MLP = 768, 100352, 2048
-MAMBA_INNER, MAMBA_STATE, MAMBA_HEADS = 2 * HIDDEN, 128, 48  # expand 2, d_state 128, 1 group
-Q, KV = 12 * 64, 4 * 64  # 12 query heads, 4 kv heads, head_dim 64
-N_MAMBA, N_ATTN = 28, 4
-
-
-def token_shapes() -> list[tuple[str, int, int]]:
-    """(name, N, K) of every matmul one decode step runs, in order."""
-    in_proj = 2 * MAMBA_INNER + 2 * MAMBA_STATE + MAMBA_HEADS  # z, x, B, C, dt = 3376
-    mamba = [("mamba.in_proj", in_proj, HIDDEN), ("mamba.out_proj", HIDDEN, MAMBA_INNER)]
-    attn = [("attn.q", Q, HIDDEN), ("attn.k", KV, HIDDEN), ("attn.v", KV, HIDDEN), ("attn.o", HIDDEN, Q)]
-    mlp = [("mlp.input_linear", 2 * MLP, HIDDEN), ("mlp.output_linear", HIDDEN, MLP)]
-    return mamba * N_MAMBA + attn * N_ATTN + mlp * (N_MAMBA + N_ATTN) + [("lm_head", VOCAB, HIDDEN)]
+from ..runtime.config import HybridConfig
+from .shape import decode_matmuls, real_config
 
 
 def _median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
@@ -96,7 +84,7 @@ def main() -> None:
         raise SystemExit(f"extension unavailable: {build_error()}")
     print(f"extension ready in {time.perf_counter() - t0:.1f} s; threads={args.threads} rows={args.rows}")
 
-    shapes = token_shapes()
+    shapes = decode_matmuls(HybridConfig.from_dict(real_config()))
     xs = {k: torch.randn(args.rows, k) for k in {k for _, _, k in shapes}}
     gen = torch.Generator().manual_seed(0)
     probe_buf = torch.ones(256 << 18)  # 256 MB

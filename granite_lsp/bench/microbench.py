@@ -39,38 +39,7 @@ from ..runtime.model import HybridModel
 from ..runtime.ssm import ssm_chunked
 from ..tokens import CONTROL_TOKENS
 from .llama_baseline import LlamaPeer, gguf_for, settle
-
-REAL_CONFIG = Path(__file__).resolve().parents[2] / "model" / "granite-4.0-h-350m" / "config.json"
-_ATTN = {10, 13, 17, 27}
-# The published shape, used when model/granite-4.0-h-350m/config.json is absent.
-FALLBACK_CONFIG = {
-    "vocab_size": 100352,
-    "hidden_size": 768,
-    "num_hidden_layers": 32,
-    "layer_types": ["attention" if i in _ATTN else "mamba" for i in range(32)],
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-    "shared_intermediate_size": 2048,
-    "num_local_experts": 0,
-    "mamba_n_heads": 48,
-    "mamba_d_head": 32,
-    "mamba_d_state": 128,
-    "mamba_n_groups": 1,
-    "mamba_d_conv": 4,
-    "mamba_expand": 2,
-    "attention_multiplier": 0.015625,
-    "embedding_multiplier": 12,
-    "residual_multiplier": 0.246,
-    "logits_scaling": 3,
-    "rms_norm_eps": 1e-5,
-    "initializer_range": 0.1,
-    "tie_word_embeddings": True,
-    "position_embedding_type": "nope",
-}
-
-
-def real_config() -> dict:
-    return json.loads(REAL_CONFIG.read_text()) if REAL_CONFIG.is_file() else FALLBACK_CONFIG
+from .shape import REPO, real_config
 
 
 def _sync() -> None:
@@ -288,7 +257,7 @@ def write_granite_sized_tokenizer(dst: Path, corpus_chars: int = 40_000_000) -> 
 
     from tokenizers import Tokenizer, pre_tokenizers, trainers
 
-    tiny_dir = Path(__file__).resolve().parents[2] / "model" / "tiny"
+    tiny_dir = REPO / "model" / "tiny"
     tiny = json.loads((tiny_dir / "tokenizer.json").read_text())
     blank = {**tiny, "added_tokens": [], "model": {**tiny["model"], "vocab": {}, "merges": []}}
     tok = Tokenizer.from_str(json.dumps(blank))
@@ -327,7 +296,7 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
     from safetensors.torch import save_file
 
     from ..runtime.weights import random_state_dict
-    from .trace import _Server
+    from .client import RpcClient
 
     ckpt = workdir / "granite-4.0-h-350m-random"
     if not (ckpt / "model.safetensors").is_file():
@@ -345,11 +314,11 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
     cmd += ["--dtype", str(dtype).removeprefix("torch."), "--threads", str(threads)]
     if quantize:
         cmd += ["--quantize", quantize]
-    server = _Server(cmd)
+    server = RpcClient(cmd)
     try:
-        server.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}})
+        server.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}}, timeout=1800.0)
         server.notify("initialized", {})
-        status = server.wait_status()
+        status = server.wait_ready()
         if status["state"] != "ready":
             raise RuntimeError(f"server failed to load: {status['message']}")
         text = "def add(a, b):\n    return a + b\n\n" * 40 + "def mul(a, b):\n    "
@@ -359,6 +328,7 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
         server.call(
             "textDocument/inlineCompletion",
             {"textDocument": {"uri": doc["uri"]}, "position": pos, "context": {"triggerKind": 1}},
+            timeout=1800.0,
         )
         return server.peak_rss_mb()
     finally:

@@ -1,17 +1,54 @@
-"""transformers' own GraniteMoeHybrid as a generation backend: the baseline the benchmark compares to.
+"""transformers' own GraniteMoeHybrid as a generation backend: the baseline the trace bench compares to.
 
 It processes the whole prompt on every request (transformers' hybrid cache cannot be rolled back), with
-its own cache for the decode steps. Not used for serving.
+its own cache for the decode steps. Not used for serving: the server loads it only when the bench asks
+for ``backend: transformers``, and ``transformers`` is then needed (``pip install 'granite-lsp[bench]'``),
+not otherwise. Tests compare our runtime with transformers directly (tests/test_runtime.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..state_cache import CacheStats, PrefillResult
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError(
+            "backend 'transformers' is the benchmark's baseline and needs transformers: "
+            "pip install 'granite-lsp[bench]'"
+        ) from e
+    return transformers
+
+
+def from_checkpoint(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """transformers' model of a checkpoint directory (safetensors only, no remote code)."""
+    hf = _transformers().GraniteMoeHybridForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+    return hf.to(device).eval()
+
+
+def from_state_dict(
+    config: dict[str, Any], state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, device: str
+) -> torch.nn.Module:
+    """transformers' model of ``config`` holding exactly ``state_dict`` (the weights our model got)."""
+    t = _transformers()
+    hf = t.GraniteMoeHybridForCausalLM(t.GraniteMoeHybridConfig(**config))
+    missing, unexpected = hf.load_state_dict(dict(state_dict), strict=False)
+    tied = {"lm_head.weight"} if config.get("tie_word_embeddings", True) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"transformers' model does not take these weights: missing {missing}, extra {unexpected}")
+    return hf.to(dtype=dtype, device=device).eval()
 
 
 @dataclass

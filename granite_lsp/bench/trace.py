@@ -17,110 +17,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from .client import RpcClient
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
 MODES = ("reuse", "no-reuse", "transformers")
+# A request of a slow mode (transformers on the real shape, full prompt) may take minutes.
+SLOW = 3600.0
 METRICS = ("prompt_tokens", "processed_tokens", "reused_tokens", "prefill_ms", "decode_ms", "total_ms")
-
-
-class _Server:
-    """Minimal LSP client over a server subprocess (no pygls, so the bench sees the raw protocol)."""
-
-    def __init__(self, cmd: list[str]) -> None:
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._id = 0
-        self._responses: dict[int, dict] = {}
-        self._notes: list[dict] = []
-        self._cv = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.stderr: list[str] = []
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line.decode(errors="replace"))
-
-    def _read(self) -> None:
-        out = self.proc.stdout
-        while True:
-            length = None
-            while True:
-                line = out.readline()
-                if not line:
-                    with self._cv:
-                        self._cv.notify_all()
-                    return
-                if not line.strip():
-                    break
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            msg = json.loads(out.read(length))
-            with self._cv:
-                if "method" in msg and "id" in msg:
-                    self._send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
-                elif "method" in msg:
-                    self._notes.append(msg)
-                else:
-                    self._responses[msg["id"]] = msg
-                self._cv.notify_all()
-
-    def _send(self, msg: dict) -> None:
-        body = json.dumps(msg).encode()
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        self.proc.stdin.flush()
-
-    def notify(self, method: str, params: Any) -> None:
-        self._send({"jsonrpc": "2.0", "method": method, "params": params})
-
-    def call(self, method: str, params: Any, timeout: float = 3600.0) -> Any:
-        self._id += 1
-        msg_id = self._id
-        self._send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while msg_id not in self._responses:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{method}: no response; server said:\n{''.join(self.stderr[-30:])}")
-                self._cv.wait(0.5)
-            resp = self._responses.pop(msg_id)
-        if "error" in resp:
-            raise RuntimeError(f"{method} failed: {resp['error']}")
-        return resp.get("result")
-
-    def wait_status(self, timeout: float = 1800.0) -> dict:
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while True:
-                for n in self._notes:
-                    if n["method"] == "granite/status" and n["params"]["state"] in ("ready", "error"):
-                        return n["params"]
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not load; it said:\n{''.join(self.stderr[-30:])}")
-                self._cv.wait(0.5)
-
-    def peak_rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        return float("nan")
-
-    def close(self) -> None:
-        try:
-            self.call("shutdown", None, timeout=30)
-            self.notify("exit", None)
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
 
 
 def load_trace(path: Path) -> list[dict]:
@@ -153,14 +62,15 @@ def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
         cmd += ["--quantize", args.quantize]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    server = _Server(cmd)
+    server = RpcClient(cmd)
     t0 = time.perf_counter()
     server.call(
         "initialize",
         {"processId": os.getpid(), "rootUri": None, "capabilities": {}, "initializationOptions": options},
+        timeout=SLOW,
     )
     server.notify("initialized", {})
-    status = server.wait_status()
+    status = server.wait_ready()
     if status["state"] != "ready":
         server.close()
         raise RuntimeError(f"{mode}: model failed to load: {status['message']}")
@@ -189,7 +99,7 @@ def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
                 "context": {"triggerKind": 1},
             }
             t = time.perf_counter()
-            result = server.call("textDocument/inlineCompletion", params)
+            result = server.call("textDocument/inlineCompletion", params, timeout=SLOW)
             wall_ms = (time.perf_counter() - t) * 1000.0
             last = server.call("granite/stats", None)["last"]
             items = (result or {}).get("items", [])
