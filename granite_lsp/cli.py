@@ -9,30 +9,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .model_files import DEFAULT_MODEL, ModelNotFound, UnsafeCheckpoint
-from .settings import Settings, SettingsError
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face id or local directory (safetensors)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="weight-only quantization")
-    p.add_argument("--download", action="store_true", help="allow downloading the model from the Hub")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-
-
-def _settings(args: argparse.Namespace, **extra) -> Settings:
-    return Settings().updated(
-        {
-            "model": args.model,
-            "device": args.device,
-            "dtype": args.dtype,
-            "quantize": args.quantize,
-            "download": args.download,
-            **extra,
-        }
-    )
+from .model_files import ModelNotFound, UnsafeCheckpoint
+from .settings import SettingsError, add_cli_options, from_cli
 
 
 def _setup_logging(log_file: str | None, debug: bool) -> None:
@@ -46,13 +24,6 @@ def _setup_logging(log_file: str | None, debug: bool) -> None:
     logging.getLogger("pygls").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def _set_threads(n: int | None) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="granite-lsp", description="Granite FIM completions over LSP")
     mode = p.add_mutually_exclusive_group()
@@ -60,15 +31,14 @@ def serve_main(argv: list[str]) -> int:
     mode.add_argument("--tcp", action="store_true", help="listen for one LSP client over TCP")
     p.add_argument("--host", default=None, help="TCP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=2087)
-    _model_args(p)
+    add_cli_options(p)
     p.add_argument("--log-file", default=None)
     p.add_argument("--debug", action="store_true", help="verbose logs, including message bodies")
     p.add_argument("--version", action="version", version=f"granite-lsp {__version__}")
     args = p.parse_args(argv)
     _setup_logging(args.log_file, args.debug)
-    _set_threads(args.threads)
     try:
-        settings = _settings(args)
+        settings = from_cli(args)
     except SettingsError as e:
         p.error(str(e))
     from .server import build_server
@@ -94,12 +64,10 @@ def complete_main(argv: list[str]) -> int:
     p.add_argument("file", type=Path)
     p.add_argument("--line", type=int, required=True, help="0-based line (as LSP)")
     p.add_argument("--character", type=int, required=True, help="0-based UTF-16 column (as LSP)")
-    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="print the model's middle without post-processing")
-    _model_args(p)
+    add_cli_options(p, ("max_tokens",))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    _set_threads(args.threads)
     from .documents import Document, PositionError
     from .service import CompletionService, load
 
@@ -115,7 +83,7 @@ def complete_main(argv: list[str]) -> int:
         print(f"granite-lsp: {e}", file=sys.stderr)
         return 2
     try:
-        settings = _settings(args, max_tokens=args.max_tokens)
+        settings = from_cli(args)
         service = CompletionService(load(settings), settings)
     except (ModelNotFound, UnsafeCheckpoint, SettingsError) as e:
         print(f"granite-lsp: {e}", file=sys.stderr)

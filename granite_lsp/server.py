@@ -20,7 +20,7 @@ from .postprocess import Suggestion
 from .protocol import STATS, STREAMING_CAPABILITY, GraniteProtocol
 from .scheduler import Job, ModelWorker
 from .service import CompletionService, load
-from .settings import Settings, SettingsError
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,16 @@ class GraniteServer(LanguageServer):
                 progress.end(token, types.WorkDoneProgressEnd(message="Ready" if self.service else "Failed"))
 
     def apply_settings(self, options: Any) -> bool:
-        """Apply client options; True when the model must be (re)loaded."""
-        try:
-            new = self.settings.updated(options)
-        except SettingsError as e:
-            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=str(e)))
-            return False
+        """Apply client options; True when the model must be (re)loaded.
+
+        Keys that are not settings and refused values are reported (a warning and the log) and change
+        nothing; the valid ones still apply.
+        """
+        new, problems = self.settings.merged(options)
+        if problems:
+            message = "granite-lsp: ignored settings: " + "; ".join(problems)
+            log.warning(message)
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=message))
         reload = new.model_key() != self.settings.model_key() or (self.service is None and not self.loading)
         self.settings = new
         if self.service is not None and not reload:

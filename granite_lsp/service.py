@@ -17,7 +17,7 @@ import torch
 
 from . import failpoints, memory
 from .engine import Engine, Generation, GenerationStats
-from .fim import FimBudget, PromptBuilder
+from .fim import PromptBuilder
 from .model_files import resolve_model_dir
 from .postprocess import CursorContext, Shaper, Suggestion
 from .runtime import HybridConfig, HybridModel
@@ -60,6 +60,16 @@ def pick_dtype(dtype: str, device: str, config: dict[str, Any] | None = None) ->
     return stored if kernels.available() else torch.float32
 
 
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def apply_threads(threads: int) -> None:
+    """The ``threads`` setting (0: torch's default, all cores); process-wide, so set between jobs."""
+    wanted = threads or _DEFAULT_THREADS
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
 @dataclass
 class LoadedModel:
     model: HybridModel
@@ -75,6 +85,7 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     """Resolve and load the model named in ``settings``; raises ModelNotFound / UnsafeCheckpoint."""
     report = progress or (lambda message, percent: None)
     t0 = time.perf_counter()
+    apply_threads(settings.threads)
     report(f"Locating {settings.model}", 0)
     path = resolve_model_dir(settings.model, allow_download=settings.download)
     device = pick_device(settings.device)
@@ -146,11 +157,9 @@ class CompletionService:
 
     def configure(self, settings: Settings) -> None:
         """Apply settings that need no reload; budgets reset the prompt memory (the layout changes)."""
-        if (settings.prefix_tokens, settings.suffix_tokens) != (
-            self.settings.prefix_tokens,
-            self.settings.suffix_tokens,
-        ):
+        if settings.budget() != self.settings.budget():
             self._builders.clear()
+        apply_threads(settings.threads)
         self.cache.max_bytes = settings.cache_mb << 20
         self.cache.enabled = settings.reuse
         self.settings = settings
@@ -158,8 +167,7 @@ class CompletionService:
     def builder(self, doc: str) -> PromptBuilder:
         b = self._builders.get(doc)
         if b is None:
-            budget = FimBudget(self.settings.prefix_tokens, self.settings.suffix_tokens)
-            b = self._builders[doc] = PromptBuilder(self.loaded.tokenizer, budget)
+            b = self._builders[doc] = PromptBuilder(self.loaded.tokenizer, self.settings.budget())
         return b
 
     def forget(self, doc: str) -> None:
