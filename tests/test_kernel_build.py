@@ -187,3 +187,26 @@ def test_require_kernels_makes_their_absence_an_error(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "KernelsRequired" in proc.stderr and "no C++ compiler" in proc.stderr
     decision, _ = _start(tmp_path, GRANITE_LSP_REQUIRE_KERNELS="1", GRANITE_LSP_KERNELS="0")
     assert decision["error"] == "disabled by GRANITE_LSP_KERNELS=0"
+
+
+def test_the_editor_hears_about_the_compile(tmp_path: Path) -> None:
+    """A server whose kernels are not built yet says so in LSP progress (and on stderr) while it
+    loads; the compile fails here (a broken stand-in compiler), and the server comes up on torch ops."""
+    from jsonrpc_client import RpcClient
+
+    cxx, _ = _broken_compiler(tmp_path)
+    env = {"GRANITE_LSP_KERNEL_CACHE": str(tmp_path / "cache"), "CXX": str(cxx), "GRANITE_LSP_REQUIRE_KERNELS": "0"}
+    client = RpcClient(env=env)
+    try:
+        client.initialize()
+        assert client.wait_ready()["state"] == "ready"
+        reports = [
+            n["params"]["value"].get("message", "")
+            for n in client.notifications
+            if n["method"] == "$/progress" and n["params"]["value"].get("kind") == "report"
+        ]
+        assert any(m.startswith("compiling CPU kernels (one time") for m in reports), reports
+        client.shutdown_and_exit()
+        assert "compiling CPU kernels (one time" in client.stderr_text()
+    finally:
+        client.kill()
