@@ -229,6 +229,7 @@ class ModelState:
         positions it would overwrite (copy-on-write), and make room."""
         if not self.kv.writable():
             self.kv = self.kv.clone(self.pos)
+        self.kv.crop(self.pos)  # what lies beyond is overwritten from here on, even if the forward fails
         self.kv.reserve(self.pos + n)
 
     def advance(self, n: int) -> None:
