@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from . import memory
-from .runtime import HybridModel, MambaSnapshot
-from .runtime.state import KVHold
+from .runtime import HybridModel, KVHold, MambaSnapshot
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
@@ -47,7 +46,7 @@ class Checkpoint:
     doc: str
     tokens: np.ndarray  # the token ids this state has consumed, in order
     snap: MambaSnapshot
-    kv: KVHold  # the KV buffer this state's positions are in, held while the checkpoint exists
+    hold: KVHold  # its positions of the KV buffer they are in, kept while the checkpoint exists
     logits: torch.Tensor  # of the last consumed position: an identical next prompt costs no forward at all
     last_used: int = 0
     end: bool = False  # taken at the end of a prompt (not at a layout mark or an interval)
@@ -155,7 +154,7 @@ class StateCache:
         self.checkpoints = [c for c in self.checkpoints if c.doc != doc]
 
     def nbytes(self) -> int:
-        kvs = {id(c.kv.kv): c.kv.kv for c in self.checkpoints}
+        kvs = {id(c.hold.kv): c.hold.kv for c in self.checkpoints}
         kvs[id(self.live.kv)] = self.live.kv
         per_checkpoint = sum(c.snap.nbytes + c.logits.numel() * 4 for c in self.checkpoints)
         return per_checkpoint + sum(kv.nbytes for kv in kvs.values())
@@ -186,15 +185,17 @@ class StateCache:
                 best, best_pos = c, c.pos
         if best is not None:
             best.last_used = next(self._tick)
-            self._restore(best.snap, best.kv, best.tokens.tolist(), best.logits)
+            self._restore(best.snap, best.hold, best.tokens.tolist(), best.logits)
             logits = best.logits
         elif best_pos == 0 and len(self.live_tokens):
             self._restore(self._zero, None, [], None)
         return best_pos, logits
 
-    def _restore(self, snap: MambaSnapshot, kv: KVHold | None, tokens: list[int], logits: torch.Tensor | None) -> None:
-        """Continue from ``snap`` on the checkpoint's KV buffer (None: the live one)."""
-        self.live.restore(snap, kv)
+    def _restore(
+        self, snap: MambaSnapshot, hold: KVHold | None, tokens: list[int], logits: torch.Tensor | None
+    ) -> None:
+        """Continue from ``snap`` on the KV buffer a checkpoint holds (None: the live one)."""
+        self.live.restore(snap, hold)
         self.live_tokens = tokens
         self.live_logits = logits
 

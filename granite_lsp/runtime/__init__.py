@@ -5,6 +5,6 @@ See ``model.HybridModel`` for the forward contract and ``state`` for KV caches a
 
 from .config import HybridConfig
 from .model import HybridModel
-from .state import KVCache, MambaSnapshot, ModelState
+from .state import KVCache, KVHold, MambaSnapshot, ModelState
 
-__all__ = ["HybridConfig", "HybridModel", "KVCache", "MambaSnapshot", "ModelState"]
+__all__ = ["HybridConfig", "HybridModel", "KVCache", "KVHold", "MambaSnapshot", "ModelState"]
