@@ -1,4 +1,5 @@
-"""Command line: the language server (default), ``complete`` (headless, scriptable) and ``bench``."""
+"""Command line: the language server (default), ``complete`` (headless, scriptable), ``download``, ``doctor``
+and ``bench``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .model_files import ModelNotFound, UnsafeCheckpoint
+from .model_files import DEFAULT_MODEL, ModelNotFound, UnsafeCheckpoint
 from .settings import SettingsError, add_cli_options, from_cli
+
+SUBCOMMANDS = """subcommands (granite-lsp SUBCOMMAND --help for each):
+  complete FILE --line L --character C   print the completion at a cursor (headless, scriptable)
+  download [ID]                          download a model into the Hugging Face cache (resumable)
+  doctor                                 what granite-lsp finds here: Python, torch, device, kernels, model
+  bench [TRACE]                          benchmarks (editing-trace replay; --kernels: runtime speed)
+without a subcommand granite-lsp is the language server (--stdio or --tcp)."""
 
 
 def _setup_logging(log_file: str | None, debug: bool) -> None:
@@ -25,7 +33,12 @@ def _setup_logging(log_file: str | None, debug: bool) -> None:
 
 
 def serve_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="granite-lsp", description="Granite FIM completions over LSP")
+    p = argparse.ArgumentParser(
+        prog="granite-lsp",
+        description="Granite FIM completions over LSP",
+        epilog=SUBCOMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stdio", action="store_true", help="speak LSP over stdin/stdout (default)")
     mode.add_argument("--tcp", action="store_true", help="listen for one LSP client over TCP")
@@ -95,10 +108,58 @@ def complete_main(argv: list[str]) -> int:
     return 0
 
 
+def download_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="granite-lsp download",
+        description="Download a model's safetensors, config and tokenizer into the Hugging Face cache "
+        "(HF_HOME / HF_HUB_CACHE choose where, HF_ENDPOINT another hub); a dropped connection resumes. "
+        "Prints the directory it went to.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"Hugging Face id (default {DEFAULT_MODEL})")
+    args = p.parse_args(argv)
+    from .model_files import download_model
+
+    print(f"granite-lsp: downloading {args.model} ...", file=sys.stderr)
+    try:
+        path = download_model(args.model)
+    except (ModelNotFound, UnsafeCheckpoint) as e:
+        print(f"granite-lsp: {e}", file=sys.stderr)
+        return 2
+    print(f"granite-lsp: {args.model} is in {path}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def doctor_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="granite-lsp doctor",
+        description="Print what granite-lsp finds on this machine, with the settings given here: Python, torch, "
+        "device, CPU kernels (building them if needed), compiler, model lookup, cache paths, settings. "
+        "Exit code 1 when something stops completions (no model, an unusable device).",
+    )
+    add_cli_options(p)
+    args = p.parse_args(argv)
+    try:
+        settings = from_cli(args)
+    except SettingsError as e:
+        p.error(str(e))
+    from .doctor import report
+
+    ok = True
+    for line, good in report(settings):
+        print(line, flush=True)
+        ok = ok and good
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "complete":
         return complete_main(argv[1:])
+    if argv and argv[0] == "download":
+        return download_main(argv[1:])
+    if argv and argv[0] == "doctor":
+        return doctor_main(argv[1:])
     if argv and argv[0] == "bench":
         from .bench import main as bench_main
 

@@ -14,6 +14,18 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if ("-h" in argv or "--help" in argv) and "--kernels" not in argv:
+        # One help for both modes: the trace replay's options, then those --kernels takes.
+        from . import microbench
+        from .trace import main as trace_main
+
+        try:
+            trace_main(["--help"])
+        except SystemExit:
+            pass
+        print("\nwith --kernels (runtime speed per precision), these options instead:\n")
+        microbench.main(["--help"])
+        return 0
     if "--kernels" in argv:
         # Runtime speed per precision (decode / prefill tokens/s, matmuls alone, server RSS).
         from . import microbench

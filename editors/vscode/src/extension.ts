@@ -165,7 +165,9 @@ class GraniteExtension implements vscode.Disposable {
     const cmd = resolveServerCommand();
     if (!cmd) {
       const msg =
-        'granite-lsp was not found. Install it (pip install granite-lsp) or set "granite.serverPath" or "granite.pythonPath".';
+        'granite-lsp was not found. Install it from its repository (it is not on PyPI): ' +
+        '"pipx install /path/to/granite-lsp" or "uv tool install /path/to/granite-lsp"; ' +
+        'or set "granite.serverPath" or "granite.pythonPath".';
       this.log.error(msg);
       this.status.setState('missing', msg);
       void vscode.window.showErrorMessage(msg, 'Open Settings').then((choice) => {

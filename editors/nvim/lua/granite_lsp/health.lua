@@ -34,7 +34,8 @@ function M.check()
   local exe = cmd[1]
   if not exe or vim.fn.executable(exe) ~= 1 then
     health.error(('server executable %q not found'):format(tostring(exe)), {
-      'pip install granite-lsp (in a virtualenv), then put its bin/ on $PATH',
+      'install it from its repository (it is not on PyPI): pipx install /path/to/granite-lsp'
+        .. ' (or uv tool install /path/to/granite-lsp), so that granite-lsp is on $PATH',
       'or set cmd = { "/path/to/venv/bin/granite-lsp", "--stdio" } in setup()',
     })
   else
