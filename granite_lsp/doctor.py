@@ -61,23 +61,26 @@ def _torch_lines(settings: Settings) -> Iterator[Line]:
 
 def _kernel_lines() -> Iterator[Line]:
     from . import kernels
+    from .kernels import build
 
-    build_dir = getattr(kernels, "_build_dir", None)
-    where = build_dir() if callable(build_dir) else None
-    if where is not None and not any(Path(where).glob("*.so")):
-        print("granite-lsp doctor: building the CPU kernels (one time, ~30-60 s) ...", file=sys.stderr, flush=True)
-    if kernels.available():
-        yield f"CPU kernels: built and loaded{f' ({where})' if where else ''}", True
+    def progress(message: str) -> None:
+        print(f"granite-lsp doctor: {message}", file=sys.stderr, flush=True)
+
+    where = build.build_dir()
+    if kernels.load(progress) is not None:
+        yield f"CPU kernels: built and loaded ({where})", True
         yield f"ISA level: {isa_level(kernels)}", True
     else:
         yield f"CPU kernels: unavailable, torch ops instead (slower): {kernels.build_error()}", True
         yield "ISA level: none (kernels unavailable)", True
-    cxx = os.environ.get("CXX", "c++")
+    cxx = build.compiler()
     found = shutil.which(cxx)
     yield (
-        f"C++ compiler: {cxx} -> {found} ({_first_line([found, '--version'])})"
-        if found
-        else (f"C++ compiler: {cxx} not found (install g++ or clang++ for the CPU kernels)"),
+        (
+            f"C++ compiler: {cxx} -> {found} ({_first_line([found, '--version'])})"
+            if found
+            else f"C++ compiler: {cxx} not found (install g++ or clang++ for the CPU kernels)"
+        ),
         True,
     )
     ninja = shutil.which("ninja")
@@ -110,6 +113,8 @@ def report(settings: Settings) -> Iterator[Line]:
         yield f"  -> NOT FOUND: run `granite-lsp download {settings.model}` (or pass --model DIR)", False
     hf_vars = ", ".join(f"{k}={os.environ[k]}" for k in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT") if k in os.environ)
     yield f"Hugging Face cache: {hf_cache_dir()}{f' ({hf_vars})' if hf_vars else ''}", True
-    yield f"kernel cache: {os.environ.get('GRANITE_LSP_KERNEL_CACHE') or '~/.cache/granite-lsp/kernels'}", True
+    from .kernels import build
+
+    yield f"kernel cache: {build.cache_root()} (this install's build: {build.build_dir().name})", True
     shown = ", ".join(f"{f.name}={getattr(settings, f.name)!r}" for f in fields(settings))
     yield f"settings: {shown}", True
