@@ -15,6 +15,15 @@ _CLOSING_LINE = re.compile(r"\s*([)\]}]+[;,)]*|end|fi|done|esac)\s*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _OPENER = re.compile(r"([:{(\[]|\bdo|\bthen|=>)$")
 
+# The repetition filter (Copilot's ``isRepetitive``, on text): a small model sometimes loops on a short
+# unit ("histhisthist...", "x = 1\nx = 1\n..."). A tail of the suggestion that repeats a unit of at most
+# REPEAT_MAX_PERIOD characters, holding a letter or digit (so "=====" and "-----" rulers pass), at least
+# REPEAT_MIN_UNITS times over at least REPEAT_MIN_CHARS characters, ends generation; the suggestion keeps
+# only the whole lines before the loop began, and is dropped when it began on the first line.
+REPEAT_MAX_PERIOD = 24
+REPEAT_MIN_UNITS = 4
+REPEAT_MIN_CHARS = 32
+
 
 def _indent_width(line: str, tab_size: int) -> int:
     ws = _INDENT.match(line).group(0)
@@ -48,6 +57,24 @@ class CursorContext:
     def multiline(self) -> bool:
         """Mid-line (any text after the cursor on its line) gets one line; at a line's end, a block."""
         return not self.line_rest.strip()
+
+
+def repetition(text: str) -> tuple[int, int] | None:
+    """(start, period) of a degenerate loop at the end of ``text`` (see REPEAT_*), or None.
+
+    For each period p, the tail is periodic back to the first i with text[i] != text[i + p]; typical
+    text breaks within a few characters, so this costs little per decoded token. ``start`` is where the
+    periodic run begins, which may be up to p - 1 characters before the loop's first whole unit.
+    """
+    n = len(text)
+    for p in range(1, min(REPEAT_MAX_PERIOD, n // REPEAT_MIN_UNITS) + 1):
+        i = n - p - 1
+        while i >= 0 and text[i] == text[i + p]:
+            i -= 1
+        run = n - (i + 1)
+        if run >= max(REPEAT_MIN_UNITS * p, REPEAT_MIN_CHARS) and any(c.isalnum() for c in text[n - p :]):
+            return i + 1, p  # the shortest period: the unit itself, not a multiple of it
+    return None
 
 
 def _detect_spaces(sample: str) -> bool | None:
@@ -100,6 +127,14 @@ class Shaper:
         opening a block (``if x:``, ``{``), it is that new block, whose closing line still belongs to it.
         While decoding (``final`` False) the last line may still grow, so it is kept but not judged.
         """
+        loop = repetition(text)
+        if loop is not None:
+            # Keep the whole lines before the loop (none when it began on the first line): a cut mid-line
+            # would leave half a statement. Its first whole unit starts at most period - 1 after the run.
+            first_unit = loop[0] + loop[1] - 1
+            line_start = max(text.rfind("\n", 0, first_unit), text.rfind("\r", 0, first_unit))
+            text = text[:line_start] if line_start > 0 else ""
+            return self._cut(text, final=True)[0], True
         ctx = self.ctx
         parts = _LINE_BREAK.split(text)
         if not ctx.multiline:

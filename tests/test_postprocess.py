@@ -80,3 +80,29 @@ def test_statements_after_a_nested_block_stay_in_the_cursor_block() -> None:
     raw = "if full {\n            return Err(x);\n        }\n        items.push(x);\n        Ok(())\n    }\nfn next() {"
     s = _shape(text, "|", raw)
     assert s.text == "if full {\n            return Err(x);\n        }\n        items.push(x);\n        Ok(())"
+
+
+def test_a_short_unit_repeated_is_dropped_and_stops_generation() -> None:
+    """The degenerate output seen in use: ``hist`` sixty times."""
+    text = "import numpy as np\ncounts = |\n"
+    assert _shape(text, "|", "hist" * 60) is None
+    assert not _wants(text, "|", "hist" * 8)  # generation stops as soon as the loop is long enough
+    assert _wants(text, "|", "hist" * 3)
+
+
+def test_a_loop_after_good_lines_keeps_those_lines() -> None:
+    text = "def f(x):\n    |\n"
+    raw = "y = x + 1\n    z = y * 2\n    w = np.histhisthisthisthisthisthisthisthisthisthist"
+    assert _shape(text, "|", raw).text == "y = x + 1\n    z = y * 2"
+    repeated_lines = "y = x + 1\n" + "    a = 1\n" * 6
+    assert _shape(text, "|", repeated_lines).text == "y = x + 1"
+
+
+def test_rulers_and_ordinary_code_are_not_repetition() -> None:
+    from granite_lsp.postprocess import repetition
+
+    assert repetition("# " + "=" * 70) is None  # no letter or digit in the unit
+    assert repetition("-" * 40 + "\n" + " " * 40) is None
+    assert repetition("for i in range(10):\n    total += values[i] * weights[i]\n") is None
+    assert repetition("ab" * 15) is None  # 30 characters: under the minimum
+    assert repetition("x = " + "ab" * 16) == (4, 2)
