@@ -81,12 +81,14 @@ async def test_capabilities(client: LanguageClient) -> None:
     assert "granite.accepted" in caps.execute_command_provider.commands
 
 
-async def _idle(client: LanguageClient) -> None:
-    """Wait until the model worker has finished what it was generating in the background."""
-    for _ in range(600):
-        stats = await _stats(client)
-        if not stats["worker"]["busy"]:
-            return
+async def _idle(client: LanguageClient, timeout: float = 120.0) -> None:
+    """Wait until the model worker has finished what it was generating in the background. The
+    timeout only keeps a hung server from hanging the suite: reaching it fails the test."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await _stats(client))["worker"]["busy"]:
+        if loop.time() > deadline:
+            raise TimeoutError(f"the model worker was still busy after {timeout:.0f} s")
         await asyncio.sleep(0.05)
 
 
@@ -175,9 +177,11 @@ async def test_missing_model_shows_message_and_stays_up(missing_client: Language
     stats = await _wait_loaded(missing_client)
     assert not stats["model_loaded"]
     assert "/nonexistent/granite-model" in stats["load_error"]
-    for _ in range(100):
-        if missing_client.messages:
-            break
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60.0
+    while not missing_client.messages:
+        if loop.time() > deadline:
+            raise TimeoutError("no window/showMessage about the missing model")
         await asyncio.sleep(0.1)
     message = missing_client.messages[-1]
     assert message.type == types.MessageType.Error

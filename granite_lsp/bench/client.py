@@ -15,11 +15,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "model" / "tiny"
+Message = dict[str, Any]  # one JSON-RPC message, as parsed
 
 
 def server_command(*extra: str, model: str | Path = TINY) -> list[str]:
@@ -35,12 +37,14 @@ class RpcClient:
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self._to_server, self._from_server, self._server_log = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self._next_id = 0
-        self.responses: dict[Any, dict] = {}
+        self.responses: dict[Any, Message] = {}
         self.response_counts: dict[Any, int] = {}
         self.answered_at: dict[Any, float] = {}
-        self.notifications: list[dict] = []
-        self.server_requests: list[dict] = []
+        self.notifications: list[Message] = []
+        self.server_requests: list[Message] = []
         self._cv = threading.Condition()
         self._stderr: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -48,17 +52,17 @@ class RpcClient:
 
     # ---- framing -----------------------------------------------------------------------------------
 
-    def send(self, message: dict) -> None:
+    def send(self, message: Message) -> None:
         body = json.dumps(message).encode()
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self.proc.stdin.flush()
+        self._to_server.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self._to_server.flush()
 
     def send_raw(self, body: bytes) -> None:
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self.proc.stdin.flush()
+        self._to_server.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self._to_server.flush()
 
     def _read(self) -> None:
-        out = self.proc.stdout
+        out = self._from_server
         while True:
             length = None
             while True:
@@ -72,7 +76,9 @@ class RpcClient:
                     break
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
-            msg = json.loads(out.read(length))
+            if length is None:
+                raise RuntimeError("a message without Content-Length from the server")
+            msg: Message = json.loads(out.read(length))
             with self._cv:
                 if "method" in msg and "id" in msg:
                     self.server_requests.append(msg)
@@ -85,7 +91,7 @@ class RpcClient:
                     self.response_counts[msg.get("id")] = self.response_counts.get(msg.get("id"), 0) + 1
                 self._cv.notify_all()
 
-    def _answer_server_request(self, msg: dict) -> None:
+    def _answer_server_request(self, msg: Message) -> None:
         # window/workDoneProgress/create, client/registerCapability, ...: accept them all (unless the
         # test has closed the server's stdin on purpose).
         try:
@@ -94,7 +100,7 @@ class RpcClient:
             pass
 
     def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
+        for line in self._server_log:
             self._stderr.put(line)
 
     def stderr_text(self) -> str:
@@ -113,7 +119,7 @@ class RpcClient:
     def notify(self, method: str, params: Any = None) -> None:
         self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
-    def wait(self, msg_id: Any, timeout: float = 60.0) -> dict:
+    def wait(self, msg_id: Any, timeout: float = 60.0) -> Message:
         deadline = time.monotonic() + timeout
         with self._cv:
             while msg_id not in self.responses:
@@ -129,7 +135,9 @@ class RpcClient:
             raise RuntimeError(f"{method} failed: {resp['error']}")
         return resp.get("result")
 
-    def wait_notification(self, method: str, pred=lambda p: True, timeout: float = 120.0, after: int = 0) -> dict:
+    def wait_notification(
+        self, method: str, pred: Callable[[Any], bool] = lambda p: True, timeout: float = 120.0, after: int = 0
+    ) -> Message:
         """The first ``method`` notification matching ``pred`` (among those from index ``after`` on)."""
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -144,7 +152,9 @@ class RpcClient:
 
     # ---- LSP conveniences ----------------------------------------------------------------------------
 
-    def initialize(self, options: dict | None = None, capabilities: dict | None = None, wait_ready: bool = True):
+    def initialize(
+        self, options: Message | None = None, capabilities: Message | None = None, wait_ready: bool = True
+    ) -> Any:
         caps = {
             "general": {"positionEncodings": ["utf-16"]},
             "window": {"workDoneProgress": True},
@@ -176,19 +186,21 @@ class RpcClient:
             {"textDocument": {"uri": uri, "version": version}, "contentChanges": [{"range": rng, "text": text}]},
         )
 
-    def inline_params(self, uri: str, line: int, character: int, automatic: bool = False) -> dict:
+    def inline_params(self, uri: str, line: int, character: int, automatic: bool = False) -> Message:
         return {
             "textDocument": {"uri": uri},
             "position": {"line": line, "character": character},
             "context": {"triggerKind": 2 if automatic else 1},
         }
 
-    def inline(self, uri: str, line: int, character: int, automatic: bool = False, timeout: float = 60.0):
+    def inline(self, uri: str, line: int, character: int, automatic: bool = False, timeout: float = 60.0) -> Any:
         return self.call("textDocument/inlineCompletion", self.inline_params(uri, line, character, automatic), timeout)
 
-    def wait_ready(self, timeout: float = 1800.0) -> dict:
+    def wait_ready(self, timeout: float = 1800.0) -> Message:
         """The params of the first ``granite/status`` that says the model is ready or failed."""
-        return self.wait_notification("granite/status", lambda p: p["state"] in ("ready", "error"), timeout)["params"]
+        note = self.wait_notification("granite/status", lambda p: p["state"] in ("ready", "error"), timeout)
+        params: Message = note["params"]
+        return params
 
     def peak_rss_mb(self) -> float:
         """The server process's peak resident memory (VmHWM), NaN where /proc cannot tell."""

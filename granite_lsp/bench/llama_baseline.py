@@ -171,7 +171,8 @@ class LlamaPeer:
         line = self.proc.stdout.readline()
         if not line:
             raise self._gone()
-        return json.loads(line)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     def _gone(self) -> PeerError:
         return PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")

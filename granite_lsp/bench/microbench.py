@@ -21,12 +21,14 @@ the torch ops, see ``runtime/cuda_kernels.py``; no llama.cpp comparison there).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ from .shape import REPO, real_config
 
 def _sync() -> None:
     """Wait for queued GPU work, so wall times cover it (a no-op in a CPU-only process)."""
-    if torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.synchronize()
 
 
@@ -62,9 +64,9 @@ def _time(fn: Callable[[], object], repeat: int) -> float:
     return min(samples)
 
 
-def linear_weights(model: HybridModel) -> list[torch.Tensor]:
+def linear_weights(model: HybridModel) -> list[torch.Tensor | PackedLinear]:
     """Every matrix a decode step multiplies by, in order (the tied lm_head last)."""
-    ws: list[torch.Tensor] = []
+    ws: list[torch.Tensor | PackedLinear] = []
     for blk in model.blocks:
         mix = blk.mixer
         ws += [mix.w_in, mix.w_out] if blk.kind == "mamba" else [mix.wqkv, mix.wo]  # type: ignore[union-attr]
@@ -104,7 +106,8 @@ def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torc
 
 def bench_model(
     model: HybridModel, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
+    """Figures of one model (floats; ``decode_layered_ms`` None where there is no one-call step)."""
     ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
     id_list = ids.tolist()
 
@@ -135,7 +138,10 @@ def bench_model(
     # machine (a shared 2-core box drifts by 30% within a minute); the minimum of each is kept.
     # The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
     # one-call step (kernels/step.cpp) saves, where it applies (not on GPU, nor without the kernels).
-    steps, layered, lin1, peer_steps = [], [], [], []
+    steps: list[float] = []
+    layered: list[float] = []
+    lin1: list[float] = []
+    peer_steps: list[float] = []
     fused_step = model.fused_step
     paths = ((True, steps), (False, layered)) if model._one_call_step_applies() else ((fused_step, steps),)
     for r in range(repeat + 1):
@@ -184,6 +190,13 @@ def bench_model(
     }
 
 
+def _scan_from_zero(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+) -> None:
+    with torch.inference_mode():
+        ssm_chunked(x, dt, A, B, C, x.new_zeros(x.shape[1], x.shape[2], B.shape[2]), chunk_size)
+
+
 def sweep_chunk_sizes(model: HybridModel, repeat: int) -> None:
     """The chunk size only changes the SSD scan, so time the scan alone (x28 Mamba layers)."""
     cfg = model.config
@@ -196,11 +209,7 @@ def sweep_chunk_sizes(model: HybridModel, repeat: int) -> None:
         dt = F.softplus(torch.randn(T, H))
         row = []
         for cs in (32, 64, 128, 256):
-
-            def scan(cs: int = cs, args: tuple = (x, dt, A, B, C)) -> None:
-                with torch.inference_mode():
-                    ssm_chunked(*args, torch.zeros(H, P, N), cs)
-
+            scan = functools.partial(_scan_from_zero, x, dt, A, B, C, cs)
             row.append(f"{cs}: {_time(scan, repeat) * n_layers:.3f}")
         print(f"    T={T:5d}  " + "  ".join(row))
 
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         f"hidden {cfg.get('hidden_size')} x {cfg.get('num_hidden_layers')} layers, "
         f"decode after {args.prefill} tokens, prefill of {args.prefill}"
     )
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in args.precisions.split(","):
         dtype, quantize = PRECISIONS[name]
         # llama.cpp's file first: writing it holds its weights in memory, which the model's

@@ -35,7 +35,8 @@ def from_checkpoint(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Mod
     hf = _transformers().GraniteMoeHybridForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
-    return hf.to(device).eval()
+    model: torch.nn.Module = hf.to(device).eval()
+    return model
 
 
 def from_state_dict(
@@ -48,7 +49,8 @@ def from_state_dict(
     tied = {"lm_head.weight"} if config.get("tie_word_embeddings", True) else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"transformers' model does not take these weights: missing {missing}, extra {unexpected}")
-    return hf.to(dtype=dtype, device=device).eval()
+    model: torch.nn.Module = hf.to(dtype=dtype, device=device).eval()
+    return model
 
 
 @dataclass
@@ -80,7 +82,8 @@ class TransformersCache:
         input_ids = torch.tensor([[token]], device=self._device)
         out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return out.logits[0, -1].float()
+        logits: torch.Tensor = out.logits[0, -1].float()
+        return logits
 
     def forget(self, doc: str) -> None:
         pass

@@ -32,7 +32,7 @@ SLOW = 3600.0
 METRICS = ("prompt_tokens", "processed_tokens", "reused_tokens", "prefill_ms", "decode_ms", "total_ms")
 
 
-def load_trace(path: Path) -> list[dict]:
+def load_trace(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -43,7 +43,7 @@ def _sample(indices: list[int], n: int) -> set[int]:
     return {indices[round(i * step)] for i in range(n)}
 
 
-def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
+def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     options = {
         "maxTokens": args.max_tokens,
         "ignoreEos": args.ignore_eos,
@@ -77,7 +77,7 @@ def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     completes = [i for i, op in enumerate(trace) if op["op"] == "complete"]
     wanted = set(completes) if mode == "reuse" else _sample(completes, args.slow_steps)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     versions: dict[str, int] = {}
     for i, op in enumerate(trace):
         kind = op["op"]
@@ -132,7 +132,7 @@ def run_mode(mode: str, trace: list[dict], args: argparse.Namespace) -> dict:
     return {"mode": mode, "load_s": load_s, "rows": rows, "server_stats": stats, "peak_rss_mb": rss}
 
 
-def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Medians and p95 over the completions that ran the model (typed-through ones are counted apart)."""
     rows = [r for r in rows if r.get("stop_reason") != "typed_through"]
     out = {}
@@ -149,7 +149,7 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
 
 
-def report(results: dict[str, dict]) -> dict:
+def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"modes": {}}
     for mode, res in results.items():
         s = summarize(res["rows"])
