@@ -27,7 +27,7 @@ from .weights import convert_state_dict, load_safetensors_dir, random_state_dict
 
 # The torch path of the Mamba layers (no CPU extension; GPU without mamba_ssm): up to this many
 # new tokens the token-by-token recurrence is used, above it the chunked scan. (With the
-# extension, kernels.mamba_mixer runs the recurrence for any T.) Whole-model continuation after
+# extension, CpuKernels.mamba_mixer runs the recurrence for any T.) Whole-model continuation after
 # 256 tokens, 1 thread, ms CPU (recurrent / scan): T=1 191/232,
 # 2 236/285, 4 289/304, 8 401/394, 16 454/524, 32 728/605: equal within noise from 6 to 16.
 DEFAULT_RECURRENT_MAX = 8
@@ -74,7 +74,7 @@ class HybridModel:
         self.recurrent_max = recurrent_max
         self.single_thread_small_ops = single_thread_small_ops
         self.prefill_piece = prefill_piece
-        # Decode steps through kernels.decode_layers (every layer in one call) where it applies;
+        # Decode steps through CpuKernels.decode_layers (every layer in one call) where it applies;
         # False forces the layer-by-layer path (tests compare the two).
         self.fused_step = True
         self._step_plan: tuple[list[Tensor | None], list[int], list[float]] | None = None
@@ -274,7 +274,7 @@ class HybridModel:
         return self.lm_head_logits(x if all_logits else x[-1])
 
     def _one_call_step_applies(self) -> bool:
-        """Whether a one-token step can run as kernels.decode_layers: the packed CPU kernels, no
+        """Whether a one-token step can run as CpuKernels.decode_layers: the packed CPU kernels, no
         RoPE, every layer on its fused kernels, and no failpoint waiting inside the layer loop."""
         return (
             self.fused_step
@@ -286,7 +286,7 @@ class HybridModel:
         )
 
     def _decode_plan(self) -> tuple[list[Tensor | None], list[int], list[float]]:
-        """The weights and sizes kernels.decode_layers takes, flattened once (layout: step.cpp;
+        """The weights and sizes CpuKernels.decode_layers takes, flattened once (layout: step.cpp;
         a model's weights never change after construction)."""
         if self._step_plan is None:
             cfg = self.config
