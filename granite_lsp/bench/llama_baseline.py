@@ -54,73 +54,11 @@ def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0)
     qtype, file_type = {"f32": (T.F32, FT.ALL_F32), "f16": (T.F16, FT.MOSTLY_F16), "q8_0": (T.Q8_0, FT.MOSTLY_Q8_0)}[
         kind
     ]
-    rng = np.random.default_rng(seed)
-    D, L = cfg.hidden_size, cfg.num_hidden_layers
-    H, N, G, K = cfg.mamba_n_heads, cfg.mamba_d_state, cfg.mamba_n_groups, cfg.mamba_d_conv
-    E, C, F = cfg.mamba_intermediate, cfg.mamba_conv_dim, cfg.shared_intermediate_size
-    nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     tmp = path.with_name(path.name + ".part")
     w = gguf.GGUFWriter(str(tmp), "granitehybrid")
     try:
-        w.add_name("granite-lsp bench, random weights")
-        w.add_file_type(int(file_type))
-        w.add_block_count(L)
-        w.add_context_length(cfg.raw.get("max_position_embeddings", 32768))
-        w.add_embedding_length(D)
-        w.add_feed_forward_length(F)
-        w.add_head_count(nq)
-        w.add_head_count_kv([nkv if k == "attention" else 0 for k in cfg.layer_kinds])
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_expert_count(0)
-        w.add_expert_used_count(0)
-        w.add_expert_shared_feed_forward_length(F)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_rope_dimension_count(hd)
-        # llama.cpp's Granite loader reads this flag as "the attention uses RoPE" and defaults it
-        # to true: without it, every attention layer would rotate q and k, as Granite 4.0-H does not.
-        w.add_rope_scaling_finetuned(False)
-        w.add_attention_scale(cfg.attention_multiplier)
-        w.add_embedding_scale(cfg.embedding_multiplier)
-        w.add_residual_scale(cfg.residual_multiplier)
-        w.add_logit_scale(cfg.logits_scaling)
-        w.add_ssm_conv_kernel(K)
-        w.add_ssm_state_size(N)
-        w.add_ssm_group_count(G)
-        w.add_ssm_inner_size(E)
-        w.add_ssm_time_step_rank(H)
-        w.add_tokenizer_model("none")
-
-        def f32(name: str, a: np.ndarray) -> None:
-            w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
-
-        def matrix(name: str, rows: int, cols: int) -> None:
-            a = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cfg.initializer_range)
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)  # F32/F16: a plain cast
-
-        ones = np.ones(D, dtype=np.float32)
-        matrix("token_embd.weight", cfg.vocab_size, D)  # tied: llama.cpp reuses it as the output
-        for i, k in enumerate(cfg.layer_kinds):
-            b = f"blk.{i}."
-            f32(b + "attn_norm.weight", ones)
-            if k == "mamba":
-                matrix(b + "ssm_in.weight", 2 * E + 2 * G * N + H, D)
-                f32(b + "ssm_conv1d.weight", rng.standard_normal((C, K), dtype=np.float32) * 0.2)
-                f32(b + "ssm_conv1d.bias", np.zeros(C))
-                f32(b + "ssm_dt.bias", rng.uniform(-4.0, -2.0, H))
-                f32(b + "ssm_a", -rng.uniform(1.0, 16.0, (H, 1)))  # A = -exp(A_log), as the converter stores it
-                f32(b + "ssm_d", np.ones((H, 1)))
-                f32(b + "ssm_norm.weight", np.ones((G, E // G)))
-                matrix(b + "ssm_out.weight", D, E)
-            else:
-                matrix(b + "attn_q.weight", nq * hd, D)
-                matrix(b + "attn_k.weight", nkv * hd, D)
-                matrix(b + "attn_v.weight", nkv * hd, D)
-                matrix(b + "attn_output.weight", D, nq * hd)
-            f32(b + "ffn_norm.weight", ones)
-            matrix(b + "ffn_gate.weight", F, D)
-            matrix(b + "ffn_up.weight", F, D)
-            matrix(b + "ffn_down.weight", D, F)
-        f32("output_norm.weight", ones)
+        _write_metadata(w, cfg, int(file_type))
+        _write_tensors(w, cfg, qtype, np.random.default_rng(seed))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -130,6 +68,81 @@ def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0)
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+
+
+def _write_metadata(w: Any, cfg: HybridConfig, file_type: int) -> None:
+    """The keys llama.cpp's ``granitehybrid`` loader reads (``w``: a ``gguf.GGUFWriter``)."""
+    D, L, F = cfg.hidden_size, cfg.num_hidden_layers, cfg.shared_intermediate_size
+    nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    w.add_name("granite-lsp bench, random weights")
+    w.add_file_type(file_type)
+    w.add_block_count(L)
+    w.add_context_length(cfg.raw.get("max_position_embeddings", 32768))
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(nq)
+    w.add_head_count_kv([nkv if k == "attention" else 0 for k in cfg.layer_kinds])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(0)
+    w.add_expert_used_count(0)
+    w.add_expert_shared_feed_forward_length(F)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(hd)
+    # llama.cpp's Granite loader reads this flag as "the attention uses RoPE" and defaults it
+    # to true: without it, every attention layer would rotate q and k, as Granite 4.0-H does not.
+    w.add_rope_scaling_finetuned(False)
+    w.add_attention_scale(cfg.attention_multiplier)
+    w.add_embedding_scale(cfg.embedding_multiplier)
+    w.add_residual_scale(cfg.residual_multiplier)
+    w.add_logit_scale(cfg.logits_scaling)
+    w.add_ssm_conv_kernel(cfg.mamba_d_conv)
+    w.add_ssm_state_size(cfg.mamba_d_state)
+    w.add_ssm_group_count(cfg.mamba_n_groups)
+    w.add_ssm_inner_size(cfg.mamba_intermediate)
+    w.add_ssm_time_step_rank(cfg.mamba_n_heads)
+    w.add_tokenizer_model("none")
+
+
+def _write_tensors(w: Any, cfg: HybridConfig, qtype: Any, rng: np.random.Generator) -> None:
+    """Random tensors with the names, shapes and types llama.cpp's converter writes for Granite 4.0-H."""
+    import gguf
+
+    D, F = cfg.hidden_size, cfg.shared_intermediate_size
+    H, N, G, K = cfg.mamba_n_heads, cfg.mamba_d_state, cfg.mamba_n_groups, cfg.mamba_d_conv
+    E, C = cfg.mamba_intermediate, cfg.mamba_conv_dim
+    nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def f32(name: str, a: np.ndarray) -> None:
+        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        a = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cfg.initializer_range)
+        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)  # F32/F16: a plain cast
+
+    ones = np.ones(D, dtype=np.float32)
+    matrix("token_embd.weight", cfg.vocab_size, D)  # tied: llama.cpp reuses it as the output
+    for i, k in enumerate(cfg.layer_kinds):
+        b = f"blk.{i}."
+        f32(b + "attn_norm.weight", ones)
+        if k == "mamba":
+            matrix(b + "ssm_in.weight", 2 * E + 2 * G * N + H, D)
+            f32(b + "ssm_conv1d.weight", rng.standard_normal((C, K), dtype=np.float32) * 0.2)
+            f32(b + "ssm_conv1d.bias", np.zeros(C))
+            f32(b + "ssm_dt.bias", rng.uniform(-4.0, -2.0, H))
+            f32(b + "ssm_a", -rng.uniform(1.0, 16.0, (H, 1)))  # A = -exp(A_log), as the converter stores it
+            f32(b + "ssm_d", np.ones((H, 1)))
+            f32(b + "ssm_norm.weight", np.ones((G, E // G)))
+            matrix(b + "ssm_out.weight", D, E)
+        else:
+            matrix(b + "attn_q.weight", nq * hd, D)
+            matrix(b + "attn_k.weight", nkv * hd, D)
+            matrix(b + "attn_v.weight", nkv * hd, D)
+            matrix(b + "attn_output.weight", D, nq * hd)
+        f32(b + "ffn_norm.weight", ones)
+        matrix(b + "ffn_gate.weight", F, D)
+        matrix(b + "ffn_up.weight", F, D)
+        matrix(b + "ffn_down.weight", D, F)
+    f32("output_norm.weight", ones)
 
 
 def gguf_for(folder: Path, raw_config: dict[str, Any], kind: str) -> Path:

@@ -26,7 +26,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,12 @@ import torch.nn.functional as F
 
 from ..kernels import PackedLinear
 from ..runtime import cuda_kernels
-from ..runtime.config import HybridConfig
 from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
 from ..runtime.model import HybridModel
 from ..runtime.ssm import ssm_chunked
-from ..tokens import CONTROL_TOKENS
 from .llama_baseline import LlamaPeer, gguf_for, settle
-from .shape import REPO, real_config
+from .rss import server_peak_rss_mb
+from .shape import PRECISIONS, real_config
 
 
 def _sync() -> None:
@@ -104,25 +103,20 @@ def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torc
     return _time(run, repeat)
 
 
-def bench_model(
-    model: HybridModel, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None = None
-) -> dict[str, Any]:
-    """Figures of one model (floats; ``decode_layered_ms`` None where there is no one-call step)."""
-    ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
+def _time_prefill(
+    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None
+) -> tuple[float, list[float]]:
+    """Our best prefill time, and llama.cpp's prefill times (when given). Each round times ours,
+    then llama.cpp's on the same tokens; the first round is warm-up for both."""
     id_list = ids.tolist()
-
-    def do_prefill() -> None:
-        model.forward(ids[:prefill], model.new_state(prefill + decode))
-
-    # Each round times our prefill, then llama.cpp's (when given) on the same tokens; the first
-    # round is warm-up for both, and the minimum of the others is kept for each.
-    ours_pf, peer_pf = [], []
+    ours_pf: list[float] = []
+    peer_pf: list[float] = []
     for r in range(repeat + 1):
         if peer is not None:
             settle()
         _sync()
         t0 = time.perf_counter()
-        do_prefill()
+        model.forward(ids[:prefill], model.new_state(prefill + decode))
         _sync()
         if r:
             ours_pf.append(time.perf_counter() - t0)
@@ -130,14 +124,23 @@ def bench_model(
             t = peer.prefill(id_list[:prefill])
             if r:
                 peer_pf.append(t)
-    t_prefill = min(ours_pf)
+    return min(ours_pf), peer_pf
+
+
+def _time_decode(
+    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Seconds of: decode steps, the same steps layer by layer, the matmuls alone, llama.cpp's steps.
+
+    Decode steps and the matmuls alone are timed in alternation, so that both see the same
+    machine (a shared 2-core box drifts by 30% within a minute); callers keep the minimum of each.
+    The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
+    one-call step (kernels/step.cpp) saves, where it applies (not on GPU, nor without the kernels).
+    """
+    id_list = ids.tolist()
     state = model.new_state(prefill + decode + 1)
     model.forward(ids[:prefill], state)
     snap = state.snapshot()
-    # Decode steps and the matmuls alone are timed in alternation, so that both see the same
-    # machine (a shared 2-core box drifts by 30% within a minute); the minimum of each is kept.
-    # The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
-    # one-call step (kernels/step.cpp) saves, where it applies (not on GPU, nor without the kernels).
     steps: list[float] = []
     layered: list[float] = []
     lin1: list[float] = []
@@ -163,6 +166,16 @@ def bench_model(
             got = peer.decode(id_list[:prefill], id_list[prefill : prefill + decode])
             peer_steps += got if r else got[1:]  # the same warm-up step as ours left out
     model.fused_step = fused_step
+    return steps, layered, lin1, peer_steps
+
+
+def bench_model(
+    model: HybridModel, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None = None
+) -> dict[str, Any]:
+    """Figures of one model (floats; ``decode_layered_ms`` None where there is no one-call step)."""
+    ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
+    t_prefill, peer_pf = _time_prefill(model, ids, prefill, decode, repeat, peer)
+    steps, layered, lin1, peer_steps = _time_decode(model, ids, prefill, decode, repeat, peer)
     t_step = min(steps)
     t_ours1 = min(lin1)
     with small_ops_single_threaded():
@@ -243,108 +256,9 @@ LLAMA_CPP = {
     "float16": ("F16", 26.4, 215.0),
     "int8": ("Q8_0", 35.9, 161.0),
 }
-PRECISIONS = {
-    "float32": (torch.float32, None),
-    "bfloat16": (torch.bfloat16, None),
-    "float16": (torch.float16, None),
-    "int8": (torch.float32, "int8"),
-}
 
 
-# Granite's control tokens have the ids 100257.. in tokens.CONTROL_TOKENS' order (BOS = EOS).
-GRANITE_CONTROL_IDS = {name: 100257 + i for i, name in enumerate(CONTROL_TOKENS)}
-
-
-def write_granite_sized_tokenizer(dst: Path, corpus_chars: int = 40_000_000) -> None:
-    """A tokenizer the size of Granite's for the RSS measurement: the tiny model's (byte-level BPE,
-    same pre-tokenizer and control tokens) retrained to 100,257 merges-built tokens on this Python's
-    standard library, the control tokens at Granite's ids. The real one cannot be downloaded here,
-    and a 100k-token vocabulary holds ~30 MB in the server that the tiny one (768 tokens) does not;
-    on code it also cuts text into about as many tokens (~16 s to train on 2 cores)."""
-    import shutil
-    import sysconfig
-
-    from tokenizers import Tokenizer, pre_tokenizers, trainers
-
-    tiny_dir = REPO / "model" / "tiny"
-    tiny = json.loads((tiny_dir / "tokenizer.json").read_text())
-    blank = {**tiny, "added_tokens": [], "model": {**tiny["model"], "vocab": {}, "merges": []}}
-    tok = Tokenizer.from_str(json.dumps(blank))
-    first_control = min(GRANITE_CONTROL_IDS.values())
-    trainer = trainers.BpeTrainer(
-        vocab_size=first_control, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-
-    def corpus() -> Iterator[str]:
-        seen = 0
-        for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-            try:
-                text = f.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            yield text
-            seen += len(text)
-            if seen >= corpus_chars:
-                return
-
-    tok.train_from_iterator(corpus(), trainer)
-    out = json.loads(tok.to_str())
-    out["added_tokens"] = [{**a, "id": GRANITE_CONTROL_IDS[a["content"]]} for a in tiny["added_tokens"]]
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "tokenizer.json").write_text(json.dumps(out))
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_dir / name).is_file():
-            shutil.copy(tiny_dir / name, dst / name)
-
-
-def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str = "cpu") -> float:
-    """Peak RSS (VmHWM) of a real ``granite-lsp --stdio`` that loaded a real-shape checkpoint in
-    ``precision`` and answered one completion."""
-    import os
-
-    from safetensors.torch import save_file
-
-    from ..runtime.weights import random_state_dict
-    from .client import RpcClient
-
-    ckpt = workdir / "granite-4.0-h-350m-random"
-    if not (ckpt / "model.safetensors").is_file():
-        ckpt.mkdir(parents=True, exist_ok=True)
-        cfg = {**real_config(), "dtype": "bfloat16"}
-        sd = {k: v.to(torch.bfloat16).contiguous() for k, v in random_state_dict(HybridConfig.load(cfg)).items()}
-        save_file(sd, str(ckpt / "model.safetensors"))
-        del sd
-        (ckpt / "config.json").write_text(json.dumps(cfg))
-    tokenizer = ckpt / "tokenizer.json"
-    if not tokenizer.is_file() or tokenizer.stat().st_size < 1 << 20:  # absent, or an older run's tiny one
-        write_granite_sized_tokenizer(ckpt)
-    dtype, quantize = PRECISIONS[precision]
-    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(ckpt), "--device", device]
-    cmd += ["--dtype", str(dtype).removeprefix("torch."), "--threads", str(threads)]
-    if quantize:
-        cmd += ["--quantize", quantize]
-    server = RpcClient(cmd)
-    try:
-        server.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}}, timeout=1800.0)
-        server.notify("initialized", {})
-        status = server.wait_ready()
-        if status["state"] != "ready":
-            raise RuntimeError(f"server failed to load: {status['message']}")
-        text = "def add(a, b):\n    return a + b\n\n" * 40 + "def mul(a, b):\n    "
-        doc = {"uri": "file:///bench.py", "languageId": "python", "version": 1, "text": text}
-        server.notify("textDocument/didOpen", {"textDocument": doc})
-        pos = {"line": text.count("\n"), "character": 4}
-        server.call(
-            "textDocument/inlineCompletion",
-            {"textDocument": {"uri": doc["uri"]}, "position": pos, "context": {"triggerKind": 1}},
-            timeout=1800.0,
-        )
-        return server.peak_rss_mb()
-    finally:
-        server.close()
-
-
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512)
@@ -382,6 +296,56 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--llama-cpp runs llama.cpp's CPU build; use it with --device cpu")
     if args.llama_cpp_python != sys.executable and not args.llama_cpp:
         ap.error("--llama-cpp-python is the interpreter for --llama-cpp DIR; give both")
+    return args
+
+
+def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int, with_peer: bool) -> None:
+    """One precision's CPU figures, beside the issue's llama-bench figures (and the same rounds')."""
+    ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
+    layered = r["decode_layered_ms"]
+    print(
+        f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if packed else 'torch matmuls'})\n"
+        f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
+        f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
+        f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
+        + (
+            f"  decode step layer by layer (no one-call step) {layered:.1f} ms:"
+            f" x{layered / r['decode_ms']:.2f} the one-call step\n"
+            if layered
+            else ""
+        )
+        + f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
+        f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
+        f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
+        f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
+        f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
+        f"  matmuls alone, {prefill} tokens: {r['prefill_linear_s']:.2f} s"
+        f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
+    )
+    if with_peer:
+        tg, pp = r["llama_decode_tok_s"], r["llama_prefill_tok_s"]
+        print(
+            f"  llama.cpp {ref_name} in the same rounds: decode {tg:6.2f} tok/s"
+            f" (median {r['llama_decode_median_ms']:.1f} ms/step): ours x{r['decode_tok_s'] / tg:.2f};"
+            f"  prefill {pp:6.1f} tok/s: ours x{r['prefill_tok_s'] / pp:.2f}"
+        )
+
+
+def _print_gpu(name: str, r: dict[str, Any], device: torch.device, prefill: int) -> None:
+    print(
+        f"\n{name} on {device} (weights {r['weight_mb']:.0f} MB)\n"
+        f"  decode  {r['decode_tok_s']:7.1f} tok/s  "
+        f"({r['decode_ms']:.2f} ms/step, median {r['decode_median_ms']:.2f})\n"
+        f"  prefill {r['prefill_tok_s']:7.0f} tok/s  ({r['prefill_s'] * 1e3:.1f} ms)\n"
+        f"  matmuls alone, 1 token: {r['linear_ms']:.2f} ms (torch F.linear {r['torch_linear_ms']:.2f} ms);"
+        f" {prefill} tokens: {r['prefill_linear_s'] * 1e3:.1f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
     cfg = real_config()
     where = f"threads {torch.get_num_threads()}"
     if device.type == "cuda":
@@ -409,46 +373,12 @@ def main(argv: list[str] | None = None) -> None:
                 peer.close()
         r["weight_mb"] = model.weight_bytes() / 2**20
         if on_cpu:
-            ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
-            layered = r["decode_layered_ms"]
-            print(
-                f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if model.packed else 'torch matmuls'})\n"
-                f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
-                f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
-                f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
-                + (
-                    f"  decode step layer by layer (no one-call step) {layered:.1f} ms:"
-                    f" x{layered / r['decode_ms']:.2f} the one-call step\n"
-                    if layered
-                    else ""
-                )
-                + f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
-                f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
-                f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
-                f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
-                f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
-                f"  matmuls alone, {args.prefill} tokens: {r['prefill_linear_s']:.2f} s"
-                f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
-            )
-            if peer is not None:
-                tg, pp = r["llama_decode_tok_s"], r["llama_prefill_tok_s"]
-                print(
-                    f"  llama.cpp {ref_name} in the same rounds: decode {tg:6.2f} tok/s"
-                    f" (median {r['llama_decode_median_ms']:.1f} ms/step): ours x{r['decode_tok_s'] / tg:.2f};"
-                    f"  prefill {pp:6.1f} tok/s: ours x{r['prefill_tok_s'] / pp:.2f}"
-                )
+            _print_cpu(name, r, model.packed, args.prefill, peer is not None)
             if args.sweep:
                 sweep_chunk_sizes(model, args.repeat)
                 sweep_threshold(model, args.repeat)
         else:
-            print(
-                f"\n{name} on {device} (weights {r['weight_mb']:.0f} MB)\n"
-                f"  decode  {r['decode_tok_s']:7.1f} tok/s  "
-                f"({r['decode_ms']:.2f} ms/step, median {r['decode_median_ms']:.2f})\n"
-                f"  prefill {r['prefill_tok_s']:7.0f} tok/s  ({r['prefill_s'] * 1e3:.1f} ms)\n"
-                f"  matmuls alone, 1 token: {r['linear_ms']:.2f} ms (torch F.linear {r['torch_linear_ms']:.2f} ms);"
-                f" {args.prefill} tokens: {r['prefill_linear_s'] * 1e3:.1f} ms"
-            )
+            _print_gpu(name, r, device, args.prefill)
         del model
         if args.rss:
             r["server_peak_rss_mb"] = server_peak_rss_mb(name, args.threads, args.workdir, args.device)

@@ -10,10 +10,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..runtime.config import HybridConfig
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_CONFIG = REPO / "model" / "granite-4.0-h-350m" / "config.json"
+# The precisions the benches compare: name -> (weight dtype, quantization).
+PRECISIONS = {
+    "float32": (torch.float32, None),
+    "bfloat16": (torch.bfloat16, None),
+    "float16": (torch.float16, None),
+    "int8": (torch.float32, "int8"),
+}
 
 
 def real_config() -> dict[str, Any]:

@@ -43,7 +43,8 @@ def _sample(indices: list[int], n: int) -> set[int]:
     return {indices[round(i * step)] for i in range(n)}
 
 
-def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
+    """A server for ``mode`` with the model loaded, and the seconds the load took."""
     options = {
         "maxTokens": args.max_tokens,
         "ignoreEos": args.ignore_eos,
@@ -74,7 +75,40 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
     if status["state"] != "ready":
         server.close()
         raise RuntimeError(f"{mode}: model failed to load: {status['message']}")
-    load_s = time.perf_counter() - t0
+    return server, time.perf_counter() - t0
+
+
+def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any]:
+    """One completion request of the trace, timed, with the server's own figures for it."""
+    params = {
+        "textDocument": {"uri": op["uri"]},
+        "position": {"line": op["line"], "character": op["character"]},
+        "context": {"triggerKind": 1},
+    }
+    t = time.perf_counter()
+    result = server.call("textDocument/inlineCompletion", params, timeout=SLOW)
+    wall_ms = (time.perf_counter() - t) * 1000.0
+    last = server.call("granite/stats", None)["last"]
+    items = (result or {}).get("items", [])
+    r = {
+        "step": step,
+        "text": items[0]["insertText"] if items else "",
+        "request_ms": wall_ms,
+        **{k: last.get(k) for k in METRICS},
+        "generated_tokens": last.get("generated_tokens"),
+        "stop_reason": last.get("stop_reason"),
+    }
+    steps = (r["generated_tokens"] or 0) - 1  # the first token comes from the prompt's logits
+    if steps > 0 and r.get("decode_ms"):
+        # the request's wall time against that many tokens' worth of decode steps alone
+        r["decode_step_ms"] = r["decode_ms"] / steps
+        r["request_over_decode"] = wall_ms / (r["decode_step_ms"] * r["generated_tokens"])
+    return r
+
+
+def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Replay ``trace`` through a server of ``mode``: every edit, and the completions it answers."""
+    server, load_s = _start(mode, args)
     completes = [i for i, op in enumerate(trace) if op["op"] == "complete"]
     wanted = set(completes) if mode == "reuse" else _sample(completes, args.slow_steps)
     rows: list[dict[str, Any]] = []
@@ -93,37 +127,11 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
                 {"textDocument": {"uri": op["uri"], "version": versions[op["uri"]]}, "contentChanges": [change]},
             )
         elif kind == "complete" and i in wanted:
-            params = {
-                "textDocument": {"uri": op["uri"]},
-                "position": {"line": op["line"], "character": op["character"]},
-                "context": {"triggerKind": 1},
-            }
-            t = time.perf_counter()
-            result = server.call("textDocument/inlineCompletion", params, timeout=SLOW)
-            wall_ms = (time.perf_counter() - t) * 1000.0
-            last = server.call("granite/stats", None)["last"]
-            items = (result or {}).get("items", [])
-            rows.append(
-                {
-                    "step": i,
-                    "text": items[0]["insertText"] if items else "",
-                    "request_ms": wall_ms,
-                    **{k: last.get(k) for k in METRICS},
-                    "generated_tokens": last.get("generated_tokens"),
-                    "stop_reason": last.get("stop_reason"),
-                }
-            )
-            r = rows[-1]
-            steps = (r["generated_tokens"] or 0) - 1  # the first token comes from the prompt's logits
-            if steps > 0 and r.get("decode_ms"):
-                # the request's wall time against that many tokens' worth of decode steps alone
-                r["decode_step_ms"] = r["decode_ms"] / steps
-                r["request_over_decode"] = wall_ms / (r["decode_step_ms"] * r["generated_tokens"])
+            rows.append(r := _complete(server, i, op))
             if args.verbose:
-                r = rows[-1]
                 print(
                     f"  [{mode}] step {i}: re-processed {r['processed_tokens']}, prefill {r['prefill_ms']:.0f} ms, "
-                    f"decode {r['decode_ms']:.0f} ms, request {wall_ms:.0f} ms",
+                    f"decode {r['decode_ms']:.0f} ms, request {r['request_ms']:.0f} ms",
                     file=sys.stderr,
                 )
     stats = server.call("granite/stats", None)
