@@ -101,7 +101,13 @@ def complete_main(argv: list[str]) -> int:
     except (ModelNotFound, UnsafeCheckpoint, SettingsError) as e:
         print(f"granite-lsp: {e}", file=sys.stderr)
         return 2
-    result = service.complete(doc.uri, text, cursor, shape=not args.raw)
+    from .context import ContextRing
+
+    # As the editor would send it: the file's path relative to the working directory (the workspace).
+    header = ContextRing(roots=(Path.cwd().as_posix(),)).ids(
+        doc.uri, service.loaded.tokenizer, 0, settings.filename_in_prompt
+    )
+    result = service.complete(doc.uri, text, cursor, shape=not args.raw, context_ids=header)
     if result.suggestion is not None:
         sys.stdout.write(result.suggestion.text)
         sys.stdout.flush()

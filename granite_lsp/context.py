@@ -1,9 +1,21 @@
-"""Context from other files: snippets of open documents put in front of the FIM prompt.
+"""Context from other files, and the current file's name: what goes in front of the FIM prompt.
 
-Each snippet becomes a ``<|filename|>path\\n<text>`` block. The blocks sit at the very start of the
+The prompt takes the repository-level form of the Granite / StarCoder family, where a repository is
+files concatenated, each introduced by ``<|filename|>`` and its path (StarCoder's ``<filename>``,
+StarCoder2's ``<file_sep>``), and the file being completed is the last one, in FIM form:
+
+    <|filename|>src/util.py\n<snippet>\n ... <|filename|>src/app.py\n<|fim_prefix|>...<|fim_suffix|>...<|fim_middle|>
+
+Paths are relative to the workspace folder that holds the file (from initialize's workspaceFolders or
+rootUri); a file outside every folder is named by its file name alone, and a document that is not a file
+(``untitled:``) gets no name. The name tells the model the language, which an empty file does not.
+
+Each snippet becomes a ``<|filename|>path\n<text>`` block. The blocks sit at the very start of the
 prompt, so any change to them re-processes everything after; they are therefore kept in a *stable*
 order (first seen first), a block's text is only refreshed when its document is edited (which, while
-the user types elsewhere, is never), and the current document is never part of its own context.
+the user types elsewhere, is never), and the current document is never part of its own context. The
+current file's ``<|filename|>`` line comes last, right before ``<|fim_prefix|>``: it only changes when the
+user switches files, which changes everything after it anyway.
 
 Only text the client has sent us is used (open documents): no URI is ever followed to read a file.
 """
@@ -11,8 +23,10 @@ Only text the client has sent us is used (open documents): no URI is ever follow
 from __future__ import annotations
 
 import itertools
+import posixpath
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .tokens import TextTokenizer
@@ -30,14 +44,44 @@ class _Chunk:
     ids: list[int] | None = None
 
 
-def _display_path(uri: str) -> str:
+def _file_path(uri: str) -> str | None:
+    """The path of a ``file:`` URI (posix separators), None for any other scheme."""
     parsed = urlparse(uri)
-    return unquote(parsed.path).lstrip("/") if parsed.scheme == "file" else uri
+    if parsed.scheme != "file":
+        return None
+    path = unquote(parsed.path)
+    if len(path) > 2 and path[0] == "/" and path[2] == ":":  # file:///c:/x -> c:/x
+        path = path[1:]
+    return path.replace("\\", "/")
+
+
+def workspace_roots(params: Any) -> list[str]:
+    """The workspace folders' paths from initialize's params (workspaceFolders, else rootUri, else rootPath)."""
+    uris = [f.uri for f in (getattr(params, "workspace_folders", None) or [])]
+    if not uris and getattr(params, "root_uri", None):
+        uris = [params.root_uri]
+    roots = [p for p in (_file_path(u) for u in uris) if p]
+    if not roots and getattr(params, "root_path", None):
+        roots = [str(params.root_path).replace("\\", "/")]
+    return [r.rstrip("/") or "/" for r in roots]
+
+
+def display_path(uri: str, roots: list[str] | tuple[str, ...] = ()) -> str | None:
+    """``uri``'s path relative to the innermost workspace root holding it; the file name when none does;
+    None for a document that is not a file."""
+    path = _file_path(uri)
+    if path is None:
+        return None
+    for root in sorted(roots, key=len, reverse=True):
+        if path.startswith(root.rstrip("/") + "/"):
+            return posixpath.relpath(path, root)
+    return posixpath.basename(path) or None
 
 
 @dataclass
 class ContextRing:
     max_chunks: int = 16
+    roots: tuple[str, ...] = ()  # workspace folders: paths are shown relative to them
     _chunks: dict[tuple[str, int], _Chunk] = field(default_factory=dict)
     _clock: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -71,16 +115,30 @@ class ContextRing:
             for key in [k for k in self._chunks if k[0] == uri]:
                 del self._chunks[key]
 
-    def ids(self, current_uri: str, tokenizer: TextTokenizer, budget: int) -> list[int]:
-        """The context blocks for a prompt in ``current_uri``, at most ``budget`` tokens."""
+    def set_roots(self, roots: list[str]) -> None:
+        """Name files relative to these workspace folders from now on (blocks are re-encoded)."""
+        with self._lock:
+            self.roots = tuple(roots)
+            for chunk in self._chunks.values():
+                chunk.ids = None
+
+    def header(self, uri: str, tokenizer: TextTokenizer) -> list[int]:
+        """``<|filename|>path\\n`` for the file being completed, [] when it has no file name."""
+        path = display_path(uri, self.roots)
+        return [tokenizer.control.filename, *tokenizer.encode(f"{path}\n")] if path else []
+
+    def ids(self, current_uri: str, tokenizer: TextTokenizer, budget: int, filename: bool = True) -> list[int]:
+        """The context blocks for a prompt in ``current_uri`` (at most ``budget`` tokens), followed by the
+        current file's own ``<|filename|>`` line when ``filename`` (outside the budget: it is a few tokens)."""
+        own = self.header(current_uri, tokenizer) if filename else []
         if budget <= 0:
-            return []
+            return own
         with self._lock:
             candidates = [c for c in self._chunks.values() if c.uri != current_uri and c.text.strip()]
             for c in candidates:
                 if c.ids is None:
-                    body = tokenizer.encode(f"{_display_path(c.uri)}\n{c.text}\n")
-                    c.ids = [tokenizer.control.filename, *body]
+                    name = display_path(c.uri, self.roots) or c.uri
+                    c.ids = [tokenizer.control.filename, *tokenizer.encode(f"{name}\n{c.text}\n")]
             chosen, used, seen = [], 0, set()
             for c in sorted(candidates, key=lambda c: -c.touched):  # the most recent regions win the budget
                 if c.text in seen or used + len(c.ids) > budget:
@@ -89,4 +147,4 @@ class ContextRing:
                 chosen.append(c)
                 used += len(c.ids)
             chosen.sort(key=lambda c: c.order)  # ... but keep their places, so the prompt rarely moves
-            return [tid for c in chosen for tid in c.ids]
+            return [tid for c in chosen for tid in c.ids] + own

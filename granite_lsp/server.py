@@ -14,7 +14,7 @@ from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from . import __version__
-from .context import ContextRing
+from .context import ContextRing, workspace_roots
 from .documents import UTF16, DocumentStore, PositionError
 from .postprocess import Suggestion
 from .protocol import STATS, STREAMING_CAPABILITY, GraniteProtocol
@@ -239,7 +239,9 @@ class GraniteServer(LanguageServer):
             payload = {"uri": uri, "version": version, "position": position, "requestId": request_id}
             loop.call_soon_threadsafe(self.protocol.notify, PARTIAL, {**payload, "text": so_far, "done": done})
 
-        context_ids = self.context.ids(uri, service.loaded.tokenizer, self.settings.context_tokens)
+        context_ids = self.context.ids(
+            uri, service.loaded.tokenizer, self.settings.context_tokens, self.settings.filename_in_prompt
+        )
         # Standard clients get the first complete line as soon as it exists; the rest keeps generating
         # and is served from the typing-through memory when the user accepts that line. Our own clients
         # get the whole suggestion (growing through partial notifications when streaming is on).
@@ -339,7 +341,9 @@ class GraniteServer(LanguageServer):
         if cursor > len(doc.text):
             return
         text = doc.text
-        context_ids = self.context.ids(uri, service.loaded.tokenizer, self.settings.context_tokens)
+        context_ids = self.context.ids(
+            uri, service.loaded.tokenizer, self.settings.context_tokens, self.settings.filename_in_prompt
+        )
         self.counters["prefetches"] = self.counters.get("prefetches", 0) + 1
         self.worker.submit(
             uri, lambda job: service.complete(uri, text, cursor, context_ids=context_ids, cancelled=job.cancelled)
@@ -365,6 +369,7 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
     @server.feature(types.INITIALIZE)
     def on_initialize(ls: GraniteServer, params: types.InitializeParams) -> None:
         ls._client_info = params.client_info
+        ls.context.set_roots(workspace_roots(params))
         ls.apply_settings(params.initialization_options)
         if params.process_id:
             asyncio.get_running_loop().create_task(_watch_parent(params.process_id))

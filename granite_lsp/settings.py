@@ -64,6 +64,7 @@ class Settings:
     max_lines: int = setting(10, "lines in a multi-line suggestion at most", minimum=1, maximum=10_000)
     debounce_ms: int = setting(75, "longest wait of an automatic request while typing", minimum=0, maximum=10_000)
     context_tokens: int = setting(512, "tokens of other open files in the prompt", minimum=0, maximum=_TOKENS)
+    filename_in_prompt: bool = setting(True, "the current file's workspace-relative path in the prompt")
     cache_mb: int = setting(512, "state checkpoints' memory cap", minimum=0, maximum=1 << 20, aliases=("cacheMB",))
     streaming: bool = setting(True, "partial notifications, for clients that also opt in by capability")
     reuse: bool = setting(True, "reuse model state across requests")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_fixtures
 
+from granite_lsp.context import ContextRing
 from granite_lsp.documents import Document
 
 TRACES = REPO / "bench" / "traces"
@@ -29,16 +30,21 @@ def replay(trace: list[dict], on_complete) -> None:
 
 
 @pytest.mark.parametrize("trace_name", ["type_short.jsonl"])
-def test_reuse_is_exact_on_every_step_of_a_trace(make_service, trace_name: str) -> None:
+@pytest.mark.parametrize("filename", [False, True], ids=["bare", "filename"])
+def test_reuse_is_exact_on_every_step_of_a_trace(make_service, trace_name: str, filename: bool) -> None:
+    """Also with the current file's <|filename|> line in front, as the server sends it: it must not cost reuse."""
     trace = [json.loads(line) for line in (TRACES / trace_name).read_text().splitlines()]
     reuse = make_service(**BUDGET)
     scratch = make_service(**BUDGET, reuse=False)
+    names = ContextRing(roots=("/bench",))
     processed: list[int] = []
     mismatches: list[int] = []
 
     def check(uri: str, text: str, cursor: int) -> None:
-        a = reuse.complete(uri, text, cursor)
-        b = scratch.complete(uri, text, cursor)
+        header = names.ids(uri, reuse.loaded.tokenizer, 0, filename)
+        assert bool(header) == filename
+        a = reuse.complete(uri, text, cursor, context_ids=header)
+        b = scratch.complete(uri, text, cursor, context_ids=header)
         processed.append(a.generation.stats.processed_tokens)
         assert b.generation.stats.reused_tokens == 0
         if a.generation.token_ids != b.generation.token_ids:
