@@ -57,3 +57,34 @@ def rpc():
     client = RpcClient()
     yield client
     client.kill()
+
+
+def _isa_levels() -> list[str]:
+    """The kernels' ISA levels the exactness tests run at: every one this CPU has (from /proc/cpuinfo,
+    so collecting does not build the extension), capped by GRANITE_LSP_ISA when it is set (CI runs
+    once at avx2 and once at the highest level); one run when the kernels are disabled."""
+    import os
+
+    from granite_lsp.kernels import isa
+
+    if os.environ.get("GRANITE_LSP_KERNELS", "1") == "0":
+        return ["no-kernels"]
+    levels = isa.cpu_levels()
+    cap = os.environ.get("GRANITE_LSP_ISA")
+    if cap in levels:
+        levels = levels[: levels.index(cap) + 1]
+    return levels or ["no-kernels"]
+
+
+@pytest.fixture(scope="module", params=_isa_levels())
+def isa_level(request):
+    """Runs a module's tests at each ISA level in turn (``pytestmark = pytest.mark.usefixtures("isa_level")``);
+    without the extension the level is moot and the tests run once."""
+    from granite_lsp import kernels
+    from granite_lsp.kernels import isa
+
+    if request.param == "no-kernels" or not kernels.available():
+        yield request.param
+        return
+    with isa.at_level(request.param):
+        yield request.param

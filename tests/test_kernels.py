@@ -1,5 +1,5 @@
-"""granite_lsp.kernels: the AVX2 extension (streaming kernels and blocked GEMM) and its torch
-fallback against float64 references.
+"""granite_lsp.kernels: the extension (streaming kernels and blocked GEMM) and its torch fallback
+against float64 references, at every ISA level this CPU has (conftest's isa_level).
 
 The first run compiles the extension (~30-60 s on 2 cores); later runs load it from the cache.
 """
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from granite_lsp import kernels
-from granite_lsp.kernels import PackedLinear
+from granite_lsp.kernels import PackedLinear, isa
+
+pytestmark = pytest.mark.usefixtures("isa_level")
 
 # (K, N): real widths, K % 8 != 0 (the scalar tail), N not a multiple of any row block.
 SHAPES = [(768, 203), (1536, 77), (100, 37), (7, 5), (2048, 1)]
@@ -50,8 +52,14 @@ def _layer(
     return PackedLinear.from_weight(w, b, mode="int8" if mode == "int8" else "same"), w, b
 
 
-def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    """float64 product with the weights the layer holds (int8: its dequantized weights)."""
+def _reference(layer: PackedLinear, x: torch.Tensor, kernels_run: bool = True) -> torch.Tensor:
+    """float64 product with the weights the layer holds (int8: its dequantized weights), of x as
+    the kernels see it: where the GEMM runs on vdpbf16ps (isa.gemm_rounds_to_bf16), x rounded to
+    bf16. So the tolerance below holds on every level; the rounding's own effect is
+    test_bf16_gemm_rounds_activations_only's."""
+    gemm = kernels_run and x.shape[0] > kernels.GEMV_MAX_ROWS
+    if gemm and isa.gemm_rounds_to_bf16(layer.weight.dtype, layer.scale is not None):
+        x = x.bfloat16().float()
     y = x.double() @ layer.dequantize().double().T
     return y if layer.bias is None else y + layer.bias.double()
 
@@ -80,7 +88,7 @@ def test_torch_fallback_matches_reference(mode: str, k: int, n: int) -> None:
     layer, _, _ = _layer(mode, n, k, bias=True)
     for t in ROWS:
         x = torch.randn(t, k)
-        _check(layer._torch(x), _reference(layer, x), k)
+        _check(layer._torch(x), _reference(layer, x, kernels_run=False), k)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -88,7 +96,7 @@ def test_fallback_when_extension_unavailable(mode: str) -> None:
     layer, _, _ = _layer(mode, 50, 96, bias=True)
     x = torch.randn(3, 96)
     layer.kernels = None  # what a model built without the extension hands its matrices
-    _check(layer(x), _reference(layer, x), 96)
+    _check(layer(x), _reference(layer, x, kernels_run=False), 96)
 
 
 @needs_ext
@@ -261,3 +269,72 @@ def test_empty_inner_dimension_gives_the_bias(rows: int) -> None:
     layer = PackedLinear.from_weight(torch.zeros(5, 0), torch.arange(5.0))
     assert torch.equal(layer(torch.zeros(rows, 0)), torch.arange(5.0).expand(rows, 5))
     assert torch.equal(PackedLinear.from_weight(torch.zeros(5, 0))(torch.zeros(rows, 0)), torch.zeros(rows, 5))
+
+
+# -- ISA levels (isa.h) ----------------------------------------------------------------------------
+@needs_ext
+def test_isa_levels_follow_the_cpu_and_can_be_forced() -> None:
+    """The extension offers exactly the levels /proc/cpuinfo allows, the one in use is one of them
+    and set_level moves it (and refuses what the CPU lacks, with the CPU's levels in the error)."""
+    levels = isa.levels()
+    assert levels == isa.cpu_levels() and levels[0] == "avx2"
+    start = isa.level()
+    assert start in levels
+    with isa.at_level("avx2"):
+        assert isa.level() == "avx2"
+    assert isa.level() == start
+    for name in isa.LEVELS[len(levels) :]:
+        with pytest.raises(ValueError, match="lacks"):
+            isa.set_level(name)
+    with pytest.raises(ValueError, match="unknown"):
+        isa.set_level("sse2")
+
+
+def test_isa_environment_caps_the_level() -> None:
+    """GRANITE_LSP_ISA in a fresh process: a level the CPU has is applied; an unknown name is
+    ignored with the reason in note()."""
+    import subprocess
+    import sys
+
+    code = "from granite_lsp.kernels import isa; print(isa.level(), '|', isa.note())"
+    if not kernels.available():
+        pytest.skip(f"extension unavailable: {kernels.build_error()}")
+    for value, want_level, want_note in [("avx2", "avx2", ""), ("sse9", isa.levels()[-1], "not a level")]:
+        env = {**os.environ, "GRANITE_LSP_ISA": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        level, note = (part.strip() for part in out.stdout.split("|"))
+        assert level == want_level and want_note in note
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", MODES)
+def test_gemm_is_bit_identical_across_fp32_levels(mode: str) -> None:
+    """The AVX-512F GEMM sums every element in the avx2 GEMM's order: the same bits, for every weight
+    format (bf16 too, compared at avx512: only avx512_bf16 rounds x)."""
+    if "avx512" not in isa.levels():
+        pytest.skip("CPU without AVX-512")
+    layer, _, _ = _layer(mode, 1100, 700, bias=True, seed=4)
+    x = torch.randn(70, 700)
+    with isa.at_level("avx2"):
+        want = layer(x, threads=2)
+    with isa.at_level("avx512"):
+        assert torch.equal(layer(x, threads=2), want)
+
+
+@needs_ext
+def test_bf16_gemm_rounds_activations_only() -> None:
+    """At avx512_bf16 the bf16 GEMM (vdpbf16ps) computes the exact product of bf16-rounded x,
+    summed in fp32; the rounding moves each result by at most ~2^-8 of sum |x * w| (the bound a
+    relative rounding error of 2^-9 per activation gives), against the fp32-activation GEMM."""
+    if "avx512_bf16" not in isa.levels():
+        pytest.skip("CPU without AVX512_BF16")
+    for k, n, t in [(700, 1100, 70), (7, 5, 17), (769, 65, 33)]:  # odd K: the last pair is half padding
+        layer, w, _ = _layer("bf16", n, k, bias=True, seed=k)
+        x = torch.randn(t, k)
+        with isa.at_level("avx512_bf16"):
+            got = layer(x, threads=2)
+        exact = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        rounded = x.bfloat16().double() @ layer.dequantize().double().T + layer.bias.double()
+        _check(got, rounded, k)
+        magnitude = x.double().abs() @ layer.dequantize().double().abs().T
+        assert torch.all((got.double() - exact).abs() <= 2**-8 * magnitude + 1e-6)

@@ -3,7 +3,8 @@
 transformers (fp32, eager attention, full re-forward without cache) is the reference; our
 runtime must match its logits whether the sequence arrives in one prefill, in arbitrary
 continuation chunks (crossing the recurrent/chunked-scan threshold and chunk boundaries), one
-token at a time, or after snapshot/restore.
+token at a time, or after snapshot/restore. Every test runs at each of the kernels' ISA levels this
+CPU has (conftest's isa_level).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 
 from granite_lsp import failpoints, kernels
 from granite_lsp.runtime import HybridConfig, HybridModel, KVCache, MambaSnapshot, ModelState
+
+pytestmark = pytest.mark.usefixtures("isa_level")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "model" / "tiny"

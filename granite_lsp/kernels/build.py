@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 
 NAME = "granite_gemv"  # the library's file name and its torch.ops namespace
 DIR = Path(__file__).parent
-SOURCES = [DIR / name for name in ("ops.cpp", "linear.cpp", "mamba.cpp", "attention.cpp", "norms.cpp", "step.cpp")]
-HEADERS = [DIR / name for name in ("common.h", "ops.h")]
-# No -march=native: the cached binary must run on any AVX2 machine that shares the cache.
+# Every C++ file here is part of the one library (a new per-ISA source file needs no edit here).
+SOURCES = sorted(DIR.glob("*.cpp"))
+HEADERS = sorted(DIR.glob("*.h"))
+# No -march=native: the cached binary must run on any AVX2 machine that shares the cache (faster
+# levels are compiled per function and chosen at run time: isa.h, isa.py).
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
 # Written after a successful build: its presence says the library beside it is complete.
 DONE = "built"

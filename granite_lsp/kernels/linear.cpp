@@ -5,24 +5,12 @@
 // registers, each 8-wide slice of W is widened to fp32 in registers and multiplied against up to
 // 8 rows of x, and the rows of W are shared between threads in chunks handed out on demand. For
 // many rows (prefill), where the product is compute-bound, the blocked GEMM further down.
-#include "common.h"
+#include "isa.h"
+#include "linear.h"
 #include "ops.h"
 
 namespace granite {
 namespace {
-
-// One product y = x @ W^T (* scale) (+ bias), for the streaming kernels and the GEMM alike.
-template <class W>
-struct Problem {
-  const float* x;             // [T, K]
-  const typename W::Elem* w;  // [N, K]
-  const float* scale;         // [N] or null
-  const float* bias;          // [N] or null
-  float* y;                   // [T, N]
-  int64_t T, K, N;
-  int64_t block = 0;          // rows of W per task (streaming) or columns of y per task (GEMM)
-  const float* xp = nullptr;  // GEMM: x packed in row tiles
-};
 
 // y[t, n + r * stride] for T rows of x (t < T <= 8) and R rows of W (r < R). One accumulator per
 // (t, r) pair: with T * R >= 4 independent FMA chains the loop waits on loads, never on FMA
@@ -120,53 +108,7 @@ void run(Problem<W> p, int threads) {
 // per k, BLIS's loop order. On the Zen 3 this was tuned on, the micro-kernel runs at ~98% of the
 // FMA peak from L1 and the whole GEMM at ~70-85% of it on one core (MKL's sgemm: 55-85%).
 
-constexpr int kMR = 6, kNR = 16, kKC = 256;
-
-inline void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
-// Columns [n0, n0 + 16) of W^T, rows [k0, k0 + kc), as fp32 [kc][16] (columns past N are zero).
-template <class W>
-void pack_panel(const Problem<W>& g, int64_t n0, int64_t k0, int64_t kc, float* dst) {
-  const typename W::Elem* row[kNR];
-  float s[kNR];
-  const int64_t valid = std::min<int64_t>(kNR, g.N - n0);
-  for (int r = 0; r < kNR; ++r) {
-    row[r] = r < valid ? g.w + (n0 + r) * g.K + k0 : nullptr;
-    s[r] = r < valid && g.scale ? g.scale[n0 + r] : 1.0f;
-  }
-  int64_t k = 0;
-  for (; k + 8 <= kc; k += 8) {
-    for (int half = 0; half < 2; ++half) {
-      __m256 v[8];
-      for (int r = 0; r < 8; ++r) {
-        const int rr = half * 8 + r;
-        if (!row[rr]) v[r] = _mm256_setzero_ps();
-        else if (g.scale) v[r] = _mm256_mul_ps(W::load8(row[rr] + k), _mm256_set1_ps(s[rr]));
-        else v[r] = W::load8(row[rr] + k);
-      }
-      transpose8(v);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * kNR + half * 8, v[j]);
-    }
-  }
-  for (; k < kc; ++k)
-    for (int r = 0; r < kNR; ++r) dst[k * kNR + r] = row[r] ? W::one(row[r] + k) * s[r] : 0.0f;
-}
+constexpr int kMR = 6, kNR = 16;
 
 // y[t0 .. t0 + rows, n0 .. n0 + cols) (rows <= 6, cols <= 16) = or += a @ b, with a the tile's
 // packed rows of x ([kc][6]) and b a packed panel of W^T ([kc][16]). The twelve accumulators are
@@ -243,7 +185,7 @@ void gemm_block(const void* problem, int64_t c) {
   alignas(64) float packed[kMaxBlockCols * kKC];
   for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
     const int64_t kc = std::min<int64_t>(kKC, g.K - k0);
-    for (int64_t j = 0; j < panels; ++j) pack_panel(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
+    for (int64_t j = 0; j < panels; ++j) pack_panel<W, kNR>(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
     for (int64_t band = 0; band < g.T; band += kRowBand) {
       const int64_t band_end = std::min(g.T, band + kRowBand);
       for (int64_t j = 0; j < panels; ++j) {
@@ -278,8 +220,14 @@ template <class W>
 void product(bool blocked, const float* x, const typename W::Elem* w, const float* s, const float* b, float* y,
              int64_t T, int64_t K, int64_t N, int threads) {
   const Problem<W> p{x, w, s, b, y, T, K, N};
-  if (blocked) run_gemm(p, threads);
-  else run(p, threads);
+  if (!blocked) return run(p, threads);
+  // the GEMM on the level in use (isa.h); the avx2 one here is the floor
+  const Isa level = isa();
+  if constexpr (std::is_same_v<W, BF16>) {
+    if (level >= Isa::kAvx512Bf16) return gemm_bf16_avx512(p, threads);
+  }
+  if (level >= Isa::kAvx512) return gemm_avx512(p, threads);
+  run_gemm(p, threads);
 }
 
 // blocked: the GEMM above (many rows of x) rather than the streaming kernels (a few rows).

@@ -8,6 +8,10 @@ using namespace granite;
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extension.load>
   m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &linear);
   m.def("gemm(Tensor x, Tensor w, Tensor? scale, Tensor? bias, int threads) -> Tensor", &gemm);
+  m.def("isa_level() -> str", &isa_level);
+  m.def("isa_levels() -> str[]", &isa_levels);
+  m.def("set_isa_level(str name) -> str", &set_isa_level);
+  m.def("isa_note() -> str", &isa_note);
   m.def("read_probe(Tensor buf, int threads) -> float", &read_probe);
   m.def("rms_norm(Tensor x, Tensor w, float eps, int threads) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor(a!) x, Tensor h, float alpha, Tensor w, float eps, int threads) -> Tensor", &add_rms_norm);

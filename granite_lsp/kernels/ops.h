@@ -4,6 +4,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
+#include <vector>
+
+#include "isa.h"  // isa_level, isa_levels, set_isa_level, isa_note
 
 namespace granite {
 

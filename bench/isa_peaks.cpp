@@ -1,0 +1,193 @@
+// The machine's physical bounds for the kernels' figures: the peak rate of each multiply-add
+// instruction the kernels use (fp32 FMA on 8 and 16 lanes, AVX512_BF16's vdpbf16ps, AVX512_VNNI's
+// vpdpbusd) and the read bandwidth from memory, on 1 and on N threads. bench/isa_peaks.py builds
+// and runs this and reports the figures; see its docstring.
+//
+// Each peak loop runs 24 independent accumulator chains (more than latency x throughput on any
+// current core), with operands in registers, so it measures issue rate alone. Every function has
+// its own target attribute: the binary runs on an AVX2-only machine and skips the loops it lacks.
+//
+// Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | read
+// Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr long kIters = 20'000'000;
+
+#define CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) \
+  X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+
+__attribute__((target("avx2,fma"))) float fma256(long iters) {
+  __m256 a = _mm256_set1_ps(1.0001f), b = _mm256_set1_ps(0.9999f);
+#define DECL(i) __m256 c##i = _mm256_set1_ps(float(i));
+#define STEP(i) c##i = _mm256_fmadd_ps(a, c##i, b);
+#define SUM(i) s = _mm256_add_ps(s, c##i);
+  CHAINS(DECL)
+  for (long n = 0; n < iters; ++n) {
+    CHAINS(STEP)
+    __asm__ volatile("" : "+x"(a));
+  }
+  __m256 s = _mm256_setzero_ps();
+  CHAINS(SUM)
+#undef DECL
+#undef STEP
+#undef SUM
+  float out[8];
+  _mm256_storeu_ps(out, s);
+  return out[0];
+}
+
+__attribute__((target("avx512f"))) float fma512(long iters) {
+  __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
+#define DECL(i) __m512 c##i = _mm512_set1_ps(float(i));
+#define STEP(i) c##i = _mm512_fmadd_ps(a, c##i, b);
+#define SUM(i) s = _mm512_add_ps(s, c##i);
+  CHAINS(DECL)
+  for (long n = 0; n < iters; ++n) {
+    CHAINS(STEP)
+    __asm__ volatile("" : "+v"(a));
+  }
+  __m512 s = _mm512_setzero_ps();
+  CHAINS(SUM)
+#undef DECL
+#undef STEP
+#undef SUM
+  return _mm512_reduce_add_ps(s);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) float bf16(long iters) {
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3f7f3f7f);
+#define DECL(i) __m512 c##i = _mm512_set1_ps(float(i));
+#define STEP(i) c##i = _mm512_dpbf16_ps(c##i, a, b);
+#define SUM(i) s = _mm512_add_ps(s, c##i);
+  CHAINS(DECL)
+  for (long n = 0; n < iters; ++n) {
+    CHAINS(STEP)
+    __asm__ volatile("" : "+v"(a));
+  }
+  __m512 s = _mm512_setzero_ps();
+  CHAINS(SUM)
+#undef DECL
+#undef STEP
+#undef SUM
+  return _mm512_reduce_add_ps(s);
+}
+
+__attribute__((target("avx512f,avx512vnni"))) float vnni(long iters) {
+  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+#define DECL(i) __m512i c##i = _mm512_set1_epi32(i);
+#define STEP(i) c##i = _mm512_dpbusd_epi32(c##i, a, b);
+#define SUM(i) s = _mm512_add_epi32(s, c##i);
+  CHAINS(DECL)
+  for (long n = 0; n < iters; ++n) {
+    CHAINS(STEP)
+    __asm__ volatile("" : "+v"(a));
+  }
+  __m512i s = _mm512_setzero_si512();
+  CHAINS(SUM)
+#undef DECL
+#undef STEP
+#undef SUM
+  return float(_mm512_reduce_add_epi32(s));
+}
+
+// Reads `bytes` from p as 8 side-by-side sequential runs (like the streaming kernels), summing.
+__attribute__((target("avx2"))) float read(const float* p, long bytes) {
+  const long run = bytes / 4 / 8;
+  __m256 acc[8];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (long j = 0; j < run; j += 8)
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_add_ps(acc[r], _mm256_loadu_ps(p + r * run + j));
+  for (int r = 1; r < 8; ++r) acc[0] = _mm256_add_ps(acc[0], acc[r]);
+  float out[8];
+  _mm256_storeu_ps(out, acc[0]);
+  return out[0];
+}
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Runs f(thread index) on `threads` threads started together; returns the wall time.
+template <class F>
+double timed(int threads, const F& f) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> pool;
+  for (int i = 0; i < threads; ++i)
+    pool.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (!go.load()) std::this_thread::yield();
+      f(i);
+    });
+  while (ready.load() < threads) std::this_thread::yield();
+  const double t0 = now();
+  go.store(true);
+  for (auto& t : pool) t.join();
+  return now() - t0;
+}
+
+volatile float sink;
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s <threads> fma256|fma512|bf16|vnni|read\n", argv[0]);
+    return 2;
+  }
+  const int threads = std::max(1, std::atoi(argv[1]));
+  const char* what = argv[2];
+  __builtin_cpu_init();
+  // ops per loop iteration and thread: 24 chains x lanes x (2 for a multiply-add) x pairs per lane
+  struct Loop {
+    const char* name;
+    bool supported;
+    float (*fn)(long);
+    double ops;
+  } loops[] = {
+      {"fma256", __builtin_cpu_supports("fma") != 0, fma256, 24 * 8 * 2},
+      {"fma512", __builtin_cpu_supports("avx512f") != 0, fma512, 24 * 16 * 2},
+      {"bf16", __builtin_cpu_supports("avx512bf16") != 0, bf16, 24 * 16 * 2 * 2},
+      {"vnni", __builtin_cpu_supports("avx512vnni") != 0, vnni, 24 * 16 * 2 * 4},
+  };
+  for (const auto& l : loops) {
+    if (std::strcmp(what, l.name) != 0) continue;
+    if (!l.supported) {
+      std::printf("unsupported\n");
+      return 0;
+    }
+    const double s = timed(threads, [&](int) { sink = l.fn(kIters); });
+    std::printf("%.2f\n", l.ops * double(kIters) * threads / s / 1e9);
+    return 0;
+  }
+  if (std::strcmp(what, "read") == 0) {
+    // 1 GiB in total, well past the L3; each thread reads its own half, twice (first pass faults the pages in)
+    const long per = 512L << 20;
+    std::vector<float*> bufs(threads);
+    for (int i = 0; i < threads; ++i) {
+      bufs[i] = static_cast<float*>(std::aligned_alloc(64, per));
+      std::memset(bufs[i], 1, per);
+    }
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      const double s = timed(threads, [&](int i) { sink = read(bufs[i], per); });
+      best = std::max(best, double(per) * threads / s / 1e9);
+    }
+    for (auto* b : bufs) std::free(b);
+    std::printf("%.2f\n", best);
+    return 0;
+  }
+  std::fprintf(stderr, "unknown: %s\n", what);
+  return 2;
+}

@@ -1,0 +1,71 @@
+// Run-time choice of the kernels' instruction-set level (isa.h).
+#include "isa.h"
+
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+
+namespace granite {
+namespace {
+
+const char* const kNames[] = {"avx2", "avx512", "avx512_bf16"};
+constexpr int kCount = 3;
+
+// The highest level the CPU (and the OS, which must save the ZMM registers: __builtin_cpu_supports
+// checks that through XGETBV) supports.
+int cpu_max() {
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+    return int(Isa::kAvx2);
+  if (!__builtin_cpu_supports("avx512bf16")) return int(Isa::kAvx512);
+  return int(Isa::kAvx512Bf16);
+}
+
+int index_of(const std::string& name) {
+  for (int i = 0; i < kCount; ++i)
+    if (name == kNames[i]) return i;
+  return -1;
+}
+
+struct State {
+  int max = cpu_max();
+  std::atomic<int> level{max};
+  std::string note;
+  State() {
+    const char* env = std::getenv("GRANITE_LSP_ISA");
+    if (!env || !*env) return;
+    const int i = index_of(env);
+    if (i < 0) note = std::string("GRANITE_LSP_ISA=") + env + " is not a level (avx2, avx512, avx512_bf16)";
+    else if (i > max) note = std::string("GRANITE_LSP_ISA=") + env + ": this CPU's highest level is " + kNames[max];
+    else level.store(i);
+  }
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+}  // namespace
+
+Isa isa() { return Isa(state().level.load(std::memory_order_relaxed)); }
+
+std::vector<std::string> isa_levels() { return {kNames, kNames + state().max + 1}; }
+
+std::string isa_level() { return kNames[int(isa())]; }
+
+std::string set_isa_level(const std::string& name) {
+  const int i = index_of(name);
+  TORCH_CHECK(i >= 0 && i <= state().max, "ISA level '", name, "' is not one of this CPU's: ",
+              c10::Join(", ", isa_levels()));
+  return kNames[state().level.exchange(i)];
+}
+
+std::string isa_note() { return state().note; }
+
+}  // namespace granite

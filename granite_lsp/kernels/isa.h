@@ -1,0 +1,33 @@
+// Which instruction-set level the kernels run at: one build for every x86-64 CPU with AVX2/FMA/F16C
+// (the floor), with the faster paths compiled per function (isa-specific source files under
+// `#pragma GCC target`) and chosen at run time from the CPU's features. No global -mavx512 flag: a
+// binary in a shared cache must run on an AVX2-only machine.
+//
+// The levels, each including the ones before it:
+//   avx2         AVX2 + FMA + F16C: every kernel (the reference the others are tested against)
+//   avx512       AVX-512 F/BW/VL/DQ: the prefill GEMM on 16-lane registers, bit-identical to avx2
+//   avx512_bf16  + AVX512_BF16: bf16 weights' prefill GEMM with vdpbf16ps, which rounds the
+//                activations to bf16 (results move, within the tolerance tests/test_kernels.py states)
+// GRANITE_LSP_ISA=<level> caps the level (a name above what the CPU has, or unknown, is ignored
+// with the reason in isa_note()); set_isa_level() changes it at run time, for the tests.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace granite {
+
+enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+
+// The level the kernels use now (an atomic read: cheap enough for every product).
+Isa isa();
+// Names of the levels this CPU supports, lowest first.
+std::vector<std::string> isa_levels();
+// The level in use, by name.
+std::string isa_level();
+// Sets the level by name (must be one of isa_levels()); returns the previous one.
+std::string set_isa_level(const std::string& name);
+// Why GRANITE_LSP_ISA was not applied ('' when it was, or is unset).
+std::string isa_note();
+
+}  // namespace granite

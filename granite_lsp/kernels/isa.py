@@ -1,0 +1,125 @@
+"""The kernels' instruction-set level: which one runs, which ones this CPU has, and forcing a lower one.
+
+The extension is one build for every x86-64 CPU with AVX2/FMA/F16C; faster paths (AVX-512F,
+AVX512_BF16) are compiled per function and chosen at run time (``isa.h`` lists what
+each level changes). ``GRANITE_LSP_ISA=avx2|avx512|avx512_bf16`` caps the level for the
+process (a name the CPU lacks is ignored: ``note()`` says why); ``set_level`` changes it at run time,
+which the exactness tests use to run on every level this CPU has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+# Lowest first; each level includes the ones before it (isa.h).
+LEVELS = ("avx2", "avx512", "avx512_bf16")
+# The /proc/cpuinfo flags each level needs on top of the previous one.
+_NEEDS = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512_bf16": {"avx512_bf16"},
+}
+# The flags worth printing in a report (what the kernels or llama.cpp could use).
+REPORTED_FLAGS = (
+    *sorted(_NEEDS["avx2"]),
+    *sorted(_NEEDS["avx512"]),
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_bf16",
+)
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) from /proc/cpuinfo; ('', empty) where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", set()
+    model, flags = "", set()
+    for line in text.splitlines():
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return model, flags
+
+
+def cpu_levels() -> list[str]:
+    """The levels this CPU's flags allow, lowest first (the same rule as isa.cpp's, without building
+    the extension: for parametrizing tests at collection time)."""
+    flags = cpu_info()[1]
+    out: list[str] = []
+    for name in LEVELS:
+        if not _NEEDS[name] <= flags:
+            break
+        out.append(name)
+    return out
+
+
+def cpu_report() -> dict[str, object]:
+    """The CPU model and its ISA flags that matter here, for a bench's header and JSON."""
+    model, flags = cpu_info()
+    return {"cpu": model, "isa_flags": [f for f in REPORTED_FLAGS if f in flags]}
+
+
+def _ops():
+    from .ops import build_error, load
+
+    ops = load()
+    if ops is None:
+        raise RuntimeError(f"kernels unavailable: {build_error()}")
+    return ops
+
+
+def level() -> str | None:
+    """The level the kernels run at, or None without the extension."""
+    from .ops import load
+
+    ops = load()
+    return None if ops is None else ops.isa_level()
+
+
+def levels() -> list[str]:
+    """The levels the extension can run at on this CPU, lowest first."""
+    return _ops().isa_levels()
+
+
+def set_level(name: str) -> str:
+    """Runs the kernels at ``name`` from now on (process-wide); returns the previous level.
+    ValueError when the CPU lacks it or it is not a level."""
+    if name not in LEVELS:
+        raise ValueError(f"unknown ISA level {name!r}: one of {', '.join(LEVELS)}")
+    ops = _ops()
+    if name not in ops.isa_levels():
+        raise ValueError(f"this CPU lacks ISA level {name!r} (it has {', '.join(ops.isa_levels())})")
+    return ops.set_isa_level(name)
+
+
+@contextlib.contextmanager
+def at_level(name: str) -> Iterator[None]:
+    """Runs the block at ISA level ``name``, then restores the previous level."""
+    previous = set_level(name)
+    try:
+        yield
+    finally:
+        set_level(previous)
+
+
+def note() -> str:
+    """Why GRANITE_LSP_ISA was not applied ('' when it was, or is unset, or without the extension)."""
+    from .ops import load
+
+    ops = load()
+    return "" if ops is None else ops.isa_note()
+
+
+def gemm_rounds_to_bf16(weight_dtype: object, scaled: bool = False) -> bool:
+    """Whether the prefill GEMM (more than GEMV_MAX_ROWS rows) rounds x to bf16 at the level in use:
+    bf16 weights without a scale at avx512_bf16 (linear.cpp's ``product`` decides; this mirrors it
+    for the tests' references and the bench's notes). The streaming kernels never round x."""
+    import torch
+
+    return weight_dtype == torch.bfloat16 and not scaled and level() == "avx512_bf16"

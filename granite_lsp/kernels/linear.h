@@ -1,0 +1,79 @@
+// What the GEMM's instruction-set variants share (linear.cpp, linear_avx512.cpp): the problem's
+// description and the packing of W into panels of widened fp32 columns.
+#pragma once
+
+#include "common.h"
+
+namespace granite {
+
+// One product y = x @ W^T (* scale) (+ bias), for the streaming kernels and the GEMM alike.
+template <class W>
+struct Problem {
+  const float* x;             // [T, K]
+  const typename W::Elem* w;  // [N, K]
+  const float* scale;         // [N] or null
+  const float* bias;          // [N] or null
+  float* y;                   // [T, N]
+  int64_t T, K, N;
+  int64_t block = 0;          // rows of W per task (streaming) or columns of y per task (GEMM)
+  const float* xp = nullptr;  // GEMM: x packed in row tiles
+};
+
+// The GEMM's depth slice: W is packed and y accumulated one slice of K at a time. Every
+// fp32 variant uses the same slices, so each y element is summed in the same order on every level.
+constexpr int kKC = 256;
+
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Columns [n0, n0 + NR) of W^T, rows [k0, k0 + kc), as fp32 [kc][NR] (columns past N are zero),
+// NR a multiple of 8.
+template <class W, int NR>
+void pack_panel(const Problem<W>& g, int64_t n0, int64_t k0, int64_t kc, float* dst) {
+  const typename W::Elem* row[NR];
+  float s[NR];
+  const int64_t valid = std::min<int64_t>(NR, g.N - n0);
+  for (int r = 0; r < NR; ++r) {
+    row[r] = r < valid ? g.w + (n0 + r) * g.K + k0 : nullptr;
+    s[r] = r < valid && g.scale ? g.scale[n0 + r] : 1.0f;
+  }
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int half = 0; half < NR / 8; ++half) {
+      __m256 v[8];
+      for (int r = 0; r < 8; ++r) {
+        const int rr = half * 8 + r;
+        if (!row[rr]) v[r] = _mm256_setzero_ps();
+        else if (g.scale) v[r] = _mm256_mul_ps(W::load8(row[rr] + k), _mm256_set1_ps(s[rr]));
+        else v[r] = W::load8(row[rr] + k);
+      }
+      transpose8(v);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * NR + half * 8, v[j]);
+    }
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < NR; ++r) dst[k * NR + r] = row[r] ? W::one(row[r] + k) * s[r] : 0.0f;
+}
+
+// linear_avx512.cpp, called only where isa() allows: the GEMM on AVX-512F (every weight format,
+// bit-identical to the avx2 GEMM) and on AVX512_BF16 (bf16 weights; activations rounded to bf16).
+template <class W>
+void gemm_avx512(const Problem<W>& g, int threads);
+void gemm_bf16_avx512(const Problem<BF16>& g, int threads);
+
+}  // namespace granite

@@ -1,0 +1,274 @@
+// The prefill GEMM (linear.cpp's blocked product) for AVX-512 CPUs, compiled for those functions
+// only (`#pragma GCC target` regions below) and called only where isa.h's level allows.
+//
+// AVX-512F: the avx2 GEMM's algorithm on 16-lane registers and twice the registers: a 12 x 32
+// tile of y (24 accumulators) per micro-kernel call, one broadcast of x per row and two FMAs per
+// k. W is widened into the same fp32 panels (32 columns wide) and summed over the same depth
+// slices in the same order, so every y element is bit-identical to the avx2 GEMM's.
+//
+// AVX512_BF16 (bf16 weights): `vdpbf16ps` multiplies pairs of bf16 and adds both products to an
+// fp32 lane, twice the FMA's work per instruction. W needs no widening: its panels hold each
+// column's consecutive (k, k + 1) pairs, which is a plain 32-bit copy out of a bf16 row, and x is
+// rounded to bf16 (to nearest even) as it is packed. The product is then that of bf16-rounded
+// activations, summed in fp32: about 3 significant digits of each activation where the other
+// paths keep 7 (the tolerance tests/test_kernels.py checks against the exact product of the
+// rounded x, and the greedy tokens tests/test_precisions.py compares with fp32's).
+#include <cstring>
+
+#include "isa.h"
+#include "linear.h"
+
+namespace granite {
+namespace {
+
+constexpr int kMR = 12, kNR = 32;
+constexpr int64_t kRowBand = 96;               // rows of packed x swept per panel (8 tiles, ~96-192 KB: L2)
+constexpr int64_t kMaxBlockCols = 4 * kNR;     // columns of y per task
+constexpr int64_t kPairsKC = 256;              // bf16: k pairs per depth slice (panel [256][32] x 4 B)
+
+// Blocks of 32-128 columns, at least ~4 per thread so that a preempted thread holds up little.
+int64_t block_cols(int64_t N, int threads) {
+  const int64_t want = (N + 4 * threads - 1) / (4 * threads);
+  return std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
+}
+
+// Stores a finished 12 x 32 tile into y: rows x cols of it, added to y (later depth slices) or
+// with the bias (the first).
+inline void store_tile(const float (&tile)[kMR][kNR], float* y, int64_t ldy, int rows, int cols, bool accumulate,
+                       const float* bias) {
+  for (int i = 0; i < rows; ++i) {
+    float* yr = y + i * ldy;
+    if (cols == kNR && (accumulate || bias)) {
+      for (int j = 0; j < kNR; ++j) yr[j] = accumulate ? yr[j] + tile[i][j] : tile[i][j] + bias[j];
+    } else if (cols == kNR) {
+      std::memcpy(yr, tile[i], sizeof tile[i]);
+    } else {
+      for (int j = 0; j < cols; ++j) yr[j] = accumulate ? yr[j] + tile[i][j] : tile[i][j] + (bias ? bias[j] : 0.0f);
+    }
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512F, fp32 panels.
+
+// x [T, K] as row tiles [ceil(T / 12)][K][12] (a short last tile repeats its last row).
+struct PackX {
+  const float* x;
+  float* packed;
+  int64_t T, K;
+};
+
+void pack_x_tile(const void* ctx, int64_t tile) {
+  const auto& p = *static_cast<const PackX*>(ctx);
+  const float* rows[kMR];
+  for (int i = 0; i < kMR; ++i) rows[i] = p.x + std::min<int64_t>(tile * kMR + i, p.T - 1) * p.K;
+  float* dst = p.packed + tile * p.K * kMR;
+  for (int64_t k = 0; k < p.K; ++k)
+    for (int i = 0; i < kMR; ++i) dst[k * kMR + i] = rows[i][k];
+}
+
+#define GRANITE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+// y tile (+)= a @ b: a the tile's packed x ([kc][12]), b a panel of W^T ([kc][32]). Each lane's
+// sum runs over k in order from zero, as in the avx2 micro-kernel. Named accumulators: as an
+// array GCC keeps them in memory.
+void micro_f32(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int rows, int cols,
+               bool accumulate, const float* bias) {
+#define GRANITE_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
+  GRANITE_ROWS(GRANITE_DECL)
+#undef GRANITE_DECL
+  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#define GRANITE_FMA(i)                            \
+  {                                               \
+    const __m512 av = _mm512_set1_ps(a[i]);       \
+    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);   \
+    c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);   \
+  }
+    GRANITE_ROWS(GRANITE_FMA)
+#undef GRANITE_FMA
+  }
+  alignas(64) float tile[kMR][kNR];
+#define GRANITE_OUT(i)                  \
+  _mm512_store_ps(tile[i], c##i##0);    \
+  _mm512_store_ps(tile[i] + 16, c##i##1);
+  GRANITE_ROWS(GRANITE_OUT)
+#undef GRANITE_OUT
+  store_tile(tile, y, ldy, rows, cols, accumulate, bias);
+}
+
+template <class W>
+void block_f32(const void* problem, int64_t c) {
+  const auto& g = *static_cast<const Problem<W>*>(problem);
+  const int64_t n0 = c * g.block, cols = std::min(g.block, g.N - n0);
+  const int64_t panels = (cols + kNR - 1) / kNR;
+  alignas(64) float packed[kMaxBlockCols * kKC];  // 128 KB on the stack: nothing to allocate in a task
+  for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
+    const int64_t kc = std::min<int64_t>(kKC, g.K - k0);
+    for (int64_t j = 0; j < panels; ++j) pack_panel<W, kNR>(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
+    for (int64_t band = 0; band < g.T; band += kRowBand) {
+      const int64_t band_end = std::min(g.T, band + kRowBand);
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t n = n0 + j * kNR;
+        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
+        for (int64_t t = band; t < band_end; t += kMR) {
+          const float* a = g.xp + (t / kMR) * g.K * kMR + k0 * kMR;
+          micro_f32(a, packed + j * kNR * kc, kc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)), ncols,
+                    k0 > 0, g.bias ? g.bias + n : nullptr);
+        }
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// AVX512_BF16: bf16 pairs.
+
+// The bf16 nearest to f (ties to even), as torch rounds; NaN stays a (quiet) NaN.
+inline uint32_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// x [T, K] as row tiles [ceil(T / 12)][ceil(K / 2)][12] of bf16 pairs (x[k] low, x[k + 1] high; an
+// odd K's last pair padded with zero).
+struct PackPairs {
+  const float* x;
+  uint32_t* packed;
+  int64_t T, K, K2;
+};
+
+void pack_pairs_tile(const void* ctx, int64_t tile) {
+  const auto& p = *static_cast<const PackPairs*>(ctx);
+  const float* rows[kMR];
+  for (int i = 0; i < kMR; ++i) rows[i] = p.x + std::min<int64_t>(tile * kMR + i, p.T - 1) * p.K;
+  uint32_t* dst = p.packed + tile * p.K2 * kMR;
+  for (int64_t q = 0; q < p.K2; ++q)
+    for (int i = 0; i < kMR; ++i) {
+      const uint32_t hi = 2 * q + 1 < p.K ? bf16_bits(rows[i][2 * q + 1]) : 0;
+      dst[q * kMR + i] = bf16_bits(rows[i][2 * q]) | hi << 16;
+    }
+}
+
+// Columns [n0, n0 + 32) of W^T, pairs [q0, q0 + qc), as [qc][32] bf16 pairs (zero past N and K).
+void pack_pairs_panel(const Problem<BF16>& g, int64_t n0, int64_t q0, int64_t qc, uint32_t* dst) {
+  const int64_t valid = std::min<int64_t>(kNR, g.N - n0);
+  const bool odd_tail = (g.K & 1) && q0 + qc == (g.K + 1) / 2;  // the last pair has one weight
+  const int64_t whole = odd_tail ? qc - 1 : qc;
+  for (int r = 0; r < kNR; ++r) {
+    if (r >= valid) {
+      for (int64_t q = 0; q < qc; ++q) dst[q * kNR + r] = 0;
+      continue;
+    }
+    const uint16_t* row = g.w + (n0 + r) * g.K + 2 * q0;
+    for (int64_t q = 0; q < whole; ++q) {
+      uint32_t pair;
+      std::memcpy(&pair, row + 2 * q, sizeof pair);
+      dst[q * kNR + r] = pair;
+    }
+    if (odd_tail) dst[whole * kNR + r] = row[2 * whole];
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// y tile (+)= a @ b over qc pairs: a the tile's packed x pairs ([qc][12]), b a panel ([qc][32]).
+void micro_bf16(const uint32_t* a, const uint32_t* b, int64_t qc, float* y, int64_t ldy, int rows, int cols,
+                bool accumulate, const float* bias) {
+#define GRANITE_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
+  GRANITE_ROWS(GRANITE_DECL)
+#undef GRANITE_DECL
+  for (int64_t q = 0; q < qc; ++q, a += kMR, b += kNR) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+#define GRANITE_DOT(i)                                                \
+  {                                                                   \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(int(a[i]));       \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, av, b0);                      \
+    c##i##1 = _mm512_dpbf16_ps(c##i##1, av, b1);                      \
+  }
+    GRANITE_ROWS(GRANITE_DOT)
+#undef GRANITE_DOT
+  }
+  alignas(64) float tile[kMR][kNR];
+#define GRANITE_OUT(i)                  \
+  _mm512_store_ps(tile[i], c##i##0);    \
+  _mm512_store_ps(tile[i] + 16, c##i##1);
+  GRANITE_ROWS(GRANITE_OUT)
+#undef GRANITE_OUT
+  store_tile(tile, y, ldy, rows, cols, accumulate, bias);
+}
+
+#undef GRANITE_ROWS
+
+struct PairsProblem {
+  const Problem<BF16>* g;
+  const uint32_t* xp;  // packed x pairs
+  int64_t K2;
+};
+
+void block_bf16(const void* problem, int64_t c) {
+  const auto& pp = *static_cast<const PairsProblem*>(problem);
+  const auto& g = *pp.g;
+  const int64_t n0 = c * g.block, cols = std::min(g.block, g.N - n0);
+  const int64_t panels = (cols + kNR - 1) / kNR;
+  alignas(64) uint32_t packed[kMaxBlockCols * kPairsKC];  // 128 KB
+  for (int64_t q0 = 0; q0 < pp.K2; q0 += kPairsKC) {
+    const int64_t qc = std::min<int64_t>(kPairsKC, pp.K2 - q0);
+    for (int64_t j = 0; j < panels; ++j) pack_pairs_panel(g, n0 + j * kNR, q0, qc, packed + j * kNR * qc);
+    for (int64_t band = 0; band < g.T; band += kRowBand) {
+      const int64_t band_end = std::min(g.T, band + kRowBand);
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t n = n0 + j * kNR;
+        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
+        for (int64_t t = band; t < band_end; t += kMR) {
+          const uint32_t* a = pp.xp + (t / kMR) * pp.K2 * kMR + q0 * kMR;
+          micro_bf16(a, packed + j * kNR * qc, qc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)),
+                     ncols, q0 > 0, g.bias ? g.bias + n : nullptr);
+        }
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+}  // namespace
+
+template <class W>
+void gemm_avx512(const Problem<W>& problem, int threads) {
+  Problem<W> g = problem;
+  const int64_t tiles = (g.T + kMR - 1) / kMR;
+  const auto xp = scratch(size_t(tiles * g.K * kMR));
+  PackX px{g.x, xp.get(), g.T, g.K};
+  pool().run(&pack_x_tile, &px, tiles, threads - 1);
+  g.xp = xp.get();
+  g.block = block_cols(g.N, threads);
+  pool().run(&block_f32<W>, &g, (g.N + g.block - 1) / g.block, threads - 1);
+}
+
+template void gemm_avx512<F32>(const Problem<F32>&, int);
+template void gemm_avx512<BF16>(const Problem<BF16>&, int);
+template void gemm_avx512<F16>(const Problem<F16>&, int);
+template void gemm_avx512<I8>(const Problem<I8>&, int);
+
+void gemm_bf16_avx512(const Problem<BF16>& problem, int threads) {
+  if (problem.scale) return gemm_avx512(problem, threads);  // a scale would have to round into the bf16 weights
+  Problem<BF16> g = problem;
+  const int64_t tiles = (g.T + kMR - 1) / kMR, K2 = (g.K + 1) / 2;
+  std::unique_ptr<uint32_t[]> xp(new uint32_t[size_t(tiles * K2 * kMR)]);
+  PackPairs px{g.x, xp.get(), g.T, g.K, K2};
+  pool().run(&pack_pairs_tile, &px, tiles, threads - 1);
+  g.block = block_cols(g.N, threads);
+  const PairsProblem pp{&g, xp.get(), K2};
+  pool().run(&block_bf16, &pp, (g.N + g.block - 1) / g.block, threads - 1);
+}
+
+}  // namespace granite
