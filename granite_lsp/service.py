@@ -35,6 +35,10 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError(
+            "device 'mps' was requested but torch sees no Apple GPU (MPS needs macOS 12.3+ on Apple Silicon)"
+        )
     return device
 
 

@@ -45,7 +45,7 @@ def setting(default: Any, help: str, **option: Any) -> Any:
     return field(default=default, metadata={"option": Option(help, **option)})
 
 
-_DEVICES = ("auto", "cpu", "cuda")
+_DEVICES = ("auto", "cpu", "cuda", "mps")  # mps: Apple GPUs, through the runtime's torch-ops path
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _TOKENS = 1 << 16  # far above any prompt or suggestion this model can serve usefully
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, TINY
 from hub_standin import HubStandIn
 
@@ -122,3 +123,13 @@ def test_missing_model_message_names_the_download_command(tmp_path) -> None:
     )
     assert out.returncode == 2
     assert "granite-lsp download org/absent" in out.stderr
+
+
+def test_doctor_says_when_the_requested_device_is_not_there() -> None:
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU: nothing to refuse")
+    out = _run("doctor", "--model", str(TINY), "--device", "mps", env={"GRANITE_LSP_KERNELS": "0"})
+    assert out.returncode == 1
+    assert "device: mps -> unusable" in out.stdout and "Apple GPU" in out.stdout

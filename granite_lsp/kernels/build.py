@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +53,22 @@ Progress = Callable[[str], None]
 
 
 def cpu_supported() -> bool:
-    """True on x86-64 Linux when /proc/cpuinfo lists avx2, fma and f16c (what the binary is compiled for)."""
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+    """True on x86-64 when the CPU has avx2, fma and f16c (what the binary is compiled for): Linux reads
+    /proc/cpuinfo, macOS (Intel Macs) sysctl's machdep.cpu feature lists."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return {"AVX2", "FMA", "F16C"} <= set(out.upper().split())
+    if sys.platform != "linux":
         return False
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -153,7 +153,7 @@ def _decide(progress: build.Progress | None) -> dict[str, Any]:
     if os.environ.get("GRANITE_LSP_KERNELS", "1") == "0":
         return {"kernels": None, "error": "disabled by GRANITE_LSP_KERNELS=0"}
     if not build.cpu_supported():
-        return {"kernels": None, "error": "CPU without AVX2/FMA/F16C (or not x86-64 Linux)"}
+        return {"kernels": None, "error": "CPU without AVX2/FMA/F16C (or not x86-64 Linux or macOS)"}
     ops, error = build.load_library(progress, retry_failed=_required())
     if ops is None:
         log.warning("CPU kernels unavailable, using torch ops: %s", error)

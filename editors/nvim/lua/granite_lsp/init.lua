@@ -30,7 +30,7 @@ M.defaults = {
   -- Server options, sent as initializationOptions and as settings.granite
   -- (nil: the server's default).
   model = nil, -- Hugging Face id or local directory
-  device = nil, -- "auto" | "cpu" | "cuda"
+  device = nil, -- "auto" | "cpu" | "cuda" | "mps"
   dtype = nil, -- e.g. "bfloat16", "float32"
   max_tokens = nil, -- most tokens generated per suggestion
   prefix_tokens = nil, -- tokens of context before the cursor
