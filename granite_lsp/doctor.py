@@ -32,13 +32,19 @@ def _first_line(cmd: list[str]) -> str:
 
 
 def isa_level(kernels: object) -> str:
-    """The instruction set the kernels run with: what the kernels module says, else AVX2 (its only build)."""
-    for name in ("isa_level", "isa", "ISA", "ISA_LEVEL"):
-        value = getattr(kernels, name, None)
-        if value is not None:
-            value = value() if callable(value) else value
-            return str(value)
-    return "avx2"
+    """The instruction-set level the loaded kernels run at, the levels this CPU has, and why a requested
+    GRANITE_LSP_ISA was not applied; "avx2" (the one build's floor) for kernels that do not say."""
+    level = getattr(kernels, "isa_level", None)
+    if not callable(level):
+        return "avx2"
+    text = str(level())
+    levels = getattr(kernels, "isa_levels", None)
+    if callable(levels):
+        text += f" (this CPU: {', '.join(levels())})"
+    note = getattr(kernels, "isa_note", None)
+    if callable(note) and note():
+        text += f"; {note()}"
+    return text
 
 
 def _torch_lines(settings: Settings) -> Iterator[Line]:
@@ -67,9 +73,10 @@ def _kernel_lines() -> Iterator[Line]:
         print(f"granite-lsp doctor: {message}", file=sys.stderr, flush=True)
 
     where = build.build_dir()
-    if kernels.load(progress) is not None:
+    loaded = kernels.load(progress)
+    if loaded is not None:
         yield f"CPU kernels: built and loaded ({where})", True
-        yield f"ISA level: {isa_level(kernels)}", True
+        yield f"ISA level: {isa_level(loaded)}", True
     else:
         yield f"CPU kernels: unavailable, torch ops instead (slower): {kernels.build_error()}", True
         yield "ISA level: none (kernels unavailable)", True

@@ -133,3 +133,17 @@ def test_doctor_says_when_the_requested_device_is_not_there() -> None:
     out = _run("doctor", "--model", str(TINY), "--device", "mps", env={"GRANITE_LSP_KERNELS": "0"})
     assert out.returncode == 1
     assert "device: mps -> unusable" in out.stdout and "Apple GPU" in out.stdout
+
+
+def test_doctor_reports_the_kernels_isa_level_or_why_they_are_off() -> None:
+    from granite_lsp.kernels.isa import LEVELS
+
+    out = _run("doctor", "--model", str(TINY), "--device", "cpu")
+    assert out.returncode == 0, out.stdout + out.stderr
+    kernels = next(line for line in out.stdout.splitlines() if line.startswith("CPU kernels: "))
+    isa = next(line for line in out.stdout.splitlines() if line.startswith("ISA level: "))
+    if "built and loaded" in kernels:
+        assert isa.split()[2] in LEVELS
+    else:
+        assert kernels.split("(slower): ", 1)[1].strip() and "none" in isa
+    assert f"-> using {TINY}" in out.stdout
