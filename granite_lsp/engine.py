@@ -17,6 +17,9 @@ from .fim import FimPrompt
 from .state_cache import StateCache
 from .tokens import TextTokenizer
 
+TextSink = Callable[[str], bool]
+"""Sees the whole text generated so far after every token; returns False to stop generating."""
+
 
 @dataclass
 class GenerationStats:
@@ -56,7 +59,7 @@ class Engine:
         *,
         ignore_eos: bool = False,
         cancelled: Callable[[], bool] = lambda: False,
-        on_text: Callable[[str], bool] | None = None,
+        on_text: TextSink | None = None,
     ) -> Generation:
         """Decode up to ``max_tokens`` tokens.
 

@@ -1,11 +1,14 @@
-"""LSP wiring: documents in, inline completions out. All model work goes through the ModelWorker."""
+"""LSP wiring: documents in, inline completions out; short handlers that delegate.
+
+Requests are served by ``completions``, every piece of model work is scheduled by ``scheduler``, settings
+come from ``settings``' schema, document sync and the answering rules live in ``protocol``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import time
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -13,20 +16,18 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
-from . import __version__
+from . import __version__, completions
+from .completions import ACCEPTED
 from .context import ContextRing, workspace_roots
-from .documents import UTF16, DocumentStore, PositionError
-from .postprocess import Suggestion
+from .documents import UTF16, DocumentStore
 from .protocol import STATS, STREAMING_CAPABILITY, GraniteProtocol
-from .scheduler import Job, ModelWorker
+from .scheduler import Job, Scheduler
 from .service import CompletionService, load
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATUS = "granite/status"
-PARTIAL = "granite/partialCompletion"
-ACCEPTED = "granite.accepted"
 
 
 class GraniteServer(LanguageServer):
@@ -40,9 +41,7 @@ class GraniteServer(LanguageServer):
         self.loading = False
         self.initialized = False
         self.exiting = False
-        self._worker: ModelWorker | None = None
-        self._last_change: dict[str, float] = {}
-        self._typing_interval: dict[str, float] = {}
+        self._scheduler: Scheduler | None = None
         self.counters = {"requests": 0, "answered_null": 0, "answered_items": 0, "errors": 0}
         self.last_stats: dict[str, Any] = {}
         self._client_info: types.ClientInfo | None = None
@@ -50,10 +49,10 @@ class GraniteServer(LanguageServer):
     # ---- plumbing ------------------------------------------------------------------------------------
 
     @property
-    def worker(self) -> ModelWorker:
-        if self._worker is None:
-            self._worker = ModelWorker(asyncio.get_running_loop())
-        return self._worker
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            self._scheduler = Scheduler(asyncio.get_running_loop())
+        return self._scheduler
 
     @property
     def position_encoding(self) -> str:
@@ -80,41 +79,14 @@ class GraniteServer(LanguageServer):
             a = starts[min(start, len(starts) - 1)]
             b = starts[end] if end < len(starts) else len(doc.text)
             self.context.note(uri, start, doc.text[a:b])
-        now = time.monotonic()
-        last = self._last_change.get(uri)
-        if last is not None and now - last < 1.0:
-            prev = self._typing_interval.get(uri, now - last)
-            self._typing_interval[uri] = 0.7 * prev + 0.3 * (now - last)
-        else:
-            self._typing_interval.pop(uri, None)
-        self._last_change[uri] = now
-        if self._worker is not None:
-            self._worker.supersede(uri)
+        self.scheduler.document_changed(uri)
 
     def on_document_closed(self, uri: str) -> None:
         self.context.forget(uri)
-        self._last_change.pop(uri, None)
-        self._typing_interval.pop(uri, None)
-        if self._worker is not None:
-            self._worker.supersede(uri)
-            service = self.service
-            if service is not None:
-                self._worker.submit(None, lambda job: service.forget(uri))
-
-    def debounce_seconds(self, uri: str) -> float:
-        """How long an automatic request waits before it may start model work.
-
-        Long enough that, while the user types in a burst, the next keystroke arrives first (so the
-        request is superseded before the model starts); short when the user types slowly. Before any
-        typing rhythm is known (the first keystroke), the configured base value.
-        """
-        base = self.settings.debounce_ms / 1000.0
-        if base <= 0:
-            return 0.0
-        interval = self._typing_interval.get(uri)
-        if interval is None:
-            return base
-        return min(2 * base, max(0.02, 1.2 * interval))
+        self.scheduler.document_closed(uri)
+        service = self.service
+        if service is not None:
+            self.scheduler.submit(lambda job: service.forget(uri))
 
     def notify_status(self, state: str, message: str = "") -> None:
         loaded = self.service.loaded if self.service else None
@@ -163,7 +135,7 @@ class GraniteServer(LanguageServer):
         # Drop the previous model first: holding two while the new one loads can itself run out of memory.
         self.service = None
         try:
-            self.service = await self.worker.submit(None, do_load).future
+            self.service = await self.scheduler.submit(do_load).future
             loaded = self.service.loaded
             message = f"{settings.model} on {loaded.device} loaded in {loaded.load_seconds:.1f} s"
             log.info(message)
@@ -201,160 +173,21 @@ class GraniteServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=message))
         reload = new.model_key() != self.settings.model_key() or (self.service is None and not self.loading)
         self.settings = new
-        if self.service is not None and not reload:
-            service = self.service
-            self.worker.submit(None, lambda job: service.configure(new))
         return reload
 
-    # ---- completion ----------------------------------------------------------------------------------
-
-    async def inline_completion(self, params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
-        self.counters["requests"] += 1
-        result = await self._inline_completion(params)
-        self.counters["answered_items" if result else "answered_null"] += 1
-        return result
-
-    async def _inline_completion(self, params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
-        uri = params.text_document.uri
-        doc = self.documents.get(uri)
-        service = self.service
-        if doc is None or service is None:
-            return None
-        encoding = self.position_encoding
-        try:
-            cursor = doc.offset_at(params.position.line, params.position.character, encoding, strict=True)
-        except PositionError as e:
-            log.warning("inline completion at an invalid position: %s", e)
-            return None
-        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
-        version = doc.version
-        text = doc.text
-        worker = self.worker
-        stream = self.client_streams()
-        request_id = str(self.protocol.msg_id) if hasattr(self.protocol, "msg_id") else ""
-        loop = asyncio.get_running_loop()
-        position = {"line": params.position.line, "character": params.position.character}
-
-        def send_partial(so_far: str, done: bool = False) -> None:
-            payload = {"uri": uri, "version": version, "position": position, "requestId": request_id}
-            loop.call_soon_threadsafe(self.protocol.notify, PARTIAL, {**payload, "text": so_far, "done": done})
-
-        context_ids = self.context.ids(
-            uri, service.loaded.tokenizer, self.settings.context_tokens, self.settings.filename_in_prompt
-        )
-        # Standard clients get the first complete line as soon as it exists; the rest keeps generating
-        # and is served from the typing-through memory when the user accepts that line. Our own clients
-        # get the whole suggestion (growing through partial notifications when streaming is on).
-        early: asyncio.Future = loop.create_future()
-        early_ok = not self.client_speaks_partials() and self.settings.early_first_line and not self.settings.raw
-
-        def on_text(shown: str) -> None:
-            if stream:
-                send_partial(shown)
-            elif early_ok and not early.done():
-                lines = shown.split("\n")
-                done_lines = lines[:-1]
-                first = next((i for i, ln in enumerate(done_lines) if ln.strip()), None)
-                if first is not None:
-                    loop.call_soon_threadsafe(_resolve_once, early, "\n".join(done_lines[: first + 1]).rstrip())
-
-        def run(job: Job):
-            return service.complete(
-                uri, text, cursor, context_ids=context_ids, cancelled=job.cancelled, on_text=on_text
-            )
-
-        delay = self.debounce_seconds(uri) if automatic else 0.0
-        if delay > 0:
-            # Hold a place first: it supersedes older requests now, and a newer one supersedes it.
-            placeholder = worker.submit(uri, lambda job: None, enqueue=False)
-            await asyncio.sleep(delay)
-            if placeholder.cancelled():
-                return None
-            worker.cancel(placeholder, count=False)
-        job = worker.submit(uri, run)
-        try:
-            await asyncio.wait({job.future, early}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            worker.cancel(job)  # $/cancelRequest: stop between two decode steps
-            raise
-        if not job.future.done():
-            current = self.documents.get(uri)
-            if current is None or current.version != version:
-                return None
-            self.counters["early_first_line"] = self.counters.get("early_first_line", 0) + 1
-            return self._item(doc, params.position, cursor, Suggestion(early.result(), 0), uri, encoding)
-        try:
-            completion = job.future.result()
-        except Exception as e:
-            self.counters["errors"] += 1
-            log.error("completion failed: %s", e)
-            return None
-        if completion is None:
-            return None
-        gen = completion.generation
-        self.last_stats = {**asdict(gen.stats), "total_ms": gen.stats.total_ms, "stop_reason": gen.stop_reason}
-        suggestion = completion.suggestion
-        if stream:
-            send_partial(suggestion.text if suggestion else "", True)
-        current = self.documents.get(uri)
-        if suggestion is None or current is None or current.version != version:
-            return None
-        return self._item(doc, params.position, cursor, suggestion, uri, encoding)
-
-    def _item(self, doc, start: types.Position, cursor: int, suggestion: Suggestion, uri: str, encoding: str):
-        end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
-        rng = types.Range(start=start, end=types.Position(line=end_line, character=end_char))
-        if suggestion.replace == 0 and self._client_draws_ranges_as_overlay():
-            rng = None  # Neovim draws any ranged item over the rest of the line; an insertion needs none
-        item = types.InlineCompletionItem(
-            insert_text=suggestion.text,
-            range=rng,
-            command=types.Command(
-                title="Granite: accepted",
-                command=ACCEPTED,
-                arguments=[{"uri": uri, "line": start.line, "character": start.character, "text": suggestion.text}],
-            ),
-        )
-        return types.InlineCompletionList(items=[item])
-
-    def _client_draws_ranges_as_overlay(self) -> bool:
+    def client_draws_ranges_as_overlay(self) -> bool:
         """VS Code needs an explicit range (it otherwise replaces from the word start to the line end);
         Neovim 0.12 renders every ranged item as an overlay hiding the text after the cursor."""
         name = (self._client_info.name if self._client_info else "").lower()
         return name in ("neovim", "nvim")
 
-    def prefetch_after_accept(self, info: dict) -> None:
-        """After a suggestion is accepted, compute the next one at the position after it.
-
-        It yields to real requests: skipped when one is already queued, superseded by any that
-        comes; its result waits in the typing-through memory for the editor's next request.
-        """
-        uri, service = info.get("uri"), self.service
-        doc = self.documents.get(uri) if isinstance(uri, str) else None
-        if doc is None or service is None or self.worker.has_pending(uri):
-            return
-        try:
-            start = doc.offset_at(int(info["line"]), int(info["character"]), self.position_encoding, strict=True)
-        except (KeyError, TypeError, ValueError):
-            return
-        cursor = start + len(str(info.get("text", "")))
-        if cursor > len(doc.text):
-            return
-        text = doc.text
-        context_ids = self.context.ids(
-            uri, service.loaded.tokenizer, self.settings.context_tokens, self.settings.filename_in_prompt
-        )
-        self.counters["prefetches"] = self.counters.get("prefetches", 0) + 1
-        self.worker.submit(
-            uri, lambda job: service.complete(uri, text, cursor, context_ids=context_ids, cancelled=job.cancelled)
-        )
-
     def stats(self) -> dict[str, Any]:
         service = self.service
         out: dict[str, Any] = {"counters": dict(self.counters), "last": dict(self.last_stats)}
-        if self._worker is not None:
-            out["worker"] = {**asdict(self._worker.stats), "busy": self._worker.busy}
+        if self._scheduler is not None:
+            out["worker"] = {**asdict(self._scheduler.stats), "busy": self._scheduler.busy}
         if service is not None:
+            out["decoded_tokens"] = service.decoded_tokens
             out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
             out["typed_through"] = service.shown.hits
         out["documents"] = len(self.documents)
@@ -387,13 +220,17 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
             await ls.load_model()
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions(work_done_progress=False))
-    async def on_inline_completion(ls: GraniteServer, params: types.InlineCompletionParams):
-        return await ls.inline_completion(params)
+    async def on_inline_completion(
+        ls: GraniteServer, params: types.InlineCompletionParams
+    ) -> types.InlineCompletionList | None:
+        ls.counters["requests"] += 1
+        result = await completions.inline_completion(ls, params)
+        ls.counters["answered_items" if result else "answered_null"] += 1
+        return result
 
     @server.command(ACCEPTED)
     def on_accepted(ls: GraniteServer, *args: Any) -> None:
-        ls.prefetch_after_accept(args[0] if args and isinstance(args[0], dict) else {})
-        return None
+        completions.prefetch_after_accept(ls, args[0] if args and isinstance(args[0], dict) else {})
 
     @server.feature(STATS)
     def on_stats(ls: GraniteServer, params: Any) -> dict[str, Any]:
@@ -413,8 +250,3 @@ async def _watch_parent(pid: int) -> None:
             os._exit(0)
         except PermissionError:
             pass
-
-
-def _resolve_once(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)

@@ -143,8 +143,39 @@ class Completion:
     cursor: int
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A generation under way, as the request waiting on it may show it."""
+
+    shown: str  # what the rules keep of the text so far (what streaming shows)
+    shaper: Shaper | None  # None: raw output, no post-processing
+
+    def first_line(self) -> Suggestion | None:
+        """The first complete non-blank line, shaped exactly as the final answer is (``Shaper.finish``:
+        re-indentation, the auto-closed-bracket merge), or None while there is none."""
+        done = self.shown.split("\n")[:-1]
+        first = next((i for i, line in enumerate(done) if line.strip()), None)
+        if first is None:
+            return None
+        return _shaped(self.shaper, "\n".join(done[: first + 1]))
+
+
+ProgressSink = Callable[[Progress], None]  # called on the model thread after every generated token
+
+
+def _shaped(shaper: Shaper | None, text: str) -> Suggestion | None:
+    """The one post-processing path of early and final answers."""
+    if shaper is not None:
+        return shaper.finish(text)
+    return Suggestion(text, 0) if text else None
+
+
 class CompletionService:
-    """Holds the model, the state cache and each document's prompt memory."""
+    """Holds the model, the state cache and each document's prompt memory.
+
+    ``settings`` are those that calls without their own use (``granite-lsp complete``, tests); the server
+    passes each job the settings current when it was submitted, so that there is one copy of them.
+    """
 
     def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
         self.loaded = loaded
@@ -158,20 +189,20 @@ class CompletionService:
         self.engine = Engine(loaded.tokenizer, self.cache)
         self._builders: dict[str, PromptBuilder] = {}
         self.shown = SuggestionMemory()
+        self.decoded_tokens = 0  # tokens generated over all calls, cancelled ones included
 
-    def configure(self, settings: Settings) -> None:
-        """Apply settings that need no reload; budgets reset the prompt memory (the layout changes)."""
-        if settings.budget() != self.settings.budget():
-            self._builders.clear()
+    def _apply(self, settings: Settings) -> None:
+        """Settings that need no reload take effect at the next call (on the model thread)."""
         apply_threads(settings.threads)
         self.cache.max_bytes = settings.cache_mb << 20
         self.cache.enabled = settings.reuse
-        self.settings = settings
 
-    def builder(self, doc: str) -> PromptBuilder:
+    def builder(self, doc: str, settings: Settings | None = None) -> PromptBuilder:
+        """The document's prompt builder; a new one when the budgets changed (the layout changes)."""
+        budget = (settings or self.settings).budget()
         b = self._builders.get(doc)
-        if b is None:
-            b = self._builders[doc] = PromptBuilder(self.loaded.tokenizer, self.settings.budget())
+        if b is None or b.budget != budget:
+            b = self._builders[doc] = PromptBuilder(self.loaded.tokenizer, budget)
         return b
 
     def forget(self, doc: str) -> None:
@@ -185,6 +216,7 @@ class CompletionService:
         text: str,
         cursor: int,
         *,
+        settings: Settings | None = None,
         max_tokens: int | None = None,
         max_lines: int | None = None,
         ignore_eos: bool = False,
@@ -192,38 +224,38 @@ class CompletionService:
         tab_size: int = 4,
         insert_spaces: bool | None = None,
         cancelled: Callable[[], bool] = lambda: False,
-        on_text: Callable[[str], None] | None = None,
+        on_progress: ProgressSink | None = None,
         context_ids: list[int] | None = None,
     ) -> Completion:
         """Complete at ``cursor`` (a code-point offset into ``text``)."""
         if failpoints.fire("complete"):
             raise failpoints.InjectedFault("failpoint complete")
-        shape = not self.settings.raw if shape is None else shape
-        if self.settings.type_through:
+        settings = settings or self.settings
+        self._apply(settings)
+        if settings.type_through:
             hit, cached = self.shown.lookup(doc, text, cursor)
             if hit:
                 return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
-        prompt = self.builder(doc).build(text, cursor, context_ids)
+        prompt = self.builder(doc, settings).build(text, cursor, context_ids)
+        shape = not settings.raw if shape is None else shape
         ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)
-        shaper = Shaper(ctx, max_lines=max_lines or self.settings.max_lines)
+        shaper = Shaper(ctx, max_lines=max_lines or settings.max_lines) if shape else None
 
-        def keep_going(so_far: str) -> bool:
-            if on_text is not None:
-                on_text(shaper.preview(so_far) if shape else so_far)
-            return not shape or shaper.wants_more(so_far)
+        def on_text(so_far: str) -> bool:
+            if on_progress is not None:
+                on_progress(Progress(shaper.preview(so_far) if shaper else so_far, shaper))
+            return shaper is None or shaper.wants_more(so_far)
 
         gen = self.engine.generate(
             doc,
             prompt,
-            max_tokens if max_tokens is not None else self.settings.max_tokens,
-            ignore_eos=ignore_eos or self.settings.ignore_eos,
+            max_tokens if max_tokens is not None else settings.max_tokens,
+            ignore_eos=ignore_eos or settings.ignore_eos,
             cancelled=cancelled,
-            on_text=keep_going,
+            on_text=on_text,
         )
-        if shape:
-            suggestion = shaper.finish(gen.text)
-        else:
-            suggestion = Suggestion(gen.text, 0) if gen.text else None
+        self.decoded_tokens += gen.stats.generated_tokens
+        suggestion = _shaped(shaper, gen.text)
         if gen.stop_reason != "cancelled":
             self.shown.remember(doc, text, cursor, suggestion)
         return Completion(suggestion, gen, cursor)

@@ -105,7 +105,7 @@ class Settings:
                 problems.append(str(e))
         return replace(self, **changes), problems
 
-    def model_key(self) -> tuple:
+    def model_key(self) -> tuple[Any, ...]:
         """The settings that require reloading the model when they change."""
         return tuple(getattr(self, spec.name) for spec in SPECS if spec.option.reload)
 

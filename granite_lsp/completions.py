@@ -1,0 +1,184 @@
+"""Inline completion requests: from the LSP request to a scheduled job, and from its answer to an LSP item.
+
+Requests and the prefetch after an accepted suggestion go through one submission path
+(``submit_completion``); whether a job is still wanted is the scheduler's decision alone (``answer``
+gives None for a stale one). Early first lines and final answers are shaped by the same
+``Shaper.finish`` (``service.Progress.first_line``), so the early answer is the final one's first line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from lsprotocol import types
+
+from .documents import Document, PositionError
+from .postprocess import Suggestion
+from .scheduler import Job, Priority
+from .service import Completion, Progress, ProgressSink
+
+if TYPE_CHECKING:
+    from .server import GraniteServer
+
+log = logging.getLogger(__name__)
+
+PARTIAL = "granite/partialCompletion"
+ACCEPTED = "granite.accepted"
+
+
+def submit_completion(
+    server: GraniteServer,
+    doc: Document,
+    cursor: int,
+    *,
+    priority: Priority = Priority.REQUEST,
+    delay: float = 0.0,
+    on_progress: ProgressSink | None = None,
+) -> Job:
+    """The one way a completion reaches the model: the document's text now, the settings now."""
+    service, settings, context = server.service, server.settings, server.context
+    assert service is not None
+    uri, text = doc.uri, doc.text
+
+    def run(job: Job) -> Completion:
+        # Other files' context is tokenized here, inside the job's error handling.
+        tokenizer = service.loaded.tokenizer
+        context_ids = context.ids(uri, tokenizer, settings.context_tokens, settings.filename_in_prompt)
+        return service.complete(
+            uri,
+            text,
+            cursor,
+            settings=settings,
+            context_ids=context_ids,
+            cancelled=job.cancelled,
+            on_progress=on_progress,
+        )
+
+    return server.scheduler.submit(run, key=uri, priority=priority, delay=delay)
+
+
+class _Watcher:
+    """What the request shows while the job runs: partial notifications (our streaming clients), or the
+    first complete line as an early answer (standard clients: the rest keeps generating and is served
+    from the typing-through memory when the user accepts that line)."""
+
+    def __init__(self, server: GraniteServer, uri: str, version: int | None, position: types.Position) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._notify = server.protocol.notify
+        settings = server.settings
+        self.stream = server.client_streams()
+        self.early_wanted = not server.client_speaks_partials() and settings.early_first_line and not settings.raw
+        self.early: asyncio.Future[Suggestion] = self._loop.create_future()
+        request_id = str(server.protocol.msg_id) if hasattr(server.protocol, "msg_id") else ""
+        pos = {"line": position.line, "character": position.character}
+        self._payload = {"uri": uri, "version": version, "position": pos, "requestId": request_id}
+
+    def on_progress(self, progress: Progress) -> None:  # model thread
+        if self.stream:
+            self.partial(progress.shown)
+        elif self.early_wanted and not self.early.done():
+            first = progress.first_line()
+            if first is not None:
+                self._loop.call_soon_threadsafe(_resolve_once, self.early, first)
+
+    def partial(self, text: str, done: bool = False) -> None:
+        self._loop.call_soon_threadsafe(self._notify, PARTIAL, {**self._payload, "text": text, "done": done})
+
+
+async def inline_completion(
+    server: GraniteServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList | None:
+    uri = params.text_document.uri
+    doc = server.documents.get(uri)
+    if doc is None or server.service is None:
+        return None
+    encoding = server.position_encoding
+    try:
+        cursor = doc.offset_at(params.position.line, params.position.character, encoding, strict=True)
+    except PositionError as e:
+        log.warning("inline completion at an invalid position: %s", e)
+        return None
+    automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+    delay = server.scheduler.debounce_seconds(uri, server.settings.debounce_ms / 1000.0) if automatic else 0.0
+    watch = _Watcher(server, uri, doc.version, params.position)
+    job = submit_completion(server, doc, cursor, delay=delay, on_progress=watch.on_progress)
+    try:
+        await asyncio.wait({job.future, watch.early}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        server.scheduler.cancel(job)  # $/cancelRequest: stop between two decode steps
+        raise
+    if not job.future.done():
+        if server.scheduler.is_stale(job):
+            return None
+        server.counters["early_first_line"] = server.counters.get("early_first_line", 0) + 1
+        suggestion: Suggestion | None = watch.early.result()
+    else:
+        suggestion = _final(server, await _answer(server, job), watch)
+    return make_item(server, doc, params.position, cursor, suggestion, encoding) if suggestion else None
+
+
+async def _answer(server: GraniteServer, job: Job) -> Completion | None:
+    try:
+        completion: Completion | None = await server.scheduler.answer(job)
+        return completion
+    except Exception as e:
+        server.counters["errors"] += 1
+        log.error("completion failed: %s", e)
+        return None
+
+
+def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher) -> Suggestion | None:
+    if completion is None:
+        return None
+    gen = completion.generation
+    server.last_stats = {**asdict(gen.stats), "total_ms": gen.stats.total_ms, "stop_reason": gen.stop_reason}
+    if watch.stream:
+        watch.partial(completion.suggestion.text if completion.suggestion else "", True)
+    return completion.suggestion
+
+
+def make_item(
+    server: GraniteServer, doc: Document, start: types.Position, cursor: int, suggestion: Suggestion, encoding: str
+) -> types.InlineCompletionList:
+    end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
+    rng: types.Range | None = types.Range(start=start, end=types.Position(line=end_line, character=end_char))
+    if suggestion.replace == 0 and server.client_draws_ranges_as_overlay():
+        rng = None  # Neovim draws any ranged item over the rest of the line; an insertion needs none
+    accepted = {"uri": doc.uri, "line": start.line, "character": start.character, "text": suggestion.text}
+    item = types.InlineCompletionItem(
+        insert_text=suggestion.text,
+        range=rng,
+        command=types.Command(title="Granite: accepted", command=ACCEPTED, arguments=[accepted]),
+    )
+    return types.InlineCompletionList(items=[item])
+
+
+def prefetch_after_accept(server: GraniteServer, info: dict[str, Any]) -> None:
+    """After a suggestion is accepted, compute the next one at the position after it.
+
+    It yields to real requests: skipped when one is already pending, made stale by any that comes for
+    the document, preempted by any other; its result waits in the typing-through memory for the
+    editor's next request.
+    """
+    uri = info.get("uri")
+    doc = server.documents.get(uri) if isinstance(uri, str) else None
+    if doc is None or server.service is None or server.scheduler.has_pending(doc.uri):
+        return
+    try:
+        line, character = int(info["line"]), int(info["character"])
+        start = doc.offset_at(line, character, server.position_encoding, strict=True)
+    except (KeyError, TypeError, ValueError):
+        return
+    cursor = start + len(str(info.get("text", "")))
+    if cursor > len(doc.text):
+        return
+    server.counters["prefetches"] = server.counters.get("prefetches", 0) + 1
+    submit_completion(server, doc, cursor, priority=Priority.PREFETCH)
+
+
+def _resolve_once(future: asyncio.Future[Suggestion], value: Suggestion) -> None:
+    if not future.done():
+        future.set_result(value)

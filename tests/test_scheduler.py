@@ -1,0 +1,259 @@
+"""The scheduler in process: a real event loop and the real model thread, with plain functions as jobs.
+
+Every wait is on an event (a threading.Event a job sets, a future), never on elapsed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from granite_lsp.postprocess import Suggestion
+from granite_lsp.scheduler import Job, Priority, Scheduler, TypingRhythm
+from granite_lsp.typing_through import SuggestionMemory
+
+WAIT = 30.0  # only a bound on a hang: every wait below ends on an event
+
+
+class Gate:
+    """A job that says when it started and runs until released (or until it is told to stop)."""
+
+    def __init__(self, stop_when_cancelled: bool = True) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.stop_when_cancelled = stop_when_cancelled
+        self.calls = 0
+
+    def __call__(self, job: Job) -> str:
+        self.calls += 1
+        self.started.set()
+        while not self.release.wait(0.001):
+            if self.stop_when_cancelled and job.cancelled():
+                return "stopped"
+        return "done"
+
+
+async def _started(gate: Gate) -> None:
+    assert await asyncio.to_thread(gate.started.wait, WAIT)
+
+
+async def _result(job: Job):
+    return await asyncio.wait_for(asyncio.shield(job.future), WAIT)
+
+
+def _run(coro_fn):
+    async def main():
+        scheduler = Scheduler(asyncio.get_running_loop())
+        try:
+            await coro_fn(scheduler)
+        finally:
+            scheduler.stop()
+
+    asyncio.run(main())
+
+
+def test_a_newer_request_answers_the_older_one_at_once_without_running_it() -> None:
+    async def body(s: Scheduler) -> None:
+        gate = Gate()
+        s.submit(gate)  # the model thread is busy with something else
+        await _started(gate)
+        ran: list[str] = []
+        old = s.submit(lambda job: ran.append("old"), key="a")
+        new = s.submit(lambda job: ran.append("new") or "new", key="a")
+        assert await _result(old) is None  # answered while the model thread is still busy
+        assert not gate.release.is_set() and s.busy
+        gate.release.set()
+        assert await s.answer(new) == "new"
+        assert ran == ["new"] and s.stats.stale == 1
+
+    _run(body)
+
+
+def test_a_change_makes_queued_and_running_jobs_of_that_document_stale() -> None:
+    async def body(s: Scheduler) -> None:
+        running = Gate()
+        first = s.submit(running, key="a")
+        await _started(running)
+        queued = s.submit(lambda job: "other doc", key="b")
+        s.document_changed("a")
+        assert await _result(first) is None  # answered now ...
+        await asyncio.wait_for(asyncio.shield(queued.future), WAIT)
+        assert running.calls == 1  # ... and the running job saw cancelled() and stopped
+        assert await s.answer(queued) == "other doc"  # another document is not affected
+        assert s.stats.cancelled_running == 1
+
+    _run(body)
+
+
+def test_a_job_answered_after_a_change_is_stale_even_if_it_finished_first() -> None:
+    async def body(s: Scheduler) -> None:
+        job = s.submit(lambda job: "result", key="a")
+        await asyncio.wait_for(asyncio.shield(job.future), WAIT)
+        s.document_changed("a")
+        assert await s.answer(job) is None
+
+    _run(body)
+
+
+def test_a_debounced_request_made_stale_during_its_delay_never_runs() -> None:
+    async def body(s: Scheduler) -> None:
+        ran: list[int] = []
+        held = s.submit(lambda job: ran.append(1), key="a", delay=3600)  # would wait an hour
+        assert s.has_pending("a")
+        s.document_changed("a")
+        assert await _result(held) is None
+        assert not s.has_pending("a")
+        assert ran == [] and s.stats.ran == 0 and s.stats.stale == 1
+
+    _run(body)
+
+
+def test_cancel_stops_a_running_job_between_steps() -> None:
+    async def body(s: Scheduler) -> None:
+        gate = Gate()
+        job = s.submit(gate, key="a")
+        await _started(gate)
+        s.cancel(job)
+        assert await _result(job) is None
+        nxt = s.submit(lambda job: "next", key="a")  # the thread is free again: the gate stopped
+        assert await s.answer(nxt) == "next"
+        assert s.stats.cancelled_running == 1
+
+    _run(body)
+
+
+def test_requests_run_before_prefetches_and_background_work() -> None:
+    async def body(s: Scheduler) -> None:
+        gate = Gate(stop_when_cancelled=False)
+        s.submit(gate)
+        await _started(gate)
+        order: list[str] = []
+        jobs = [
+            s.submit(lambda job: order.append("background"), key="c", priority=Priority.BACKGROUND),
+            s.submit(lambda job: order.append("prefetch"), key="b", priority=Priority.PREFETCH),
+            s.submit(lambda job: order.append("request"), key="a"),
+        ]
+        gate.release.set()
+        for job in jobs:
+            await _result(job)
+        assert order == ["request", "prefetch", "background"]
+
+    _run(body)
+
+
+def test_a_request_preempts_a_prefetch_which_then_ends() -> None:
+    async def body(s: Scheduler) -> None:
+        gate = Gate()
+        prefetch = s.submit(gate, key="a", priority=Priority.PREFETCH)
+        await _started(gate)
+        request = s.submit(lambda job: "request", key="b")
+        assert await s.answer(request) == "request"
+        assert await _result(prefetch) is None
+        assert gate.calls == 1 and s.stats.preempted == 1 and s.stats.resumed == 0
+
+    _run(body)
+
+
+def test_a_request_preempts_resumable_background_work_which_then_carries_on() -> None:
+    async def body(s: Scheduler) -> None:
+        steps: list[int] = []  # the background job's own saved progress
+        paused = threading.Event()
+
+        def background(job: Job) -> list[int] | None:
+            while len(steps) < 100:
+                if job.cancelled():
+                    return None  # preempted: what it did is kept in ``steps``
+                steps.append(len(steps))
+                if len(steps) == 10 and not paused.is_set():
+                    paused.set()  # part way: wait here for a request to preempt us
+                    while not job.cancelled():
+                        threading.Event().wait(0.001)
+            return list(steps)
+
+        bg = s.submit(background, key="doc", priority=Priority.BACKGROUND, resumable=True)
+        assert await asyncio.to_thread(paused.wait, WAIT)
+        request = s.submit(lambda job: "request", key="other")
+        assert await s.answer(request) == "request"
+        assert await s.answer(bg) == list(range(100))  # resumed, from where it was
+        assert s.stats.preempted == 1 and s.stats.resumed == 1 and s.stats.ran == 3
+
+    _run(body)
+
+
+def test_a_failing_job_is_answered_with_its_error_and_a_crash_restarts_the_thread() -> None:
+    async def body(s: Scheduler) -> None:
+        def fails(job: Job) -> None:
+            raise ValueError("bad request")
+
+        def crashes(job: Job) -> None:
+            raise SystemExit("thread killer")
+
+        with pytest.raises(ValueError, match="bad request"):
+            await s.answer(s.submit(fails, key="a"))
+        with pytest.raises(RuntimeError, match="crashed"):
+            await s.answer(s.submit(crashes, key="a"))
+        assert await s.answer(s.submit(lambda job: "alive", key="a")) == "alive"
+        assert (s.stats.errors, s.stats.crashes, s.stats.restarts) == (1, 1, 1)
+
+    _run(body)
+
+
+def test_debounce_adapts_to_typing_speed() -> None:
+    base = 0.075
+    rhythm = TypingRhythm()
+    assert rhythm.debounce(base) == base  # no rhythm known yet
+    for i in range(6):  # fast typing: 30 ms between keystrokes
+        rhythm.note(100.0 + 0.03 * i)
+    fast = rhythm.debounce(base)
+    assert 0.03 < fast <= 2 * base  # longer than the gap: the next key wins
+    rhythm.note(100.15 + 1.1)  # a pause ends the burst
+    assert rhythm.debounce(base) == base
+    assert rhythm.debounce(0) == 0.0
+
+
+def test_the_scheduler_keeps_each_documents_rhythm() -> None:
+    async def body(s: Scheduler) -> None:
+        now = [0.0]
+        s._clock = lambda: now[0]
+        for _ in range(6):
+            s.document_changed("fast")
+            now[0] += 0.03
+        s.document_changed("slow")
+        assert s.debounce_seconds("fast", 0.075) < 0.075 * 2
+        assert s.debounce_seconds("fast", 0.075) != 0.075
+        assert s.debounce_seconds("slow", 0.075) == 0.075
+        assert s.debounce_seconds("unknown", 0.075) == 0.075
+        s.document_closed("fast")
+        assert s.debounce_seconds("fast", 0.075) == 0.075
+
+    _run(body)
+
+
+def test_suggestion_memory_serves_typed_prefixes_of_the_shown_suggestion() -> None:
+    memory = SuggestionMemory()
+    text, cursor = "x = \ny = 2\n", 4
+    memory.remember("a", text, cursor, Suggestion("foo(1)", 0))
+    assert memory.lookup("a", text, cursor) == (True, Suggestion("foo(1)", 0))  # the very same place
+    typed = text[:cursor] + "fo" + text[cursor:]
+    assert memory.lookup("a", typed, cursor + 2) == (True, Suggestion("o(1)", 0))
+    other = text[:cursor] + "ba" + text[cursor:]
+    assert memory.lookup("a", other, cursor + 2) == (False, None)  # typed something else
+    edited = "z" + typed
+    assert memory.lookup("a", edited, cursor + 3) == (False, None)  # the text before the cursor changed
+    whole = text[:cursor] + "foo(1)" + text[cursor:]
+    assert memory.lookup("a", whole, cursor + 6) == (False, None)  # typed it all: nothing left to serve
+    assert memory.lookup("b", typed, cursor + 2) == (False, None)  # another document
+    assert memory.hits == 2
+    memory.forget("a")
+    assert memory.lookup("a", text, cursor) == (False, None)
+
+
+def test_suggestion_memory_remembers_that_there_was_nothing_to_suggest() -> None:
+    memory = SuggestionMemory()
+    memory.remember("a", "x = 1\n", 5, None)
+    assert memory.lookup("a", "x = 1\n", 5) == (True, None)
+    assert memory.lookup("a", "x = 12\n", 6) == (False, None)
+    memory.remember("a", "x = \n", 4, Suggestion("1  ", 0))
+    assert memory.lookup("a", "x = 1\n", 5) == (True, None)  # only blanks would be left
