@@ -38,3 +38,25 @@ vim.api.nvim_create_user_command('GraniteLspStats', function()
   end
   vim.notify(vim.inspect(stats))
 end, { desc = 'Show the granite-lsp server counters (granite/stats)' })
+
+vim.api.nvim_create_user_command('GraniteToggle', function(args)
+  local on
+  if args.args == 'on' then
+    on = gl().enable_all(true)
+  elseif args.args == 'off' then
+    on = gl().enable_all(false)
+  else
+    on = gl().enable_all()
+  end
+  vim.notify('granite-lsp suggestions ' .. (on and 'on' or 'off') .. ' everywhere')
+end, {
+  nargs = '?',
+  complete = function()
+    return { 'on', 'off' }
+  end,
+  desc = 'Turn granite-lsp suggestions on/off in every buffer',
+})
+
+vim.api.nvim_create_user_command('GraniteDownload', function(args)
+  gl().download(args.args)
+end, { nargs = '?', desc = 'Download a model (default: the configured one) with granite-lsp download' })

@@ -73,6 +73,9 @@ M.config = nil
 ---@type table<integer, table> client_id -> last granite/status params
 M.status = {}
 
+--- Suggestions everywhere (:GraniteToggle); buffers attached while it is off start off.
+M.globally_enabled = true
+
 local augroup = api.nvim_create_augroup('granite_lsp', { clear = true })
 
 local function native_available()
@@ -285,6 +288,55 @@ function M.toggle(bufnr)
   return M.enable(nil, bufnr)
 end
 
+--- Buffers a granite-lsp client is attached to.
+local function attached_buffers()
+  local seen, out = {}, {}
+  for _, c in ipairs(M.get_clients()) do
+    for b in pairs(c.attached_buffers or {}) do
+      if not seen[b] and api.nvim_buf_is_valid(b) then
+        seen[b] = true
+        out[#out + 1] = b
+      end
+    end
+  end
+  return out
+end
+
+--- Turns suggestions on or off in every buffer, and for buffers attached later (nil: toggle).
+function M.enable_all(enable)
+  if enable == nil then
+    enable = not M.globally_enabled
+  end
+  M.globally_enabled = enable
+  for _, b in ipairs(attached_buffers()) do
+    M.enable(enable, b)
+  end
+  pcall(vim.cmd, 'redrawstatus')
+  return enable
+end
+
+--- A short statusline component: '' where granite-lsp is not attached, else its state, e.g.
+--- "granite: ready", "granite: loading 40%", "granite: off", "granite: error".
+--- Lualine: `sections = { lualine_x = { require('granite_lsp').statusline } }`;
+--- plain: `vim.o.statusline = "%f %=%{v:lua.require'granite_lsp'.statusline()}"`.
+function M.statusline(bufnr)
+  bufnr = resolve(bufnr)
+  if not M.config or #M.get_clients(bufnr) == 0 then
+    return ''
+  end
+  if not M.globally_enabled or not M.is_enabled(bufnr) then
+    return 'granite: off'
+  end
+  local st = M.get_status(bufnr)
+  if not st then
+    return 'granite: starting'
+  end
+  if st.state == 'loading' and st.percent then
+    return ('granite: loading %d%%'):format(st.percent)
+  end
+  return 'granite: ' .. tostring(st.state or '?')
+end
+
 -- Clients --------------------------------------------------------------------------------
 
 --- granite-lsp clients, optionally those attached to `bufnr`.
@@ -334,7 +386,11 @@ local function on_status(err, params, ctx)
   M.status[ctx.client_id] = params
   local cfg = M.config or M.defaults
   if params.state == 'error' then
-    vim.notify('granite-lsp: ' .. (params.message or 'error'), vim.log.levels.ERROR)
+    local msg = 'granite-lsp: ' .. (params.message or 'error')
+    if tostring(params.message):find('was not found', 1, true) then
+      msg = msg .. '\nRun :GraniteDownload to download the model, then it loads.'
+    end
+    vim.notify(msg, vim.log.levels.ERROR)
   elseif cfg.notify and params.state == 'ready' and not (prev and prev.state == 'ready') then
     vim.notify(
       ('granite-lsp: %s ready on %s (%s)'):format(
@@ -404,10 +460,15 @@ end
 
 local function on_attach(client, bufnr)
   if M.uses_native() then
-    vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
-    pin_native_later(bufnr)
+    vim.lsp.inline_completion.enable(M.globally_enabled, { bufnr = bufnr })
+    if M.globally_enabled then
+      pin_native_later(bufnr)
+    end
   else
     require('granite_lsp.fallback').attach(bufnr, client.id)
+    if not M.globally_enabled then
+      require('granite_lsp.fallback').enable(bufnr, false)
+    end
   end
   set_keymaps(bufnr)
   if type(M.config.on_attach) == 'function' then
@@ -524,7 +585,7 @@ function M.setup(opts)
     api.nvim_create_autocmd('FileType', {
       group = augroup,
       callback = function(args)
-        start_legacy(args.buf, cc)
+        start_legacy(args.buf, M.client_config()) -- read live: filetypes may change after setup
       end,
     })
     -- Buffers opened before setup().
@@ -536,10 +597,105 @@ function M.setup(opts)
   end
 end
 
+--- Changes the filetypes attached to after setup(): a list, or "*" for every file buffer. Open buffers
+--- of a filetype added get the server now; those of a filetype removed are detached.
+function M.set_filetypes(filetypes)
+  if not M.config then
+    return
+  end
+  M.config.filetypes = filetypes
+  local cc = M.client_config()
+  local native = vim.lsp.config and vim.lsp.enable
+  if native then
+    vim.lsp.config[M.name] = cc -- replaces the whole config ("*": no filetypes key at all)
+  end
+  for _, b in ipairs(api.nvim_list_bufs()) do
+    if api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == '' and vim.bo[b].filetype ~= '' then
+      local wanted = cc.filetypes == nil or vim.tbl_contains(cc.filetypes, vim.bo[b].filetype)
+      local clients = M.get_clients(b)
+      if wanted and #clients == 0 then
+        if native then -- vim.lsp.enable's own FileType handler, not the buffer's ftplugins again
+          api.nvim_exec_autocmds('FileType', { group = 'nvim.lsp.enable', buffer = b, modeline = false })
+        else
+          start_legacy(b, cc)
+        end
+      elseif not wanted then
+        for _, c in ipairs(clients) do
+          vim.lsp.buf_detach_client(b, c.id)
+        end
+      end
+    end
+  end
+end
+
+--- The command that downloads a model: the server's executable with `download` (`python -m
+--- granite_lsp` stays a module run).
+function M.download_cmd(model)
+  local cmd = (M.config or M.defaults).cmd
+  local out = { cmd[1] }
+  if cmd[2] == '-m' and cmd[3] then
+    out[2], out[3] = '-m', cmd[3]
+  end
+  out[#out + 1] = 'download'
+  if model and model ~= '' then
+    out[#out + 1] = model
+  end
+  return out
+end
+
+--- Runs `granite-lsp download [model]` (default: the configured model), showing its progress in the
+--- message area; on success the running servers are asked to load it. `on_done(ok, path_or_error)`.
+function M.download(model, on_done)
+  model = (model and model ~= '') and model or (M.config and M.config.model) or nil
+  local cmd = M.download_cmd(model)
+  local last = ''
+  local function show(line)
+    vim.schedule(function()
+      api.nvim_echo({ { 'granite-lsp download: ' .. line } }, false, {})
+    end)
+  end
+  local ok, job = pcall(vim.system, cmd, {
+    text = true,
+    stderr = function(_, data)
+      if data then
+        for piece in data:gmatch('[^\r\n]+') do
+          last = piece
+        end
+        show(last)
+      end
+    end,
+  }, function(res)
+    vim.schedule(function()
+      local path = vim.trim(res.stdout or '')
+      if res.code == 0 and path ~= '' then
+        vim.notify('granite-lsp: model downloaded to ' .. path .. '; loading it', vim.log.levels.INFO)
+        M.update({}) -- a configuration change makes a server without a model try again
+      else
+        path = last ~= '' and last or ('exit code ' .. tostring(res.code))
+        vim.notify('granite-lsp download failed: ' .. path, vim.log.levels.ERROR)
+      end
+      if on_done then
+        on_done(res.code == 0, path)
+      end
+    end)
+  end)
+  if not ok then
+    vim.notify('granite-lsp download: cannot run ' .. table.concat(cmd, ' ') .. ': ' .. tostring(job), vim.log.levels.ERROR)
+    if on_done then
+      on_done(false, tostring(job))
+    end
+  end
+end
+
 --- Sends changed options to running servers (workspace/didChangeConfiguration).
 function M.update(opts)
   if not M.config then
     return
+  end
+  if opts and opts.filetypes ~= nil then
+    M.set_filetypes(opts.filetypes)
+    opts = vim.deepcopy(opts)
+    opts.filetypes = nil
   end
   M.config = vim.tbl_deep_extend('force', M.config, opts or {})
   local so = M.server_options(M.config)

