@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .ops import CpuKernels
 
 # Lowest first; each level includes the ones before it (isa.h).
 LEVELS = ("avx2", "avx512", "avx512_bf16")
@@ -38,7 +42,7 @@ def cpu_info() -> tuple[str, set[str]]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "", set()
-    model, flags = "", set()
+    model, flags = "", set[str]()
     for line in text.splitlines():
         if line.startswith("model name") and not model:
             model = line.split(":", 1)[1].strip()
@@ -65,7 +69,7 @@ def cpu_report() -> dict[str, object]:
     return {"cpu": model, "isa_flags": [f for f in REPORTED_FLAGS if f in flags]}
 
 
-def _ops():
+def _ops() -> CpuKernels:
     from .ops import build_error, load
 
     ops = load()
