@@ -98,10 +98,10 @@ def test_gguf_file_names_carry_the_shape(tmp_path: Path) -> None:
     assert gguf_for(tmp_path, TINY, "q8_0").name.endswith("-q8_0.gguf")
 
 
-def test_each_precision_runs_beside_a_kind_that_is_written() -> None:
-    kinds = {name: LLAMA_CPP[name][0].lower() for name in PRECISIONS}
-    assert kinds == {"float32": "f32", "bfloat16": "f16", "float16": "f16", "int8": "q8_0"}
-    assert set(kinds.values()) == set(KINDS)
+def test_each_precision_runs_beside_its_fastest_kinds_all_written() -> None:
+    kinds = {name: LLAMA_CPP[name] for name in PRECISIONS}
+    assert kinds == {"float32": ("f32",), "bfloat16": ("f16", "bf16"), "float16": ("f16",), "int8": ("q8_0",)}
+    assert {k for ks in kinds.values() for k in ks} == set(KINDS)
 
 
 def test_gguf_refuses_what_it_cannot_write(tmp_path: Path) -> None:
@@ -144,9 +144,9 @@ def test_peer_times_llama_cpp_on_the_written_file(llama_cpp: tuple[str, Path]) -
         assert peer.prefill([1, 2, 3]) > 0  # still answering
         # and the bench times it in the same rounds as our runtime, on the same tokens
         model = HybridModel.from_config(TINY)
-        r = bench_model(model, prefill=20, decode=3, repeat=1, peer=peer)
-        for key in ("llama_prefill_tok_s", "llama_decode_tok_s", "llama_decode_median_ms"):
-            assert 0 < r[key] < float("inf"), r
+        r = bench_model(model, prefill=20, decode=3, repeat=1, peers={"f16": peer})
+        for key in ("prefill_tok_s", "decode_tok_s", "decode_ms", "decode0_ms", "decode_best_ms"):
+            assert 0 < r["llama"]["f16"][key] < float("inf"), r
     finally:
         peer.close()
     assert peer.proc.returncode == 0
@@ -190,16 +190,24 @@ class _RecordingPeer:
         return [5.0] + [0.5 + 0.1 * i for i in range(1, len(steps))]
 
 
-def test_bench_rounds_give_the_peer_the_same_tokens_and_keep_its_best() -> None:
+def test_bench_rounds_give_the_peers_the_same_tokens_and_report_medians() -> None:
     model = HybridModel.from_config(TINY)
-    peer = _RecordingPeer()
-    r = bench_model(model, prefill=12, decode=4, repeat=2, peer=peer)  # type: ignore[arg-type]
-    assert len(peer.prefills) == 3 and all(ids == peer.prefills[0] and len(ids) == 12 for ids in peer.prefills)
-    assert r["llama_prefill_tok_s"] == pytest.approx(12 / 2.0)  # the warm-up's 9 s left out
-    assert len(peer.decodes) == 3
-    for ids, steps in peer.decodes:
-        assert ids == peer.prefills[0] and len(steps) == 4 and ids + steps == peer.decodes[0][0] + peer.decodes[0][1]
-    # the first step of the first round is warm-up, as for ours; the 5 s steps of later rounds count
-    assert r["llama_decode_tok_s"] == pytest.approx(1 / 0.6)
-    counted = [0.6, 0.7, 0.8] + [5.0, 0.6, 0.7, 0.8] * 2
-    assert r["llama_decode_median_ms"] == pytest.approx(1e3 * statistics.median(counted))
+    peers = {"f16": _RecordingPeer(), "bf16": _RecordingPeer()}
+    r = bench_model(model, prefill=12, decode=4, repeat=2, peers=peers)  # type: ignore[arg-type]
+    for kind, peer in peers.items():
+        assert len(peer.prefills) == 3 and all(ids == peer.prefills[0] and len(ids) == 12 for ids in peer.prefills)
+        t = r["llama"][kind]
+        assert t["prefill_tok_s"] == pytest.approx(12 / statistics.median([2.0, 3.0]))  # the warm-up's 9 s left out
+        # decode after the prompt, then at depth 0: three rounds each, the same tokens as ours
+        assert len(peer.decodes) == 6
+        deep, shallow = peer.decodes[:3], peer.decodes[3:]
+        for ids, steps in deep:
+            assert ids == peer.prefills[0] and len(steps) == 4 and ids + steps == deep[0][0] + deep[0][1]
+        for ids, steps in shallow:
+            assert ids == [] and steps == deep[0][0][:4]
+        # the first step of the first round is warm-up, as for ours; the 5 s steps of later rounds count
+        counted = [0.6, 0.7, 0.8] + [5.0, 0.6, 0.7, 0.8] * 2
+        assert t["decode_ms"] == pytest.approx(1e3 * statistics.median(counted))
+        assert t["decode0_ms"] == pytest.approx(1e3 * statistics.median(counted))
+        assert t["decode_best_ms"] == pytest.approx(600)
+    assert r["decode_depth"] == 12 and r["decode_ms"] >= r["decode_best_ms"] > 0 and r["decode0_ms"] > 0

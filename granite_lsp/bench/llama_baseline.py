@@ -32,7 +32,7 @@ from ..runtime.config import HybridConfig
 
 # The GGUF weight kinds written (llama-bench's names, lower-cased: the bench's LLAMA_CPP table
 # says which one runs beside each of our precisions).
-KINDS = ("f32", "f16", "q8_0")
+KINDS = ("f32", "f16", "bf16", "q8_0")
 # Bumped whenever write_gguf's output changes, so that files written by an older version in the
 # bench's folder are not reused.
 LAYOUT_VERSION = 2
@@ -51,9 +51,12 @@ def write_gguf(raw_config: dict[str, Any], path: Path, kind: str, seed: int = 0)
     if cfg.num_local_experts or cfg.uses_rope or cfg.attention_bias or cfg.mamba_proj_bias:
         raise ValueError("only the dense, NoPE, bias-free Granite-4.0-H shape is written")
     T, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    qtype, file_type = {"f32": (T.F32, FT.ALL_F32), "f16": (T.F16, FT.MOSTLY_F16), "q8_0": (T.Q8_0, FT.MOSTLY_Q8_0)}[
-        kind
-    ]
+    qtype, file_type = {
+        "f32": (T.F32, FT.ALL_F32),
+        "f16": (T.F16, FT.MOSTLY_F16),
+        "bf16": (T.BF16, FT.MOSTLY_BF16),
+        "q8_0": (T.Q8_0, FT.MOSTLY_Q8_0),
+    }[kind]
     tmp = path.with_name(path.name + ".part")
     w = gguf.GGUFWriter(str(tmp), "granitehybrid")
     try:
@@ -117,7 +120,7 @@ def _write_tensors(w: Any, cfg: HybridConfig, qtype: Any, rng: np.random.Generat
 
     def matrix(name: str, rows: int, cols: int) -> None:
         a = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cfg.initializer_range)
-        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)  # F32/F16: a plain cast
+        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)  # F32/F16: a plain cast; BF16: rounded
 
     ones = np.ones(D, dtype=np.float32)
     matrix("token_embd.weight", cfg.vocab_size, D)  # tied: llama.cpp reuses it as the output

@@ -1,19 +1,22 @@
 """Speed of the runtime on the real Granite-4.0-H-350M shape with random weights, per precision.
 
 Run ``granite-lsp bench --kernels`` (or ``python -m granite_lsp.bench.microbench``). Speed does
-not depend on weight values, so no checkpoint is needed. For each precision it prints decode and
-prefill tokens/s and, measured in the same run, the model's matmuls alone (lm_head included):
+not depend on weight values, so no checkpoint is needed. The header names the CPU, its ISA flags
+and the level the kernels run at (``kernels/isa.py``; ``GRANITE_LSP_ISA`` caps it). For each
+precision it prints the median decode step after the prompt and at depth 0 (llama-bench's tg), the
+median prefill (the best of each beside it) and, measured in the same run, the model's matmuls alone (lm_head included):
 through our kernels on the same packed weights, and through torch's own kernels on weights of
 the same shapes and precision (``F.linear``; ``torch._weight_int8pack_mm`` for int8). Decode on
 CPU is bound by streaming those weights from memory, so "decode step / matmuls alone" says how
 much is left to gain outside them. ``--rss`` also starts the real server on a checkpoint
 directory of that shape (written once, bf16 like Granite's) and reports its peak RSS after a
 completion. ``--sweep`` times the scan chunk sizes and the recurrent/scan threshold that the
-defaults in ``model.py`` were chosen from. The llama.cpp figures the issue set (llama-bench, 2
-threads, on the 2-core AVX2 machine this was built on, another day) are printed beside ours; with
-``--llama-cpp DIR`` llama.cpp also runs in this bench, alternating with ours round by round on
-the same tokens, and each of our figures gets a ratio to its figure from the same rounds
-(``llama_baseline.py``). ``--device cuda`` builds the model on the GPU instead (timings
+defaults in ``model.py`` were chosen from. With ``--llama-cpp DIR`` llama.cpp runs in this bench,
+alternating with ours round by round on the same tokens, on each GGUF kind ``LLAMA_CPP`` pairs with
+the precision (its fastest paths: bf16 beside both F16 and BF16), and each of our figures gets a
+ratio to each kind's from the same rounds and to the fastest of them (``llama_baseline.py``);
+without it, issue #4's llama-bench figures (another machine, another day) are printed for
+orientation only. ``--device cuda`` builds the model on the GPU instead (timings
 synchronize the device; it says whether the Mamba layers ran mamba_ssm / causal_conv1d kernels or
 the torch ops, see ``runtime/cuda_kernels.py``; no llama.cpp comparison there).
 """
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels import PackedLinear
+from ..kernels import PackedLinear, isa
 from ..runtime import cuda_kernels
 from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
 from ..runtime.model import HybridModel
@@ -103,103 +106,120 @@ def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torc
     return _time(run, repeat)
 
 
+Peers = dict[str, LlamaPeer]  # llama.cpp processes by GGUF kind, timed beside ours
+
+
 def _time_prefill(
-    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None
-) -> tuple[float, list[float]]:
-    """Our best prefill time, and llama.cpp's prefill times (when given). Each round times ours,
-    then llama.cpp's on the same tokens; the first round is warm-up for both."""
+    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peers: Peers
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Our prefill times and each llama.cpp peer's. Each round times ours, then every peer's on the
+    same tokens; the first round is warm-up for all."""
     id_list = ids.tolist()
-    ours_pf: list[float] = []
-    peer_pf: list[float] = []
+    ours: list[float] = []
+    theirs: dict[str, list[float]] = {kind: [] for kind in peers}
     for r in range(repeat + 1):
-        if peer is not None:
+        if peers:
             settle()
         _sync()
         t0 = time.perf_counter()
         model.forward(ids[:prefill], model.new_state(prefill + decode))
         _sync()
         if r:
-            ours_pf.append(time.perf_counter() - t0)
-        if peer is not None:
+            ours.append(time.perf_counter() - t0)
+        for kind, peer in peers.items():
             t = peer.prefill(id_list[:prefill])
             if r:
-                peer_pf.append(t)
-    return min(ours_pf), peer_pf
+                theirs[kind].append(t)
+    return ours, theirs
 
 
 def _time_decode(
-    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None
-) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Seconds of: decode steps, the same steps layer by layer, the matmuls alone, llama.cpp's steps.
+    model: HybridModel, ids: torch.Tensor, depth: int, decode: int, repeat: int, peers: Peers, matmuls: bool
+) -> tuple[list[float], list[float], list[float], dict[str, list[float]]]:
+    """Seconds of: decode steps after ``depth`` tokens, the same steps layer by layer, the matmuls
+    alone (when ``matmuls``), each llama.cpp peer's steps on the same tokens.
 
     Decode steps and the matmuls alone are timed in alternation, so that both see the same
-    machine (a shared 2-core box drifts by 30% within a minute); callers keep the minimum of each.
-    The same steps layer by layer (``fused_step`` off) are timed in the same rounds: what the
-    one-call step (kernels/step.cpp) saves, where it applies (not on GPU, nor without the kernels).
+    machine (a shared 2-core box drifts by 30% within a minute). The same steps layer by layer
+    (``fused_step`` off) are timed in the same rounds: what the one-call step (kernels/step.cpp)
+    saves, where it applies (not on GPU, nor without the kernels).
     """
     id_list = ids.tolist()
-    state = model.new_state(prefill + decode + 1)
-    model.forward(ids[:prefill], state)
+    state = model.new_state(depth + decode + 1)
+    if depth:
+        model.forward(ids[:depth], state)
     snap = state.snapshot()
     steps: list[float] = []
     layered: list[float] = []
     lin1: list[float] = []
-    peer_steps: list[float] = []
+    theirs: dict[str, list[float]] = {kind: [] for kind in peers}
     fused_step = model.fused_step
     paths = ((True, steps), (False, layered)) if model._one_call_step_applies() else ((fused_step, steps),)
     for r in range(repeat + 1):
         for one_call, out in paths:
             model.fused_step = one_call
             state.restore(snap)
-            if peer is not None:
+            if peers:
                 settle()
             for i in range(decode):
                 _sync()
                 t0 = time.perf_counter()
-                model.forward(ids[prefill + i : prefill + i + 1], state)
+                model.forward(ids[depth + i : depth + i + 1], state)
                 _sync()
                 if r or i:  # first step of the first round is warm-up
                     out.append(time.perf_counter() - t0)
-        with small_ops_single_threaded():
-            lin1.append(time_linears(model, 1, 2, _kernel_linear))  # the runtime's own matmuls
-        if peer is not None:
-            got = peer.decode(id_list[:prefill], id_list[prefill : prefill + decode])
-            peer_steps += got if r else got[1:]  # the same warm-up step as ours left out
+        if matmuls:
+            with small_ops_single_threaded():
+                lin1.append(time_linears(model, 1, 2, _kernel_linear))  # the runtime's own matmuls
+        for kind, peer in peers.items():
+            got = peer.decode(id_list[:depth], id_list[depth : depth + decode])
+            theirs[kind] += got if r else got[1:]  # the same warm-up step as ours left out
     model.fused_step = fused_step
-    return steps, layered, lin1, peer_steps
+    return steps, layered, lin1, theirs
 
 
 def bench_model(
-    model: HybridModel, prefill: int, decode: int, repeat: int, peer: LlamaPeer | None = None
+    model: HybridModel, prefill: int, decode: int, repeat: int, peers: Peers | None = None
 ) -> dict[str, Any]:
-    """Figures of one model (floats; ``decode_layered_ms`` None where there is no one-call step)."""
+    """Figures of one model: medians over the rounds (the best ones beside them, marked ``best``).
+
+    Decode is timed at two depths, as llama-bench's tg (depth 0: the first steps of an empty
+    context) and after a ``prefill``-token prompt (the editor's case); ``decode_layered_ms`` is None
+    where there is no one-call step. ``llama`` holds each peer's figures by GGUF kind."""
+    peers = peers or {}
     ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
-    t_prefill, peer_pf = _time_prefill(model, ids, prefill, decode, repeat, peer)
-    steps, layered, lin1, peer_steps = _time_decode(model, ids, prefill, decode, repeat, peer)
-    t_step = min(steps)
-    t_ours1 = min(lin1)
+    pf, peer_pf = _time_prefill(model, ids, prefill, decode, repeat, peers)
+    steps, layered, lin1, peer_steps = _time_decode(model, ids, prefill, decode, repeat, peers, True)
+    steps0, _, _, peer_steps0 = _time_decode(model, ids, 0, decode, repeat, peers, False)
     with small_ops_single_threaded():
         t_oursp = time_linears(model, prefill, repeat, _kernel_linear)
     t_torch1 = time_linears(model, 1, max(5, repeat * 3))
+    med = statistics.median
     return {
-        "prefill_tok_s": prefill / t_prefill,
-        "prefill_s": t_prefill,
+        "prefill_tok_s": prefill / med(pf),
+        "prefill_s": med(pf),
+        "prefill_best_tok_s": prefill / min(pf),
         "prefill_linear_s": t_oursp,
-        "decode_tok_s": 1.0 / t_step,
-        "decode_ms": t_step * 1e3,
-        "decode_median_ms": statistics.median(steps) * 1e3,
-        "decode_layered_ms": min(layered) * 1e3 if layered else None,
-        "linear_ms": t_ours1 * 1e3,
+        "decode_depth": prefill,
+        "decode_ms": med(steps) * 1e3,
+        "decode_tok_s": 1.0 / med(steps),
+        "decode_best_ms": min(steps) * 1e3,
+        "decode0_ms": med(steps0) * 1e3,
+        "decode0_tok_s": 1.0 / med(steps0),
+        "decode_layered_ms": med(layered) * 1e3 if layered else None,
+        "linear_ms": min(lin1) * 1e3,
         "torch_linear_ms": t_torch1 * 1e3,
-        **(
-            {
-                "llama_prefill_tok_s": prefill / min(peer_pf),
-                "llama_decode_tok_s": 1.0 / min(peer_steps),
-                "llama_decode_median_ms": statistics.median(peer_steps) * 1e3,
+        "llama": {
+            kind: {
+                "prefill_tok_s": prefill / med(peer_pf[kind]),
+                "decode_ms": med(peer_steps[kind]) * 1e3,
+                "decode_tok_s": 1.0 / med(peer_steps[kind]),
+                "decode_best_ms": min(peer_steps[kind]) * 1e3,
+                "decode0_ms": med(peer_steps0[kind]) * 1e3,
+                "decode0_tok_s": 1.0 / med(peer_steps0[kind]),
             }
-            if peer is not None
-            else {}
-        ),
+            for kind in peers
+        },
     }
 
 
@@ -249,13 +269,17 @@ def sweep_threshold(model: HybridModel, repeat: int) -> None:
     model.recurrent_max = saved
 
 
-# llama-bench -t 2 on the real shape, this machine kind (see issue #4): tg128 / pp512 tokens/s.
+# The llama.cpp GGUF kinds timed beside each precision: its fastest paths for it (bf16 weights: F16
+# and BF16, which llama.cpp runs on AVX512_BF16 where the CPU has it).
 LLAMA_CPP = {
-    "float32": ("F32", 13.8, 130.0),
-    "bfloat16": ("F16", 26.4, 215.0),
-    "float16": ("F16", 26.4, 215.0),
-    "int8": ("Q8_0", 35.9, 161.0),
+    "float32": ("f32",),
+    "bfloat16": ("f16", "bf16"),
+    "float16": ("f16",),
+    "int8": ("q8_0",),
 }
+# llama-bench -t 2 on the real shape, on the 2-core AVX2 machine of issue #4 (another day): tg128 /
+# pp512 tokens/s, printed for orientation when llama.cpp does not run in this bench.
+LLAMA_BENCH_ISSUE4 = {"f32": (13.8, 130.0), "f16": (26.4, 215.0), "q8_0": (35.9, 161.0)}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -299,36 +323,52 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int, with_peer: bool) -> None:
-    """One precision's CPU figures, beside the issue's llama-bench figures (and the same rounds')."""
-    ref_name, ref_tg, ref_pp = LLAMA_CPP[name]
+def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None:
+    """One precision's CPU figures (medians), and llama.cpp's from the same rounds per GGUF kind
+    (or, without it, issue #4's llama-bench figures), with ours / theirs."""
     layered = r["decode_layered_ms"]
     print(
-        f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if packed else 'torch matmuls'})\n"
-        f"  decode  {r['decode_tok_s']:6.2f} tok/s  "
-        f"({r['decode_ms']:.1f} ms/step, median {r['decode_median_ms']:.1f})"
-        f"   llama.cpp {ref_name} tg128 {ref_tg}: x{r['decode_tok_s'] / ref_tg:.2f}\n"
+        f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if packed else 'torch matmuls'}), medians\n"
+        f"  decode at depth {r['decode_depth']}: {r['decode_tok_s']:6.2f} tok/s ({r['decode_ms']:.1f} ms/step,"
+        f" best {r['decode_best_ms']:.1f});  at depth 0: {r['decode0_tok_s']:6.2f} tok/s ({r['decode0_ms']:.1f} ms)\n"
         + (
             f"  decode step layer by layer (no one-call step) {layered:.1f} ms:"
             f" x{layered / r['decode_ms']:.2f} the one-call step\n"
             if layered
             else ""
         )
-        + f"  prefill {r['prefill_tok_s']:6.1f} tok/s  ({r['prefill_s']:.2f} s)"
-        f"   llama.cpp {ref_name} pp512 {ref_pp}: x{r['prefill_tok_s'] / ref_pp:.2f}\n"
+        + f"  prefill {prefill}: {r['prefill_tok_s']:6.1f} tok/s ({r['prefill_s']:.2f} s;"
+        f" best {r['prefill_best_tok_s']:.1f} tok/s)\n"
         f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
         f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
         f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
         f"  matmuls alone, {prefill} tokens: {r['prefill_linear_s']:.2f} s"
         f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
     )
-    if with_peer:
-        tg, pp = r["llama_decode_tok_s"], r["llama_prefill_tok_s"]
+    for kind, t in r["llama"].items():
         print(
-            f"  llama.cpp {ref_name} in the same rounds: decode {tg:6.2f} tok/s"
-            f" (median {r['llama_decode_median_ms']:.1f} ms/step): ours x{r['decode_tok_s'] / tg:.2f};"
-            f"  prefill {pp:6.1f} tok/s: ours x{r['prefill_tok_s'] / pp:.2f}"
+            f"  llama.cpp {kind.upper():5s} same rounds: decode depth {r['decode_depth']}"
+            f" {t['decode_tok_s']:6.2f} tok/s"
+            f" ({t['decode_ms']:.1f} ms): ours x{r['decode_tok_s'] / t['decode_tok_s']:.2f};"
+            f"  depth 0 {t['decode0_tok_s']:6.2f}: ours x{r['decode0_tok_s'] / t['decode0_tok_s']:.2f};"
+            f"  prefill {t['prefill_tok_s']:6.1f} tok/s: ours x{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}"
         )
+    if r["llama"]:
+        keys = ("decode_tok_s", "decode0_tok_s", "prefill_tok_s")
+        fastest = {k: max(t[k] for t in r["llama"].values()) for k in keys}
+        print(
+            f"  vs llama.cpp's fastest path here: decode x{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}"
+            f" (depth 0 x{r['decode0_tok_s'] / fastest['decode0_tok_s']:.2f}),"
+            f" prefill x{r['prefill_tok_s'] / fastest['prefill_tok_s']:.2f}"
+        )
+        return
+    for kind in LLAMA_CPP[name]:
+        if kind in LLAMA_BENCH_ISSUE4:
+            tg, pp = LLAMA_BENCH_ISSUE4[kind]
+            print(
+                f"  llama-bench {kind.upper()} (issue #4's machine, not this run): tg128 {tg}, pp512 {pp}:"
+                f" ours x{r['decode0_tok_s'] / tg:.2f} (depth 0), x{r['prefill_tok_s'] / pp:.2f}"
+            )
 
 
 def _print_gpu(name: str, r: dict[str, Any], device: torch.device, prefill: int) -> None:
@@ -342,6 +382,16 @@ def _print_gpu(name: str, r: dict[str, Any], device: torch.device, prefill: int)
     )
 
 
+def _machine_report(threads: int) -> dict[str, Any]:
+    """The CPU model, its ISA flags that matter here, and the level our kernels run at."""
+    return {
+        **isa.cpu_report(),
+        "isa_level": isa.level() or "none (kernels unavailable)",
+        "isa_note": isa.note(),
+        "threads": threads,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     device = torch.device(args.device)
@@ -350,30 +400,36 @@ def main(argv: list[str] | None = None) -> None:
     where = f"threads {torch.get_num_threads()}"
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)}, Mamba layers: {cuda_kernels.describe(device)}"
+    machine = _machine_report(args.threads) if on_cpu else {}
     print(
         f"torch {torch.__version__}, {where}, "
         f"hidden {cfg.get('hidden_size')} x {cfg.get('num_hidden_layers')} layers, "
-        f"decode after {args.prefill} tokens, prefill of {args.prefill}"
+        f"decode after {args.prefill} tokens and after 0, prefill of {args.prefill}"
     )
+    if machine:
+        print(
+            f"CPU {machine['cpu']}; ISA flags {' '.join(machine['isa_flags'])}; kernels' level"
+            f" {machine['isa_level']}{' (' + machine['isa_note'] + ')' if machine['isa_note'] else ''}"
+        )
     results: dict[str, dict[str, Any]] = {}
     for name in args.precisions.split(","):
         dtype, quantize = PRECISIONS[name]
         # llama.cpp's file first: writing it holds its weights in memory, which the model's
         # would otherwise join
-        gguf = gguf_for(args.llama_cpp, cfg, LLAMA_CPP[name][0].lower()) if args.llama_cpp else None
+        ggufs = {kind: gguf_for(args.llama_cpp, cfg, kind) for kind in LLAMA_CPP[name]} if args.llama_cpp else {}
         model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
-        peer = None
-        if gguf is not None:
-            ctx = args.prefill + args.decode + 8
-            peer = LlamaPeer(args.llama_cpp_python, gguf, args.threads, ctx, model.config.vocab_size)
+        peers: Peers = {}
         try:
-            r = bench_model(model, args.prefill, args.decode, args.repeat, peer)
+            ctx = args.prefill + args.decode + 8
+            for kind, gguf in ggufs.items():
+                peers[kind] = LlamaPeer(args.llama_cpp_python, gguf, args.threads, ctx, model.config.vocab_size)
+            r = bench_model(model, args.prefill, args.decode, args.repeat, peers)
         finally:
-            if peer is not None:
+            for peer in peers.values():
                 peer.close()
         r["weight_mb"] = model.weight_bytes() / 2**20
         if on_cpu:
-            _print_cpu(name, r, model.packed, args.prefill, peer is not None)
+            _print_cpu(name, r, model.packed, args.prefill)
             if args.sweep:
                 sweep_chunk_sizes(model, args.repeat)
                 sweep_threshold(model, args.repeat)
@@ -385,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  server peak RSS after loading and one completion: {r['server_peak_rss_mb']:.0f} MB")
         results[name] = r
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, **results}, indent=2))
 
 
 if __name__ == "__main__":
