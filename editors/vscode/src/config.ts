@@ -7,7 +7,7 @@ export const SECTION = 'granite';
 /** Settings the server understands; sent flat and camelCase, the same keys both ways. */
 export interface ServerSettings {
   model?: string;
-  device?: 'auto' | 'cpu' | 'cuda';
+  device?: 'auto' | 'cpu' | 'cuda' | 'mps';
   dtype?: 'auto' | 'float32' | 'bfloat16' | 'float16';
   quantize?: 'none' | 'int8';
   maxTokens?: number;
@@ -22,7 +22,7 @@ const STRING_KEYS = ['model', 'device', 'dtype', 'quantize'] as const;
 const NUMBER_KEYS = ['maxTokens', 'prefixTokens', 'suffixTokens', 'debounceMs', 'maxLines'] as const;
 
 /** Settings whose change needs a new server process (or a new document selector). */
-export const RESTART_KEYS = ['serverPath', 'pythonPath', 'serverArgs', 'enabledLanguages'] as const;
+export const RESTART_KEYS = ['serverPath', 'pythonPath', 'serverArgs', 'enabledLanguages', 'exclude'] as const;
 
 /** Whether the user set `key` anywhere (user, workspace or folder settings), as opposed to its default. */
 function isSet(cfg: vscode.WorkspaceConfiguration, key: string): boolean {
@@ -106,4 +106,33 @@ export async function setEnabled(value: boolean): Promise<void> {
     await cfg.update('enable', value, vscode.ConfigurationTarget.Workspace);
   }
   await cfg.update('enable', value, vscode.ConfigurationTarget.Global);
+}
+
+/** Languages switched off from the status bar menu (`granite.disabledLanguages`): no restart needed. */
+export function disabledLanguages(): string[] {
+  const list = vscode.workspace.getConfiguration(SECTION).get<string[]>('disabledLanguages', []);
+  return Array.isArray(list) ? list.filter((x) => typeof x === 'string') : [];
+}
+
+/** Turns completions for `languageId` off or on (user settings). */
+export async function setLanguageDisabled(languageId: string, disabled: boolean): Promise<void> {
+  const list = disabledLanguages().filter((x) => x !== languageId);
+  if (disabled) {
+    list.push(languageId);
+  }
+  await vscode.workspace.getConfiguration(SECTION).update('disabledLanguages', list, vscode.ConfigurationTarget.Global);
+}
+
+// `granite.exclude` as document-filter globs. A pattern without a slash names a file in any
+// folder (`*.pem` becomes `**/*.pem`), as in .gitignore.
+export function excludePatterns(): string[] {
+  const list = vscode.workspace.getConfiguration(SECTION).get<string[]>('exclude', []);
+  return (Array.isArray(list) ? list : [])
+    .filter((x) => typeof x === 'string' && x.trim() !== '')
+    .map((p) => (p.includes('/') ? p : `**/${p}`));
+}
+
+/** Whether `document` matches a `granite.exclude` glob: then nothing of it is sent and nothing is asked. */
+export function isExcluded(document: vscode.TextDocument, patterns: string[] = excludePatterns()): boolean {
+  return patterns.some((pattern) => vscode.languages.match({ pattern }, document) > 0);
 }

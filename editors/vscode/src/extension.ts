@@ -1,4 +1,5 @@
 // Granite: inline (ghost-text) completions from granite-lsp.
+import { spawn } from 'child_process';
 import * as vscode from 'vscode';
 import {
   CancellationToken,
@@ -15,8 +16,19 @@ import {
   WorkDoneProgressEnd,
   WorkDoneProgressReport,
 } from 'vscode-languageclient/node';
-import { RESTART_KEYS, SECTION, documentSelector, isEnabled, serverSettings, setEnabled, streamingEnabled } from './config';
-import { resolveServerCommand } from './serverCommand';
+import {
+  RESTART_KEYS,
+  SECTION,
+  disabledLanguages,
+  documentSelector,
+  isEnabled,
+  isExcluded,
+  serverSettings,
+  setEnabled,
+  setLanguageDisabled,
+  streamingEnabled,
+} from './config';
+import { downloadCommand, resolveServerCommand } from './serverCommand';
 import { GraniteStatusBar, StatusParams } from './statusBar';
 import { PartialCompletionParams, StreamingCompletions } from './streaming';
 import { createTraceChannel } from './traceChannel';
@@ -49,6 +61,12 @@ class GraniteExtension implements vscode.Disposable {
   private readonly status: GraniteStatusBar;
   private readonly streaming: StreamingCompletions<InlineResult>;
   private enabled: boolean;
+  /** Completions paused until this time (ms since the epoch), from the status bar menu. */
+  private snoozedUntil = 0;
+  private snoozeTimer: NodeJS.Timeout | undefined;
+  /** The last missing-model message a "Download model" button was offered for (offered once). */
+  private offeredDownload: string | undefined;
+  private downloading = false;
   /** Serializes start/stop/restart. */
   private lifecycle: Promise<void> = Promise.resolve();
 
@@ -123,11 +141,17 @@ class GraniteExtension implements vscode.Disposable {
     reg('granite.restartServer', () => this.restart('restart command'));
     reg('granite.showLog', () => this.log.show(true));
     reg('granite.showStats', () => this.showStats());
+    reg('granite.showMenu', () => this.showMenu());
+    reg('granite.snooze', () => this.pickSnooze());
+    reg('granite.toggleLanguage', () => this.toggleLanguage());
+    reg('granite.downloadModel', () => this.downloadModel());
 
     this.disposables.push(
       vscode.workspace.onDidChangeConfiguration((e) => this.onConfigurationChanged(e)),
       vscode.workspace.onDidCloseTextDocument(() => this.streaming.reset()),
+      vscode.window.onDidChangeActiveTextEditor(() => this.renderScope()),
     );
+    this.renderScope();
     if (this.enabled) {
       void this.start();
     }
@@ -197,6 +221,13 @@ class GraniteExtension implements vscode.Disposable {
         return false;
       },
       middleware: {
+        // granite.exclude: an excluded file's text never reaches the server (no didOpen, no changes).
+        didOpen: (document, next) => (isExcluded(document) ? Promise.resolve() : next(document)),
+        didChange: (event, next) => (isExcluded(event.document) ? Promise.resolve() : next(event)),
+        didSave: (document, next) => (isExcluded(document) ? Promise.resolve() : next(document)),
+        willSave: (event, next) => (isExcluded(event.document) ? Promise.resolve() : next(event)),
+        willSaveWaitUntil: (event, next) => (isExcluded(event.document) ? Promise.resolve([]) : next(event)),
+        didClose: (document, next) => (isExcluded(document) ? Promise.resolve() : next(document)),
         provideInlineCompletionItems: (document, position, context, token, next) =>
           this.provideInlineCompletionItems(document, position, context, token, next),
         handleWorkDoneProgress: (token, params, next) => {
@@ -227,6 +258,7 @@ class GraniteExtension implements vscode.Disposable {
             `${params?.dtype ? ` dtype=${params.dtype}` : ''}${params?.message ? ` — ${params.message}` : ''}`,
         );
         this.status.onStatus(params);
+        this.offerDownload(params);
       }),
       client.onNotification('granite/partialCompletion', (params: PartialCompletionParams) => {
         if (this.enabled && streamingEnabled()) {
@@ -286,7 +318,7 @@ class GraniteExtension implements vscode.Disposable {
       token: CancellationToken,
     ) => vscode.ProviderResult<InlineResult>,
   ): Promise<InlineResult | null | undefined> {
-    if (!this.enabled) {
+    if (!this.enabled || this.isSnoozed() || disabledLanguages().includes(document.languageId) || isExcluded(document)) {
       return undefined;
     }
     if (streamingEnabled()) {
@@ -326,6 +358,10 @@ class GraniteExtension implements vscode.Disposable {
     if (!e.affectsConfiguration(SECTION)) {
       return;
     }
+    if (e.affectsConfiguration(`${SECTION}.disabledLanguages`)) {
+      this.streaming.reset();
+      this.renderScope();
+    }
     const enabled = isEnabled();
     if (enabled !== this.enabled) {
       this.enabled = enabled;
@@ -353,6 +389,161 @@ class GraniteExtension implements vscode.Disposable {
     }
   }
 
+  // -------------------------------------------------------------- status bar menu: snooze, per language
+
+  private isSnoozed(): boolean {
+    return Date.now() < this.snoozedUntil;
+  }
+
+  /** The status bar's view of the active editor: snoozed, or its language switched off. */
+  private renderScope(): void {
+    const language = vscode.window.activeTextEditor?.document.languageId;
+    this.status.setScope({
+      snoozedUntil: this.isSnoozed() ? this.snoozedUntil : undefined,
+      languageOff: language !== undefined && disabledLanguages().includes(language) ? language : undefined,
+    });
+  }
+
+  snooze(minutes: number): void {
+    clearTimeout(this.snoozeTimer);
+    this.snoozedUntil = minutes > 0 ? Date.now() + minutes * 60_000 : 0;
+    this.streaming.reset();
+    if (minutes > 0) {
+      void vscode.commands.executeCommand('editor.action.inlineSuggest.hide');
+      this.snoozeTimer = setTimeout(() => this.renderScope(), minutes * 60_000 + 50);
+    }
+    this.log.info(minutes > 0 ? `snoozed for ${minutes} min` : 'snooze ended');
+    this.renderScope();
+  }
+
+  private async pickSnooze(): Promise<void> {
+    const choices = [5, 15, 30, 60].map((m) => ({ label: `Snooze for ${m} minutes`, minutes: m }));
+    if (this.isSnoozed()) {
+      choices.unshift({ label: 'Resume now', minutes: 0 });
+    }
+    const picked = await vscode.window.showQuickPick(choices, { title: 'Granite: snooze completions' });
+    if (picked) {
+      this.snooze(picked.minutes);
+    }
+  }
+
+  private async toggleLanguage(languageId?: string): Promise<void> {
+    const language = languageId ?? vscode.window.activeTextEditor?.document.languageId;
+    if (!language) {
+      return;
+    }
+    await setLanguageDisabled(language, !disabledLanguages().includes(language));
+  }
+
+  private async showMenu(): Promise<void> {
+    const language = vscode.window.activeTextEditor?.document.languageId;
+    type Item = vscode.QuickPickItem & { run: () => unknown };
+    const items: Item[] = [
+      {
+        label: this.enabled ? '$(circle-slash) Disable completions' : '$(check) Enable completions',
+        run: () => setEnabled(!this.enabled),
+      },
+    ];
+    if (language) {
+      const off = disabledLanguages().includes(language);
+      items.push({
+        label: off ? `$(check) Enable for ${language}` : `$(circle-slash) Disable for ${language}`,
+        run: () => this.toggleLanguage(language),
+      });
+    }
+    items.push(
+      this.isSnoozed()
+        ? { label: '$(play) Resume (end the snooze)', run: () => this.snooze(0) }
+        : { label: '$(clock) Snooze…', run: () => this.pickSnooze() },
+      { label: '$(cloud-download) Download model', run: () => this.downloadModel() },
+      { label: '$(debug-restart) Restart server', run: () => this.restart('menu') },
+      { label: '$(output) Show log', run: () => this.log.show(true) },
+    );
+    const picked = await vscode.window.showQuickPick(items, { title: 'Granite' });
+    await picked?.run();
+  }
+
+  // -------------------------------------------------------------- downloading the model
+
+  /** On a "model was not found" error from the server: offer the download, once per message. */
+  private offerDownload(params: StatusParams): void {
+    const message = params?.message ?? '';
+    if (params?.state !== 'error' || !message.includes('was not found') || this.offeredDownload === message) {
+      return;
+    }
+    this.offeredDownload = message;
+    const model = /Model '([^']+)' was not found/.exec(message)?.[1];
+    void vscode.window.showErrorMessage(`Granite: ${message}`, 'Download model', 'Show Log').then((choice) => {
+      if (choice === 'Download model') {
+        void this.downloadModel(model);
+      } else if (choice === 'Show Log') {
+        this.log.show(true);
+      }
+    });
+  }
+
+  /**
+   * Runs `granite-lsp download [model]` with the server's own executable, its progress in a
+   * notification and the log; then asks the running server to load the model.
+   */
+  async downloadModel(model?: string): Promise<boolean> {
+    const configured = vscode.workspace.getConfiguration(SECTION).get<string>('model', '').trim();
+    const target = model ?? (configured || undefined);
+    const cmd = downloadCommand(target);
+    if (!cmd) {
+      void vscode.window.showErrorMessage('granite-lsp was not found: install it first (see "Granite: Show Log").');
+      return false;
+    }
+    if (this.downloading) {
+      void vscode.window.showInformationMessage('Granite: a download is already running.');
+      return false;
+    }
+    this.downloading = true;
+    this.log.info(`downloading: ${cmd.command} ${cmd.args.join(' ')}`);
+    try {
+      const path = await vscode.window.withProgress(
+        { location: vscode.ProgressLocation.Notification, title: `Granite: downloading ${target ?? 'the default model'}` },
+        (progress) =>
+          new Promise<string>((resolve, reject) => {
+            const child = spawn(cmd.command, cmd.args, { env: { ...process.env, PYTHONUNBUFFERED: '1' } });
+            let stdout = '';
+            let last = '';
+            child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+            child.stderr.on('data', (d: Buffer) => {
+              const pieces = d.toString().split(/[\r\n]+/).filter((x) => x.trim());
+              if (pieces.length) {
+                last = pieces[pieces.length - 1];
+                progress.report({ message: last.slice(0, 120) });
+                this.log.debug(`download: ${last}`);
+              }
+            });
+            child.on('error', reject);
+            child.on('close', (code) =>
+              code === 0 && stdout.trim() ? resolve(stdout.trim()) : reject(new Error(last || `exit code ${code}`)),
+            );
+          }),
+      );
+      this.log.info(`model downloaded to ${path}`);
+      void vscode.window.showInformationMessage(`Granite: model downloaded to ${path}; loading it.`);
+      this.offeredDownload = undefined;
+      const client = this.client;
+      if (client && client.isRunning()) {
+        // A configuration change makes a server that has no model try to load it again.
+        await client.sendNotification(DidChangeConfigurationNotification.type, { settings: { [SECTION]: serverSettings() } });
+      } else if (this.enabled) {
+        await this.restart('model downloaded');
+      }
+      return true;
+    } catch (err) {
+      const msg = err instanceof Error ? err.message : String(err);
+      this.log.error(`download failed: ${msg}`);
+      void vscode.window.showErrorMessage(`Granite: download failed: ${msg}`);
+      return false;
+    } finally {
+      this.downloading = false;
+    }
+  }
+
   private async showStats(): Promise<void> {
     const client = this.client;
     if (!client || !client.isRunning()) {
@@ -369,6 +560,7 @@ class GraniteExtension implements vscode.Disposable {
   }
 
   async dispose(): Promise<void> {
+    clearTimeout(this.snoozeTimer);
     await this.queue(() => this.stopClient());
     for (const d of this.disposables.splice(0)) {
       d.dispose();

@@ -48,8 +48,9 @@ function resolveVariables(value: string): string {
  * The server command, in this order:
  *  1. `granite.serverPath`;
  *  2. `granite.pythonPath` → `<python> -m granite_lsp`;
- *  3. `granite-lsp` on PATH;
- *  4. `granite-lsp` in a `.venv` / `venv` of a workspace folder.
+ *  3. `granite-lsp` next to the Python extension's selected interpreter (its venv's bin/);
+ *  4. `granite-lsp` on PATH;
+ *  5. `granite-lsp` in a `.venv` / `venv` of a workspace folder.
  * `granite.serverArgs` (default `--stdio`) follows the executable.
  */
 export function resolveServerCommand(): ServerCommand | undefined {
@@ -63,6 +64,15 @@ export function resolveServerCommand(): ServerCommand | undefined {
   const pythonPath = resolveVariables((cfg.get<string>('pythonPath') ?? '').trim());
   if (pythonPath) {
     return { command: pythonPath, args: ['-m', 'granite_lsp', ...args], origin: 'granite.pythonPath' };
+  }
+  const interpreter = pythonExtensionInterpreter();
+  if (interpreter) {
+    // The API gives the interpreter's file, or an environment's folder (conda prefixes).
+    for (const candidate of [path.join(path.dirname(interpreter), EXE), path.join(interpreter, VENV_BIN, EXE)]) {
+      if (isExecutable(candidate)) {
+        return { command: candidate, args, origin: `the Python extension's interpreter (${interpreter})` };
+      }
+    }
   }
   const found = onPath(EXE);
   if (found) {
@@ -80,4 +90,40 @@ export function resolveServerCommand(): ServerCommand | undefined {
     }
   }
   return undefined;
+}
+
+/**
+ * `granite-lsp download [model]` run with the server's own executable (or `<python> -m granite_lsp`),
+ * without the server's arguments.
+ */
+export function downloadCommand(model?: string): ServerCommand | undefined {
+  const cmd = resolveServerCommand();
+  if (!cmd) {
+    return undefined;
+  }
+  const moduleRun = cmd.origin === 'granite.pythonPath' ? ['-m', 'granite_lsp'] : [];
+  return { command: cmd.command, args: [...moduleRun, 'download', ...(model ? [model] : [])], origin: cmd.origin };
+}
+
+/** The environments API of the Python extension (ms-python.python), the part used here. */
+interface PythonExtensionApi {
+  environments?: { getActiveEnvironmentPath(resource?: vscode.Uri): { path: string } | undefined };
+}
+
+/**
+ * The interpreter selected in the Python extension for the active file's folder (or the first
+ * workspace folder), when that extension is installed and active; undefined otherwise.
+ */
+export function pythonExtensionInterpreter(): string | undefined {
+  const ext = vscode.extensions.getExtension<PythonExtensionApi>('ms-python.python');
+  if (!ext?.isActive) {
+    return undefined;
+  }
+  try {
+    const resource = vscode.window.activeTextEditor?.document.uri ?? vscode.workspace.workspaceFolders?.[0]?.uri;
+    const env = ext.exports?.environments?.getActiveEnvironmentPath(resource);
+    return env?.path && path.isAbsolute(env.path) ? env.path : undefined;
+  } catch {
+    return undefined;
+  }
 }

@@ -23,13 +23,22 @@ export class GraniteStatusBar implements vscode.Disposable {
   private message: string | undefined;
   private progress: string | undefined;
   private latencyMs: number | undefined;
+  private snoozedUntil: number | undefined;
+  private languageOff: string | undefined;
 
   constructor() {
     this.item = vscode.window.createStatusBarItem('granite.status', vscode.StatusBarAlignment.Right, 100);
     this.item.name = 'Granite';
-    this.item.command = 'granite.toggle';
+    this.item.command = 'granite.showMenu';
     this.render();
     this.item.show();
+  }
+
+  /** Snoozed until a time, or completions off for the active editor's language. */
+  setScope(scope: { snoozedUntil?: number; languageOff?: string }): void {
+    this.snoozedUntil = scope.snoozedUntil;
+    this.languageOff = scope.languageOff;
+    this.render();
   }
 
   setEnabled(enabled: boolean): void {
@@ -132,6 +141,13 @@ export class GraniteStatusBar implements vscode.Disposable {
     if (!this.enabled) {
       item.text = `$(circle-slash) Granite (disabled)${this.state === 'ready' && model ? ' ' + model : ''}`;
       item.backgroundColor = undefined;
+    } else if (this.snoozedUntil !== undefined) {
+      const until = new Date(this.snoozedUntil);
+      item.text = `$(clock) Granite: snoozed until ${until.getHours()}:${String(until.getMinutes()).padStart(2, '0')}`;
+      item.backgroundColor = undefined;
+    } else if (this.languageOff !== undefined && this.state !== 'error' && this.state !== 'missing') {
+      item.text = `$(circle-slash) Granite: off for ${this.languageOff}`;
+      item.backgroundColor = undefined;
     }
     const tooltip = new vscode.MarkdownString(undefined, true);
     tooltip.appendMarkdown(`**Granite** — ${this.enabled ? 'completions enabled' : 'completions disabled'}, server ${this.state}\n\n`);
@@ -139,7 +155,7 @@ export class GraniteStatusBar implements vscode.Disposable {
       tooltip.appendText(line);
       tooltip.appendMarkdown('  \n');
     }
-    tooltip.appendMarkdown(`\nClick to ${this.enabled ? 'disable' : 'enable'} completions.`);
+    tooltip.appendMarkdown('\nClick for the menu: enable/disable, per language, snooze, download the model.');
     item.tooltip = tooltip;
     item.accessibilityInformation = { label: item.text.replace(/\$\([^)]*\)\s*/g, ''), role: 'button' };
   }
