@@ -189,7 +189,7 @@ class GraniteServer(LanguageServer):
         if service is not None:
             out["decoded_tokens"] = service.decoded_tokens
             out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
-            out["typed_through"] = service.shown.hits
+            out["typed_through"] = service.typed_through
         out["documents"] = len(self.documents)
         out["model_loaded"] = service is not None
         out["load_error"] = self.load_error

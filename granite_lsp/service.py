@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,14 @@ def _shaped(shaper: Shaper | None, text: str) -> Suggestion | None:
     return Suggestion(text, 0) if text else None
 
 
+@dataclass
+class DocumentMemory:
+    """What the model thread keeps of one open document, besides the state cache's checkpoints."""
+
+    builder: PromptBuilder  # the prompt's anchor and window between requests
+    shown: SuggestionMemory = field(default_factory=SuggestionMemory)  # typing through its last suggestion
+
+
 class CompletionService:
     """Holds the model, the state cache and each document's prompt memory.
 
@@ -187,8 +195,8 @@ class CompletionService:
         else:
             self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
         self.engine = Engine(loaded.tokenizer, self.cache)
-        self._builders: dict[str, PromptBuilder] = {}
-        self.shown = SuggestionMemory()
+        self._documents: dict[str, DocumentMemory] = {}
+        self.typed_through = 0  # answers served from a document's last suggestion
         self.decoded_tokens = 0  # tokens generated over all calls, cancelled ones included
 
     def _apply(self, settings: Settings) -> None:
@@ -197,17 +205,19 @@ class CompletionService:
         self.cache.max_bytes = settings.cache_mb << 20
         self.cache.enabled = settings.reuse
 
-    def builder(self, doc: str, settings: Settings | None = None) -> PromptBuilder:
-        """The document's prompt builder; a new one when the budgets changed (the layout changes)."""
+    def document(self, doc: str, settings: Settings | None = None) -> DocumentMemory:
+        """The document's memory; its prompt builder starts again when the budgets changed (the layout
+        changes)."""
         budget = (settings or self.settings).budget()
-        b = self._builders.get(doc)
-        if b is None or b.budget != budget:
-            b = self._builders[doc] = PromptBuilder(self.loaded.tokenizer, budget)
-        return b
+        memory = self._documents.get(doc)
+        if memory is None:
+            memory = self._documents[doc] = DocumentMemory(PromptBuilder(self.loaded.tokenizer, budget))
+        elif memory.builder.budget != budget:
+            memory.builder = PromptBuilder(self.loaded.tokenizer, budget)
+        return memory
 
     def forget(self, doc: str) -> None:
-        self._builders.pop(doc, None)
-        self.shown.forget(doc)
+        self._documents.pop(doc, None)
         self.cache.forget(doc)
 
     def complete(
@@ -232,11 +242,13 @@ class CompletionService:
             raise failpoints.InjectedFault("failpoint complete")
         settings = settings or self.settings
         self._apply(settings)
+        memory = self.document(doc, settings)
         if settings.type_through:
-            hit, cached = self.shown.lookup(doc, text, cursor)
+            hit, cached = memory.shown.lookup(text, cursor)
             if hit:
+                self.typed_through += 1
                 return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
-        prompt = self.builder(doc, settings).build(text, cursor, context_ids)
+        prompt = memory.builder.build(text, cursor, context_ids)
         shape = not settings.raw if shape is None else shape
         ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)
         shaper = Shaper(ctx, max_lines=max_lines or settings.max_lines) if shape else None
@@ -257,5 +269,5 @@ class CompletionService:
         self.decoded_tokens += gen.stats.generated_tokens
         suggestion = _shaped(shaper, gen.text)
         if gen.stop_reason != "cancelled":
-            self.shown.remember(doc, text, cursor, suggestion)
+            memory.shown.remember(text, cursor, suggestion)
         return Completion(suggestion, gen, cursor)

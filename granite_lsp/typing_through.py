@@ -20,20 +20,18 @@ class _Shown:
 
 
 class SuggestionMemory:
+    """The last suggestion made in one document."""
+
     def __init__(self) -> None:
-        self._shown: dict[str, _Shown] = {}
-        self.hits = 0
+        self._shown: _Shown | None = None
 
-    def remember(self, doc: str, text: str, cursor: int, suggestion: Suggestion | None) -> None:
-        self._shown[doc] = _Shown(text, cursor, suggestion)
+    def remember(self, text: str, cursor: int, suggestion: Suggestion | None) -> None:
+        self._shown = _Shown(text, cursor, suggestion)
 
-    def forget(self, doc: str) -> None:
-        self._shown.pop(doc, None)
-
-    def lookup(self, doc: str, text: str, cursor: int) -> tuple[bool, Suggestion | None]:
+    def lookup(self, text: str, cursor: int) -> tuple[bool, Suggestion | None]:
         """(hit, suggestion): the rest of the last suggestion if the document is the one it was made
         for plus a typed prefix of it; at the very same place, also "nothing to suggest"."""
-        shown = self._shown.get(doc)
+        shown = self._shown
         if shown is None:
             return False, None
         typed = cursor - shown.cursor
@@ -44,7 +42,6 @@ class SuggestionMemory:
             return False, None
         if text[: shown.cursor] != shown.text[: shown.cursor] or text[cursor:] != shown.text[shown.cursor :]:
             return False, None
-        self.hits += 1
         if shown.suggestion is None:
             return True, None
         rest = full[typed:]

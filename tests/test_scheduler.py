@@ -234,26 +234,40 @@ def test_the_scheduler_keeps_each_documents_rhythm() -> None:
 def test_suggestion_memory_serves_typed_prefixes_of_the_shown_suggestion() -> None:
     memory = SuggestionMemory()
     text, cursor = "x = \ny = 2\n", 4
-    memory.remember("a", text, cursor, Suggestion("foo(1)", 0))
-    assert memory.lookup("a", text, cursor) == (True, Suggestion("foo(1)", 0))  # the very same place
+    assert memory.lookup(text, cursor) == (False, None)  # nothing shown yet
+    memory.remember(text, cursor, Suggestion("foo(1)", 0))
+    assert memory.lookup(text, cursor) == (True, Suggestion("foo(1)", 0))  # the very same place
     typed = text[:cursor] + "fo" + text[cursor:]
-    assert memory.lookup("a", typed, cursor + 2) == (True, Suggestion("o(1)", 0))
+    assert memory.lookup(typed, cursor + 2) == (True, Suggestion("o(1)", 0))
     other = text[:cursor] + "ba" + text[cursor:]
-    assert memory.lookup("a", other, cursor + 2) == (False, None)  # typed something else
-    edited = "z" + typed
-    assert memory.lookup("a", edited, cursor + 3) == (False, None)  # the text before the cursor changed
+    assert memory.lookup(other, cursor + 2) == (False, None)  # typed something else
+    assert memory.lookup("z" + typed, cursor + 3) == (False, None)  # the text before the cursor changed
+    assert memory.lookup(typed + "z", cursor + 2) == (False, None)  # the text after the cursor changed
     whole = text[:cursor] + "foo(1)" + text[cursor:]
-    assert memory.lookup("a", whole, cursor + 6) == (False, None)  # typed it all: nothing left to serve
-    assert memory.lookup("b", typed, cursor + 2) == (False, None)  # another document
-    assert memory.hits == 2
-    memory.forget("a")
-    assert memory.lookup("a", text, cursor) == (False, None)
+    assert memory.lookup(whole, cursor + 6) == (False, None)  # typed it all: nothing left to serve
+    assert memory.lookup(text[: cursor - 1] + text[cursor:], cursor - 1) == (False, None)  # deleted backwards
 
 
 def test_suggestion_memory_remembers_that_there_was_nothing_to_suggest() -> None:
     memory = SuggestionMemory()
-    memory.remember("a", "x = 1\n", 5, None)
-    assert memory.lookup("a", "x = 1\n", 5) == (True, None)
-    assert memory.lookup("a", "x = 12\n", 6) == (False, None)
-    memory.remember("a", "x = \n", 4, Suggestion("1  ", 0))
-    assert memory.lookup("a", "x = 1\n", 5) == (True, None)  # only blanks would be left
+    memory.remember("x = 1\n", 5, None)
+    assert memory.lookup("x = 1\n", 5) == (True, None)
+    assert memory.lookup("x = 12\n", 6) == (False, None)
+    memory.remember("x = \n", 4, Suggestion("1  ", 0))
+    assert memory.lookup("x = 1\n", 5) == (True, None)  # only blanks would be left
+
+
+def test_service_keeps_one_memory_per_document(make_service) -> None:
+    """Typing through, the prompt builder and forgetting a closed document, through the real service."""
+    svc = make_service(maxTokens=8)
+    text = "def add(a, b):\n    return "
+    first = svc.complete("file:///a.py", text, len(text))
+    assert first.generation.stop_reason != "typed_through"
+    again = svc.complete("file:///a.py", text, len(text))
+    assert again.generation.stop_reason == "typed_through" and again.suggestion == first.suggestion
+    other = svc.complete("file:///b.py", text, len(text))  # another document has its own memory
+    assert other.generation.stop_reason != "typed_through" and svc.typed_through == 1
+    builder = svc.document("file:///a.py").builder
+    assert svc.document("file:///a.py", svc.settings.updated({"prefixTokens": 100})).builder is not builder
+    svc.forget("file:///a.py")
+    assert svc.complete("file:///a.py", text, len(text)).generation.stop_reason != "typed_through"

@@ -238,7 +238,7 @@ def test_typing_through_the_suggestion_needs_no_model(make_service) -> None:
         got = svc.complete("file:///t.py", typed, cursor + k)
         assert got.generation.stop_reason == "typed_through"
         assert got.suggestion.text == middle[k:]
-    assert svc.cache.stats.prefills == prefills and svc.shown.hits == 4
+    assert svc.cache.stats.prefills == prefills and svc.typed_through == 4
     # Typing something else goes back to the model.
     other = text[:cursor] + "#" + text[cursor:]
     assert svc.complete("file:///t.py", other, cursor + 1).generation.stop_reason != "typed_through"
