@@ -220,6 +220,7 @@ class StateCache:
                 c.end = c.end and end  # a layout mark stays one
                 return
         snap = self.live.snapshot()
+        assert self.live_logits is not None  # a checkpoint is taken after a forward
         new = Checkpoint(doc, tokens, snap, self.live.kv.hold(), self.live_logits, next(self._tick), end)
         self.checkpoints.append(new)
         self.stats.checkpoints_taken += 1

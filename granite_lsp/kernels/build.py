@@ -158,7 +158,7 @@ def load_library(progress: Progress | None = None, *, retry_failed: bool = False
 
 
 def _load_built(directory: Path) -> object:
-    torch.ops.load_library(str(library_path(directory)))
+    torch.ops.load_library(str(library_path(directory)))  # type: ignore[no-untyped-call]
     return getattr(torch.ops, NAME)
 
 

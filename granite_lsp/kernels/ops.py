@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -38,24 +38,24 @@ class CpuKernels:
         """``x @ w^T (+ bias)`` for x [T, K] fp32: streaming kernels up to GEMV_MAX_ROWS rows, the
         blocked GEMM above."""
         op = self._ops.linear if x.shape[0] <= GEMV_MAX_ROWS else self._ops.gemm
-        return op(x, w, scale, bias, threads)
+        return cast(Tensor, op(x, w, scale, bias, threads))
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, threads: int) -> Tensor:
         """RMSNorm(x) * weight over the last dim (fp32, contiguous)."""
-        return self._ops.rms_norm(x, weight, eps, threads)
+        return cast(Tensor, self._ops.rms_norm(x, weight, eps, threads))
 
     def add_rms_norm(self, x: Tensor, h: Tensor, alpha: float, weight: Tensor, eps: float, threads: int) -> Tensor:
         """``x += alpha * h`` in place, then RMSNorm(x) * weight (fp32)."""
-        return self._ops.add_rms_norm(x, h, alpha, weight, eps, threads)
+        return cast(Tensor, self._ops.add_rms_norm(x, h, alpha, weight, eps, threads))
 
     def swiglu(self, gu: Tensor, threads: int) -> Tensor:
         """silu(gate) * up of ``gu`` = [gate | up] (fp32 rows)."""
-        return self._ops.swiglu(gu, threads)
+        return cast(Tensor, self._ops.swiglu(gu, threads))
 
     def attention_decode(self, q: Tensor, k: Tensor, v: Tensor, length: int, scale: float, threads: int) -> Tensor:
         """Attention of one token's query heads ``q`` [nq * hd] over the first ``length`` positions
         of the KV buffers [nkv, capacity, hd] (fp32, GQA groups of nq / nkv heads); [1, nq * hd]."""
-        return self._ops.attention_decode(q, k, v, length, scale, threads)
+        return cast(Tensor, self._ops.attention_decode(q, k, v, length, scale, threads))
 
     def mamba_mixer(
         self,
@@ -77,10 +77,10 @@ class CpuKernels:
         """A Mamba2 mixer between in_proj and out_proj (conv, selective scan, gated norm) for T >= 1
         tokens, fused; updates ``conv_state`` and ``ssm_state`` in place (the torch ops doing the
         same: runtime/layers.py)."""
-        return self._ops.mamba_mixer(
+        return cast(Tensor, self._ops.mamba_mixer(
             zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w,
             n_groups, eps, dt_min, dt_max, threads,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def decode_layers(
         self,
@@ -98,7 +98,7 @@ class CpuKernels:
         """Every decoder layer of one decode step in one call (step.cpp documents the layout of
         ``weights``, ``ints`` and ``floats``); updates ``x``, the states and the KV buffers in
         place and returns the residual stream after the last layer."""
-        return self._ops.decode_layers(x, weights, ints, floats, conv, ssm, k, v, pos, threads)
+        return cast(Tensor, self._ops.decode_layers(x, weights, ints, floats, conv, ssm, k, v, pos, threads))
 
     def isa_level(self) -> str:
         """The instruction-set level the kernels run at (isa.h; isa.py reads and sets it)."""
@@ -118,7 +118,7 @@ class CpuKernels:
 
     def read_probe(self, buf: Tensor, threads: int) -> float:
         """Streams ``buf`` (size a multiple of 256 KB) on the kernels' threads: the read-bandwidth ceiling."""
-        return self._ops.read_probe(buf, threads)
+        return cast(float, self._ops.read_probe(buf, threads))
 
 
 class KernelsRequired(RuntimeError):
@@ -136,13 +136,13 @@ def load(progress: build.Progress | None = None) -> CpuKernels | None:
     ``GRANITE_LSP_KERNELS=0`` disables them; ``GRANITE_LSP_REQUIRE_KERNELS=1`` (CI) makes their
     absence an error (``KernelsRequired``) instead of a slower fallback, unless disabled."""
     if "kernels" in _state:  # decided already: no lock
-        return _state["kernels"]
+        return cast("CpuKernels | None", _state["kernels"])
     with _lock:
         if "kernels" not in _state:
             _state.update(_decide(progress))
     if _state["kernels"] is None and _required():
         raise KernelsRequired(f"GRANITE_LSP_REQUIRE_KERNELS=1 but the CPU kernels are unavailable: {_state['error']}")
-    return _state["kernels"]
+    return cast("CpuKernels | None", _state["kernels"])
 
 
 def _required() -> bool:

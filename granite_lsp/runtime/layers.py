@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import MAMBA_MAX_HEAD_DIM, CpuKernels
+from ..kernels import MAMBA_MAX_HEAD_DIM, CpuKernels, PackedLinear
 from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import big_op_threads, linear, matmul_threads
 from .ssm import ssm_chunked, ssm_recurrent
+
+# A weight matrix as the layers hold it: a tensor, or packed for the CPU kernels.
+Matrix = Tensor | PackedLinear
 
 
 def _fused(x: Tensor, *others: Tensor) -> bool:
@@ -55,7 +58,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, kernels: CpuKernels | None) 
 class MLP:
     """Dense SwiGLU ("shared_mlp"): gate and up share one fused input matrix [2I, D]."""
 
-    def __init__(self, input_linear: Tensor, output_linear: Tensor, kernels: CpuKernels | None) -> None:
+    def __init__(self, input_linear: Matrix, output_linear: Matrix, kernels: CpuKernels | None) -> None:
         self.w_in = input_linear
         self.w_out = output_linear
         self.inner = output_linear.shape[1]
@@ -76,9 +79,9 @@ class Attention:
     def __init__(
         self,
         cfg: HybridConfig,
-        wqkv: Tensor,
+        wqkv: Matrix,
         bqkv: Tensor | None,
-        wo: Tensor,
+        wo: Matrix,
         bo: Tensor | None,
         kernels: CpuKernels | None,
     ) -> None:
@@ -174,7 +177,7 @@ class MambaMixer:
     def __init__(
         self,
         cfg: HybridConfig,
-        in_proj: Tensor,
+        in_proj: Matrix,
         in_bias: Tensor | None,
         conv_weight: Tensor,
         conv_bias: Tensor | None,
@@ -182,7 +185,7 @@ class MambaMixer:
         A_log: Tensor,
         D: Tensor,
         norm_weight: Tensor,
-        out_proj: Tensor,
+        out_proj: Matrix,
         out_bias: Tensor | None,
         kernels: CpuKernels | None,
     ) -> None:

@@ -170,7 +170,8 @@ class HybridModel:
     def embed_rows(self, input_ids: Tensor) -> Tensor:
         """Embeddings of ``input_ids`` in the activation dtype (rows of the tied lm_head when packed)."""
         if self.embed is None:
-            return self.lm_head.dequantize(input_ids).to(self.dtype)  # type: ignore[union-attr]
+            assert isinstance(self.lm_head, PackedLinear)  # tied and packed: see weights.py
+            return self.lm_head.dequantize(input_ids).to(self.dtype)
         return F.embedding(input_ids, self.embed).to(self.dtype)
 
     # -- state -------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class HybridModel:
             # wanted, its mixer still advances the state over every row, but its output
             # projection and MLP run on that row alone (llama.cpp does the same).
             rows = slice(T - 1, T) if i + 1 == len(self.blocks) and T > 1 and not all_logits else None
-            if blk.kind == "mamba":
+            if isinstance(blk.mixer, MambaMixer):
                 h = blk.mixer.forward(
                     h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max, rows
                 )

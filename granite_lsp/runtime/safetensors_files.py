@@ -61,7 +61,7 @@ class SafetensorsFiles(Mapping[str, Tensor]):
                     continue
                 if not isinstance(info, dict):
                     raise ValueError(f"{path}: malformed entry for tensor {name}")
-                dtype = _ST_DTYPES.get(info.get("dtype"))
+                dtype = _ST_DTYPES.get(str(info.get("dtype")))
                 if dtype is None:
                     raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
                 try:
@@ -87,7 +87,7 @@ class SafetensorsFiles(Mapping[str, Tensor]):
         with open(path, "rb") as f:
             f.seek(offset)
             if out.dtype == stored:
-                if nbytes and f.readinto(memoryview(flat.view(torch.uint8).numpy())) != nbytes:
+                if nbytes and f.readinto(flat.view(torch.uint8).numpy().data) != nbytes:
                     raise ValueError(f"{path}: truncated while reading {name}")
                 return out
             if self._buf is None:
@@ -96,7 +96,7 @@ class SafetensorsFiles(Mapping[str, Tensor]):
             for a in range(0, flat.numel(), step):
                 n = min(step, flat.numel() - a)
                 buf = self._buf[: n * stored.itemsize]
-                if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                if f.readinto(buf.numpy().data) != buf.numel():
                     raise ValueError(f"{path}: truncated while reading {name}")
                 flat[a : a + n] = buf.view(stored)
         return out

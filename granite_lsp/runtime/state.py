@@ -148,7 +148,8 @@ class KVCache:
         if not 0 <= n <= self._intact:
             raise ValueError(f"cannot clone {n} positions from a KV cache holding {self._intact} intact ones")
         cap = max(n, 1, self.capacity if capacity is None else capacity)
-        k, v = [], []
+        k: list[Tensor] = []
+        v: list[Tensor] = []
         for src, dst in ((self.k, k), (self.v, v)):
             for old in src:
                 new = old.new_zeros(old.shape[0], cap, old.shape[2])
