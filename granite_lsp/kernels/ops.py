@@ -102,7 +102,7 @@ class CpuKernels:
 
     def isa_level(self) -> str:
         """The instruction-set level the kernels run at (isa.h; isa.py reads and sets it)."""
-        return self._ops.isa_level()
+        return cast(str, self._ops.isa_level())
 
     def isa_levels(self) -> list[str]:
         """The levels this CPU supports, lowest first."""
@@ -110,11 +110,11 @@ class CpuKernels:
 
     def set_isa_level(self, name: str) -> str:
         """Runs the kernels at ``name`` (one of isa_levels()) from now on; returns the previous level."""
-        return self._ops.set_isa_level(name)
+        return cast(str, self._ops.set_isa_level(name))
 
     def isa_note(self) -> str:
         """Why GRANITE_LSP_ISA was not applied ('' when it was or is unset)."""
-        return self._ops.isa_note()
+        return cast(str, self._ops.isa_note())
 
     def read_probe(self, buf: Tensor, threads: int) -> float:
         """Streams ``buf`` (size a multiple of 256 KB) on the kernels' threads: the read-bandwidth ceiling."""
