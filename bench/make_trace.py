@@ -6,6 +6,14 @@ the editor's auto-indent, brackets and quotes auto-closed (and typed over), a ty
 fixed with backspace, and one trip of the cursor elsewhere in the file and back.
 
     python bench/make_trace.py granite_lsp/fim.py _line_end -o bench/traces/type_function.jsonl
+
+``--moment`` makes the traces of the moments other than typing forward (issue 15), with the user's
+pauses as ``wait`` operations and the cursor moves an editor reports as ``focus``; the requests of each
+moment carry its ``kind`` (bench reports per kind):
+  open     open the file, wait 2 s, request ("first"), then type
+  jump     type; jump 5-30 lines away ("jump") and straight back ("back"), 1 s pauses; repeat
+  paste    type; paste 20 lines of the file ~40 lines above the cursor, wait 1 s, back ("after_paste"), type
+  imports  type; add an import at the top, wait 1 s, back ("after_import"), type
 """
 
 from __future__ import annotations
@@ -41,9 +49,20 @@ class Typist:
         self.doc._line_starts = None
         self.cursor = cursor_after
 
-    def complete(self, offset: int | None = None) -> None:
+    def complete(self, offset: int | None = None, kind: str = "") -> None:
         p = self._pos(self.cursor if offset is None else offset)
-        self.ops.append({"op": "complete", "uri": self.uri, **p})
+        self.ops.append({"op": "complete", "uri": self.uri, **p, **({"kind": kind} if kind else {})})
+
+    def wait(self, ms: int) -> None:
+        self.ops.append({"op": "wait", "ms": ms})
+
+    def focus(self, offset: int) -> None:
+        self.ops.append({"op": "focus", "uri": self.uri, **self._pos(offset)})
+
+    def line_offset(self, offset: int, lines: int) -> int:
+        """The start of the line ``lines`` away from the one holding ``offset`` (clamped to the file)."""
+        line, _ = self.doc.position_at(offset)
+        return self.doc.offset_at(max(0, min(line + lines, self.doc.text.count("\n"))), 0)
 
     def type_text(self, body: str, typo_every: int = 37) -> None:
         i = 0
@@ -74,12 +93,65 @@ class Typist:
             self.complete()
 
 
+def _open(t: Typist, body: str) -> None:
+    t.wait(2000)
+    t.complete(kind="first")
+    t.type_text(body[:40])
+
+
+def _jump(t: Typist, body: str) -> None:
+    t.complete(kind="first")
+    typed = 0
+    for lines in (-5, 12, -30, 20, -8, 25):
+        t.type_text(body[typed : typed + 6])
+        typed += 6
+        here = t.cursor
+        there = t.line_offset(here, lines)
+        t.focus(there)
+        t.wait(1000)
+        t.complete(there, kind="jump")
+        t.focus(here)
+        t.wait(1000)
+        t.complete(kind="back")
+    t.type_text(body[typed : typed + 6])
+
+
+def _edit_above(t: Typist, body: str, kind: str) -> None:
+    t.complete(kind="first")
+    t.type_text(body[:10])
+    text = t.doc.text
+    if kind == "after_paste":
+        at = t.line_offset(t.cursor, -40)
+        src = t.line_offset(0, 5)
+        pasted = text[src : t.line_offset(src, 20)]
+    else:
+        m = re.search(r"^(import|from) .*\n", text, re.M)
+        at = m.end() if m else 0
+        pasted = "import functools\n"
+    t.focus(at)
+    here = t.cursor + len(pasted)
+    t.replace(at, at, pasted, here)
+    t.wait(1000)
+    t.focus(here)
+    t.complete(kind=kind)
+    t.type_text(body[10:30])
+
+
+MOMENTS = {
+    "open": _open,
+    "jump": _jump,
+    "paste": lambda t, body: _edit_above(t, body, "after_paste"),
+    "imports": lambda t, body: _edit_above(t, body, "after_import"),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("file", type=Path)
     p.add_argument("function", help="name of the function whose body is typed")
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--uri", default=None)
+    p.add_argument("--moment", choices=("type", *MOMENTS), default="type")
     args = p.parse_args()
     source = args.file.read_text()
     m = re.search(rf"^([ \t]*)def {re.escape(args.function)}\(.*?:\n", source, re.M | re.S)
@@ -96,14 +168,18 @@ def main() -> None:
     body_indent = re.match(r"[ \t]*", body).group(0)
     text = source[:body_start] + body_indent + source[body_start + len(body) :]
     typist = Typist(args.uri or f"file:///bench/{args.file.name}", text, body_start + len(body_indent))
-    typist.complete()
-    half = len(body) // 2
-    typist.type_text(body[len(body_indent) : half])
-    # Move elsewhere (near the top of the file) and come back.
-    here = typist.cursor
-    typist.complete(len(source) // 5)
-    typist.complete(here)
-    typist.type_text(body[half:])
+    if args.moment == "type":
+        typist.complete()
+        half = len(body) // 2
+        typist.type_text(body[len(body_indent) : half])
+        # Move elsewhere (near the top of the file) and come back.
+        here = typist.cursor
+        typist.complete(len(source) // 5)
+        typist.complete(here)
+        typist.type_text(body[half:])
+    else:
+        MOMENTS[args.moment](typist, body[len(body_indent) :])
+        source = typist.doc.text
     if typist.doc.text != source:
         raise SystemExit("internal error: the replayed trace does not reproduce the file")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .fim import FimPrompt
-from .state_cache import StateCache
+from .state_cache import PrefillResult, StateCache
 from .tokens import TextTokenizer
 
 TextSink = Callable[[str], bool]
@@ -70,7 +70,7 @@ class Engine:
         stats = GenerationStats()
         if cancelled():
             return Generation("", [], "cancelled", stats)
-        pre = self.cache.prefill(doc, prompt.ids, marks=(prompt.context_len, prompt.prefix_len, prompt.static_len))
+        pre = self.cache.prefill(doc, prompt.ids, marks=_marks(prompt))
         stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
         stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
 
@@ -109,6 +109,12 @@ class Engine:
         stats.decode_ms = (time.perf_counter() - t0) * 1000.0
         return Generation(text, ids, reason, stats)
 
+    def prefill_ahead(self, doc: str, prompt: FimPrompt, should_yield: Callable[[], bool]) -> PrefillResult:
+        """Work ahead of a request: bring the state cache to the end of ``prompt`` (the checkpoints a
+        request for it would restore), in pieces, stopping as soon as ``should_yield`` says so. The
+        work done is kept (``StateCache.prefill``); ``complete`` says whether it got to the end."""
+        return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=should_yield)
+
     def _choose(self, logits: torch.Tensor, pending: bytes, ignore_eos: bool) -> int:
         # The embedding may have rows past the tokenizer's vocabulary (padding): never pick those.
         logits = logits[: len(self.tokenizer.token_bytes)]
@@ -119,3 +125,8 @@ class Engine:
             logits = logits.clone()
             logits[self._stop_ids] = float("-inf")
         return int(torch.argmax(logits))
+
+
+def _marks(prompt: FimPrompt) -> tuple[int, ...]:
+    """Where the prompt's layout wants checkpoints (see state_cache's policy)."""
+    return (prompt.context_len, prompt.prefix_len, prompt.static_len)

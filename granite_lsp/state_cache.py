@@ -12,7 +12,14 @@ Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
   marks closer than MIN_CHECKPOINT_GAP only one keeps a checkpoint, and this one wins);
 - every ``interval`` tokens of a long prefill: an edit high up in the file re-processes from the nearest
   one below it, not from the top. They also cover moving the cursor elsewhere and back.
+- where a preemptible prefill (background work ahead of a request) yields: it resumes from there.
 Memory is capped across documents, least recently used first.
+
+A prefill given ``should_yield`` is preemptible: it runs in pieces of at most ``chunk`` tokens, asks
+between two pieces, and when told to yield keeps a checkpoint where it stopped and returns unfinished.
+The next prefill of a prompt that extends those tokens restores that checkpoint like any other, so an
+interrupted prefill loses no work, and the result does not depend on where it was cut (same forward
+pieces as a prefill that stops at a mark there).
 
 KV buffers are shared by the checkpoints of one branch of token history and copied on write: each
 checkpoint holds its positions of the buffer (``KVCache.hold``), and the runtime branches the buffer
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +47,10 @@ MIN_CHECKPOINT_GAP = 16
 # End-of-prompt checkpoints of a document's current token path kept as they are: backspace and a
 # fixed typo restore one of them exactly. Older ones are thinned to MIN_CHECKPOINT_GAP apart.
 RECENT_ENDS = 4
+# Tokens a preemptible prefill runs between two ``should_yield`` checks: a request that arrives while
+# background work runs waits for at most one such piece. Real shape, bf16, 2 threads: see PREEMPT_CHUNK
+# in the README's figures (a forward of this many tokens after ~1k of context is <= ~100 ms there).
+PREEMPT_CHUNK = 32
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare token arrays (ambiguous, or a shape error)
@@ -63,6 +75,9 @@ class PrefillResult:
     reused_tokens: int
     processed_tokens: int
     prefill_ms: float
+    # False when a preemptible prefill yielded before the end: ``logits`` are then those of the last
+    # position it reached (``reused_tokens + processed_tokens``), not the prompt's.
+    complete: bool = True
 
 
 @dataclass
@@ -73,6 +88,7 @@ class CacheStats:
     checkpoints_taken: int = 0
     evictions: int = 0
     thinned: int = 0  # older end-of-prompt checkpoints dropped for a nearby one (see _thin_ends)
+    yields: int = 0  # preemptible prefills that stopped early (a checkpoint kept where they stopped)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -92,6 +108,7 @@ class StateCache:
     interval: int = 256
     enabled: bool = True
     max_per_doc: int = 24
+    chunk: int = PREEMPT_CHUNK
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
@@ -105,8 +122,17 @@ class StateCache:
 
     # ---- public -------------------------------------------------------------------------------------
 
-    def prefill(self, doc: str, ids: list[int], marks: tuple[int, ...] = ()) -> PrefillResult:
-        """Bring the live state to the end of ``ids`` and return the last position's logits."""
+    def prefill(
+        self,
+        doc: str,
+        ids: list[int],
+        marks: tuple[int, ...] = (),
+        should_yield: Callable[[], bool] | None = None,
+    ) -> PrefillResult:
+        """Bring the live state to the end of ``ids`` and return the last position's logits.
+
+        With ``should_yield``: preemptible (module docstring); ``complete`` says whether it got there.
+        """
         if not ids:
             raise ValueError("empty prompt")
         t0 = time.perf_counter()
@@ -130,21 +156,29 @@ class StateCache:
             stops.append(m)
         if start < len(ids) and (not stops or stops[-1] != len(ids)):
             stops.append(len(ids))
-        pos = start
+        pos, yielded = start, False
         for stop in stops:
-            logits = self._run(target[pos:stop])
-            pos = stop
-            if self.enabled:
-                self._checkpoint(doc, end=stop not in structural)
+            while pos < stop and not yielded:
+                piece = stop if should_yield is None else min(stop, pos + max(1, self.chunk))
+                logits = self._run(target[pos:piece])
+                pos = piece
+                if self.enabled and pos == stop:
+                    self._checkpoint(doc, end=stop not in structural)
+                yielded = pos < len(ids) and should_yield is not None and should_yield()
+            if yielded:
+                if self.enabled and pos != stop:
+                    self._checkpoint(doc)  # where it stopped: the next prefill resumes here
+                self.stats.yields += 1
+                break
         assert logits is not None
-        if len(ids) - start >= RELEASE_AFTER_TOKENS:
+        if pos - start >= RELEASE_AFTER_TOKENS:
             memory.release()  # a long prefill's activations
         ms = (time.perf_counter() - t0) * 1000.0
         self.stats.prefills += 1
         self.stats.tokens_reused += start
-        self.stats.tokens_processed += len(ids) - start
+        self.stats.tokens_processed += pos - start
         self._evict(protect=doc)
-        return PrefillResult(logits, len(ids), start, len(ids) - start, ms)
+        return PrefillResult(logits, len(ids), start, pos - start, ms, complete=pos == len(ids))
 
     def step(self, token: int) -> torch.Tensor:
         """Feed one generated token to the live state (decode)."""

@@ -24,7 +24,7 @@ def replay(trace: list[dict], on_complete) -> None:
             r = op["range"]
             start, end = (r["start"]["line"], r["start"]["character"]), (r["end"]["line"], r["end"]["character"])
             docs[op["uri"]].apply_change(op["text"], start, end)
-        else:
+        elif op["op"] == "complete":
             doc = docs[op["uri"]]
             on_complete(op["uri"], doc.text, doc.offset_at(op["line"], op["character"], strict=True))
 

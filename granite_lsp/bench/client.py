@@ -44,6 +44,7 @@ class RpcClient:
         self.response_counts: dict[Any, int] = {}
         self.answered_at: dict[Any, float] = {}
         self.notifications: list[Message] = []
+        self.notified_at: list[float] = []  # time.monotonic() of each notification's arrival
         self.server_requests: list[Message] = []
         self._cv = threading.Condition()
         self._stderr: queue.Queue[bytes] = queue.Queue()
@@ -85,6 +86,7 @@ class RpcClient:
                     self._answer_server_request(msg)
                 elif "method" in msg:
                     self.notifications.append(msg)
+                    self.notified_at.append(time.monotonic())
                 else:
                     self.responses[msg.get("id")] = msg
                     self.answered_at.setdefault(msg.get("id"), time.monotonic())

@@ -8,7 +8,13 @@ modes may answer only a sample of the completion requests (``--slow-steps``), wh
 Trace format (JSON Lines, LSP UTF-16 positions):
   {"op":"open","uri":U,"languageId":L,"text":T}
   {"op":"change","uri":U,"range":{"start":{"line":..,"character":..},"end":{..}},"text":T}
-  {"op":"complete","uri":U,"line":N,"character":C}
+  {"op":"complete","uri":U,"line":N,"character":C,"kind":K}   (kind optional, default "type")
+  {"op":"wait","ms":N}                   the user reads or pauses: nothing is sent for N ms
+  {"op":"focus","uri":U,"line":N,"character":C}   the editor's granite/focus (cursor moved, no request)
+
+Completions are reported per ``kind`` (the moment they stand for: "type", "first", "jump", "back", ...),
+with the time to the first partial that shows new text (the bench opts into partial notifications, as
+our editor clients do), and the work the server did in the background (between requests) apart.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..protocol import STREAMING_CAPABILITY
 from .client import RpcClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +36,7 @@ DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
 MODES = ("reuse", "no-reuse", "transformers")
 # A request of a slow mode (transformers on the real shape, full prompt) may take minutes.
 SLOW = 3600.0
+PARTIAL = "granite/partialCompletion"
 METRICS = ("prompt_tokens", "processed_tokens", "reused_tokens", "prefill_ms", "decode_ms", "total_ms")
 
 
@@ -67,7 +75,12 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
     t0 = time.perf_counter()
     server.call(
         "initialize",
-        {"processId": os.getpid(), "rootUri": None, "capabilities": {}, "initializationOptions": options},
+        {
+            "processId": os.getpid(),
+            "rootUri": None,
+            "capabilities": {"experimental": {STREAMING_CAPABILITY: True}},
+            "initializationOptions": options,
+        },
         timeout=SLOW,
     )
     server.notify("initialized", {})
@@ -85,15 +98,21 @@ def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any
         "position": {"line": op["line"], "character": op["character"]},
         "context": {"triggerKind": 1},
     }
-    t = time.perf_counter()
-    result = server.call("textDocument/inlineCompletion", params, timeout=SLOW)
-    wall_ms = (time.perf_counter() - t) * 1000.0
+    seen = len(server.notifications)
+    t = time.monotonic()
+    msg_id = server.request("textDocument/inlineCompletion", params)
+    response = server.wait(msg_id, timeout=SLOW)
+    wall_ms = (time.monotonic() - t) * 1000.0
+    if "error" in response:
+        raise RuntimeError(f"inlineCompletion failed: {response['error']}")
     last = server.call("granite/stats", None)["last"]
-    items = (result or {}).get("items", [])
+    items = (response.get("result") or {}).get("items", [])
     r = {
         "step": step,
+        "kind": op.get("kind", "type"),
         "text": items[0]["insertText"] if items else "",
         "request_ms": wall_ms,
+        "first_visible_ms": _first_visible_ms(server, seen, str(msg_id), t),
         **{k: last.get(k) for k in METRICS},
         "generated_tokens": last.get("generated_tokens"),
         "stop_reason": last.get("stop_reason"),
@@ -104,6 +123,17 @@ def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any
         r["decode_step_ms"] = r["decode_ms"] / steps
         r["request_over_decode"] = wall_ms / (r["decode_step_ms"] * r["generated_tokens"])
     return r
+
+
+def _first_visible_ms(server: RpcClient, seen: int, request_id: str, t0: float) -> float | None:
+    """When the first partial of this request that shows new text arrived (ms after the request)."""
+    with server._cv:
+        notes = list(zip(server.notifications[seen:], server.notified_at[seen:], strict=True))
+    for note, at in notes:
+        p = note.get("params") or {}
+        if note["method"] == PARTIAL and p.get("requestId") == request_id and p.get("text"):
+            return (at - t0) * 1000.0
+    return None
 
 
 def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -126,6 +156,11 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
                 "textDocument/didChange",
                 {"textDocument": {"uri": op["uri"], "version": versions[op["uri"]]}, "contentChanges": [change]},
             )
+        elif kind == "wait":
+            time.sleep(op["ms"] / 1000.0)
+        elif kind == "focus":
+            position = {"line": op["line"], "character": op["character"]}
+            server.notify("granite/focus", {"textDocument": {"uri": op["uri"]}, "position": position})
         elif kind == "complete" and i in wanted:
             rows.append(r := _complete(server, i, op))
             if args.verbose:
@@ -144,13 +179,27 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Medians and p95 over the completions that ran the model (typed-through ones are counted apart)."""
     rows = [r for r in rows if r.get("stop_reason") != "typed_through"]
     out = {}
-    for key in (*METRICS, "request_ms", "decode_step_ms", "request_over_decode"):
+    for key in (*METRICS, "request_ms", "first_visible_ms", "decode_step_ms", "request_over_decode"):
         values = sorted(float(r[key]) for r in rows if r.get(key) is not None)
         if not values:
             continue
         p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
         out[key] = {"median": statistics.median(values), "p95": p95, "mean": statistics.fmean(values)}
     return out
+
+
+def by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per moment of the trace: request time and tokens re-processed, medians and p95."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({r.get("kind", "type") for r in rows}):
+        mine = [r for r in rows if r.get("kind", "type") == kind]
+        out[kind] = {"completions": len(mine), **summarize(mine)}
+    return out
+
+
+def background(stats: dict[str, Any]) -> dict[str, float]:
+    """The server's work ahead of requests (tokens, ms), apart from the requests' own."""
+    return dict(stats.get("background") or {})
 
 
 def _ratio(a: float, b: float) -> float:
@@ -167,6 +216,8 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "typed_through": through,
             "peak_rss_mb": res["peak_rss_mb"],
             **s,
+            "by_kind": by_kind(res["rows"]),
+            "background": background(res["server_stats"]),
         }
         print(
             f"\n== {mode}: {len(res['rows'])} completions ({through} typed through, no model run), "
@@ -176,6 +227,18 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for key, v in s.items():
             fmt = ".2f" if key == "request_over_decode" else ".1f"
             print(f"{key:<20}{v['median']:>12{fmt}}{v['p95']:>12{fmt}}")
+        kinds = summary["modes"][mode]["by_kind"]
+        if len(kinds) > 1:
+            print(f"{'kind':<14}{'n':>4}{'request med':>13}{'p95':>9}{'tokens med':>12}{'p95':>7}")
+            for kind, k in kinds.items():
+                req, tok = k.get("request_ms", {}), k.get("processed_tokens", {})
+                print(
+                    f"{kind:<14}{k['completions']:>4}{req.get('median', 0):>13.0f}{req.get('p95', 0):>9.0f}"
+                    f"{tok.get('median', 0):>12.0f}{tok.get('p95', 0):>7.0f}"
+                )
+        bg = summary["modes"][mode]["background"]
+        if bg:
+            print("background work: " + ", ".join(f"{k} {v:.0f}" for k, v in bg.items()))
         if "request_over_decode" in s:
             print(
                 f"keystroke (request to response) / its decode steps alone: median "

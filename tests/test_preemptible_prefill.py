@@ -1,0 +1,107 @@
+"""Preemptible prefill (work ahead of a request): it stops between pieces when told to, keeps what it
+did, resumes from there, and never changes a suggestion."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import REPO
+from test_state_reuse import BUDGET, TRACES, replay
+
+from granite_lsp.engine import Engine
+from granite_lsp.state_cache import StateCache
+
+TASKS = REPO / "model" / "corpus" / "tasks.py"
+
+
+def _yield_after(n: int):
+    """A should_yield that says yes after ``n`` pieces, and counts the pieces it was asked about."""
+    asked = [0]
+
+    def should_yield() -> bool:
+        asked[0] += 1
+        return asked[0] >= n
+
+    return should_yield, asked
+
+
+def _prompt(make_service, cursor_text: str = "def render"):
+    svc = make_service(**BUDGET)
+    text = TASKS.read_text()
+    return svc, text, text.index(cursor_text)
+
+
+def test_an_interrupted_prefill_resumes_where_it_stopped(make_service) -> None:
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.builder("d").build(text, cursor)
+    cache = StateCache(svc.loaded.model, chunk=16, max_bytes=1 << 40)
+    engine = Engine(svc.loaded.tokenizer, cache)
+    n = len(prompt.ids)
+    assert n > 100
+    done, runs = 0, 0
+    while True:
+        should_yield, asked = _yield_after(2)
+        pre = engine.prefill_ahead("d", prompt, should_yield)
+        runs += 1
+        assert pre.reused_tokens == done  # resumed exactly where the previous one stopped: nothing redone
+        assert pre.processed_tokens <= 2 * cache.chunk  # stopped within a piece of being asked to
+        done += pre.processed_tokens
+        if pre.complete:
+            break
+        assert asked[0] == 2
+    assert done == n and runs >= n // (2 * cache.chunk)
+    assert cache.stats.yields == runs - 1
+    # The request that follows costs nothing, and its logits are those of an uninterrupted prefill
+    # (to rounding: a forward cut elsewhere sums in another order, as any checkpoint restore does;
+    # the suggestions are compared exactly below).
+    after = cache.prefill("d", prompt.ids)
+    assert after.processed_tokens == 0 and after.complete
+    whole = StateCache(svc.loaded.model).prefill("d", prompt.ids)
+    assert torch.allclose(after.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    assert int(after.logits.argmax()) == int(whole.logits.argmax())
+
+
+def test_a_prefill_not_asked_to_yield_runs_to_the_end(make_service) -> None:
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.builder("d").build(text, cursor)
+    cache = StateCache(svc.loaded.model, chunk=16)
+    should_yield, asked = _yield_after(10**9)
+    pre = Engine(svc.loaded.tokenizer, cache).prefill_ahead("d", prompt, should_yield)
+    assert pre.complete and pre.processed_tokens == len(prompt.ids)
+    # asked between pieces, never after the last one (there is nothing left to yield from)
+    assert asked[0] == (len(prompt.ids) - 1) // cache.chunk
+
+
+@pytest.mark.parametrize("trace_name", ["type_short.jsonl"])
+def test_interrupted_work_ahead_never_changes_a_suggestion(make_service, trace_name: str) -> None:
+    """Before every request of a typing trace, work ahead on its prompt is interrupted after a random
+    number of pieces (seeded); the suggestion is the one computed from scratch, every step."""
+    trace = [json.loads(line) for line in (TRACES / trace_name).read_text().splitlines()]
+    ahead = make_service(**BUDGET)
+    ahead.cache.chunk = 8
+    scratch = make_service(**BUDGET, reuse=False)
+    rng = random.Random(15)
+    mismatches: list[int] = []
+    resumed: list[int] = []
+    steps = [0]
+
+    def check(uri: str, text: str, cursor: int) -> None:
+        steps[0] += 1
+        prompt = ahead.builder(uri).build(text, cursor)  # what the request will build too
+        should_yield, _ = _yield_after(rng.randint(1, 3))
+        pre = ahead.engine.prefill_ahead(uri, prompt, should_yield)
+        a = ahead.complete(uri, text, cursor)
+        b = scratch.complete(uri, text, cursor)
+        if not pre.complete:
+            resumed.append(a.generation.stats.reused_tokens - pre.reused_tokens - pre.processed_tokens)
+        if a.generation.token_ids != b.generation.token_ids:
+            mismatches.append(steps[0])
+
+    replay(trace, check)
+    assert steps[0] > 50
+    assert mismatches == [], f"work ahead changed the completion at steps {mismatches}"
+    # some were interrupted, and each request resumed at or after where its work ahead stopped
+    assert resumed and min(resumed) >= 0, resumed
