@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -70,16 +71,16 @@ def _load(name: str, importer: Callable[[], object]) -> object | None:
         return value
 
 
-def _import_conv() -> Callable[..., object]:
+def _import_conv() -> Callable[..., Any]:
     from causal_conv1d import causal_conv1d_fn
 
     params = inspect.signature(causal_conv1d_fn).parameters
     if "initial_states" not in params or "return_final_states" not in params:
         raise ImportError("causal_conv1d_fn has no initial_states / return_final_states (causal-conv1d too old)")
-    return causal_conv1d_fn
+    return cast("Callable[..., Any]", causal_conv1d_fn)
 
 
-def _import_scan() -> tuple[Callable[..., object], Callable[..., object]]:
+def _import_scan() -> tuple[Callable[..., Any], Callable[..., Any]]:
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # before any kernel is compiled (docstring)
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -87,11 +88,11 @@ def _import_scan() -> tuple[Callable[..., object], Callable[..., object]]:
     return mamba_chunk_scan_combined, selective_state_update
 
 
-def _conv_fn() -> Callable[..., object] | None:
+def _conv_fn() -> Callable[..., Any] | None:
     return _load("conv", _import_conv)  # type: ignore[return-value]
 
 
-def _scan_fns() -> tuple[Callable[..., object], Callable[..., object]] | None:
+def _scan_fns() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
     return _load("scan", _import_scan)  # type: ignore[return-value]
 
 
@@ -129,7 +130,7 @@ def describe(device: torch.device | str) -> str:
 
 def errors() -> dict[str, str]:
     """Why a kernel is unavailable, by name ("conv", "scan"), for those tried and missing."""
-    return dict(_state["errors"])  # type: ignore[call-overload]
+    return dict(cast("dict[str, str]", _state["errors"]))
 
 
 def conv(xbc: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -161,7 +162,7 @@ def conv(xbc: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -
         activation="silu",
     )
     conv_state.copy_(final[0].t())  # [C, K-1] -> [K-1, C]; raw inputs, exact in the state's dtype
-    return out[0].t()  # [C, T] with unit channel stride -> [T, C] row-major
+    return cast(Tensor, out[0].t())  # [C, T] with unit channel stride -> [T, C] row-major
 
 
 def scan(
@@ -195,7 +196,7 @@ def scan(
             dt_bias=zeros,
             dt_softplus=False,
         )
-        return y.view(1, H, P)
+        return cast(Tensor, y.view(1, H, P))
     y, final = chunk_scan(
         x.unsqueeze(0),
         dt.unsqueeze(0),
@@ -211,4 +212,4 @@ def scan(
         return_final_states=True,
     )
     ssm_state.copy_(final[0])
-    return y[0]
+    return cast(Tensor, y[0])
