@@ -36,7 +36,7 @@ def _prompt(make_service, cursor_text: str = "def render"):
 
 def test_an_interrupted_prefill_resumes_where_it_stopped(make_service) -> None:
     svc, text, cursor = _prompt(make_service)
-    prompt = svc.builder("d").build(text, cursor)
+    prompt = svc.document("d").builder.build(text, cursor)
     cache = StateCache(svc.loaded.model, chunk=16, max_bytes=1 << 40)
     engine = Engine(svc.loaded.tokenizer, cache)
     n = len(prompt.ids)
@@ -66,7 +66,7 @@ def test_an_interrupted_prefill_resumes_where_it_stopped(make_service) -> None:
 
 def test_a_prefill_not_asked_to_yield_runs_to_the_end(make_service) -> None:
     svc, text, cursor = _prompt(make_service)
-    prompt = svc.builder("d").build(text, cursor)
+    prompt = svc.document("d").builder.build(text, cursor)
     cache = StateCache(svc.loaded.model, chunk=16)
     should_yield, asked = _yield_after(10**9)
     pre = Engine(svc.loaded.tokenizer, cache).prefill_ahead("d", prompt, should_yield)
@@ -90,7 +90,7 @@ def test_interrupted_work_ahead_never_changes_a_suggestion(make_service, trace_n
 
     def check(uri: str, text: str, cursor: int) -> None:
         steps[0] += 1
-        prompt = ahead.builder(uri).build(text, cursor)  # what the request will build too
+        prompt = ahead.document(uri).builder.build(text, cursor)  # what the request will build too
         should_yield, _ = _yield_after(rng.randint(1, 3))
         pre = ahead.engine.prefill_ahead(uri, prompt, should_yield)
         a = ahead.complete(uri, text, cursor)
