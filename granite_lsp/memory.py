@@ -13,13 +13,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 @cache
-def _malloc_trim():  # noqa: ANN202 - a ctypes function or None
+def _malloc_trim() -> Callable[[int], Any] | None:  # glibc's, through ctypes
     if not sys.platform.startswith("linux"):
         return None
     try:
