@@ -22,6 +22,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "model" / "tiny"
 Message = dict[str, Any]  # one JSON-RPC message, as parsed
+# How long a model load may take before the client gives up: a guard against a hung server, not a
+# timing (a first start compiles the kernels: minutes on a busy 2-core machine).
+LOAD_TIMEOUT = 900.0
 
 
 def server_command(*extra: str, model: str | Path = TINY) -> list[str]:
@@ -169,7 +172,7 @@ class RpcClient:
         )
         self.notify("initialized", {})
         if wait_ready:
-            self.wait_notification("granite/status", lambda p: p["state"] in ("ready", "error"))
+            self.wait_ready(LOAD_TIMEOUT)
         return result
 
     def open(self, uri: str, text: str, language: str = "python", version: int = 1) -> None:
@@ -198,7 +201,7 @@ class RpcClient:
     def inline(self, uri: str, line: int, character: int, automatic: bool = False, timeout: float = 60.0) -> Any:
         return self.call("textDocument/inlineCompletion", self.inline_params(uri, line, character, automatic), timeout)
 
-    def wait_ready(self, timeout: float = 1800.0) -> Message:
+    def wait_ready(self, timeout: float = LOAD_TIMEOUT) -> Message:
         """The params of the first ``granite/status`` that says the model is ready or failed."""
         note = self.wait_notification("granite/status", lambda p: p["state"] in ("ready", "error"), timeout)
         params: Message = note["params"]

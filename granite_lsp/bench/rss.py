@@ -91,7 +91,7 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
     try:
         server.call("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {}}, timeout=1800.0)
         server.notify("initialized", {})
-        status = server.wait_ready()
+        status = server.wait_ready(1800.0)
         if status["state"] != "ready":
             raise RuntimeError(f"server failed to load: {status['message']}")
         text = "def add(a, b):\n    return a + b\n\n" * 40 + "def mul(a, b):\n    "

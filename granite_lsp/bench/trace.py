@@ -84,7 +84,7 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
         timeout=SLOW,
     )
     server.notify("initialized", {})
-    status = server.wait_ready()
+    status = server.wait_ready(1800.0)
     if status["state"] != "ready":
         server.close()
         raise RuntimeError(f"{mode}: model failed to load: {status['message']}")
