@@ -98,3 +98,17 @@ def test_server_reports_bad_settings_and_still_answers_automatic_requests(rpc: R
     rpc.open("file:///s.py", fixture["text"])
     result = rpc.inline("file:///s.py", fixture["line"], fixture["character"], automatic=True, timeout=30)
     assert result["items"][0]["insertText"] == fixture["middle"]
+
+
+def test_threads_setting_takes_effect_at_the_next_completion(make_service) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    svc = make_service(maxTokens=2)
+    try:
+        svc.complete("file:///t.py", "x = ", 4, settings=svc.settings.updated({"threads": 1}))
+        assert torch.get_num_threads() == 1
+        svc.complete("file:///t.py", "x = ", 4, settings=svc.settings.updated({"threads": 0}))
+        assert torch.get_num_threads() == before  # 0: torch's own default again
+    finally:
+        torch.set_num_threads(before)
