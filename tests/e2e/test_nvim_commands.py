@@ -36,7 +36,8 @@ def test_toggle_statusline_filetypes_and_download(tmp_path) -> None:
     init.write_text(
         f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
         f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
-        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }}, notify = false }})\n"
+        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }},"
+        f" model = {_lua_str(str(MODEL))}, device = 'cpu', notify = false }})\n"
     )
     result = tmp_path / "out.json"
     with HubStandIn(HUB_ID, MODEL) as hub:
@@ -73,3 +74,6 @@ def test_toggle_statusline_filetypes_and_download(tmp_path) -> None:
         MODEL / "model.safetensors"
     ).read_bytes()
     assert out["download_cmd"][-2:] == ["download", "x/y"]
+    # :checkhealth shows granite-lsp doctor's report
+    assert "granite-lsp doctor" in out["health"] and "ISA level:" in out["health"], out["health"]
+    assert f"-> using {MODEL}" in out["health"]

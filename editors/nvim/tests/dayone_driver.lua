@@ -59,6 +59,8 @@ local ok, err = pcall(function()
   end, 100)
   out.download = done
   out.download_cmd = gl.download_cmd('x/y')
+  vim.cmd('checkhealth granite_lsp')
+  out.health = table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\n')
 end)
 if not ok then
   out.error = tostring(err)

@@ -28,7 +28,7 @@ import {
   setLanguageDisabled,
   streamingEnabled,
 } from './config';
-import { downloadCommand, resolveServerCommand } from './serverCommand';
+import { doctorCommand, downloadCommand, resolveServerCommand } from './serverCommand';
 import { GraniteStatusBar, StatusParams } from './statusBar';
 import { PartialCompletionParams, StreamingCompletions } from './streaming';
 import { createTraceChannel } from './traceChannel';
@@ -145,6 +145,7 @@ class GraniteExtension implements vscode.Disposable {
     reg('granite.snooze', () => this.pickSnooze());
     reg('granite.toggleLanguage', () => this.toggleLanguage());
     reg('granite.downloadModel', () => this.downloadModel());
+    reg('granite.showDoctor', () => this.showDoctor());
 
     this.disposables.push(
       vscode.workspace.onDidChangeConfiguration((e) => this.onConfigurationChanged(e)),
@@ -457,6 +458,7 @@ class GraniteExtension implements vscode.Disposable {
         : { label: '$(clock) Snooze…', run: () => this.pickSnooze() },
       { label: '$(cloud-download) Download model', run: () => this.downloadModel() },
       { label: '$(debug-restart) Restart server', run: () => this.restart('menu') },
+      { label: '$(checklist) Doctor report', run: () => this.showDoctor() },
       { label: '$(output) Show log', run: () => this.log.show(true) },
     );
     const picked = await vscode.window.showQuickPick(items, { title: 'Granite' });
@@ -542,6 +544,40 @@ class GraniteExtension implements vscode.Disposable {
     } finally {
       this.downloading = false;
     }
+  }
+
+  /** `granite-lsp doctor` into the log: Python, torch, device, kernels, every place the model was looked for. */
+  private async showDoctor(): Promise<void> {
+    const cmd = doctorCommand(serverSettings());
+    if (!cmd) {
+      void vscode.window.showErrorMessage('granite-lsp was not found: install it first (see the README).');
+      return;
+    }
+    this.log.info(`$ ${cmd.command} ${cmd.args.join(' ')}`);
+    this.log.show(true);
+    await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: 'Granite: running granite-lsp doctor' },
+      () =>
+        new Promise<void>((resolve) => {
+          const child = spawn(cmd.command, cmd.args, { env: { ...process.env, PYTHONUNBUFFERED: '1' } });
+          let out = '';
+          child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+          child.stderr.on('data', (d: Buffer) => this.log.debug(`doctor: ${d.toString().trim()}`));
+          child.on('error', (err) => {
+            this.log.error(`granite-lsp doctor: ${err.message}`);
+            resolve();
+          });
+          child.on('close', (code) => {
+            for (const line of out.trimEnd().split('\n')) {
+              this.log.info(`doctor: ${line}`);
+            }
+            if (code !== 0) {
+              this.log.error(`granite-lsp doctor reports a problem (exit code ${code})`);
+            }
+            resolve();
+          });
+        }),
+    );
   }
 
   private async showStats(): Promise<void> {

@@ -97,12 +97,27 @@ export function resolveServerCommand(): ServerCommand | undefined {
  * without the server's arguments.
  */
 export function downloadCommand(model?: string): ServerCommand | undefined {
+  return subcommand(['download', ...(model ? [model] : [])]);
+}
+
+/** `granite-lsp doctor` with the model/device/dtype the extension asks for (the same report as in a terminal). */
+export function doctorCommand(settings: { model?: string; device?: string; dtype?: string }): ServerCommand | undefined {
+  const extra: string[] = [];
+  for (const key of ['model', 'device', 'dtype'] as const) {
+    if (settings[key]) {
+      extra.push(`--${key}`, String(settings[key]));
+    }
+  }
+  return subcommand(['doctor', ...extra]);
+}
+
+function subcommand(args: string[]): ServerCommand | undefined {
   const cmd = resolveServerCommand();
   if (!cmd) {
     return undefined;
   }
   const moduleRun = cmd.origin === 'granite.pythonPath' ? ['-m', 'granite_lsp'] : [];
-  return { command: cmd.command, args: [...moduleRun, 'download', ...(model ? [model] : [])], origin: cmd.origin };
+  return { command: cmd.command, args: [...moduleRun, ...args], origin: cmd.origin };
 }
 
 /** The environments API of the Python extension (ms-python.python), the part used here. */

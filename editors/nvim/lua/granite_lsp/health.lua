@@ -50,6 +50,29 @@ function M.check()
     end
   end
 
+  if exe and vim.fn.executable(exe) == 1 then
+    -- The same report as `granite-lsp doctor` in a terminal (it may compile the CPU kernels once).
+    local cmd = gl.doctor_cmd()
+    local ok, res = pcall(function()
+      return vim.system(cmd, { text = true }):wait(240000)
+    end)
+    if ok and res then
+      health.start('granite_lsp: granite-lsp doctor')
+      for line in vim.gsplit(vim.trim(res.stdout or ''), '\n', { plain = true }) do
+        if line:find('NOT FOUND', 1, true) or line:find('unusable', 1, true) then
+          health.error(line)
+        elseif line ~= '' then
+          health.info(line)
+        end
+      end
+      if res.code ~= 0 then
+        health.error(('`%s` reports a problem (exit code %d)'):format(table.concat(cmd, ' '), res.code))
+      end
+    else
+      health.warn('granite-lsp doctor failed: ' .. tostring(res))
+    end
+  end
+
   local opts = gl.server_options()
   health.info('server options: ' .. (next(opts) and vim.inspect(opts, { newline = ' ', indent = '' }) or '(server defaults)'))
 

@@ -628,19 +628,33 @@ function M.set_filetypes(filetypes)
   end
 end
 
---- The command that downloads a model: the server's executable with `download` (`python -m
---- granite_lsp` stays a module run).
-function M.download_cmd(model)
+--- The server's executable running a subcommand (`python -m granite_lsp` stays a module run).
+local function subcommand(name, extra)
   local cmd = (M.config or M.defaults).cmd
   local out = { cmd[1] }
   if cmd[2] == '-m' and cmd[3] then
     out[2], out[3] = '-m', cmd[3]
   end
-  out[#out + 1] = 'download'
-  if model and model ~= '' then
-    out[#out + 1] = model
-  end
+  out[#out + 1] = name
+  vim.list_extend(out, extra or {})
   return out
+end
+
+--- The command that downloads a model.
+function M.download_cmd(model)
+  return subcommand('download', (model and model ~= '') and { model } or {})
+end
+
+--- `granite-lsp doctor` with the model and device this setup asks for (what :checkhealth shows).
+function M.doctor_cmd()
+  local cfg = M.config or M.defaults
+  local extra = {}
+  for _, key in ipairs({ 'model', 'device', 'dtype' }) do
+    if cfg[key] then
+      vim.list_extend(extra, { '--' .. key, tostring(cfg[key]) })
+    end
+  end
+  return subcommand('doctor', extra)
 end
 
 --- Runs `granite-lsp download [model]` (default: the configured model), showing its progress in the
