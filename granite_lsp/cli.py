@@ -98,7 +98,7 @@ def complete_main(argv: list[str]) -> int:
     try:
         settings = from_cli(args)
         service = CompletionService(load(settings), settings)
-    except (ModelNotFound, UnsafeCheckpoint, SettingsError) as e:
+    except (ModelNotFound, UnsafeCheckpoint, SettingsError, ValueError) as e:  # ValueError: a remote without endpoint
         print(f"granite-lsp: {e}", file=sys.stderr)
         return 2
     from .context import ContextRing
@@ -108,6 +108,9 @@ def complete_main(argv: list[str]) -> int:
         doc.uri, service.loaded.tokenizer, 0, settings.filename_in_prompt
     )
     result = service.complete(doc.uri, text, cursor, shape=not args.raw, context_ids=header)
+    if result.generation.stop_reason == "unavailable":
+        print(f"granite-lsp: {service.engine.stats.last_error}", file=sys.stderr)
+        return 1
     if result.suggestion is not None:
         sys.stdout.write(result.suggestion.text)
         sys.stdout.flush()

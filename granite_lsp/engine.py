@@ -29,6 +29,9 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    # A remote engine's own count of prompt tokens served from its prefix cache (None: in process, or
+    # the engine did not report it for this request).
+    cached_tokens: int | None = None
 
     @property
     def total_ms(self) -> float:
@@ -39,7 +42,7 @@ class GenerationStats:
 class Generation:
     text: str  # the new text after the cursor (healed bytes already removed)
     token_ids: list[int]
-    stop_reason: str  # "eos" | "max_tokens" | "cancelled" | "callback"
+    stop_reason: str  # "eos" | "max_tokens" | "cancelled" | "callback" | "unavailable" (remote engine down)
     stats: GenerationStats
 
 

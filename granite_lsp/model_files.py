@@ -212,3 +212,30 @@ def resolve_model_dir(spec: str, allow_download: bool = False) -> Path:
     if not allow_download:
         raise _not_found(lookup, "it is not in the local cache and downloading was not requested.")
     return download_model(spec)
+
+
+_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def resolve_tokenizer_dir(spec: str, allow_download: bool = False) -> Path:
+    """The directory holding ``spec``'s tokenizer.json, for a remote engine: the engine runs the model,
+    so no weights are needed here (a directory or cached snapshot without them is fine, and a download
+    fetches only the tokenizer files)."""
+    lookup = find_model(spec)
+    if lookup.path is not None:
+        if (lookup.path / "tokenizer.json").is_file():
+            return lookup.path
+        raise _not_found(lookup, f"{lookup.path} has no tokenizer.json.")
+    if not _is_hub_id(spec):
+        raise _not_found(lookup, "no such directory.")
+    if not allow_download:
+        raise _not_found(lookup, "it is not in the local cache and downloading was not requested.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(spec, allow_patterns=_TOKENIZER_FILES))
+    except Exception as e:
+        raise _not_found(lookup, f"the download failed ({type(e).__name__}: {e}).") from e
+    if not (local / "tokenizer.json").is_file():
+        raise _not_found(lookup, f"{spec} has no tokenizer.json.")
+    return local

@@ -21,6 +21,7 @@ from .completions import ACCEPTED
 from .context import ContextRing, workspace_roots
 from .documents import UTF16, DocumentStore
 from .protocol import STATS, STREAMING_CAPABILITY, GraniteProtocol
+from .remote_engine import RemoteEngine
 from .scheduler import Job, Scheduler
 from .service import CompletionService, load
 from .settings import Settings
@@ -90,16 +91,18 @@ class GraniteServer(LanguageServer):
 
     def notify_status(self, state: str, message: str = "") -> None:
         loaded = self.service.loaded if self.service else None
-        self.protocol.notify(
-            STATUS,
-            {
-                "state": state,
-                "model": self.settings.model,
-                "device": loaded.device if loaded else self.settings.device,
-                "dtype": str(loaded.dtype).removeprefix("torch.") if loaded else self.settings.dtype,
-                "message": message,
-            },
-        )
+        settings = self.settings
+        status = {
+            "state": state,
+            "model": settings.model,
+            "device": loaded.device if loaded else settings.device,
+            "dtype": str(loaded.dtype).removeprefix("torch.") if loaded and loaded.dtype else settings.dtype,
+            "message": message,
+            "engine": settings.engine,
+        }
+        if settings.engine == "remote":
+            status.update(endpoint=settings.endpoint, remoteModel=settings.remote_model)
+        self.protocol.notify(STATUS, status)
 
     # ---- model loading -------------------------------------------------------------------------------
 
@@ -129,17 +132,29 @@ class GraniteServer(LanguageServer):
                 value = types.WorkDoneProgressReport(message=message, percentage=percent)
                 loop.call_soon_threadsafe(progress.report, token, value)
 
+        def engine_status(state: str, message: str) -> None:  # a remote engine's health, from the worker
+            loop.call_soon_threadsafe(self.notify_status, state, message)
+
         def do_load(job: Job) -> CompletionService:
-            return CompletionService(load(settings, report), settings)
+            service = CompletionService(load(settings, report), settings, engine_status)
+            if isinstance(service.engine, RemoteEngine):
+                service.engine.probe()
+            return service
 
         # Drop the previous model first: holding two while the new one loads can itself run out of memory.
         self.service = None
         try:
             self.service = await self.scheduler.submit(do_load).future
             loaded = self.service.loaded
-            message = f"{settings.model} on {loaded.device} loaded in {loaded.load_seconds:.1f} s"
+            engine = self.service.engine
+            if isinstance(engine, RemoteEngine):
+                message = f"{settings.remote_model} on {engine.endpoint} (tokenizer of {settings.model})"
+                if engine.health.down:
+                    message = engine.stats.last_error or message
+            else:
+                message = f"{settings.model} on {loaded.device} loaded in {loaded.load_seconds:.1f} s"
             log.info(message)
-            self.notify_status("ready", message)
+            self.notify_status("error" if isinstance(engine, RemoteEngine) and engine.health.down else "ready", message)
         except Exception as e:
             self.service = None
             reason = str(e)
@@ -188,7 +203,10 @@ class GraniteServer(LanguageServer):
             out["worker"] = {**asdict(self._scheduler.stats), "busy": self._scheduler.busy}
         if service is not None:
             out["decoded_tokens"] = service.decoded_tokens
-            out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
+            if service.cache is not None:
+                out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
+            if isinstance(service.engine, RemoteEngine):
+                out["remote"] = {**asdict(service.engine.stats), "down": service.engine.health.down}
             out["typed_through"] = service.typed_through
         out["documents"] = len(self.documents)
         out["model_loaded"] = service is not None

@@ -18,8 +18,9 @@ import torch
 from . import failpoints, memory
 from .engine import Engine, Generation, GenerationStats
 from .fim import PromptBuilder
-from .model_files import resolve_model_dir
+from .model_files import resolve_model_dir, resolve_tokenizer_dir
 from .postprocess import CursorContext, Shaper, Suggestion
+from .remote_engine import RemoteEngine
 from .runtime import HybridConfig, HybridModel
 from .runtime.weights import random_state_dict
 from .settings import Settings
@@ -76,11 +77,11 @@ def apply_threads(threads: int) -> None:
 
 @dataclass
 class LoadedModel:
-    model: HybridModel
+    model: HybridModel | None  # None with a remote engine: only the tokenizer is local
     tokenizer: TextTokenizer
     path: Path
-    device: str
-    dtype: torch.dtype
+    device: str  # "remote" with a remote engine
+    dtype: torch.dtype | None
     load_seconds: float
     reference: torch.nn.Module | None = None  # transformers' model, only for the benchmark's baseline
 
@@ -91,6 +92,12 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     t0 = time.perf_counter()
     apply_threads(settings.threads)
     report(f"Locating {settings.model}", 0)
+    if settings.engine == "remote":
+        # The engine runs the model; the FIM prompt (our token ids) needs the tokenizer only.
+        path = resolve_tokenizer_dir(settings.model, allow_download=settings.download)
+        tokenizer = TextTokenizer.from_dir(path)
+        report("Ready", 100)
+        return LoadedModel(None, tokenizer, path, "remote", None, time.perf_counter() - t0)
     path = resolve_model_dir(settings.model, allow_download=settings.download)
     device = pick_device(settings.device)
     if device == "cpu":  # the one-time compile is announced in the editor's progress
@@ -185,16 +192,23 @@ class CompletionService:
     passes each job the settings current when it was submitted, so that there is one copy of them.
     """
 
-    def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, on_engine_status: Callable[[str, str], None] | None = None
+    ) -> None:
         self.loaded = loaded
         self.settings = settings
-        if loaded.reference is not None:
-            from .bench.reference import TransformersCache
-
-            self.cache = TransformersCache(loaded.reference)
+        self.cache: Any = None  # the in-process engine's state checkpoints (StateCache, or the bench's)
+        self.engine: Engine | RemoteEngine
+        if settings.engine == "remote":  # the one place where the engine is chosen
+            self.engine = RemoteEngine(loaded.tokenizer, settings, on_engine_status)
         else:
-            self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
-        self.engine = Engine(loaded.tokenizer, self.cache)
+            if loaded.reference is not None:
+                from .bench.reference import TransformersCache
+
+                self.cache = TransformersCache(loaded.reference)
+            else:
+                self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
+            self.engine = Engine(loaded.tokenizer, self.cache)
         self._documents: dict[str, DocumentMemory] = {}
         self.typed_through = 0  # answers served from a document's last suggestion
         self.decoded_tokens = 0  # tokens generated over all calls, cancelled ones included
@@ -202,8 +216,9 @@ class CompletionService:
     def _apply(self, settings: Settings) -> None:
         """Settings that need no reload take effect at the next call (on the model thread)."""
         apply_threads(settings.threads)
-        self.cache.max_bytes = settings.cache_mb << 20
-        self.cache.enabled = settings.reuse
+        if self.cache is not None:
+            self.cache.max_bytes = settings.cache_mb << 20
+            self.cache.enabled = settings.reuse
 
     def document(self, doc: str, settings: Settings | None = None) -> DocumentMemory:
         """The document's memory; its prompt builder starts again when the budgets changed (the layout
@@ -218,7 +233,8 @@ class CompletionService:
 
     def forget(self, doc: str) -> None:
         self._documents.pop(doc, None)
-        self.cache.forget(doc)
+        if self.cache is not None:
+            self.cache.forget(doc)
 
     def complete(
         self,
@@ -268,6 +284,6 @@ class CompletionService:
         )
         self.decoded_tokens += gen.stats.generated_tokens
         suggestion = _shaped(shaper, gen.text)
-        if gen.stop_reason != "cancelled":
+        if gen.stop_reason not in ("cancelled", "unavailable"):
             memory.shown.remember(text, cursor, suggestion)
         return Completion(suggestion, gen, cursor)

@@ -75,6 +75,28 @@ class Settings:
     backend: str = setting("native", "generation backend", choices=("native", "transformers"), reload=True)
     ignore_eos: bool = setting(False, "always generate maxTokens tokens")
     raw: bool = setting(False, "skip post-processing (the benchmark compares raw generations)")
+    # Where the model runs: here, or a shared OpenAI-compatible server such as vLLM or llama.cpp's
+    # (remote_engine.py; only the tokenizer of ``model`` is needed locally then).
+    engine: str = setting("local", "where the model runs", choices=("local", "remote"), reload=True, cli=True)
+    endpoint: str = setting(
+        "", "remote engine's base URL, e.g. http://gpu-box:8000/v1", reload=True, cli=True, allow_empty=True
+    )
+    remote_model: str = setting("", "the model's name on the remote engine", reload=True, cli=True, allow_empty=True)
+    api_key_env: str = setting(
+        "",
+        "NAME of the environment variable holding the remote engine's API key",
+        reload=True,
+        cli=True,
+        allow_empty=True,
+    )
+    remote_timeout_ms: int = setting(
+        10_000,
+        "remote: connect timeout and longest silence within a request",
+        minimum=100,
+        maximum=600_000,
+        reload=True,
+        cli=True,
+    )
 
     def updated(self, options: dict[str, Any] | None) -> Settings:
         """A copy with ``options`` applied; any unknown key or bad value raises ``SettingsError``."""

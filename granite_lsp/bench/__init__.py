@@ -5,6 +5,7 @@
 - ``matmuls``: one decode token's matmuls, torch vs our kernels (``python -m granite_lsp.bench.matmuls``).
 - ``llama_baseline`` / ``llama_peer``: llama.cpp timed in the same rounds (``--kernels --llama-cpp DIR``).
 - ``reference``: transformers' model as a generation backend, the trace replay's baseline.
+- ``remote``: a trace through a shared remote engine, N simulated editors (``granite-lsp bench --engine remote``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
         microbench.main([a for a in argv if a != "--kernels"])
         return 0
+    if any(a == "--engine" or a.startswith("--engine=") for a in argv):
+        from .remote import main as remote_main
+
+        return remote_main(argv)
     from .trace import main as trace_main
 
     return trace_main(argv)

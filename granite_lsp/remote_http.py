@@ -1,0 +1,254 @@
+"""A streaming HTTP POST that yields server-sent events, and can be abandoned at any moment.
+
+Why not http.client or httpx: a completion request must stop within a poll interval when the editor
+moves on (a newer keystroke makes it stale), also while the engine has not sent a byte yet (a request
+queued behind other editors' work). Buffered socket files cannot resume after a read timeout, so this
+reads the raw socket behind ``select`` with a short tick, checks ``cancelled`` on every tick, and closes
+the connection to cancel: OpenAI-compatible engines (vLLM, llama.cpp's server) abort a request whose
+client went away. Only what those engines send is handled: HTTP/1.1, chunked or length- or
+close-delimited bodies, ``data:`` events.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+TICK = 0.05  # seconds between two looks at ``cancelled`` while the engine is silent
+
+
+class EngineError(RuntimeError):
+    """The engine could not be reached or answered with an error; ``retry`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class Cancelled(Exception):
+    """``cancelled()`` became true: the connection was closed without waiting for the engine."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+    path: str  # the base path, e.g. "/v1"
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint must be an http:// or https:// URL, got {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.path}"
+
+
+class _Reader:
+    """Bytes from a socket, waiting at most ``idle`` seconds for each piece and giving up when cancelled."""
+
+    def __init__(self, sock: socket.socket, idle: float, cancelled: Callable[[], bool]) -> None:
+        self.sock, self.idle, self.cancelled = sock, idle, cancelled
+        self.buf = b""
+        self.eof = False
+
+    def _fill(self) -> None:
+        deadline = time.monotonic() + self.idle
+        while True:
+            if self.cancelled():
+                raise Cancelled
+            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+            if pending or select.select([self.sock], [], [], TICK)[0]:
+                break
+            if time.monotonic() > deadline:
+                raise EngineError(f"no data from the engine for {self.idle:.0f} s", retry=True)
+        try:
+            data = self.sock.recv(65536)
+        except OSError as e:
+            raise EngineError(f"connection to the engine broke: {e}", retry=True) from e
+        if not data:
+            self.eof = True
+        self.buf += data
+
+    def until(self, marker: bytes) -> bytes:
+        """Bytes up to and including ``marker``; at EOF whatever is left."""
+        while marker not in self.buf:
+            if self.eof:
+                out, self.buf = self.buf, b""
+                return out
+            self._fill()
+        i = self.buf.index(marker) + len(marker)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n and not self.eof:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def some(self) -> bytes:
+        if not self.buf and not self.eof:
+            self._fill()
+        out, self.buf = self.buf, b""
+        return out
+
+
+def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+    except OSError as e:
+        raise EngineError(f"cannot connect to {endpoint}: {e.strerror or e}", retry=True) from e
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if endpoint.scheme == "https":
+        try:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=endpoint.host)
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            raise EngineError(f"TLS with {endpoint} failed: {e}", retry=False) from e
+    sock.settimeout(timeout)  # for sending; reads go through select
+    return sock
+
+
+def _body_chunks(reader: _Reader, headers: dict[str, str]) -> Iterator[bytes]:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            size_line = reader.until(b"\r\n")
+            if not size_line:
+                raise EngineError("the engine closed the connection in the middle of a response", retry=True)
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                return
+            data = reader.exactly(size)
+            reader.exactly(2)  # CRLF after the chunk
+            if len(data) < size:
+                raise EngineError("the engine closed the connection in the middle of a response", retry=True)
+            yield data
+    elif "content-length" in headers:
+        left = int(headers["content-length"])
+        while left > 0:
+            data = reader.some()
+            if not data:
+                raise EngineError("the engine closed the connection in the middle of a response", retry=True)
+            left -= len(data)
+            yield data
+    else:
+        while data := reader.some():
+            yield data
+
+
+def _exchange(
+    endpoint: Endpoint,
+    method: str,
+    path: str,
+    body: dict | None,
+    headers: dict[str, str] | None,
+    timeout: float,
+    cancelled: Callable[[], bool],
+) -> tuple[socket.socket, _Reader, dict[str, str]]:
+    """Send the request and read the response head; raises EngineError unless the status is 200."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = [
+        f"{method} {endpoint.path}{path} HTTP/1.1",
+        f"Host: {endpoint.host}:{endpoint.port}",
+        "Accept: text/event-stream, application/json",
+        "Connection: close",
+        *(["Content-Type: application/json", f"Content-Length: {len(payload)}"] if body is not None else []),
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    sock = _connect(endpoint, timeout)
+    try:
+        try:
+            sock.sendall("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + payload)
+        except OSError as e:
+            raise EngineError(f"sending to {endpoint} failed: {e}", retry=True) from e
+        reader = _Reader(sock, timeout, cancelled)
+        raw = reader.until(b"\r\n\r\n")
+        if not raw.endswith(b"\r\n\r\n"):
+            raise EngineError(f"{endpoint} closed the connection without answering", retry=True)
+        lines = raw.decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError) as e:
+            raise EngineError(f"{endpoint} did not answer HTTP: {lines[0]!r}", retry=False) from e
+        fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        if status != 200:
+            text = b"".join(_body_chunks(reader, fields)).decode("utf-8", "replace")
+            raise EngineError(
+                f"{endpoint}{path} answered HTTP {status}: {_error_message(text)}",
+                retry=status >= 500 or status in (408, 429),
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock, reader, fields
+
+
+def get_json(endpoint: Endpoint, path: str, *, headers: dict[str, str] | None = None, timeout: float = 5.0) -> dict:
+    """GET ``endpoint.path + path`` and parse the JSON answer (e.g. ``/models``)."""
+    sock, reader, fields = _exchange(endpoint, "GET", path, None, headers, timeout, lambda: False)
+    try:
+        text = b"".join(_body_chunks(reader, fields)).decode("utf-8", "replace")
+    finally:
+        sock.close()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise EngineError(f"{endpoint}{path} did not answer JSON: {text[:100]!r}", retry=False) from e
+
+
+def post_events(
+    endpoint: Endpoint,
+    path: str,
+    body: dict,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[str]:
+    """POST ``body`` as JSON to ``endpoint.path + path`` and yield each server-sent event's data.
+
+    ``timeout`` bounds the connect and every wait for bytes. Raises EngineError (unreachable, HTTP
+    error, broken stream, timeout) or Cancelled; closing the generator closes the connection.
+    """
+    sock, reader, fields = _exchange(endpoint, "POST", path, body, headers, timeout, cancelled)
+    try:
+        pending = b""
+        data: list[str] = []
+        for chunk in _body_chunks(reader, fields):
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                line = line.rstrip(b"\r")
+                if not line:
+                    if data:
+                        yield "\n".join(data)
+                        data = []
+                elif line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" ").decode("utf-8", "replace"))
+        if data:
+            yield "\n".join(data)
+    finally:
+        sock.close()
+
+
+def _error_message(text: str) -> str:
+    """The engine's own words: OpenAI-style {"error": {"message": ...}} or the body's start."""
+    try:
+        err = json.loads(text).get("error")
+        message = err.get("message") if isinstance(err, dict) else err
+        if message:
+            return str(message)[:300]
+    except (ValueError, AttributeError):
+        pass
+    return text.strip()[:300] or "(empty body)"
