@@ -71,7 +71,8 @@ class _Reader:
             if pending or select.select([self.sock], [], [], TICK)[0]:
                 break
             if time.monotonic() > deadline:
-                raise EngineError(f"no data from the engine for {self.idle:.0f} s", retry=True)
+                # Not retried within the request: a second wait as long would double the editor's.
+                raise EngineError(f"no data from the engine for {self.idle:g} s", retry=False)
         try:
             data = self.sock.recv(65536)
         except OSError as e:
@@ -107,6 +108,8 @@ class _Reader:
 def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+    except TimeoutError as e:  # a black-holed address: not retried within the request (see _Reader)
+        raise EngineError(f"cannot connect to {endpoint}: no answer in {timeout:g} s", retry=False) from e
     except OSError as e:
         raise EngineError(f"cannot connect to {endpoint}: {e.strerror or e}", retry=True) from e
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -100,6 +100,15 @@ class EngineProcess:
         except (OSError, ValueError):
             return False
 
+    def pause(self) -> None:
+        """SIGSTOP the group: the engine is there (connections are accepted) but silent."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the whole group: the engine dies as in a crash, connections drop mid-stream."""
         if self.proc is not None and self.proc.poll() is None:

@@ -21,6 +21,7 @@ from engines import (
     MODEL_NAME,
     TINY,
     EngineProcess,
+    free_port,
     llama_process,
     llama_server,
     require_vllm,
@@ -173,6 +174,33 @@ def test_wrong_api_key_is_an_error_status_not_a_crash(vllm: EngineProcess) -> No
         client.kill()
 
 
+def test_stalled_engine_times_out(vllm: EngineProcess) -> None:
+    """The engine stops answering (SIGSTOP) with a request in flight: the request ends after
+    remoteTimeoutMs with null and an error status; once the engine runs again, completions resume."""
+    client = _server(vllm, remoteTimeoutMs=2000)
+    try:
+        fx = load_fixtures()[0]
+        uri = "file:///remote/stall.py"
+        client.open(uri, fx["text"])
+        seen = len(client.notifications)
+        vllm.pause()
+        try:
+            assert client.inline(uri, *_cursor(fx), timeout=120) is None
+            error = client.wait_notification("granite/status", lambda p: p["state"] == "error", after=seen)
+            assert "no data from the engine for 2 s" in error["params"]["message"], error
+        finally:
+            vllm.resume()
+        result = None
+        for _ in range(100):  # the first try after the backoff window reaches the engine again
+            result = client.inline(uri, *_cursor(fx), timeout=120)
+            if result is not None:
+                break
+            time.sleep(0.5)
+        assert result and result["items"][0]["insertText"] == fx["middle"]
+    finally:
+        client.kill()
+
+
 def test_engine_dies_mid_stream_then_recovers(vllm: EngineProcess) -> None:
     """The engine is killed during a generation: that request and the following ones answer null (no
     hang), granite/status says the engine is unavailable; once it is back, completions resume and the
@@ -209,6 +237,37 @@ def test_engine_dies_mid_stream_then_recovers(vllm: EngineProcess) -> None:
         assert "answering again" in back["message"]
     finally:
         client.kill()
+
+
+def test_unreachable_engine_answers_null_and_says_why() -> None:
+    """Nothing listens at the endpoint: the server loads (only the tokenizer), says the engine is
+    unavailable, answers null at once and keeps running. Needs no engine."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    client = RpcClient(server_command("--engine", "remote", "--endpoint", url, "--remote-model", MODEL_NAME))
+    try:
+        client.initialize({"debounceMs": 0})
+        error = next(s for s in _statuses(client) if s["state"] == "error")
+        assert f"127.0.0.1:{port}" in error["message"] and "cannot connect" in error["message"], error
+        fx = load_fixtures()[0]
+        client.open("file:///remote/none.py", fx["text"])
+        for _ in range(3):
+            assert client.inline("file:///remote/none.py", *_cursor(fx), timeout=60) is None
+        stats = client.call("granite/stats")
+        assert stats["model_loaded"] and stats["remote"]["down"] and stats["counters"]["errors"] == 0, stats
+        assert client.shutdown_and_exit() == 0
+    finally:
+        client.kill()
+
+
+def test_remote_settings_are_validated() -> None:
+    from granite_lsp.settings import Settings, SettingsError
+
+    s = Settings().updated({"engine": "remote", "endpoint": "http://h:1/v1", "remoteModel": "m", "apiKeyEnv": "K"})
+    assert (s.engine, s.endpoint, s.remote_model, s.api_key_env) == ("remote", "http://h:1/v1", "m", "K")
+    assert s.model_key() != Settings().model_key()  # switching engines reloads
+    with pytest.raises(SettingsError):
+        Settings().updated({"engine": "cloud"})
 
 
 # ---- llama.cpp's server ----------------------------------------------------------------------------
