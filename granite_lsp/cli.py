@@ -82,6 +82,7 @@ def complete_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from .documents import Document, PositionError
+    from .remote_engine import RemoteEngine
     from .service import CompletionService, load
 
     try:
@@ -108,7 +109,7 @@ def complete_main(argv: list[str]) -> int:
         doc.uri, service.loaded.tokenizer, 0, settings.filename_in_prompt
     )
     result = service.complete(doc.uri, text, cursor, shape=not args.raw, context_ids=header)
-    if result.generation.stop_reason == "unavailable":
+    if isinstance(service.engine, RemoteEngine) and result.generation.stop_reason == "unavailable":
         print(f"granite-lsp: {service.engine.stats.last_error}", file=sys.stderr)
         return 1
     if result.suggestion is not None:

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .engine import Generation, GenerationStats
 from .fim import FimPrompt
@@ -125,8 +126,8 @@ class RemoteEngine:
         typed = self.tokenizer.decode_bytes(prompt.ids[prompt.static_len :]) + prompt.heal
         return head + self.tokenizer.encode(typed.decode("utf-8", "surrogatepass"))
 
-    def request_body(self, ids: list[int], max_tokens: int, ignore_eos: bool) -> dict:
-        body: dict = {
+    def request_body(self, ids: list[int], max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": ids,
             "max_tokens": max_tokens,
@@ -214,7 +215,7 @@ class RemoteEngine:
 
     def _stream(
         self,
-        body: dict,
+        body: dict[str, Any],
         stats: GenerationStats,
         cancelled: Callable[[], bool],
         on_text: Callable[[str], bool] | None,
@@ -225,8 +226,8 @@ class RemoteEngine:
         text = ""
         pieces = 0
         reason = "max_tokens"
-        usage: dict = {}
-        timings: dict = {}
+        usage: dict[str, Any] = {}
+        timings: dict[str, Any] = {}
         events = post_events(
             self.endpoint, "/completions", body, headers=self._headers(), timeout=self.timeout, cancelled=cancelled
         )
@@ -281,7 +282,7 @@ class RemoteEngine:
         return Generation(text, [], reason, stats)
 
 
-def _cached_tokens(usage: dict, timings: dict) -> int | None:
+def _cached_tokens(usage: dict[str, Any], timings: dict[str, Any]) -> int | None:
     details = usage.get("prompt_tokens_details")
     if isinstance(details, dict) and details.get("cached_tokens") is not None:
         return int(details["cached_tokens"])

@@ -16,8 +16,9 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 TICK = 0.05  # seconds between two looks at ``cancelled`` while the engine is silent
@@ -154,7 +155,7 @@ def _exchange(
     endpoint: Endpoint,
     method: str,
     path: str,
-    body: dict | None,
+    body: dict[str, Any] | None,
     headers: dict[str, str] | None,
     timeout: float,
     cancelled: Callable[[], bool],
@@ -197,7 +198,9 @@ def _exchange(
     return sock, reader, fields
 
 
-def get_json(endpoint: Endpoint, path: str, *, headers: dict[str, str] | None = None, timeout: float = 5.0) -> dict:
+def get_json(
+    endpoint: Endpoint, path: str, *, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
     """GET ``endpoint.path + path`` and parse the JSON answer (e.g. ``/models``)."""
     sock, reader, fields = _exchange(endpoint, "GET", path, None, headers, timeout, lambda: False)
     try:
@@ -205,20 +208,23 @@ def get_json(endpoint: Endpoint, path: str, *, headers: dict[str, str] | None = 
     finally:
         sock.close()
     try:
-        return json.loads(text)
+        answer = json.loads(text)
     except ValueError as e:
         raise EngineError(f"{endpoint}{path} did not answer JSON: {text[:100]!r}", retry=False) from e
+    if not isinstance(answer, dict):
+        raise EngineError(f"{endpoint}{path} did not answer a JSON object: {text[:100]!r}", retry=False)
+    return answer
 
 
 def post_events(
     endpoint: Endpoint,
     path: str,
-    body: dict,
+    body: dict[str, Any],
     *,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     cancelled: Callable[[], bool] = lambda: False,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """POST ``body`` as JSON to ``endpoint.path + path`` and yield each server-sent event's data.
 
     ``timeout`` bounds the connect and every wait for bytes. Raises EngineError (unreachable, HTTP

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .trace import DEFAULT_TRACE, REPO, _Server, load_trace
+from .client import RpcClient
+from .trace import DEFAULT_TRACE, REPO, load_trace
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -34,13 +35,13 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
 
 
-def _shifted(trace: list[dict], client: int) -> list[dict]:
+def _shifted(trace: list[dict[str, Any]], client: int) -> list[dict[str, Any]]:
     """The trace with a first line naming the client in each opened document (positions moved down)."""
     if client == 0:
         return trace
-    out = []
-    for op in trace:
-        op = json.loads(json.dumps(op))
+    out: list[dict[str, Any]] = []
+    for original in trace:
+        op: dict[str, Any] = json.loads(json.dumps(original))
         if op["op"] == "open":
             op["text"] = f"# editor {client}\n" + op["text"]
         elif op["op"] == "change" and "range" in op:
@@ -60,24 +61,26 @@ def _server_cmd(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def start_client(args: argparse.Namespace) -> _Server:
-    server = _Server(_server_cmd(args))
+def start_client(args: argparse.Namespace) -> RpcClient:
+    server = RpcClient(_server_cmd(args))
     options = {"maxTokens": args.max_tokens, "raw": True, "typeThrough": False, "debounceMs": 0}
     init = {"processId": os.getpid(), "rootUri": None, "capabilities": {}, "initializationOptions": options}
     server.call("initialize", init)
     server.notify("initialized", {})
-    status = server.wait_status(timeout=120)
+    status = server.wait_ready(timeout=120)
     if status["state"] != "ready":
         server.close()
         raise RuntimeError(f"the server did not reach the engine: {status['message']}")
     return server
 
 
-def replay(server: _Server, trace: list[dict], start: threading.Barrier | None = None) -> list[dict]:
+def replay(
+    server: RpcClient, trace: list[dict[str, Any]], start: threading.Barrier | None = None
+) -> list[dict[str, Any]]:
     """Send the trace's operations; time each completion request from send to answer."""
     if start is not None:
         start.wait()
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     versions: dict[str, int] = {}
     for i, op in enumerate(trace):
         if op["op"] == "open":
@@ -116,7 +119,7 @@ def replay(server: _Server, trace: list[dict], start: threading.Barrier | None =
     return rows
 
 
-def _summary(rows: list[dict]) -> dict[str, Any]:
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lat = [r["request_ms"] for r in rows]
     first = [r["first_token_ms"] for r in rows if r["first_token_ms"] is not None]
     cached = [r["cached_tokens"] for r in rows if r["cached_tokens"] is not None]
@@ -135,10 +138,10 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
     }
 
 
-def run_load(args: argparse.Namespace, trace: list[dict], clients: int) -> dict[str, Any]:
+def run_load(args: argparse.Namespace, trace: list[dict[str, Any]], clients: int) -> dict[str, Any]:
     servers = [start_client(args) for _ in range(clients)]
     barrier = threading.Barrier(clients)
-    results: list[list[dict]] = [[] for _ in range(clients)]
+    results: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
 
     def work(k: int) -> None:
