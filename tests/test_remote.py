@@ -281,7 +281,7 @@ def test_llama_server_fixtures_and_prefix_cache(tmp_path) -> None:
         pytest.skip("llama.cpp's server is not built (set GRANITE_LLAMA_SERVER and GRANITE_TINY_GGUF: see README)")
     engine = llama_process(*found, tmp_path / "llama.log")
     engine.start(timeout=120)
-    client = _server(engine, raw=True)
+    client = _server(engine, raw=True, typeThrough=False)  # every keystroke reaches the engine
     try:
         for i, fx in enumerate(load_fixtures()[:6]):
             uri = f"file:///llama/{i}.txt"
@@ -300,6 +300,10 @@ def test_llama_server_fixtures_and_prefix_cache(tmp_path) -> None:
         assert client.inline(uri, line, 1, timeout=120)
         second = client.call("granite/stats")["last"]
         assert first["cached_tokens"] is not None and second["cached_tokens"] > 0, (first, second)
+        print(
+            f"llama.cpp cached tokens: first keystroke {first['cached_tokens']} of {first['prompt_tokens']}, "
+            f"second {second['cached_tokens']} of {second['prompt_tokens']}"
+        )
     finally:
         client.kill()
         engine.kill()
