@@ -91,10 +91,14 @@ class PromptBuilder:
     budget: FimBudget = field(default_factory=FimBudget)
     _memories: list[_Memory] = field(default_factory=list)  # most recent first
 
-    def build(self, text: str, cursor: int, context_ids: list[int] | None = None) -> FimPrompt:
+    def build(
+        self, text: str, cursor: int, context_ids: list[int] | None = None, *, remember: bool = True
+    ) -> FimPrompt:
+        """``remember=False``: the prompt a request at ``cursor`` would get now, leaving the memory of
+        placements as it is (work ahead of a request must not change the layout of the requests)."""
         tok = self.tokenizer
         ctl = tok.control
-        anchor, window_start = self._place(text, cursor)
+        anchor, window_start = self._place(text, cursor, remember)
         prefix_ids = tok.encode(text[window_start:anchor])
 
         line_end = _line_end(text, cursor)
@@ -117,7 +121,7 @@ class PromptBuilder:
             context_len=len(context),
         )
 
-    def _place(self, text: str, cursor: int) -> tuple[int, int]:
+    def _place(self, text: str, cursor: int, remember: bool = True) -> tuple[int, int]:
         """Choose (anchor, window_start), keeping a recent placement when it is still valid.
 
         Several are remembered so that moving the cursor elsewhere and back finds the old one (and
@@ -132,7 +136,8 @@ class PromptBuilder:
                 and _is_line_start(text, mem.window_start)
                 and len(_LINE_BREAK.findall(text, mem.anchor, cursor)) <= b.max_anchor_lines
             ):
-                self._memories.insert(0, self._memories.pop(i))
+                if remember:
+                    self._memories.insert(0, self._memories.pop(i))
                 return mem.anchor, mem.window_start
         anchor = _line_start(text, cursor)
         if cursor - anchor > MAX_LINE_MIDDLE:
@@ -144,8 +149,9 @@ class PromptBuilder:
             len(self.tokenizer.encode(text[window_start:anchor])) > b.prefix_tokens
         ):
             window_start = self._window_start(text, anchor)
-        self._memories.insert(0, _Memory(window_start, anchor, text[window_start:anchor]))
-        del self._memories[MEMORIES:]
+        if remember:
+            self._memories.insert(0, _Memory(window_start, anchor, text[window_start:anchor]))
+            del self._memories[MEMORIES:]
         return anchor, window_start
 
     def _window_start(self, text: str, anchor: int) -> int:

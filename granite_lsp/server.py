@@ -17,6 +17,7 @@ from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from . import __version__, completions
+from .ahead import FOCUS, WorkAhead
 from .completions import ACCEPTED
 from .context import ContextRing, workspace_roots
 from .documents import UTF16, DocumentStore
@@ -46,6 +47,7 @@ class GraniteServer(LanguageServer):
         self.counters = {"requests": 0, "answered_null": 0, "answered_items": 0, "errors": 0}
         self.last_stats: dict[str, Any] = {}
         self._client_info: types.ClientInfo | None = None
+        self.ahead = WorkAhead(self)  # work ahead of the next request (issue 15)
 
     # ---- plumbing ------------------------------------------------------------------------------------
 
@@ -81,10 +83,12 @@ class GraniteServer(LanguageServer):
             b = starts[end] if end < len(starts) else len(doc.text)
             self.context.note(uri, start, doc.text[a:b])
         self.scheduler.document_changed(uri)
+        self.ahead.changed(uri, line)
 
     def on_document_closed(self, uri: str) -> None:
         self.context.forget(uri)
         self.scheduler.document_closed(uri)
+        self.ahead.closed(uri)
         service = self.service
         if service is not None:
             self.scheduler.submit(lambda job: service.forget(uri))
@@ -208,6 +212,7 @@ class GraniteServer(LanguageServer):
             if isinstance(service.engine, RemoteEngine):
                 out["remote"] = {**asdict(service.engine.stats), "down": service.engine.health.down}
             out["typed_through"] = service.typed_through
+        out["background"] = self.ahead.stats.as_dict()
         out["documents"] = len(self.documents)
         out["model_loaded"] = service is not None
         out["load_error"] = self.load_error
@@ -242,6 +247,7 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
         ls: GraniteServer, params: types.InlineCompletionParams
     ) -> types.InlineCompletionList | None:
         ls.counters["requests"] += 1
+        ls.ahead.requested(params.text_document.uri, params.position.line, params.position.character)
         result = await completions.inline_completion(ls, params)
         ls.counters["answered_items" if result else "answered_null"] += 1
         return result
@@ -249,6 +255,10 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
     @server.command(ACCEPTED)
     def on_accepted(ls: GraniteServer, *args: Any) -> None:
         completions.prefetch_after_accept(ls, args[0] if args and isinstance(args[0], dict) else {})
+
+    @server.feature(FOCUS)
+    def on_focus(ls: GraniteServer, params: Any) -> None:
+        ls.ahead.focus(params)
 
     @server.feature(STATS)
     def on_stats(ls: GraniteServer, params: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from .remote_engine import RemoteEngine
 from .runtime import HybridConfig, HybridModel
 from .runtime.weights import random_state_dict
 from .settings import Settings
-from .state_cache import StateCache
+from .state_cache import PrefillResult, StateCache
 from .tokens import TextTokenizer
 from .typing_through import SuggestionMemory
 
@@ -235,6 +235,26 @@ class CompletionService:
         self._documents.pop(doc, None)
         if self.cache is not None:
             self.cache.forget(doc)
+
+    def prepare(
+        self,
+        doc: str,
+        text: str,
+        cursor: int,
+        should_yield: Callable[[], bool],
+        *,
+        settings: Settings | None = None,
+        context_ids: list[int] | None = None,
+    ) -> PrefillResult | None:
+        """Work ahead of a request at ``cursor``: bring the state cache to its prompt, preemptibly (see
+        ``Engine.prefill_ahead``), without changing the document's prompt memory. None where the cache
+        cannot work ahead (the bench's transformers baseline)."""
+        if not isinstance(self.cache, StateCache) or not self.cache.enabled:
+            return None
+        settings = settings or self.settings
+        self._apply(settings)
+        prompt = self.document(doc, settings).builder.build(text, cursor, context_ids, remember=False)
+        return self.engine.prefill_ahead(doc, prompt, should_yield)
 
     def complete(
         self,
