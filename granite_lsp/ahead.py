@@ -85,7 +85,8 @@ class WorkAhead:
             return  # not ours to fix: a malformed notification changes nothing
         self._look_at(uri)
         self._focus[uri] = place
-        self._start(uri, place)
+        if place != self._typing.get(uri):  # where the last request was: its prefill is done
+            self._start(uri, place)
 
     def requested(self, uri: str, line: int, character: int) -> None:
         """A completion request: the user is there. Work ahead for another place is obsolete."""

@@ -1,6 +1,7 @@
 // Granite: inline (ghost-text) completions from granite-lsp.
 import { spawn } from 'child_process';
 import * as vscode from 'vscode';
+import { sendFocus } from './focus';
 import {
   CancellationToken,
   ClientCapabilities,
@@ -270,6 +271,7 @@ class GraniteExtension implements vscode.Disposable {
     try {
       await client.start();
       this.log.info('language client ready');
+      this.clientDisposables.push(sendFocus(client, (document) => isExcluded(document)));
       // No granite/status yet: the model is loading (or the server does not send status).
       if (this.status.current === 'starting') {
         this.status.setState('loading');

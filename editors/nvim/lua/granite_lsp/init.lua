@@ -458,7 +458,32 @@ local function set_keymaps(bufnr)
   end, 'granite: ask for a suggestion')
 end
 
+-- granite/focus (README, "Custom protocol"): which buffer the user looks at and where the cursor is, on
+-- BufEnter and on cursor moves in normal mode (typing sends its own requests), 150 ms after the last one,
+-- so that the server can work ahead of the next request.
+local focus_timer = nil
+local function send_focus(client, bufnr)
+  api.nvim_create_autocmd({ 'BufEnter', 'CursorMoved' }, {
+    group = augroup,
+    buffer = bufnr,
+    callback = function()
+      if focus_timer then
+        focus_timer:stop()
+      end
+      focus_timer = vim.defer_fn(function()
+        focus_timer = nil
+        if util.is_stopped(client) or api.nvim_get_current_buf() ~= bufnr then
+          return
+        end
+        local params = vim.lsp.util.make_position_params(0, client.offset_encoding or 'utf-16')
+        client:notify('granite/focus', { textDocument = params.textDocument, position = params.position })
+      end, 150)
+    end,
+  })
+end
+
 local function on_attach(client, bufnr)
+  send_focus(client, bufnr)
   if M.uses_native() then
     vim.lsp.inline_completion.enable(M.globally_enabled, { bufnr = bufnr })
     if M.globally_enabled then
