@@ -10,7 +10,7 @@ fixed with backspace, and one trip of the cursor elsewhere in the file and back.
 ``--moment`` makes the traces of the moments other than typing forward (issue 15), with the user's
 pauses as ``wait`` operations and the cursor moves an editor reports as ``focus``; the requests of each
 moment carry its ``kind`` (bench reports per kind):
-  open     open the file, wait 2 s, request ("first"), then type
+  open     open the file (focus at the cursor), wait 2 s, request ("first"), then type
   jump     type; jump 5-30 lines away ("jump") and straight back ("back"), 1 s pauses; repeat
   paste    type; paste 20 lines of the file ~40 lines above the cursor, wait 1 s, back ("after_paste"), type
   imports  type; add an import at the top, wait 1 s, back ("after_import"), type
@@ -94,6 +94,7 @@ class Typist:
 
 
 def _open(t: Typist, body: str) -> None:
+    t.focus(t.cursor)  # the editor shows the file with the cursor where it opened it
     t.wait(2000)
     t.complete(kind="first")
     t.type_text(body[:40])
