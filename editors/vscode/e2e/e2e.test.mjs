@@ -563,6 +563,27 @@ async function runFixture(fx, index, { trigger }) {
   await input.waitFor({ state: 'hidden', timeout: 15_000 }).catch(() => {});
 }
 
+async function checkExcluded() {
+  const secret = 'MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu';
+  fs.writeFileSync(path.join(dirs.ws, 'server-key.pem'), `-----BEGIN PRIVATE KEY-----\n${secret}\n`);
+  fs.writeFileSync(path.join(dirs.ws, 'after_secret.py'), 'value = 1\n');
+  const trace = () =>
+    extensionLogs()
+      .filter(({ file }) => /Trace/.test(file))
+      .map(({ text }) => text)
+      .join('\n');
+  await openFile('server-key.pem');
+  await gotoPosition(1, 10);
+  await page.keyboard.press('Alt+Backslash');
+  await sleep(1500);
+  await openFile('after_secret.py');
+  await waitFor('the trace to show after_secret.py opened', () => trace().includes('after_secret.py'), 60_000, 500);
+  const text = trace();
+  assert.ok(!text.includes('server-key.pem'), 'an excluded file was named in the LSP traffic');
+  assert.ok(!text.includes(secret), 'an excluded file\'s text reached the server');
+  say('granite.exclude: server-key.pem never reached the server');
+}
+
 test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', { timeout: READY_TIMEOUT + 15 * 60_000 }, async () => {
   const fixtures = JSON.parse(fs.readFileSync(FIXTURES, 'utf8'));
   assert.ok(Array.isArray(fixtures) && fixtures.length > 0, `no fixtures in ${FIXTURES}`);
@@ -613,6 +634,10 @@ test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', 
     const finalStatus = await graniteStatus();
     say(`status bar: ${JSON.stringify(finalStatus)}`);
     assert.match(finalStatus, /\d+ ms/, 'the status bar shows the last completion latency');
+
+    // granite.exclude (default: *.pem, .env, ...): such a file is never sent to the server, and asking
+    // for a suggestion in it sends no request. A file opened after it is sent: the trace is in order.
+    await checkExcluded();
   } catch (err) {
     await dumpDiagnostics(err.message.split('\n')[0]);
     throw err;
