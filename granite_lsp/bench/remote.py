@@ -9,9 +9,10 @@ engine's. Client k's document gets a first line of its own, so that clients do n
 (editors on one engine work on different files) and an engine's prefix cache only helps within a
 client, as it would in a team.
 
-Reported per client count: request latency p50/p95 per client and over all clients, time to the
-first token, and the engine's cached prompt tokens per keystroke (``granite/stats`` ``cached_tokens``:
-vLLM reports them with ``--enable-prompt-tokens-details``, llama.cpp's server always).
+Reported per client count: request latency p50/p95 per client and over all clients, time to the first
+token, and the engine's cached prompt tokens per keystroke (``granite/stats`` ``cached_tokens``: vLLM
+reports them with ``--enable-prompt-tokens-details``, llama.cpp's server always). ``--compare-local``
+first replays the trace with one editor on the in-process engine, the baseline of the ratios printed.
 """
 
 from __future__ import annotations
@@ -53,16 +54,18 @@ def _shifted(trace: list[dict[str, Any]], client: int) -> list[dict[str, Any]]:
     return out
 
 
-def _server_cmd(args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(args.model), "--engine", "remote"]
-    cmd += ["--endpoint", args.endpoint, "--remote-model", args.remote_model]
+def _server_cmd(args: argparse.Namespace, local: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(args.model)]
+    if local:  # the baseline: the same model in process (its weights must be in --model)
+        return [*cmd, "--device", "cpu"]
+    cmd += ["--engine", "remote", "--endpoint", args.endpoint, "--remote-model", args.remote_model]
     if args.api_key_env:
         cmd += ["--api-key-env", args.api_key_env]
     return cmd
 
 
-def start_client(args: argparse.Namespace) -> RpcClient:
-    server = RpcClient(_server_cmd(args))
+def start_client(args: argparse.Namespace, local: bool = False) -> RpcClient:
+    server = RpcClient(_server_cmd(args, local))
     options = {"maxTokens": args.max_tokens, "raw": True, "typeThrough": False, "debounceMs": 0}
     init = {"processId": os.getpid(), "rootUri": None, "capabilities": {}, "initializationOptions": options}
     server.call("initialize", init)
@@ -138,8 +141,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_load(args: argparse.Namespace, trace: list[dict[str, Any]], clients: int) -> dict[str, Any]:
-    servers = [start_client(args) for _ in range(clients)]
+def run_load(
+    args: argparse.Namespace, trace: list[dict[str, Any]], clients: int, local: bool = False
+) -> dict[str, Any]:
+    servers = [start_client(args, local) for _ in range(clients)]
     barrier = threading.Barrier(clients)
     results: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
@@ -164,6 +169,7 @@ def run_load(args: argparse.Namespace, trace: list[dict[str, Any]], clients: int
     per_client = [_summary(rows) for rows in results]
     every = [r for rows in results for r in rows]
     return {
+        "engine": "local" if local else "remote",
         "clients": clients,
         "wall_s": wall,
         "requests_per_s": len(every) / wall if wall else float("nan"),
@@ -178,7 +184,7 @@ def print_run(run: dict[str, Any]) -> None:
     cached = "n/a" if a["cached_tokens_median"] is None else f"{a['cached_tokens_median']:.0f}"
     share = "" if a["cached_share"] is None else f" ({a['cached_share']:.0%} of prompt tokens)"
     print(
-        f"\n== {run['clients']} editor(s): {a['requests']} requests in {run['wall_s']:.1f} s "
+        f"\n== {run['engine']}, {run['clients']} editor(s): {a['requests']} requests in {run['wall_s']:.1f} s "
         f"({run['requests_per_s']:.1f}/s), answered {a['answered']}, unavailable {a['unavailable']}"
     )
     print(
@@ -201,6 +207,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--clients", default="1", help="simulated editors, e.g. 1,4,8 (one run per count)")
     p.add_argument("--limit", type=int, default=0, help="replay only the first N trace operations")
+    p.add_argument(
+        "--compare-local",
+        action="store_true",
+        help="first replay the trace with one editor on the in-process engine (--model's weights), as the baseline",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per keystroke of the first client")
     args = p.parse_args(argv)
@@ -209,6 +220,10 @@ def main(argv: list[str]) -> int:
         trace = trace[: args.limit]
     counts = [int(c) for c in args.clients.split(",") if c.strip()]
     runs = []
+    if args.compare_local:
+        print("running 1 editor on the in-process engine (baseline) ...", file=sys.stderr)
+        runs.append(run_load(args, trace, 1, local=True))
+        print_run(runs[0])
     for n in counts:
         print(f"running {n} editor(s) against {args.endpoint} ...", file=sys.stderr)
         run = run_load(args, trace, n)
@@ -220,6 +235,13 @@ def main(argv: list[str]) -> int:
                 )
         print_run(run)
         runs.append(run)
+    if args.compare_local:
+        base = runs[0]["all"]["p50_ms"]
+        for run in runs[1:]:
+            print(
+                f"remote, {run['clients']} editor(s) / local, 1 editor (request p50, same run): "
+                f"{run['all']['p50_ms'] / base:.2f}x"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1))
