@@ -15,17 +15,23 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if ("-h" in argv or "--help" in argv) and "--kernels" not in argv:
-        # One help for both modes: the trace replay's options, then those --kernels takes.
+    if ("-h" in argv or "--help" in argv) and "--kernels" not in argv and "--engine" not in argv:
+        # One help for every mode: the trace replay's options, then those --kernels and --engine take.
         from . import microbench
+        from .remote import main as remote_main
         from .trace import main as trace_main
 
-        try:
-            trace_main(["--help"])
-        except SystemExit:
-            pass
-        print("\nwith --kernels (runtime speed per precision), these options instead:\n")
-        microbench.main(["--help"])
+        for title, mode_main in (
+            ("", trace_main),
+            ("with --kernels (runtime speed per precision), these options instead:", microbench.main),
+            ("with --engine remote (a trace through a shared remote engine), these options instead:", remote_main),
+        ):
+            if title:
+                print(f"\n{title}\n")
+            try:
+                mode_main(["--help"])
+            except SystemExit:
+                pass
         return 0
     if "--kernels" in argv:
         # Runtime speed per precision (decode / prefill tokens/s, matmuls alone, server RSS).

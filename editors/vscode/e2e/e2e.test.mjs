@@ -584,6 +584,70 @@ async function checkExcluded() {
   say('granite.exclude: server-key.pem never reached the server');
 }
 
+async function runCommand(title) {
+  await page.keyboard.press('Control+Shift+P');
+  const input = page.locator('.quick-input-widget input');
+  await input.waitFor({ state: 'visible', timeout: 15_000 });
+  await input.fill(`>${title}`);
+  await waitFor(
+    `the "${title}" command`,
+    async () => (await page.locator('.quick-input-list .monaco-list-row').first().innerText()).includes(title),
+    15_000,
+  );
+  await page.keyboard.press('Enter');
+}
+
+/** The server's request counter (granite/stats), through "Granite: Show Server Statistics" and the log. */
+async function serverRequests() {
+  const seen = extensionLogs().map(({ text }) => text.split('stats: ').length).reduce((a, b) => a + b, 0);
+  await runCommand('Granite: Show Server Statistics');
+  let count;
+  await waitFor(
+    'the statistics in the log',
+    () => {
+      const logs = extensionLogs().map(({ text }) => text);
+      if (logs.map((t) => t.split('stats: ').length).reduce((a, b) => a + b, 0) <= seen) return false;
+      const last = logs.join('\n').split('stats: ').pop();
+      count = Number(/"requests": (\d+)/.exec(last)?.[1]);
+      return Number.isFinite(count);
+    },
+    30_000,
+    500,
+  );
+  await page.locator('.editor-instance .monaco-editor .view-lines').first().click().catch(() => {});
+  return count;
+}
+
+async function askAndCount(line, character) {
+  await gotoPosition(line, character);
+  await page.keyboard.press('Alt+Backslash');
+  await sleep(2500);
+  return serverRequests();
+}
+
+async function checkToggles() {
+  await openFile('after_secret.py');
+  const start = await askAndCount(0, 9);
+  await runCommand('Granite: Toggle Completions for This Language');
+  await waitFor('the status bar to say off for python', async () => /off for python/.test(await graniteStatus()), 30_000);
+  assert.equal(await askAndCount(0, 9), start, 'a request was sent for a language switched off');
+  await runCommand('Granite: Toggle Completions for This Language');
+  await waitFor('python back on', async () => !/off for python/.test(await graniteStatus()), 30_000);
+  const back = await askAndCount(0, 9);
+  assert.ok(back > start, 'no request after switching the language back on');
+  say('per-language toggle: no request while off, requests again when on');
+
+  await runCommand('Granite: Snooze Completions');
+  await page.locator('.quick-input-list .monaco-list-row', { hasText: 'Snooze for 5 minutes' }).first().click();
+  await waitFor('the status bar to say snoozed', async () => /snoozed until/.test(await graniteStatus()), 30_000);
+  assert.equal(await askAndCount(0, 9), back, 'a request was sent while snoozed');
+  await runCommand('Granite: Snooze Completions');
+  await page.locator('.quick-input-list .monaco-list-row', { hasText: 'Resume now' }).first().click();
+  await waitFor('the snooze to end', async () => !/snoozed/.test(await graniteStatus()), 30_000);
+  assert.ok((await askAndCount(0, 9)) > back, 'no request after the snooze ended');
+  say('snooze: no request while snoozed, requests again after');
+}
+
 test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', { timeout: READY_TIMEOUT + 15 * 60_000 }, async () => {
   const fixtures = JSON.parse(fs.readFileSync(FIXTURES, 'utf8'));
   assert.ok(Array.isArray(fixtures) && fixtures.length > 0, `no fixtures in ${FIXTURES}`);
@@ -638,6 +702,8 @@ test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', 
     // granite.exclude (default: *.pem, .env, ...): such a file is never sent to the server, and asking
     // for a suggestion in it sends no request. A file opened after it is sent: the trace is in order.
     await checkExcluded();
+    // The status bar menu's per-language switch and snooze stop requests at once, without a restart.
+    await checkToggles();
   } catch (err) {
     await dumpDiagnostics(err.message.split('\n')[0]);
     throw err;
