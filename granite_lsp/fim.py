@@ -81,6 +81,7 @@ class _Memory:
     window_start: int = -1
     anchor: int = -1
     head: str = ""  # text[window_start:anchor] when it was chosen
+    cursor: int = -1  # where the last prompt placed by it had its cursor
 
 
 @dataclass
@@ -128,7 +129,12 @@ class PromptBuilder:
         with it the state checkpoints of the old prompt).
         """
         b = self.budget
-        for i, mem in enumerate(self._memories):
+        # A return to where a placement was last used (a jump there and straight back) takes that one,
+        # not the newer placement made elsewhere: the prompt is then the one the user left, and its
+        # checkpoints cost nothing to restore. Otherwise the most recent valid one (typing forward).
+        order = sorted(range(len(self._memories)), key=lambda i: self._memories[i].cursor != cursor)
+        for i in order:
+            mem = self._memories[i]
             if (
                 0 <= mem.window_start <= mem.anchor <= cursor
                 and text[mem.window_start : mem.anchor] == mem.head
@@ -137,6 +143,7 @@ class PromptBuilder:
                 and len(_LINE_BREAK.findall(text, mem.anchor, cursor)) <= b.max_anchor_lines
             ):
                 if remember:
+                    mem.cursor = cursor
                     self._memories.insert(0, self._memories.pop(i))
                 return mem.anchor, mem.window_start
         anchor = _line_start(text, cursor)
@@ -150,7 +157,7 @@ class PromptBuilder:
         ):
             window_start = self._window_start(text, anchor)
         if remember:
-            self._memories.insert(0, _Memory(window_start, anchor, text[window_start:anchor]))
+            self._memories.insert(0, _Memory(window_start, anchor, text[window_start:anchor], cursor))
             del self._memories[MEMORIES:]
         return anchor, window_start
 

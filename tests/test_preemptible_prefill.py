@@ -105,3 +105,20 @@ def test_interrupted_work_ahead_never_changes_a_suggestion(make_service, trace_n
     assert mismatches == [], f"work ahead changed the completion at steps {mismatches}"
     # some were interrupted, and each request resumed at or after where its work ahead stopped
     assert resumed and min(resumed) >= 0, resumed
+
+
+@pytest.mark.parametrize("lines", [-5, -3, 4])
+def test_a_jump_straight_back_costs_nothing(make_service, lines: int) -> None:
+    """Back at the cursor the user left, the prompt is the one it had (not one anchored where the user
+    jumped to, which a jump a few lines up would otherwise keep), so its checkpoints serve it whole."""
+    svc, text, cursor = _prompt(make_service)
+    cursor = text.index("\n", cursor) + 5  # typing on the line below "def render"
+    first = svc.complete("d", text, cursor)
+    starts = [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+    here = text[:cursor].count("\n")
+    there = starts[min(len(starts) - 1, here - 1 + lines)]  # the start of a line ``lines`` away
+    assert text[:there].count("\n") != here
+    svc.complete("d", text, there)
+    back = svc.complete("d", text, cursor)
+    assert back.generation.stats.processed_tokens == 0
+    assert back.generation.token_ids == first.generation.token_ids
