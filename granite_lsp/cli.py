@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .framing import DEFAULT_MAX_BODY
 from .model_files import DEFAULT_MODEL, ModelNotFound, UnsafeCheckpoint
 from .settings import SettingsError, add_cli_options, from_cli
 
@@ -44,6 +45,12 @@ def serve_main(argv: list[str]) -> int:
     mode.add_argument("--tcp", action="store_true", help="listen for one LSP client over TCP")
     p.add_argument("--host", default=None, help="TCP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=2087)
+    p.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=DEFAULT_MAX_BODY / (1 << 20),
+        help="largest LSP message accepted, in MiB (larger ones are refused; default %(default)g)",
+    )
     add_cli_options(p)
     p.add_argument("--log-file", default=None)
     p.add_argument("--debug", action="store_true", help="verbose logs, including message bodies")
@@ -54,22 +61,34 @@ def serve_main(argv: list[str]) -> int:
         settings = from_cli(args)
     except SettingsError as e:
         p.error(str(e))
+    if not 0 < args.max_message_mb <= 4096:
+        p.error(f"--max-message-mb must be between 0 and 4096, got {args.max_message_mb:g}")
     from .server import build_server
+    from .transport import PortInUse, serve_stdio, serve_tcp
 
     server = build_server(settings)
-    if args.tcp:
-        host = args.host or "127.0.0.1"
-        if args.host and args.host not in ("127.0.0.1", "localhost", "::1"):
-            logging.getLogger(__name__).warning(
-                "listening on %s: anyone who can reach this address can read your code through the server",
-                host,
-            )
-        server.start_tcp(host, args.port)
-    else:
-        server.start_io()
-    # stdin closed or exit received: do not wait for the model thread to finish a generation.
+    server.protocol.show_tracebacks = args.debug
+    max_body = int(args.max_message_mb * (1 << 20))
+    try:
+        if args.tcp:
+            host = args.host or "127.0.0.1"
+            if args.host and args.host not in ("127.0.0.1", "localhost", "::1"):
+                logging.getLogger(__name__).warning(
+                    "listening on %s: anyone who can reach this address can read your code through the server",
+                    host,
+                )
+            code = serve_tcp(server.protocol, host, args.port, max_body)
+        else:
+            code = serve_stdio(server.protocol, max_body)
+    except PortInUse as e:
+        print(f"granite-lsp: {e.strerror}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        logging.getLogger(__name__).info("interrupted: exiting")
+        code = 130
+    # stdin closed, exit received or interrupted: do not wait for the model thread to finish a generation.
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
 
 
 def complete_main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ Only text the client has sent us is used (open documents): no URI is ever follow
 from __future__ import annotations
 
 import itertools
+import logging
 import posixpath
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .tokens import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 CHUNK_LINES = 30
 
@@ -134,11 +137,20 @@ class ContextRing:
         if budget <= 0:
             return own
         with self._lock:
-            candidates = [c for c in self._chunks.values() if c.uri != current_uri and c.text.strip()]
-            for c in candidates:
+            candidates = []
+            for c in self._chunks.values():
+                if c.uri == current_uri or not c.text.strip():
+                    continue
                 if c.ids is None:
-                    name = display_path(c.uri, self.roots) or c.uri
-                    c.ids = [tokenizer.control.filename, *tokenizer.encode(f"{name}\n{c.text}\n")]
+                    try:
+                        name = display_path(c.uri, self.roots) or c.uri
+                        body = tokenizer.encode(f"{name}\n{c.text}\n")
+                    except Exception as e:
+                        # Another file's text must never fail this file's request: leave that block out.
+                        log.warning("context from another document left out: %s: %s", type(e).__name__, e)
+                        continue
+                    c.ids = [tokenizer.control.filename, *body]
+                candidates.append(c)
             chosen, used, seen = [], 0, set()
             for c in sorted(candidates, key=lambda c: -c.touched):  # the most recent regions win the budget
                 if c.text in seen or used + len(c.ids) > budget:

@@ -11,7 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")  # two UTF-16 units each (a lone surrogate is one)
+_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
 
 UTF8 = "utf-8"
 UTF16 = "utf-16"
@@ -23,20 +27,31 @@ class PositionError(ValueError):
 
 
 def _units_to_index(line: str, units: int, encoding: str) -> int:
-    """Code-point index inside ``line`` for a column counted in the client's units (clamped to the line)."""
+    """Code-point index inside ``line`` for a column counted in the client's units (clamped to the line).
+
+    A column inside a character (between a surrogate pair's halves, inside a UTF-8 sequence) points
+    at the character's start (LSP leaves this undefined). Lone surrogates, which a UTF-16 editor's
+    buffer may hold, are one code point and one UTF-16 unit: neither half of a pair nor dropped.
+    """
     if units <= 0:
         return 0
     if encoding == UTF32 or line.isascii():
         return min(units, len(line))
     if encoding == UTF16:
-        raw = line.encode("utf-16-le", "surrogatepass")
-        cut = raw[: 2 * units]
-        # A column inside a surrogate pair points at the pair's start (LSP leaves this undefined).
-        if len(cut) >= 2 and 0xD8 <= cut[-1] <= 0xDB:
-            cut = cut[:-2]
-        return len(cut.decode("utf-16-le", "surrogatepass"))
-    raw = line.encode("utf-8", "surrogatepass")[:units]
-    return len(raw.decode("utf-8", "ignore"))
+        before = 0  # astral characters before the column
+        for m in _ASTRAL.finditer(line):
+            at = m.start() + before  # the character's first unit
+            if units <= at:
+                break
+            if units == at + 1:
+                return m.start()
+            before += 1
+        return min(units - before, len(line))
+    raw = line.encode("utf-8", "surrogatepass")
+    if units >= len(raw):
+        return len(line)
+    starts = len(raw[:units].translate(None, _UTF8_CONTINUATION))  # characters begun before the column
+    return starts - 1 if raw[units] in _UTF8_CONTINUATION else starts
 
 
 def _index_to_units(line: str, index: int, encoding: str) -> int:
@@ -48,21 +63,52 @@ def _index_to_units(line: str, index: int, encoding: str) -> int:
     return len(prefix.encode("utf-8", "surrogatepass"))
 
 
+def _line_ends(text: str, start: int = 0, end: int | None = None) -> list[int]:
+    """Offsets just after each line break in ``text[start:end]``."""
+    return [start + m.end() for m in _LINE_BREAK.finditer(text[start:end] if start or end is not None else text)]
+
+
 @dataclass
 class Document:
-    """One open text document: its full text plus a lazily rebuilt index of line starts."""
+    """One open text document: its full text plus an index of line starts, kept up to date per edit.
+
+    A ranged edit re-indexes only the text it touched and shifts the starts after it (a 20 MB file
+    re-indexed whole per change took 0.13 s per change, 14 s for one notification of 100 changes).
+    """
 
     uri: str
     text: str
     version: int | None = None
     language_id: str = ""
-    _line_starts: list[int] | None = field(default=None, repr=False)
+    _line_starts: np.ndarray | None = field(default=None, repr=False)
+    indexed_chars: int = field(default=0, repr=False)  # characters scanned for line breaks, ever
 
     @property
-    def line_starts(self) -> list[int]:
+    def line_starts(self) -> np.ndarray:
         if self._line_starts is None:
-            self._line_starts = [0] + [m.end() for m in _LINE_BREAK.finditer(self.text)]
+            self.indexed_chars += len(self.text)
+            self._line_starts = np.array([0, *_line_ends(self.text)], dtype=np.int64)
         return self._line_starts
+
+    def _reindex(self, a: int, b: int, inserted: int) -> None:
+        """Update the line starts after ``text[a:b]`` (old offsets) was replaced by ``inserted`` chars.
+
+        Whether offset q starts a line depends only on the characters at q-1 and q, so starts before
+        ``a`` stand, starts after the old ``b`` move by the length change, and only [a, a+inserted] is
+        looked at again (one character either side, for a CRLF that an edit split or joined).
+        """
+        starts = self._line_starts
+        if starts is None:
+            return
+        end = a + inserted
+        keep = int(np.searchsorted(starts, a, side="left"))  # starts < a
+        tail = int(np.searchsorted(starts, b + 1, side="left"))  # old starts >= b + 1
+        lo = max(0, a - 1)
+        self.indexed_chars += end + 1 - lo
+        middle = [q for q in _line_ends(self.text, lo, end + 1) if a <= q <= end]
+        head = starts[:keep] if a > 0 else np.zeros(1, dtype=np.int64)
+        moved = starts[tail:] + (inserted - (b - a))
+        self._line_starts = np.concatenate([head, np.array(middle, dtype=np.int64), moved])
 
     def line_count(self) -> int:
         return len(self.line_starts)
@@ -70,8 +116,8 @@ class Document:
     def line_span(self, line: int) -> tuple[int, int]:
         """Start and end offsets of ``line``, the end excluding its line break."""
         starts = self.line_starts
-        start = starts[line]
-        end = starts[line + 1] if line + 1 < len(starts) else len(self.text)
+        start = int(starts[line])
+        end = int(starts[line + 1]) if line + 1 < len(starts) else len(self.text)
         while end > start and self.text[end - 1] in "\r\n":
             end -= 1
         return start, end
@@ -100,14 +146,7 @@ class Document:
     def position_at(self, offset: int, encoding: str = UTF16) -> tuple[int, int]:
         """LSP (line, character) of a code-point offset."""
         offset = max(0, min(offset, len(self.text)))
-        starts = self.line_starts
-        lo, hi = 0, len(starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if starts[mid] <= offset:
-                lo = mid
-            else:
-                hi = mid - 1
+        lo = int(np.searchsorted(self.line_starts, offset, side="right")) - 1
         start, end = self.line_span(lo)
         return lo, _index_to_units(self.text[start:end], min(offset, end) - start, encoding)
 
@@ -121,13 +160,14 @@ class Document:
         """Apply one content change: a range replacement, or the whole text when ``start`` is None."""
         if start is None or end is None:
             self.text = text
-        else:
-            a = self.offset_at(*start, encoding)
-            b = self.offset_at(*end, encoding)
-            if b < a:
-                a, b = b, a
-            self.text = self.text[:a] + text + self.text[b:]
-        self._line_starts = None
+            self._line_starts = None
+            return
+        a = self.offset_at(*start, encoding)
+        b = self.offset_at(*end, encoding)
+        if b < a:
+            a, b = b, a
+        self.text = self.text[:a] + text + self.text[b:]
+        self._reindex(a, b, len(text))
 
 
 class DocumentStore:

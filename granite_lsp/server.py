@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
-from . import __version__, completions
+from . import __version__, completions, parent_watch
 from .ahead import FOCUS, WorkAhead
 from .completions import ACCEPTED
 from .context import ContextRing, workspace_roots
@@ -203,6 +202,7 @@ class GraniteServer(LanguageServer):
     def stats(self) -> dict[str, Any]:
         service = self.service
         out: dict[str, Any] = {"counters": dict(self.counters), "last": dict(self.last_stats)}
+        out["protocol"] = dict(self.protocol.counters)
         if self._scheduler is not None:
             out["worker"] = {**asdict(self._scheduler.stats), "busy": self._scheduler.busy}
         if service is not None:
@@ -227,8 +227,7 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
         ls._client_info = params.client_info
         ls.context.set_roots(workspace_roots(params))
         ls.apply_settings(params.initialization_options)
-        if params.process_id:
-            asyncio.get_running_loop().create_task(_watch_parent(params.process_id))
+        parent_watch.watch(params.process_id)
 
     @server.feature(types.INITIALIZED)
     async def on_initialized(ls: GraniteServer, params: types.InitializedParams) -> None:
@@ -267,14 +266,3 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
     return server
 
 
-async def _watch_parent(pid: int) -> None:
-    """Exit when the editor that started us is gone (LSP: initialize's processId)."""
-    while True:
-        await asyncio.sleep(1.0)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.warning("client process %s is gone; exiting", pid)
-            os._exit(0)
-        except PermissionError:
-            pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import re
 from array import array
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,20 @@ FIM_PAD = "<|fim_pad|>"
 FILENAME = "<|filename|>"
 REPONAME = "<|reponame|>"
 CONTROL_TOKENS = (END_OF_TEXT, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, FILENAME, REPONAME)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with lone surrogates as U+FFFD, one code point for one, so that offsets stay valid.
+
+    An editor's UTF-16 buffer may hold lone surrogates, and JSON carries them as escapes; UTF-8 (and so
+    the tokenizer, which raised on them) cannot. The model never sees them; every other character, and
+    every offset into the text, is unchanged.
+    """
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -115,12 +130,14 @@ class TextTokenizer:
         """Token ids of ``text`` taken literally: never produces a control or other added token."""
         if not text:
             return []
+        text = encodable(text)
         if not any(a in text for a in self._added):
             return self._tok.encode(text, add_special_tokens=False).ids
         return [tid for piece, _ in self.pretokenize(text) for tid in self._model_ids(piece)]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids plus the character span each token covers (spans of a multi-byte char may repeat)."""
+        text = encodable(text)
         if any(a in text for a in self._added):
             ids, offs = [], []
             for piece, (start, end) in self.pretokenize(text):
@@ -139,7 +156,7 @@ class TextTokenizer:
         pre = self._tok.pre_tokenizer
         if pre is None:
             raise TokenizerError("tokenizer has no pre-tokenizer")
-        return pre.pre_tokenize_str(text)
+        return pre.pre_tokenize_str(encodable(text))
 
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", "replace")

@@ -44,6 +44,7 @@ class RpcClient:
         self._to_server, self._from_server, self._server_log = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self._next_id = 0
         self.responses: dict[Any, Message] = {}
+        self.all_responses: list[Message] = []  # in arrival order, including those with "id": null
         self.response_counts: dict[Any, int] = {}
         self.answered_at: dict[Any, float] = {}
         self.notifications: list[Message] = []
@@ -64,6 +65,21 @@ class RpcClient:
     def send_raw(self, body: bytes) -> None:
         self._to_server.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
         self._to_server.flush()
+
+    def send_bytes(self, data: bytes) -> None:
+        """Exactly ``data`` on the wire: no framing added (framing tests bring their own)."""
+        self._to_server.write(data)
+        self._to_server.flush()
+
+    def sentinel(self, tag: str, timeout: float = 60.0) -> Message:
+        """A granite/stats request with a string id no other message uses, once answered.
+
+        The server answers in order, so any answer it owed before it read this one is out by then:
+        tests wait for it instead of sleeping while they look for duplicate or phantom answers.
+        """
+        msg_id = f"sentinel-{tag}"
+        self.send({"jsonrpc": "2.0", "id": msg_id, "method": "granite/stats", "params": None})
+        return self.wait(msg_id, timeout)
 
     def _read(self) -> None:
         out = self._from_server
@@ -92,6 +108,7 @@ class RpcClient:
                     self.notified_at.append(time.monotonic())
                 else:
                     self.responses[msg.get("id")] = msg
+                    self.all_responses.append(msg)
                     self.answered_at.setdefault(msg.get("id"), time.monotonic())
                     self.response_counts[msg.get("id")] = self.response_counts.get(msg.get("id"), 0) + 1
                 self._cv.notify_all()
