@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from conftest import single_line_fixture
 from jsonrpc_client import RpcClient
 
@@ -38,7 +36,7 @@ def test_provider_completions_burst_cancel_and_clean_exit(rpc: RpcClient) -> Non
     cancelled = rpc.request("textDocument/inlineCompletion", rpc.inline_params("file:///w/other.py", 0, 0))
     rpc.notify("$/cancelRequest", {"id": cancelled})
     rpc.wait(cancelled, timeout=60)
-    time.sleep(0.5)  # a duplicate answer would arrive by now
+    rpc.sentinel("no-duplicates")  # answered in order: a duplicate owed before it would be out by now
     assert all(rpc.response_counts[i] == 1 for i in [*ids, cancelled])
     cancel_answer = rpc.responses[cancelled]
     assert cancel_answer.get("result") is None or cancel_answer["error"]["code"] == -32800
@@ -51,9 +49,6 @@ def test_provider_completions_burst_cancel_and_clean_exit(rpc: RpcClient) -> Non
 
 def test_exits_when_stdin_closes(rpc: RpcClient) -> None:
     rpc.initialize(wait_ready=False)
-    t0 = time.monotonic()
     rpc.proc.stdin.close()
-    rpc.proc.wait(timeout=10)
-    took = time.monotonic() - t0
-    print(f"\nexit after stdin closed: {took:.2f} s")
-    assert took < 2.0
+    assert rpc.proc.wait(timeout=30) == 0
+    assert "stdin closed: exiting" in rpc.stderr_text()  # it saw the end of its input (not killed by a timeout)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -83,6 +85,22 @@ class _Socket:
                 return message
 
 
+def _listening_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
+    """The port a ``--tcp --port 0`` server says it listens on (its stderr, read on a thread: bounded wait)."""
+    found: queue.Queue[int] = queue.Queue()
+
+    def read() -> None:  # to the end: a full pipe would block the server's logging
+        for line in proc.stderr:
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                found.put(int(m.group(1)))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        return found.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError("the server did not say where it listens") from None
+
+
 def test_tcp_serves_one_client_and_refuses_others_clearly() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "granite_lsp", "--tcp", "--port", "0", "--model", str(TINY)],
@@ -90,12 +108,7 @@ def test_tcp_serves_one_client_and_refuses_others_clearly() -> None:
         text=True,
     )
     try:
-        port = None
-        for line in proc.stderr:
-            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-                break
-        assert port, "the server did not say where it listens"
+        port = _listening_port(proc)
         first = _Socket(port)
         first.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": NO_CAPS})
         assert "result" in first.answer(1)
