@@ -63,11 +63,14 @@ def serve_main(argv: list[str]) -> int:
         p.error(str(e))
     if not 0 < args.max_message_mb <= 4096:
         p.error(f"--max-message-mb must be between 0 and 4096, got {args.max_message_mb:g}")
+    from .protocol import GraniteProtocol
     from .server import build_server
     from .transport import PortInUse, serve_stdio, serve_tcp
 
     server = build_server(settings)
-    server.protocol.show_tracebacks = args.debug
+    protocol = server.protocol
+    assert isinstance(protocol, GraniteProtocol)
+    protocol.show_tracebacks = args.debug
     max_body = int(args.max_message_mb * (1 << 20))
     try:
         if args.tcp:
@@ -77,9 +80,9 @@ def serve_main(argv: list[str]) -> int:
                     "listening on %s: anyone who can reach this address can read your code through the server",
                     host,
                 )
-            code = serve_tcp(server.protocol, host, args.port, max_body)
+            code = serve_tcp(protocol, host, args.port, max_body)
         else:
-            code = serve_stdio(server.protocol, max_body)
+            code = serve_stdio(protocol, max_body)
     except PortInUse as e:
         print(f"granite-lsp: {e.strerror}", file=sys.stderr)
         code = 2

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 MAX_PID = 2**31 - 1 if sys.platform != "win32" else 2**32 - 1  # pid_t / DWORD
 POLL_SECONDS = 1.0
-_watching: set[asyncio.Task] = set()
+_watching: set[asyncio.Task[None]] = set()
 
 
 def valid_pid(pid: object) -> int | None:
@@ -42,28 +42,31 @@ def _alive_posix(pid: int) -> bool:
     return True
 
 
-def _alive_windows(pid: int) -> bool:
+if sys.platform == "win32":
     import ctypes
     from ctypes import wintypes
 
-    synchronize, wait_timeout, access_denied = 0x00100000, 0x102, 5
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    kernel32.OpenProcess.restype = wintypes.HANDLE
-    handle = kernel32.OpenProcess(synchronize, False, pid)
-    if not handle:
-        return ctypes.get_last_error() == access_denied  # it exists, but is not ours to open
-    try:
-        return kernel32.WaitForSingleObject(handle, 0) == wait_timeout  # still running: not signalled yet
-    finally:
-        kernel32.CloseHandle(handle)
+    def _alive_windows(pid: int) -> bool:
+        synchronize, wait_timeout, access_denied = 0x00100000, 0x102, 5
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        handle = kernel32.OpenProcess(synchronize, False, pid)
+        if not handle:
+            return bool(ctypes.get_last_error() == access_denied)  # it exists, but is not ours to open
+        try:
+            return bool(kernel32.WaitForSingleObject(handle, 0) == wait_timeout)  # running: not signalled
+        finally:
+            kernel32.CloseHandle(handle)
 
 
 def alive(pid: int) -> bool:
     """Whether process ``pid`` (already validated) still exists."""
-    return _alive_windows(pid) if sys.platform == "win32" else _alive_posix(pid)
+    if sys.platform == "win32":
+        return _alive_windows(pid)
+    return _alive_posix(pid)
 
 
-def watch(process_id: object, on_gone: Callable[[], None] | None = None) -> asyncio.Task | None:
+def watch(process_id: object, on_gone: Callable[[], None] | None = None) -> asyncio.Task[None] | None:
     """Start watching the client's process (on the running loop); None when there is nothing to watch."""
     pid = valid_pid(process_id)
     if pid is None:

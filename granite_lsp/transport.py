@@ -19,11 +19,12 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pygls.io_ import StdoutWriter
 
-from .framing import DEFAULT_MAX_BODY, Body, FrameParser
+from .framing import DEFAULT_MAX_BODY, Body, Event, FrameParser
 
 if TYPE_CHECKING:
     from .protocol import GraniteProtocol
@@ -52,7 +53,7 @@ class Connection:
     def closed(self) -> None:
         self._dispatch(self.parser.eof())
 
-    def _dispatch(self, events) -> bool:
+    def _dispatch(self, events: list[Event]) -> bool:
         protocol = self.protocol
         for event in events:
             if isinstance(event, Body):
@@ -64,7 +65,7 @@ class Connection:
         return True
 
 
-def _run(main) -> int:
+def _run(main: Coroutine[Any, Any, int]) -> int:
     """Run the server's event loop until ``main`` returns. The loop is deliberately left open: the
     model thread may still post a result to it, and the caller ends the process right after."""
     loop = asyncio.new_event_loop()
@@ -193,7 +194,7 @@ async def _drain(reader: asyncio.StreamReader, limit: int = 1 << 20) -> None:
         limit -= len(data)
 
 
-def _address(name) -> str:
+def _address(name: object) -> str:
     if isinstance(name, tuple) and len(name) >= 2:
         return f"{name[0]}:{name[1]}"
     return str(name)
