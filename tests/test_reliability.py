@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -85,31 +83,29 @@ class _Socket:
                 return message
 
 
-def _listening_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
-    """The port a ``--tcp --port 0`` server says it listens on (its stderr, read on a thread: bounded wait)."""
-    found: queue.Queue[int] = queue.Queue()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    def read() -> None:  # to the end: a full pipe would block the server's logging
-        for line in proc.stderr:
-            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                found.put(int(m.group(1)))
 
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        return found.get(timeout=timeout)
-    except queue.Empty:
-        raise AssertionError("the server did not say where it listens") from None
+def _connect(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> _Socket:
+    """A connection once the server listens (bounded: a server that exits or never listens fails)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _Socket(port)
+        except ConnectionRefusedError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def test_tcp_serves_one_client_and_refuses_others_clearly() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "granite_lsp", "--tcp", "--port", "0", "--model", str(TINY)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "granite_lsp", "--tcp", "--port", str(port), "--model", str(TINY)])
     try:
-        port = _listening_port(proc)
-        first = _Socket(port)
+        first = _connect(port, proc)
         first.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": NO_CAPS})
         assert "result" in first.answer(1)
         # A second connection that sends garbage and closes: refused, and nothing else happens.
