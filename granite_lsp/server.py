@@ -202,7 +202,8 @@ class GraniteServer(LanguageServer):
     def stats(self) -> dict[str, Any]:
         service = self.service
         out: dict[str, Any] = {"counters": dict(self.counters), "last": dict(self.last_stats)}
-        out["protocol"] = dict(self.protocol.counters)
+        protocol = self.protocol
+        out["protocol"] = dict(protocol.counters) if isinstance(protocol, GraniteProtocol) else {}
         if self._scheduler is not None:
             out["worker"] = {**asdict(self._scheduler.stats), "busy": self._scheduler.busy}
         if service is not None:
@@ -264,5 +265,3 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
         return ls.stats()
 
     return server
-
-
