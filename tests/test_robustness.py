@@ -211,13 +211,14 @@ def _listening_addresses(pid: int) -> list[str]:
     return found
 
 
-def _wait_listening(pid: int, timeout: float = 30.0) -> list[str]:
-    """The addresses ``pid`` listens on, once it listens on any (or [] after ``timeout``)."""
+def _wait_listening(pid: int, timeout: float = 120.0) -> list[str]:
+    """The addresses ``pid`` listens on, once it listens on any. The timeout only keeps a server that
+    never listens from hanging the suite: reaching it fails the test."""
     deadline = time.monotonic() + timeout
-    addresses: list[str] = []
-    while not addresses and time.monotonic() < deadline:
+    while not (addresses := _listening_addresses(pid)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} listened on nothing within {timeout:.0f} s")
         time.sleep(0.2)
-        addresses = _listening_addresses(pid)
     return addresses
 
 
