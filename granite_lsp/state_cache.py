@@ -39,6 +39,7 @@ import torch
 
 from . import memory
 from .runtime import HybridModel, KVHold, MambaSnapshot
+from .runtime.matmul import small_ops_single_threaded
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
@@ -229,7 +230,11 @@ class StateCache:
         self, snap: MambaSnapshot, hold: KVHold | None, tokens: list[int], logits: torch.Tensor | None
     ) -> None:
         """Continue from ``snap`` on the KV buffer a checkpoint holds (None: the live one)."""
-        self.live.restore(snap, hold)
+        # A restore or a snapshot copies the Mamba states (~21 MB on the real shape): memory-bound, and on
+        # one thread. torch's threaded copy_ on 2 busy cores took 0.75-1.7 s per restore + snapshot against
+        # 40-145 ms on one thread (same run): it was most of a keystroke's time to its first visible text.
+        with small_ops_single_threaded():
+            self.live.restore(snap, hold)
         self.live_tokens = tokens
         self.live_logits = logits
 
@@ -253,7 +258,8 @@ class StateCache:
                 c.last_used = next(self._tick)
                 c.end = c.end and end  # a layout mark stays one
                 return
-        snap = self.live.snapshot()
+        with small_ops_single_threaded():
+            snap = self.live.snapshot()
         assert self.live_logits is not None  # a checkpoint is taken after a forward
         new = Checkpoint(doc, tokens, snap, self.live.kv.hold(), self.live_logits, next(self._tick), end)
         self.checkpoints.append(new)
