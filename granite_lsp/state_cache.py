@@ -49,8 +49,10 @@ MIN_CHECKPOINT_GAP = 16
 # fixed typo restore one of them exactly. Older ones are thinned to MIN_CHECKPOINT_GAP apart.
 RECENT_ENDS = 4
 # Tokens a preemptible prefill runs between two ``should_yield`` checks: a request that arrives while
-# background work runs waits for at most one such piece. Real shape, bf16, 2 threads: see PREEMPT_CHUNK
-# in the README's figures (a forward of this many tokens after ~1k of context is <= ~100 ms there).
+# background work runs waits for at most one such piece. Sized from issue 15's figures (real shape, bf16,
+# 2 idle cores: ~1,600 prompt tokens in ~5 s, ~3 ms a token): 32 tokens ~100 ms. On the shared machine
+# of this session (load ~20 on 2 cores) a piece measured 1-4 s (granite/stats background.piece_ms_*),
+# everything else there being as much slower. Smaller pieces cost the GEMMs their efficiency.
 PREEMPT_CHUNK = 32
 
 
