@@ -54,11 +54,10 @@ def _layer(
 
 def _reference(layer: PackedLinear, x: torch.Tensor, kernels_run: bool = True) -> torch.Tensor:
     """float64 product with the weights the layer holds (int8: its dequantized weights), of x as
-    the kernels see it: where the GEMM runs on vdpbf16ps (isa.gemm_rounds_to_bf16), x rounded to
+    the kernels see it: where they run on vdpbf16ps (isa.rounds_activations_to_bf16), x rounded to
     bf16. So the tolerance below holds on every level; the rounding's own effect is
-    test_bf16_gemm_rounds_activations_only's."""
-    gemm = kernels_run and x.shape[0] > kernels.GEMV_MAX_ROWS
-    if gemm and isa.gemm_rounds_to_bf16(layer.weight.dtype, layer.scale is not None):
+    test_bf16_products_round_activations_only's."""
+    if kernels_run and isa.rounds_activations_to_bf16(layer.weight.dtype, layer.scale is not None):
         x = x.bfloat16().float()
     y = x.double() @ layer.dequantize().double().T
     return y if layer.bias is None else y + layer.bias.double()
@@ -322,13 +321,14 @@ def test_gemm_is_bit_identical_across_fp32_levels(mode: str) -> None:
 
 
 @needs_ext
-def test_bf16_gemm_rounds_activations_only() -> None:
-    """At avx512_bf16 the bf16 GEMM (vdpbf16ps) computes the exact product of bf16-rounded x,
-    summed in fp32; the rounding moves each result by at most ~2^-8 of sum |x * w| (the bound a
-    relative rounding error of 2^-9 per activation gives), against the fp32-activation GEMM."""
+def test_bf16_products_round_activations_only() -> None:
+    """At avx512_bf16 bf16 products (vdpbf16ps: the GEMM and the streaming kernels) compute the exact
+    product of bf16-rounded x, summed in fp32; the rounding moves each result by at most ~2^-8 of
+    sum |x * w| (the bound a relative rounding error of 2^-9 per activation gives)."""
     if "avx512_bf16" not in isa.levels():
         pytest.skip("CPU without AVX512_BF16")
-    for k, n, t in [(700, 1100, 70), (7, 5, 17), (769, 65, 33)]:  # odd K: the last pair is half padding
+    # odd K: the last pair is half padding; 1-9 rows: the streaming kernels, K % 32 != 0 their masked tail
+    for k, n, t in [(700, 1100, 70), (7, 5, 17), (769, 65, 33), (769, 203, 1), (100, 37, 9), (2048, 300, 3)]:
         layer, w, _ = _layer("bf16", n, k, bias=True, seed=k)
         x = torch.randn(t, k)
         with isa.at_level("avx512_bf16"):

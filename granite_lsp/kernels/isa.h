@@ -6,8 +6,9 @@
 // The levels, each including the ones before it:
 //   avx2         AVX2 + FMA + F16C: every kernel (the reference the others are tested against)
 //   avx512       AVX-512 F/BW/VL/DQ: the prefill GEMM on 16-lane registers, bit-identical to avx2
-//   avx512_bf16  + AVX512_BF16: bf16 weights' prefill GEMM with vdpbf16ps, which rounds the
-//                activations to bf16 (results move, within the tolerance tests/test_kernels.py states)
+//   avx512_bf16  + AVX512_BF16: bf16 weights' products (prefill GEMM and decode's streaming
+//                kernels) on vdpbf16ps, which rounds the activations to bf16 (results move, within
+//                the tolerances tests/test_kernels.py and tests/test_precisions.py state)
 // GRANITE_LSP_ISA=<level> caps the level (a name above what the CPU has, or unknown, is ignored
 // with the reason in isa_note()); set_isa_level() changes it at run time, for the tests.
 #pragma once

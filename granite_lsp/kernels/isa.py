@@ -120,10 +120,10 @@ def note() -> str:
     return "" if ops is None else ops.isa_note()
 
 
-def gemm_rounds_to_bf16(weight_dtype: object, scaled: bool = False) -> bool:
-    """Whether the prefill GEMM (more than GEMV_MAX_ROWS rows) rounds x to bf16 at the level in use:
-    bf16 weights without a scale at avx512_bf16 (linear.cpp's ``product`` decides; this mirrors it
-    for the tests' references and the bench's notes). The streaming kernels never round x."""
+def rounds_activations_to_bf16(weight_dtype: object, scaled: bool = False) -> bool:
+    """Whether a product with these weights rounds x to bf16 at the level in use: bf16 weights
+    without a scale at avx512_bf16, in the prefill GEMM and the streaming kernels alike
+    (linear.cpp's ``product`` decides; this mirrors it for the tests' references)."""
     import torch
 
     return weight_dtype == torch.bfloat16 and not scaled and level() == "avx512_bf16"

@@ -86,14 +86,10 @@ void chunk(const void* problem, int64_t c) {
 
 // ---------------------------------------------------------------------------------------------
 
-// Chunks of >= 32 KB of weights (the shared counter costs nothing at that size), at most 256 KB
-// (they stay in L2 while the groups of x pass over them, and a chunk is what a preempted helper
-// can hold up), and >= 4 per thread when W is small.
+// Chunks of W rows as streaming_block (linear.h) sizes them.
 template <class W>
 void run(Problem<W> p, int threads) {
-  const int64_t row_bytes = p.K * int64_t(sizeof(typename W::Elem));
-  const int64_t bytes = std::clamp<int64_t>(row_bytes * p.N / (4 * threads), 32 << 10, 256 << 10);
-  p.block = std::max<int64_t>(1, bytes / row_bytes);
+  p.block = streaming_block(p.K * int64_t(sizeof(typename W::Elem)), p.N, threads);
   const int64_t n_chunks = (p.N + p.block - 1) / p.block;
   pool().run(&chunk<W>, &p, n_chunks, threads - 1);
 }
@@ -220,12 +216,12 @@ template <class W>
 void product(bool blocked, const float* x, const typename W::Elem* w, const float* s, const float* b, float* y,
              int64_t T, int64_t K, int64_t N, int threads) {
   const Problem<W> p{x, w, s, b, y, T, K, N};
-  if (!blocked) return run(p, threads);
-  // the GEMM on the level in use (isa.h); the avx2 one here is the floor
+  // the kernels of the level in use (isa.h); the avx2 ones here are the floor
   const Isa level = isa();
   if constexpr (std::is_same_v<W, BF16>) {
-    if (level >= Isa::kAvx512Bf16) return gemm_bf16_avx512(p, threads);
+    if (level >= Isa::kAvx512Bf16 && !s) return blocked ? gemm_bf16_avx512(p, threads) : stream_bf16_avx512(p, threads);
   }
+  if (!blocked) return run(p, threads);
   if (level >= Isa::kAvx512) return gemm_avx512(p, threads);
   run_gemm(p, threads);
 }

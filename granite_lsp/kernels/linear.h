@@ -19,6 +19,14 @@ struct Problem {
   const float* xp = nullptr;  // GEMM: x packed in row tiles
 };
 
+// Rows of W per task of the streaming kernels: chunks of >= 32 KB of weights (the shared counter
+// costs nothing at that size), at most 256 KB (they stay in L2 while the groups of x pass over
+// them, and a chunk is what a preempted helper can hold up), and >= 4 per thread when W is small.
+inline int64_t streaming_block(int64_t row_bytes, int64_t N, int threads) {
+  const int64_t bytes = std::clamp<int64_t>(row_bytes * N / (4 * threads), 32 << 10, 256 << 10);
+  return std::max<int64_t>(1, bytes / row_bytes);
+}
+
 // The GEMM's depth slice: W is packed and y accumulated one slice of K at a time. Every
 // fp32 variant uses the same slices, so each y element is summed in the same order on every level.
 constexpr int kKC = 256;
@@ -75,5 +83,8 @@ void pack_panel(const Problem<W>& g, int64_t n0, int64_t k0, int64_t kc, float* 
 template <class W>
 void gemm_avx512(const Problem<W>& g, int threads);
 void gemm_bf16_avx512(const Problem<BF16>& g, int threads);
+// The streaming kernels (a few rows of x) for bf16 weights on vdpbf16ps, x rounded to bf16 like the
+// GEMM's: each row's result is the same alone or batched.
+void stream_bf16_avx512(const Problem<BF16>& p, int threads);
 
 }  // namespace granite

@@ -1,5 +1,6 @@
-// The prefill GEMM (linear.cpp's blocked product) for AVX-512 CPUs, compiled for those functions
-// only (`#pragma GCC target` regions below) and called only where isa.h's level allows.
+// The products of linear.cpp for AVX-512 CPUs (the prefill GEMM; for bf16 weights the decode's
+// streaming kernels too), compiled for these functions only (`#pragma GCC target` regions below)
+// and called only where isa.h's level allows.
 //
 // AVX-512F: the avx2 GEMM's algorithm on 16-lane registers and twice the registers: a 12 x 32
 // tile of y (24 accumulators) per micro-kernel call, one broadcast of x per row and two FMAs per
@@ -9,7 +10,9 @@
 // AVX512_BF16 (bf16 weights): `vdpbf16ps` multiplies pairs of bf16 and adds both products to an
 // fp32 lane, twice the FMA's work per instruction. W needs no widening: its panels hold each
 // column's consecutive (k, k + 1) pairs, which is a plain 32-bit copy out of a bf16 row, and x is
-// rounded to bf16 (to nearest even) as it is packed. The product is then that of bf16-rounded
+// rounded to bf16 (to nearest even) as it is packed. The streaming kernels (a few rows of x, where
+// the weights' bytes set the speed) read 32 bf16 weights per load and instruction, against x's pairs
+// rounded the same way, in the same order for every row count. The product is then that of bf16-rounded
 // activations, summed in fp32: about 3 significant digits of each activation where the other
 // paths keep 7 (the tolerance tests/test_kernels.py checks against the exact product of the
 // rounded x, and the greedy tokens tests/test_precisions.py compares with fp32's).
@@ -180,6 +183,71 @@ void pack_pairs_panel(const Problem<BF16>& g, int64_t n0, int64_t q0, int64_t qc
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
+// ---------------------------------------------------------------------------------------------
+// Streaming kernels (decode): y[t, n] for T <= 8 rows of x and R rows of W, 32 weights (64 bytes,
+// one load) per vdpbf16ps, against x's pairs (rounded once per call, zero-padded to a multiple of
+// 16 pairs). Each y element is summed in the same order whatever T is.
+
+struct StreamProblem {
+  const Problem<BF16>* p;
+  const uint32_t* xq;  // [T][Q] bf16 pairs, Q a multiple of 16
+  int64_t Q;
+};
+
+template <int T, int R>
+inline void stream_rows(const StreamProblem& sp, int64_t t0, int64_t n, int64_t stride) {
+  const auto& p = *sp.p;
+  const uint16_t* w[R];
+  for (int r = 0; r < R; ++r) w[r] = p.w + (n + r * stride) * p.K;
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  const uint32_t* x = sp.xq + t0 * sp.Q;
+  for (int64_t k = 0; k < p.K; k += 32) {
+    const int64_t left = p.K - k;
+    const __mmask32 m = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);  // the K % 32 tail: zeros
+    __m512bh xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * sp.Q + k / 2);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[r] + k);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], wv);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = n + r * stride;
+      float s = _mm512_reduce_add_ps(acc[t][r]);
+      if (p.bias) s += p.bias[row];
+      p.y[(t0 + t) * p.N + row] = s;
+    }
+}
+
+// W rows [begin, end) in R side-by-side runs (R long sequential streams, as linear.cpp's row_range).
+template <int T, int R>
+void stream_range(const StreamProblem& sp, int64_t t0, int64_t begin, int64_t end) {
+  const int64_t run = (end - begin) / R;
+  for (int64_t i = 0; i < run; ++i) stream_rows<T, R>(sp, t0, begin + i, run);
+  for (int64_t n = begin + R * run; n < end; ++n) stream_rows<T, 1>(sp, t0, n, 0);
+}
+
+void stream_chunk(const void* problem, int64_t c) {
+  const auto& sp = *static_cast<const StreamProblem*>(problem);
+  const auto& p = *sp.p;
+  const int64_t begin = c * p.block, end = std::min(p.N, begin + p.block);
+  for (int64_t t0 = 0; t0 < p.T; t0 += 8) {
+    switch (std::min<int64_t>(p.T - t0, 8)) {
+      case 1: stream_range<1, 8>(sp, t0, begin, end); break;
+      case 2: stream_range<2, 6>(sp, t0, begin, end); break;
+      case 3: stream_range<3, 4>(sp, t0, begin, end); break;
+      case 4: stream_range<4, 3>(sp, t0, begin, end); break;
+      case 5: stream_range<5, 2>(sp, t0, begin, end); break;
+      case 6: stream_range<6, 2>(sp, t0, begin, end); break;
+      case 7: stream_range<7, 1>(sp, t0, begin, end); break;
+      default: stream_range<8, 1>(sp, t0, begin, end); break;
+    }
+  }
+}
+
 // y tile (+)= a @ b over qc pairs: a the tile's packed x pairs ([qc][12]), b a panel ([qc][32]).
 void micro_bf16(const uint32_t* a, const uint32_t* b, int64_t qc, float* y, int64_t ldy, int rows, int cols,
                 bool accumulate, const float* bias) {
@@ -269,6 +337,22 @@ void gemm_bf16_avx512(const Problem<BF16>& problem, int threads) {
   g.block = block_cols(g.N, threads);
   const PairsProblem pp{&g, xp.get(), K2};
   pool().run(&block_bf16, &pp, (g.N + g.block - 1) / g.block, threads - 1);
+}
+
+void stream_bf16_avx512(const Problem<BF16>& problem, int threads) {
+  Problem<BF16> p = problem;
+  const int64_t Q = (p.K + 31) / 32 * 16;  // pairs, padded to whole 64-byte loads
+  std::unique_ptr<uint32_t[]> xq(new uint32_t[size_t(p.T * Q)]);
+  for (int64_t t = 0; t < p.T; ++t) {
+    const float* x = p.x + t * p.K;
+    for (int64_t q = 0; q < Q; ++q) {
+      const uint32_t lo = 2 * q < p.K ? bf16_bits(x[2 * q]) : 0, hi = 2 * q + 1 < p.K ? bf16_bits(x[2 * q + 1]) : 0;
+      xq[t * Q + q] = lo | hi << 16;
+    }
+  }
+  p.block = streaming_block(p.K * 2, p.N, threads);
+  const StreamProblem sp{&p, xq.get(), Q};
+  pool().run(&stream_chunk, &sp, (p.N + p.block - 1) / p.block, threads - 1);
 }
 
 }  // namespace granite
