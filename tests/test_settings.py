@@ -70,7 +70,10 @@ def test_threads_is_a_setting() -> None:
 def test_defaults_and_model_key_come_from_the_schema() -> None:
     s = Settings()
     assert s.budget() == FimBudget()
-    assert s.model_key() == (s.model, s.device, s.dtype, s.quantize, s.random_weights, s.backend)
+    reloading = {spec.name for spec in SPECS if spec.option.reload}
+    where_the_model_runs = {"model", "device", "dtype", "quantize", "random_weights", "backend", "engine", "endpoint"}
+    assert where_the_model_runs <= reloading and not {"max_tokens", "debounce_ms", "threads"} & reloading
+    assert s.model_key() == tuple(getattr(s, spec.name) for spec in SPECS if spec.name in reloading)
     assert s.updated({"maxTokens": 3}).model_key() == s.model_key()
     assert s.updated({"dtype": "float32"}).model_key() != s.model_key()
 

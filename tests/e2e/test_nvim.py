@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from granite_lsp.kernels.build import cache_root
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,6 +211,8 @@ class _Runner:
             "XDG_CONFIG_HOME": str(work / "config"),
             "XDG_DATA_HOME": str(work / "data"),
             "XDG_CACHE_HOME": str(work / "cache"),
+            # The kernels the rest of the suite built: an empty cache would compile them for each test.
+            "GRANITE_LSP_KERNEL_CACHE": str(cache_root()),
             "NVIM_LOG_FILE": str(work / "state" / "nvim.log"),
         }
         spec = {
