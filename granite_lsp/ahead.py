@@ -118,7 +118,7 @@ class WorkAhead:
     def closed(self, uri: str) -> None:
         self._cancel(uri)
         for table in (self._focus, self._typing, self._lines, self._spent):
-            table.pop(uri, None)  # type: ignore[attr-defined]
+            table.pop(uri, None)
         if self.focused == uri:
             self.focused = None
 

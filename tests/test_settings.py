@@ -99,7 +99,7 @@ def test_server_reports_bad_settings_and_still_answers_automatic_requests(rpc: R
     assert "debounceMs" in message and "'threds'" in message and "maxLines" in message
     fixture = single_line_fixture()
     rpc.open("file:///s.py", fixture["text"])
-    result = rpc.inline("file:///s.py", fixture["line"], fixture["character"], automatic=True, timeout=30)
+    result = rpc.inline("file:///s.py", fixture["line"], fixture["character"], automatic=True)
     assert result["items"][0]["insertText"] == fixture["middle"]
 
 

@@ -25,6 +25,9 @@ Message = dict[str, Any]  # one JSON-RPC message, as parsed
 # How long a model load may take before the client gives up: a guard against a hung server, not a
 # timing (a first start compiles the kernels: minutes on a busy 2-core machine).
 LOAD_TIMEOUT = 900.0
+# How long to wait for any other answer before declaring the server hung. Also a guard, not a timing:
+# on a 2-core machine shared with other jobs, a fresh process takes tens of seconds to import torch.
+ANSWER_TIMEOUT = 300.0
 
 
 def server_command(*extra: str, model: str | Path = TINY) -> list[str]:
@@ -141,7 +144,7 @@ class RpcClient:
     def notify(self, method: str, params: Any = None) -> None:
         self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
-    def wait(self, msg_id: Any, timeout: float = 60.0) -> Message:
+    def wait(self, msg_id: Any, timeout: float = ANSWER_TIMEOUT) -> Message:
         deadline = time.monotonic() + timeout
         with self._cv:
             while msg_id not in self.responses:
@@ -151,14 +154,14 @@ class RpcClient:
                 self._cv.wait(min(left, 0.5))
             return self.responses[msg_id]
 
-    def call(self, method: str, params: Any = None, timeout: float = 60.0) -> Any:
+    def call(self, method: str, params: Any = None, timeout: float = ANSWER_TIMEOUT) -> Any:
         resp = self.wait(self.request(method, params), timeout)
         if "error" in resp:
             raise RuntimeError(f"{method} failed: {resp['error']}")
         return resp.get("result")
 
     def wait_notification(
-        self, method: str, pred: Callable[[Any], bool] = lambda p: True, timeout: float = 120.0, after: int = 0
+        self, method: str, pred: Callable[[Any], bool] = lambda p: True, timeout: float = ANSWER_TIMEOUT, after: int = 0
     ) -> Message:
         """The first ``method`` notification matching ``pred`` (among those from index ``after`` on)."""
         deadline = time.monotonic() + timeout
@@ -215,7 +218,9 @@ class RpcClient:
             "context": {"triggerKind": 2 if automatic else 1},
         }
 
-    def inline(self, uri: str, line: int, character: int, automatic: bool = False, timeout: float = 60.0) -> Any:
+    def inline(
+        self, uri: str, line: int, character: int, automatic: bool = False, timeout: float = ANSWER_TIMEOUT
+    ) -> Any:
         return self.call("textDocument/inlineCompletion", self.inline_params(uri, line, character, automatic), timeout)
 
     def wait_ready(self, timeout: float = LOAD_TIMEOUT) -> Message:
@@ -241,7 +246,7 @@ class RpcClient:
         except Exception:
             self.kill()
 
-    def shutdown_and_exit(self, timeout: float = 10.0) -> int:
+    def shutdown_and_exit(self, timeout: float = 60.0) -> int:
         self.call("shutdown", None)
         self.notify("exit", None)
         return self.proc.wait(timeout)
