@@ -12,11 +12,11 @@ namespace {
 // reads its keys and values once.
 
 struct DecodeAttention {
-  const float* q;    // [nq, hd]
-  const float* k;    // [nkv, cap, hd]
-  const float* v;    // [nkv, cap, hd]
-  float* out;        // [nq, hd]
-  float* scores;     // [nkv, L] scratch, one row per task
+  const float* q;  // [nq, hd]
+  const float* k;  // [nkv, cap, hd]
+  const float* v;  // [nkv, cap, hd]
+  float* out;      // [nq, hd]
+  float* scores;   // [nkv, L] scratch, one row per task
   int64_t nq, nkv, hd, cap, L;
   float scale;
 };
@@ -73,11 +73,12 @@ void attention_kv_head(const void* ctx, int64_t g) {
 }  // namespace
 
 // q [nq * hd] fp32; k, v [nkv, cap, hd] fp32, the first `length` positions valid -> [1, nq * hd].
-at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length,
-                            double scale, int64_t threads) {
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
+                            int64_t threads) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k, v: [nkv, cap, hd]");
   for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "attention_decode: fp32 contiguous");
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "attention_decode: fp32 contiguous");
   const int64_t nkv = k.size(0), cap = k.size(1), hd = k.size(2);
   TORCH_CHECK(hd > 0 && q.numel() % hd == 0, "q: [nq * hd]");
   const int64_t nq = q.numel() / hd;
@@ -85,8 +86,17 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(length >= 1 && length <= cap, "length: 1 .. capacity");
   at::Tensor out = at::empty({1, nq * hd}, q.options());
   const auto scores = scratch(size_t(nkv * length));
-  DecodeAttention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
-                    scores.get(), nq, nkv, hd, cap, length, float(scale)};
+  DecodeAttention a{q.data_ptr<float>(),
+                    k.data_ptr<float>(),
+                    v.data_ptr<float>(),
+                    out.data_ptr<float>(),
+                    scores.get(),
+                    nq,
+                    nkv,
+                    hd,
+                    cap,
+                    length,
+                    float(scale)};
   pool().run(&attention_kv_head, &a, nkv, thread_count(threads) - 1);
   return out;
 }

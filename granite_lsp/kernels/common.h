@@ -6,7 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-
 #include <immintrin.h>
 
 #include <algorithm>
@@ -48,7 +47,9 @@ struct BF16 {  // bf16 is the top half of an fp32: widening is a zero-extend and
 
 struct F16 {  // IEEE half: F16C widens 8 at a time
   using Elem = uint16_t;
-  static __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m256 load8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static float one(const uint16_t* p) { return _cvtsh_ss(*p); }
 };
 
@@ -154,7 +155,7 @@ class Pool {
   void run(Body body, const void* ctx, int64_t n, int helpers) {
     helpers = int(std::clamp<int64_t>(std::min<int64_t>(helpers, n - 1), 0, kMaxThreads));
     std::unique_lock<std::mutex> lock(busy_, std::try_to_lock);  // one job at a time: if another
-    if (helpers == 0 || !lock.owns_lock()) {                        // caller has it, work alone
+    if (helpers == 0 || !lock.owns_lock()) {                     // caller has it, work alone
       for (int64_t c = 0; c < n; ++c) body(ctx, c);
       return;
     }

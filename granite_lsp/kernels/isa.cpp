@@ -19,8 +19,8 @@ constexpr int kCount = 3;
 // checks that through XGETBV) supports.
 int cpu_max() {
   __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")))
     return int(Isa::kAvx2);
   if (!__builtin_cpu_supports("avx512bf16")) return int(Isa::kAvx512);
   return int(Isa::kAvx512Bf16);
@@ -61,8 +61,8 @@ std::string isa_level() { return kNames[int(isa())]; }
 
 std::string set_isa_level(const std::string& name) {
   const int i = index_of(name);
-  TORCH_CHECK(i >= 0 && i <= state().max, "ISA level '", name, "' is not one of this CPU's: ",
-              c10::Join(", ", isa_levels()));
+  TORCH_CHECK(i >= 0 && i <= state().max, "ISA level '", name,
+              "' is not one of this CPU's: ", c10::Join(", ", isa_levels()));
   return kNames[state().level.exchange(i)];
 }
 

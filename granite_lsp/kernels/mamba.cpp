@@ -28,12 +28,12 @@ constexpr int64_t kMaxHeadDim = 256;  // kernels.MAMBA_MAX_HEAD_DIM
 constexpr int64_t kPrefetchTokens = 8;
 
 struct MambaScan {
-  float* ssm;           // [H, P, N]
-  const float* x;       // conv output (after SiLU), the x part [T, E]
-  const float* bc;      // ... and the B, C part [T, 2 G N]: each token's B and C contiguous
-  const float* dt;      // [T, H]
-  const float* decay;   // [T, H]
-  float* y;             // [T, E]
+  float* ssm;          // [H, P, N]
+  const float* x;      // conv output (after SiLU), the x part [T, E]
+  const float* bc;     // ... and the B, C part [T, 2 G N]: each token's B and C contiguous
+  const float* dt;     // [T, H]
+  const float* decay;  // [T, H]
+  float* y;            // [T, E]
   int64_t T, H, P, N, G, E;
 };
 
@@ -75,11 +75,11 @@ inline void state_rows4(float* s, int64_t N, const TokenRows& tr) {
   float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
   for (int64_t n = 0; n < N; n += 8) {
     const __m256 b = _mm256_loadu_ps(B + n), c = _mm256_loadu_ps(Cv + n);
-#define GRANITE_STATE_ROW(i)                                                                   \
-  {                                                                                            \
+#define GRANITE_STATE_ROW(i)                                                                \
+  {                                                                                         \
     const __m256 v = _mm256_fmadd_ps(x##i, b, _mm256_mul_ps(_mm256_loadu_ps(s##i + n), d)); \
-    _mm256_storeu_ps(s##i + n, v);                                                             \
-    a##i = _mm256_fmadd_ps(v, c, a##i);                                                        \
+    _mm256_storeu_ps(s##i + n, v);                                                          \
+    a##i = _mm256_fmadd_ps(v, c, a##i);                                                     \
   }
     GRANITE_STATE_ROW(0) GRANITE_STATE_ROW(1) GRANITE_STATE_ROW(2) GRANITE_STATE_ROW(3)
 #undef GRANITE_STATE_ROW
@@ -104,13 +104,13 @@ inline void state_rows4_pair(float* s, int64_t N, const TokenRows& ta, const Tok
   for (int64_t n = 0; n < N; n += 8) {
     const __m256 ba = _mm256_loadu_ps(ta.B + n), ca = _mm256_loadu_ps(ta.C + n);
     const __m256 bb = _mm256_loadu_ps(tb.B + n), cb = _mm256_loadu_ps(tb.C + n);
-#define GRANITE_STATE_ROW_PAIR(i)                                                          \
-  {                                                                                        \
+#define GRANITE_STATE_ROW_PAIR(i)                                                       \
+  {                                                                                     \
     __m256 v = _mm256_fmadd_ps(x##i, ba, _mm256_mul_ps(_mm256_loadu_ps(s##i + n), da)); \
-    a##i = _mm256_fmadd_ps(v, ca, a##i);                                                   \
-    v = _mm256_fmadd_ps(w##i, bb, _mm256_mul_ps(v, db));                                   \
-    _mm256_storeu_ps(s##i + n, v);                                                         \
-    e##i = _mm256_fmadd_ps(v, cb, e##i);                                                   \
+    a##i = _mm256_fmadd_ps(v, ca, a##i);                                                \
+    v = _mm256_fmadd_ps(w##i, bb, _mm256_mul_ps(v, db));                                \
+    _mm256_storeu_ps(s##i + n, v);                                                      \
+    e##i = _mm256_fmadd_ps(v, cb, e##i);                                                \
   }
     GRANITE_STATE_ROW_PAIR(0) GRANITE_STATE_ROW_PAIR(1) GRANITE_STATE_ROW_PAIR(2) GRANITE_STATE_ROW_PAIR(3)
 #undef GRANITE_STATE_ROW_PAIR
@@ -179,9 +179,9 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
               "zxbcdt: contiguous fp32 [T, E + C + H]");
   for (const at::Tensor* t : {&conv_state, &conv_w, &dt_bias, &A, &D, &ssm_state, &norm_w})
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(), "mamba_mixer: fp32 contiguous");
-  TORCH_CHECK(K >= 2 && K <= kMaxConvWidth && conv_state.size(0) == K - 1 && conv_state.size(1) == C &&
-                  conv_w.size(1) == C,
-              "conv shapes (width 2..16)");
+  TORCH_CHECK(
+      K >= 2 && K <= kMaxConvWidth && conv_state.size(0) == K - 1 && conv_state.size(1) == C && conv_w.size(1) == C,
+      "conv shapes (width 2..16)");
   TORCH_CHECK(dt_bias.numel() == H, "dt_bias: [H]");
   TORCH_CHECK(P >= 1 && P <= kMaxHeadDim, "head dim 1..256");
   TORCH_CHECK(!conv_b || (conv_b->is_cpu() && conv_b->scalar_type() == at::kFloat && conv_b->is_contiguous() &&

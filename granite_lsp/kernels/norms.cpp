@@ -19,7 +19,8 @@ constexpr int64_t kRowsPerTask = 32;
 // composite implementation costs ~20-60 us per 768-wide row in dispatch; a decode step has 65).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t threads) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
-  TORCH_CHECK(w.is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
+  TORCH_CHECK(w.is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1),
+              "w: fp32 [D]");
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   at::Tensor out = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -35,7 +36,8 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, 
                         int64_t threads) {
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32");
   TORCH_CHECK(h.is_cpu() && h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == x.numel(), "h: like x");
-  TORCH_CHECK(w.is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1), "w: fp32 [D]");
+  TORCH_CHECK(w.is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1),
+              "w: fp32 [D]");
   float* xp = x.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float a = float(alpha);
@@ -57,9 +59,9 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, 
 
 // silu(gate) * up for gu = [gate | up] rows [T, 2I] -> [T, I] (the SwiGLU between the MLP's matmuls).
 at::Tensor swiglu(const at::Tensor& gu, int64_t threads) {
-  TORCH_CHECK(gu.is_cpu() && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() == 2 &&
-                  gu.size(1) % 2 == 0,
-              "gu: contiguous fp32 [T, 2I]");
+  TORCH_CHECK(
+      gu.is_cpu() && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() == 2 && gu.size(1) % 2 == 0,
+      "gu: contiguous fp32 [T, 2I]");
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   at::Tensor out = at::empty({T, I}, gu.options());
   const float* g = gu.data_ptr<float>();

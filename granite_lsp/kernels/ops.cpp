@@ -1,7 +1,7 @@
 // Registers the extension's ops as torch.ops.<name given to cpp_extension.load>.
-#include <torch/library.h>
-
 #include "ops.h"
+
+#include <torch/library.h>
 
 using namespace granite;
 
@@ -20,7 +20,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
         &attention_decode);
   m.def(
       "mamba_mixer(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, "
-      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, int threads) "
+      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, "
+      "int threads) "
       "-> Tensor",
       &mamba_mixer);
   m.def(

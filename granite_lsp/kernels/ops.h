@@ -25,8 +25,8 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
                        double eps, double dt_min, double dt_max, int64_t threads);
 
 // attention.cpp
-at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length,
-                            double scale, int64_t threads);
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
+                            int64_t threads);
 
 // norms.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t threads);
@@ -35,8 +35,8 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& h, double alpha, 
 at::Tensor swiglu(const at::Tensor& gu, int64_t threads);
 
 // step.cpp: every layer of one decode step in one call
-at::Tensor decode_layers(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
-                         at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv, at::TensorList ssm,
-                         at::TensorList k, at::TensorList v, int64_t pos, int64_t threads);
+at::Tensor decode_layers(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef ints,
+                         at::ArrayRef<double> floats, at::TensorList conv, at::TensorList ssm, at::TensorList k,
+                         at::TensorList v, int64_t pos, int64_t threads);
 
 }  // namespace granite

@@ -73,8 +73,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       const at::Tensor conv_w = need();
       const auto conv_b = next();
       const at::Tensor dt_bias = need(), A = need(), D = need(), norm_w = need();
-      const at::Tensor y = mamba_mixer(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min,
-                                       dt_max, threads);
+      const at::Tensor y =
+          mamba_mixer(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min, dt_max, threads);
       h = linear3(y);
       ++m;
     } else {
@@ -94,8 +94,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       ++a;
     }
     h = add_rms_norm(x, h, rm, ln_post, eps, threads);
-    h = linear(swiglu(linear(h, mlp_in, mlp_in_s, std::nullopt, threads), threads), mlp_out, mlp_out_s,
-               std::nullopt, threads);
+    h = linear(swiglu(linear(h, mlp_in, mlp_in_s, std::nullopt, threads), threads), mlp_out, mlp_out_s, std::nullopt,
+               threads);
     if (i + 1 < L) {
       // the next layer's input norm: its weight is the next entry
       TORCH_CHECK(at_w < weights.size() && weights.get(at_w).has_value(), "decode_layers: too few weights");
@@ -104,7 +104,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       x = at::add(x, h, rm);
     }
   }
-  TORCH_CHECK(at_w == weights.size() && m == conv.size() && a == k.size(), "decode_layers: weights or states left over");
+  TORCH_CHECK(at_w == weights.size() && m == conv.size() && a == k.size(),
+              "decode_layers: weights or states left over");
   return x;
 }
 
