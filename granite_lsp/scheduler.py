@@ -251,6 +251,11 @@ class Scheduler:
             return True
         return False
 
+    def _outranked(self, job: Job) -> bool:
+        """A job of a higher priority waits in the queue (its head: the lowest priority value)."""
+        head = self._queue.queue[0] if self._queue.queue else None
+        return head is not None and head[0] < job.priority
+
     def _ensure_alive(self) -> None:
         """Restart the worker thread if it died some other way; queued jobs carry on."""
         if not self._thread.is_alive():
@@ -271,6 +276,11 @@ class Scheduler:
                 return
             with self._lock:
                 if self._is_stale(job):
+                    continue
+                if job.preemptible and self._outranked(job):
+                    # Taken off the queue just as a request came (nothing ran yet, so ``_enqueue``
+                    # preempted nothing): back to the queue, as if the request had come a moment earlier.
+                    self._queue.put((job.priority, next(self._seq), job))
                     continue
                 job.started = True
                 self.stats.ran += 1

@@ -6,6 +6,7 @@ Every wait is on an event (a threading.Event a job sets, a future), never on ela
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 
 import pytest
@@ -271,3 +272,42 @@ def test_service_keeps_one_memory_per_document(make_service) -> None:
     assert svc.document("file:///a.py", svc.settings.updated({"prefixTokens": 100})).builder is not builder
     svc.forget("file:///a.py")
     assert svc.complete("file:///a.py", text, len(text)).generation.stop_reason != "typed_through"
+
+
+class _PausingQueue(queue.PriorityQueue):
+    """The scheduler's own queue type, pausing the model thread right after it took a background job
+    (before the job starts): the moment at which a request may arrive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.took_background = threading.Event()
+        self.go_on = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        entry = super().get(block, timeout)
+        if entry[0] == Priority.BACKGROUND and not self.took_background.is_set():
+            self.took_background.set()
+            assert self.go_on.wait(WAIT)
+        return entry
+
+
+def test_a_request_that_arrives_while_background_work_is_being_taken_still_runs_first() -> None:
+    """Taken off the queue but not started yet, a preemptible job is not running, so the request
+    preempts nothing; it must still not wait for the whole job (up to the work-ahead budget)."""
+
+    async def body(s: Scheduler) -> None:
+        gate = Gate()
+        s.submit(gate)  # the model thread is busy; its next look at the queue sees the pausing one
+        await _started(gate)
+        pausing = s._queue = _PausingQueue()
+        order: list[str] = []
+        bg = s.submit(lambda job: order.append("background") or "bg", key="a", priority=Priority.BACKGROUND)
+        gate.release.set()
+        assert await asyncio.to_thread(pausing.took_background.wait, WAIT)
+        request = s.submit(lambda job: order.append("request") or "request", key="b")
+        pausing.go_on.set()
+        assert await s.answer(request) == "request"
+        assert await s.answer(bg) == "bg"
+        assert order == ["request", "background"]
+
+    _run(body)
