@@ -235,10 +235,7 @@ class RemoteEngine:
             for data in events:
                 if data.strip() == "[DONE]":
                     break
-                try:
-                    event = json.loads(data)
-                except ValueError as e:
-                    raise EngineError(f"the engine sent an event that is not JSON: {data[:100]!r}", retry=False) from e
+                event = _event(data)
                 if event.get("error"):
                     raise EngineError(f"the engine failed the request: {event['error']}", retry=True)
                 usage = event.get("usage") or usage
@@ -270,8 +267,8 @@ class RemoteEngine:
         first = first or end
         stats.prefill_ms = (first - t0) * 1000.0
         stats.decode_ms = (end - first) * 1000.0
-        stats.prompt_tokens = int(usage.get("prompt_tokens") or stats.prompt_tokens)
-        stats.generated_tokens = int(usage.get("completion_tokens") or pieces)
+        stats.prompt_tokens = _count(usage.get("prompt_tokens")) or stats.prompt_tokens
+        stats.generated_tokens = _count(usage.get("completion_tokens")) or pieces
         cached = _cached_tokens(usage, timings)
         stats.cached_tokens = cached
         if cached is not None:
@@ -282,13 +279,35 @@ class RemoteEngine:
         return Generation(text, [], reason, stats)
 
 
+def _event(data: str) -> dict[str, Any]:
+    """One server-sent event's JSON, checked for the shape read here; EngineError when it is not (a
+    proxy's page, another API): an answer the request cannot use is an engine failure like any other."""
+    try:
+        event = json.loads(data)
+    except ValueError as e:
+        raise EngineError(f"the engine sent an event that is not JSON: {data[:100]!r}", retry=False) from e
+    choices = event.get("choices") if isinstance(event, dict) else None
+    ok = (
+        isinstance(event, dict)
+        and isinstance(choices or [], list)
+        and all(isinstance(c, dict) and isinstance(c.get("text") or "", str) for c in choices or [])
+        and all(isinstance(event.get(key) or {}, dict) for key in ("usage", "timings"))
+    )
+    if not ok:
+        raise EngineError(f"the engine sent an event not in the completions API's shape: {data[:100]!r}", retry=False)
+    return event
+
+
+def _count(value: Any) -> int | None:
+    """A token count the engine reported (None when it did not, or not as a number: counts are diagnostics)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _cached_tokens(usage: dict[str, Any], timings: dict[str, Any]) -> int | None:
     details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and details.get("cached_tokens") is not None:
-        return int(details["cached_tokens"])
-    if timings.get("cache_n") is not None:  # llama.cpp's server
-        return int(timings["cache_n"])
-    return None
+    if isinstance(details, dict) and _count(details.get("cached_tokens")) is not None:
+        return _count(details["cached_tokens"])
+    return _count(timings.get("cache_n"))  # llama.cpp's server
 
 
 def _first_control(text: str) -> int:

@@ -130,7 +130,10 @@ def _body_chunks(reader: _Reader, headers: dict[str, str]) -> Iterator[bytes]:
             size_line = reader.until(b"\r\n")
             if not size_line:
                 raise EngineError("the engine closed the connection in the middle of a response", retry=True)
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            try:
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            except ValueError as e:
+                raise EngineError(f"the engine sent a bad chunk size {size_line[:40]!r}", retry=False) from e
             if size == 0:
                 return
             data = reader.exactly(size)
@@ -139,7 +142,12 @@ def _body_chunks(reader: _Reader, headers: dict[str, str]) -> Iterator[bytes]:
                 raise EngineError("the engine closed the connection in the middle of a response", retry=True)
             yield data
     elif "content-length" in headers:
-        left = int(headers["content-length"])
+        try:
+            left = int(headers["content-length"])
+        except ValueError as e:
+            raise EngineError(
+                f"the engine sent a bad Content-Length {headers['content-length'][:40]!r}", retry=False
+            ) from e
         while left > 0:
             data = reader.some()
             if not data:
