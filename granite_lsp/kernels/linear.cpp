@@ -5,8 +5,9 @@
 // registers, each 8-wide slice of W is widened to fp32 in registers and multiplied against up to
 // 8 rows of x, and the rows of W are shared between threads in chunks handed out on demand. For
 // many rows (prefill), where the product is compute-bound, the blocked GEMM further down.
-#include "isa.h"
 #include "linear.h"
+
+#include "isa.h"
 #include "ops.h"
 
 namespace granite {
@@ -116,18 +117,28 @@ inline void micro_tile(const float* a, const float* b, int64_t kc, float* y, int
   for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 av;
-#define GRANITE_ROW_FMA(i)                      \
-  av = _mm256_broadcast_ss(a + i);              \
+#define GRANITE_ROW_FMA(i)                    \
+  av = _mm256_broadcast_ss(a + i);            \
   c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0); \
   c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);
-    GRANITE_ROW_FMA(0) GRANITE_ROW_FMA(1) GRANITE_ROW_FMA(2) GRANITE_ROW_FMA(3) GRANITE_ROW_FMA(4) GRANITE_ROW_FMA(5)
+    GRANITE_ROW_FMA(0)
+    GRANITE_ROW_FMA(1)
+    GRANITE_ROW_FMA(2)
+    GRANITE_ROW_FMA(3)
+    GRANITE_ROW_FMA(4)
+    GRANITE_ROW_FMA(5)
 #undef GRANITE_ROW_FMA
   }
   alignas(32) float tile[kMR][kNR];
-#define GRANITE_ROW_OUT(i)                 \
+#define GRANITE_ROW_OUT(i)           \
   _mm256_store_ps(tile[i], c##i##0); \
   _mm256_store_ps(tile[i] + 8, c##i##1);
-  GRANITE_ROW_OUT(0) GRANITE_ROW_OUT(1) GRANITE_ROW_OUT(2) GRANITE_ROW_OUT(3) GRANITE_ROW_OUT(4) GRANITE_ROW_OUT(5)
+  GRANITE_ROW_OUT(0)
+  GRANITE_ROW_OUT(1)
+  GRANITE_ROW_OUT(2)
+  GRANITE_ROW_OUT(3)
+  GRANITE_ROW_OUT(4)
+  GRANITE_ROW_OUT(5)
 #undef GRANITE_ROW_OUT
   for (int i = 0; i < rows; ++i) {
     float* yr = y + i * ldy;
@@ -254,8 +265,7 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const std::opti
       TORCH_CHECK(s, "int8 weights need a scale");
       product<I8>(blocked, xp, w.data_ptr<int8_t>(), s, b, yp, T, K, N, n);
       break;
-    default:
-      TORCH_CHECK(false, "w: float32, bfloat16, float16 or int8");
+    default: TORCH_CHECK(false, "w: float32, bfloat16, float16 or int8");
   }
   return y;
 }

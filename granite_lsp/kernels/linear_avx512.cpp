@@ -25,9 +25,9 @@ namespace granite {
 namespace {
 
 constexpr int kMR = 12, kNR = 32;
-constexpr int64_t kRowBand = 96;               // rows of packed x swept per panel (8 tiles, ~96-192 KB: L2)
-constexpr int64_t kMaxBlockCols = 4 * kNR;     // columns of y per task
-constexpr int64_t kPairsKC = 256;              // bf16: k pairs per depth slice (panel [256][32] x 4 B)
+constexpr int64_t kRowBand = 96;            // rows of packed x swept per panel (8 tiles, ~96-192 KB: L2)
+constexpr int64_t kMaxBlockCols = 4 * kNR;  // columns of y per task
+constexpr int64_t kPairsKC = 256;           // bf16: k pairs per depth slice (panel [256][32] x 4 B)
 
 // Blocks of 32-128 columns, at least ~4 per thread so that a preempted thread holds up little.
 int64_t block_cols(int64_t N, int threads) {
@@ -78,25 +78,25 @@ void pack_x_tile(const void* ctx, int64_t tile) {
 // y tile (+)= a @ b: a the tile's packed x ([kc][12]), b a panel of W^T ([kc][32]). Each lane's
 // sum runs over k in order from zero, as in the avx2 micro-kernel. Named accumulators: as an
 // array GCC keeps them in memory.
-void micro_f32(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int rows, int cols,
-               bool accumulate, const float* bias) {
+void micro_f32(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int rows, int cols, bool accumulate,
+               const float* bias) {
 #define GRANITE_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
   GRANITE_ROWS(GRANITE_DECL)
 #undef GRANITE_DECL
   for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-#define GRANITE_FMA(i)                            \
-  {                                               \
-    const __m512 av = _mm512_set1_ps(a[i]);       \
-    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);   \
-    c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);   \
+#define GRANITE_FMA(i)                          \
+  {                                             \
+    const __m512 av = _mm512_set1_ps(a[i]);     \
+    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0); \
+    c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1); \
   }
     GRANITE_ROWS(GRANITE_FMA)
 #undef GRANITE_FMA
   }
   alignas(64) float tile[kMR][kNR];
-#define GRANITE_OUT(i)                  \
-  _mm512_store_ps(tile[i], c##i##0);    \
+#define GRANITE_OUT(i)               \
+  _mm512_store_ps(tile[i], c##i##0); \
   _mm512_store_ps(tile[i] + 16, c##i##1);
   GRANITE_ROWS(GRANITE_OUT)
 #undef GRANITE_OUT
@@ -256,18 +256,18 @@ void micro_bf16(const uint32_t* a, const uint32_t* b, int64_t qc, float* y, int6
 #undef GRANITE_DECL
   for (int64_t q = 0; q < qc; ++q, a += kMR, b += kNR) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
-#define GRANITE_DOT(i)                                                \
-  {                                                                   \
-    const __m512bh av = (__m512bh)_mm512_set1_epi32(int(a[i]));       \
-    c##i##0 = _mm512_dpbf16_ps(c##i##0, av, b0);                      \
-    c##i##1 = _mm512_dpbf16_ps(c##i##1, av, b1);                      \
+#define GRANITE_DOT(i)                                          \
+  {                                                             \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(int(a[i])); \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, av, b0);                \
+    c##i##1 = _mm512_dpbf16_ps(c##i##1, av, b1);                \
   }
     GRANITE_ROWS(GRANITE_DOT)
 #undef GRANITE_DOT
   }
   alignas(64) float tile[kMR][kNR];
-#define GRANITE_OUT(i)                  \
-  _mm512_store_ps(tile[i], c##i##0);    \
+#define GRANITE_OUT(i)               \
+  _mm512_store_ps(tile[i], c##i##0); \
   _mm512_store_ps(tile[i] + 16, c##i##1);
   GRANITE_ROWS(GRANITE_OUT)
 #undef GRANITE_OUT
@@ -298,8 +298,8 @@ void block_bf16(const void* problem, int64_t c) {
         const int ncols = int(std::min<int64_t>(kNR, g.N - n));
         for (int64_t t = band; t < band_end; t += kMR) {
           const uint32_t* a = pp.xp + (t / kMR) * pp.K2 * kMR + q0 * kMR;
-          micro_bf16(a, packed + j * kNR * qc, qc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)),
-                     ncols, q0 > 0, g.bias ? g.bias + n : nullptr);
+          micro_bf16(a, packed + j * kNR * qc, qc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)), ncols,
+                     q0 > 0, g.bias ? g.bias + n : nullptr);
         }
       }
     }
