@@ -136,15 +136,19 @@ class WorkAhead:
 
     def _start(self, uri: str, place: _Place) -> None:
         server = self._server
-        service, doc = server.service, server.documents.get(uri)
+        doc = server.documents.get(uri)
         self._cancel(uri)
-        if service is None or doc is None or not server.settings.reuse:
+        if server.service is None or doc is None or not server.settings.reuse:
             return
         cursor = doc.offset_at(place.line, place.character, server.position_encoding)
         text, settings, context = doc.text, server.settings, server.context
         stats, spent = self.stats, self._spent
 
         def run(job: Job) -> None:
+            # The model loaded now: preempted by a reload, this job runs after it (see submit_completion).
+            service = server.service
+            if service is None:
+                return
             if spent.get(uri, 0) >= BUDGET_TOKENS:
                 stats.over_budget += 1
                 return

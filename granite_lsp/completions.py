@@ -38,12 +38,15 @@ def submit_completion(
     delay: float = 0.0,
     on_progress: ProgressSink | None = None,
 ) -> Job:
-    """The one way a completion reaches the model: the document's text now, the settings now."""
-    service, settings, context = server.service, server.settings, server.context
-    assert service is not None
+    """The one way a completion reaches the model: the document's text now, the settings now, the model
+    loaded when the job runs (a job that waited through a reload must neither use nor keep the old one)."""
+    settings, context = server.settings, server.context
     uri, text = doc.uri, doc.text
 
-    def run(job: Job) -> Completion:
+    def run(job: Job) -> Completion | None:
+        service = server.service
+        if service is None:  # a load is under way, or failed: nothing to complete with
+            return None
         # Other files' context is tokenized here, inside the job's error handling.
         tokenizer = service.loaded.tokenizer
         context_ids = context.ids(uri, tokenizer, settings.context_tokens, settings.filename_in_prompt)

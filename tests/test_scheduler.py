@@ -311,3 +311,31 @@ def test_a_request_that_arrives_while_background_work_is_being_taken_still_runs_
         assert order == ["request", "background"]
 
     _run(body)
+
+
+def test_a_job_that_runs_after_a_model_reload_runs_on_the_new_model(make_service) -> None:
+    """A request held by its debounce, or background work that a reload preempted, runs after the load:
+    on the model loaded then, not on the one the reload dropped (which it would also keep in memory
+    through the whole load)."""
+    from granite_lsp.completions import submit_completion
+    from granite_lsp.server import GraniteServer
+    from granite_lsp.settings import Settings
+
+    async def main() -> None:
+        server = GraniteServer(Settings().updated({"maxTokens": 4}))
+        old, new = make_service(maxTokens=4), make_service(maxTokens=4)
+        server.service = old
+        text = "def add(a, b):\n    return "
+        doc = server.documents.open("file:///a.py", text, 0)
+        gate = Gate()
+        server.scheduler.submit(gate)  # the model thread is busy (the load)
+        await _started(gate)
+        job = submit_completion(server, doc, len(text))
+        server.service = new  # what load_model does once the new model is there
+        gate.release.set()
+        completion = await asyncio.wait_for(server.scheduler.answer(job), WAIT)
+        server.scheduler.stop()
+        assert completion is not None and completion.generation.stats.generated_tokens > 0
+        assert (old.decoded_tokens, new.decoded_tokens) == (0, completion.generation.stats.generated_tokens)
+
+    asyncio.run(main())
