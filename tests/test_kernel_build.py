@@ -210,3 +210,13 @@ def test_the_editor_hears_about_the_compile(tmp_path: Path) -> None:
         assert "compiling CPU kernels (one time" in client.stderr_text()
     finally:
         client.kill()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "soon"])
+def test_a_lock_timeout_that_is_not_a_finite_number_gives_the_default(value: str, monkeypatch) -> None:
+    """NaN never compares past a deadline and inf is one that never comes: either made a start wait forever
+    on a live builder, which the timeout exists to prevent."""
+    monkeypatch.setenv("GRANITE_LSP_KERNEL_LOCK_TIMEOUT", value)
+    assert build.lock_timeout() == build.DEFAULT_LOCK_TIMEOUT
+    monkeypatch.setenv("GRANITE_LSP_KERNEL_LOCK_TIMEOUT", "2.5")
+    assert build.lock_timeout() == 2.5

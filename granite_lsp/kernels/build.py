@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import re
@@ -126,10 +127,13 @@ def compiler_key() -> str | None:
 
 
 def lock_timeout() -> float:
+    """GRANITE_LSP_KERNEL_LOCK_TIMEOUT, or the default where it is not a finite number (NaN never passes
+    a deadline and inf never comes: either would wait forever on a live builder)."""
     try:
-        return float(os.environ.get("GRANITE_LSP_KERNEL_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT))
+        value = float(os.environ.get("GRANITE_LSP_KERNEL_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT))
     except ValueError:
         return DEFAULT_LOCK_TIMEOUT
+    return value if math.isfinite(value) else DEFAULT_LOCK_TIMEOUT
 
 
 def load_library(progress: Progress | None = None, *, retry_failed: bool = False) -> tuple[object | None, str | None]:
