@@ -86,7 +86,7 @@ class ContextRing:
     max_chunks: int = 16
     roots: tuple[str, ...] = ()  # workspace folders: paths are shown relative to them
     _chunks: dict[tuple[str, int], _Chunk] = field(default_factory=dict)
-    _clock: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @staticmethod
@@ -137,7 +137,7 @@ class ContextRing:
         if budget <= 0:
             return own
         with self._lock:
-            candidates = []
+            candidates: list[tuple[_Chunk, list[int]]] = []
             for c in self._chunks.values():
                 if c.uri == current_uri or not c.text.strip():
                     continue
@@ -150,13 +150,14 @@ class ContextRing:
                         log.warning("context from another document left out: %s: %s", type(e).__name__, e)
                         continue
                     c.ids = [tokenizer.control.filename, *body]
-                candidates.append(c)
-            chosen, used, seen = [], 0, set()
-            for c in sorted(candidates, key=lambda c: -c.touched):  # the most recent regions win the budget
-                if c.text in seen or used + len(c.ids) > budget:
+                candidates.append((c, c.ids))
+            chosen: list[tuple[_Chunk, list[int]]] = []
+            used, seen = 0, set()
+            for c, ids in sorted(candidates, key=lambda pair: -pair[0].touched):  # the most recent regions win
+                if c.text in seen or used + len(ids) > budget:
                     continue
                 seen.add(c.text)
-                chosen.append(c)
-                used += len(c.ids)
-            chosen.sort(key=lambda c: c.order)  # ... but keep their places, so the prompt rarely moves
-            return [tid for c in chosen for tid in c.ids] + own
+                chosen.append((c, ids))
+                used += len(ids)
+            chosen.sort(key=lambda pair: pair[0].order)  # ... but keep their places, so the prompt rarely moves
+            return [tid for _, ids in chosen for tid in ids] + own

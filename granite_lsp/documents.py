@@ -9,6 +9,7 @@ wrong place. LSP knows exactly three line breaks: ``\\n``, ``\\r\\n`` and ``\\r`
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,5 +191,5 @@ class DocumentStore:
     def __len__(self) -> int:
         return len(self._docs)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Document]:
         return iter(list(self._docs.values()))

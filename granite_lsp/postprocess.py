@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_INDENT = re.compile(r"[ \t]*")
+
+def _leading_ws(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
 _CLOSING_LINE = re.compile(r"\s*([)\]}]+[;,)]*|end|fi|done|esac)\s*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _OPENER = re.compile(r"([:{(\[]|\bdo|\bthen|=>)$")
@@ -26,7 +30,7 @@ REPEAT_MIN_CHARS = 32
 
 
 def _indent_width(line: str, tab_size: int) -> int:
-    ws = _INDENT.match(line).group(0)
+    ws = _leading_ws(line)
     return sum(tab_size if c == "\t" else 1 for c in ws)
 
 
@@ -181,7 +185,7 @@ class Shaper:
         out = [lines[0]]
         tab = self.ctx.tab_size
         for line in lines[1:]:
-            ws = _INDENT.match(line).group(0)
+            ws = _leading_ws(line)
             width = _indent_width(line, tab)
             new_ws = " " * width if spaces else "\t" * (width // tab) + " " * (width % tab)
             out.append(new_ws + line[len(ws) :])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ class GraniteProtocol(LanguageServerProtocol):
 
     show_tracebacks = False  # -32603 answers carry the traceback only when asked for (--debug)
 
-    def __init__(self, server, converter) -> None:
+    def __init__(self, server: Any, converter: Any) -> None:
         super().__init__(server, converter)
         self.counters: Counter[str] = Counter()  # what was refused or dropped, for granite/stats and tests
         self.exit_code: int | None = None  # set by the exit notification; the transport then stops
@@ -142,12 +143,19 @@ class GraniteProtocol(LanguageServerProtocol):
 
     # ---- pygls overrides -------------------------------------------------------------------------------
 
-    def _execute_handler(self, msg_id, handler, callback, args=None, kwargs=None):
+    def _execute_handler(
+        self,
+        msg_id: str | int,
+        handler: Callable[..., Any],
+        callback: Callable[[Future[Any]], None],
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
         """pygls files the future of every async or generator handler under its id, and only requests'
         are ever removed: each notification left ~2 KB behind (20 MB per 10,000 keystrokes). Here
         each is removed when done, whatever the message was (only if it is still the one filed)."""
 
-        def done(future: Future) -> None:
+        def done(future: Future[Any]) -> None:
             if self._request_futures.get(msg_id) is future:
                 del self._request_futures[msg_id]
             callback(future)
@@ -156,20 +164,20 @@ class GraniteProtocol(LanguageServerProtocol):
             raise failpoints.InjectedFault("failpoint request-handler")
         super()._execute_handler(msg_id, handler, done, args, kwargs)
 
-    def _send_response(self, msg_id, result=None, error=None) -> None:
+    def _send_response(self, msg_id: str | int, result: Any = None, error: types.ResponseError | None = None) -> None:
         if error is not None and error.code == INTERNAL_ERROR and error.data is not None and not self.show_tracebacks:
             error = types.ResponseError(code=error.code, message=error.message)  # the log has the traceback
         super()._send_response(msg_id, result, error)
 
     @lsp_method(types.INITIALIZE)
-    def lsp_initialize(self, params: types.InitializeParams):
+    def lsp_initialize(self, params: types.InitializeParams) -> Generator[Any, Any, types.InitializeResult]:
         result = yield from super().lsp_initialize(params)
         # Advertise our extensions, so that our clients know they may opt in.
         result.capabilities.experimental = {STREAMING_CAPABILITY: True, "graniteStats": STATS}
         return result
 
     @lsp_method(types.EXIT)
-    def lsp_exit(self, *args):
+    def lsp_exit(self, *args: Any) -> Generator[Any, Any, None]:
         """Stop: code 0 after shutdown, 1 without (LSP). pygls raised SystemExit from inside the handler,
         which the transport then swallowed; the transport now ends the process with this code."""
         if (user_handler := self.fm.features.get(types.EXIT)) is not None:
@@ -178,7 +186,7 @@ class GraniteProtocol(LanguageServerProtocol):
         if self.exit_code:
             log.warning("exit without shutdown: exiting with code 1")
 
-    def structure_message(self, data: dict[str, Any]):
+    def structure_message(self, data: dict[str, Any]) -> Any:
         try:
             return super().structure_message(data)
         except JsonRpcException as exc:
@@ -188,23 +196,25 @@ class GraniteProtocol(LanguageServerProtocol):
                 return _UNANSWERABLE
             raise
 
-    def handle_message(self, message) -> None:
+    def handle_message(self, message: Any) -> None:
         if message is _UNANSWERABLE:
             return
         method = getattr(message, "method", None)
-        msg_id = getattr(message, "id", None)
+        msg_id: Any = getattr(message, "id", None)
         is_request = method is not None and msg_id is not None
         if is_request and self._shutdown and method != types.EXIT:
-            error = JsonRpcInvalidRequest(f"{method}: the server is shutting down")
-            self._send_response(msg_id, error=error.to_response_error())
+            self._send_response(
+                msg_id, error=JsonRpcInvalidRequest(f"{method}: the server is shutting down").to_response_error()
+            )
             return
         if is_request and not self._server.initialized and method != types.INITIALIZE:
-            error = JsonRpcServerNotInitialized(f"{method}: initialize first")
-            self._send_response(msg_id, error=error.to_response_error())
+            self._send_response(
+                msg_id, error=JsonRpcServerNotInitialized(f"{method}: initialize first").to_response_error()
+            )
             return
         if method == types.INITIALIZE and self._server.initialized:
-            error = JsonRpcInvalidRequest("initialize: the server is already initialized")
-            self._send_response(msg_id, error=error.to_response_error())
+            refusal = JsonRpcInvalidRequest("initialize: the server is already initialized")
+            self._send_response(msg_id, error=refusal.to_response_error())
             return
         if method is not None and not is_request and method != types.EXIT:
             # LSP: notifications before initialize are dropped (a didOpen then would be applied to a
@@ -225,14 +235,14 @@ class GraniteProtocol(LanguageServerProtocol):
         super().handle_message(message)
 
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
-    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams) -> Generator[Any, Any, None]:
         doc = params.text_document
         self._server.documents.open(doc.uri, doc.text, doc.version, doc.language_id)
         self._server.on_document_changed(doc.uri, 0)
         yield from ()
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
-    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams) -> Generator[Any, Any, None]:
         server = self._server
         uri = params.text_document.uri
         doc = server.documents.get(uri)
@@ -255,7 +265,7 @@ class GraniteProtocol(LanguageServerProtocol):
         yield from ()
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
-    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams) -> Generator[Any, Any, None]:
         uri = params.text_document.uri
         self._server.documents.close(uri)
         self._server.on_document_closed(uri)

@@ -207,6 +207,8 @@ class CompletionService:
 
                 self.cache = TransformersCache(loaded.reference)
             else:
+                if loaded.model is None:
+                    raise RuntimeError("the local engine needs the model's weights")
                 self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
             self.engine = Engine(loaded.tokenizer, self.cache)
         self._documents: dict[str, DocumentMemory] = {}
@@ -249,7 +251,7 @@ class CompletionService:
         """Work ahead of a request at ``cursor``: bring the state cache to its prompt, preemptibly (see
         ``Engine.prefill_ahead``), without changing the document's prompt memory. None where the cache
         cannot work ahead (the bench's transformers baseline)."""
-        if not isinstance(self.cache, StateCache) or not self.cache.enabled:
+        if not isinstance(self.engine, Engine) or not isinstance(self.cache, StateCache) or not self.cache.enabled:
             return None
         settings = settings or self.settings
         self._apply(settings)

@@ -156,7 +156,8 @@ class TextTokenizer:
         pre = self._tok.pre_tokenizer
         if pre is None:
             raise TokenizerError("tokenizer has no pre-tokenizer")
-        return pre.pre_tokenize_str(encodable(text))
+        pieces: list[tuple[str, tuple[int, int]]] = pre.pre_tokenize_str(encodable(text))
+        return pieces
 
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", "replace")
@@ -184,7 +185,7 @@ class TextTokenizer:
         return TokenBytes(parts)
 
     @cached_property
-    def _sorted_ids(self) -> array:
+    def _sorted_ids(self) -> array[int]:
         """Ids of the text tokens ordered by their bytes (for prefix searches by bisection)."""
         table, control = self.token_bytes, self.control.stop_ids
         return array(
