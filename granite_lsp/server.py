@@ -114,32 +114,15 @@ class GraniteServer(LanguageServer):
         self.loading = True
         self.load_error = None
         settings = self.settings
-        token = str(uuid.uuid4())
-        progress = self.work_done_progress
-        use_progress = bool(
-            self.client_capabilities
-            and self.client_capabilities.window
-            and self.client_capabilities.window.work_done_progress
-        )
-        if use_progress:
-            try:
-                await asyncio.wait_for(progress.create_async(token), timeout=5)
-                progress.begin(token, types.WorkDoneProgressBegin(title="Granite", message="Loading model"))
-            except Exception:
-                use_progress = False
+        progress = await _LoadProgress.begin(self)
         self.notify_status("loading", f"Loading {settings.model}")
         loop = asyncio.get_running_loop()
-
-        def report(message: str, percent: int) -> None:
-            if use_progress:
-                value = types.WorkDoneProgressReport(message=message, percentage=percent)
-                loop.call_soon_threadsafe(progress.report, token, value)
 
         def engine_status(state: str, message: str) -> None:  # a remote engine's health, from the worker
             loop.call_soon_threadsafe(self.notify_status, state, message)
 
         def do_load(job: Job) -> CompletionService:
-            service = CompletionService(load(settings, report), settings, engine_status)
+            service = CompletionService(load(settings, progress.report), settings, engine_status)
             if isinstance(service.engine, RemoteEngine):
                 service.engine.probe()
             return service
@@ -148,26 +131,12 @@ class GraniteServer(LanguageServer):
         self.service = None
         try:
             self.service = await self.scheduler.submit(do_load).future
-            loaded = self.service.loaded
-            engine = self.service.engine
-            if isinstance(engine, RemoteEngine):
-                message = f"{settings.remote_model} on {engine.endpoint} (tokenizer of {settings.model})"
-                if engine.health.down:
-                    message = engine.stats.last_error or message
-            else:
-                message = f"{settings.model} on {loaded.device} loaded in {loaded.load_seconds:.1f} s"
+            state, message = _ready_status(self.service, settings)
             log.info(message)
-            self.notify_status("error" if isinstance(engine, RemoteEngine) and engine.health.down else "ready", message)
+            self.notify_status(state, message)
         except Exception as e:
             self.service = None
-            reason = str(e)
-            if isinstance(e, MemoryError) or "can't allocate memory" in reason or "out of memory" in reason.lower():
-                reason = (
-                    f"not enough memory to load {settings.model} ({settings.dtype}, quantize {settings.quantize}): "
-                    f"{reason or type(e).__name__}. Try dtype bfloat16 or quantize int8, or free memory; "
-                    "changing the configuration retries."
-                )
-            self.load_error = reason
+            reason = self.load_error = _load_failure(e, settings)
             log.error("model failed to load: %s", reason)
             self.window_show_message(
                 types.ShowMessageParams(type=types.MessageType.Error, message=f"granite-lsp: {reason}")
@@ -175,8 +144,7 @@ class GraniteServer(LanguageServer):
             self.notify_status("error", reason)
         finally:
             self.loading = False
-            if use_progress:
-                progress.end(token, types.WorkDoneProgressEnd(message="Ready" if self.service else "Failed"))
+            progress.end("Ready" if self.service else "Failed")
 
     def apply_settings(self, options: Any) -> bool:
         """Apply client options; True when the model must be (re)loaded.
@@ -265,3 +233,60 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
         return ls.stats()
 
     return server
+
+
+class _LoadProgress:
+    """The editor's progress bar for one model load ($/progress), where the client supports it."""
+
+    def __init__(self, server: GraniteServer, token: str | None) -> None:
+        self._server, self._token = server, token
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def begin(cls, server: GraniteServer) -> _LoadProgress:
+        caps = server.client_capabilities
+        if not (caps and caps.window and caps.window.work_done_progress):
+            return cls(server, None)
+        token = str(uuid.uuid4())
+        try:
+            await asyncio.wait_for(server.work_done_progress.create_async(token), timeout=5)
+            server.work_done_progress.begin(
+                token, types.WorkDoneProgressBegin(title="Granite", message="Loading model")
+            )
+        except Exception:
+            return cls(server, None)
+        return cls(server, token)
+
+    def report(self, message: str, percent: int) -> None:
+        """Called from the model thread (load's progress callback)."""
+        if self._token is not None:
+            value = types.WorkDoneProgressReport(message=message, percentage=percent)
+            self._loop.call_soon_threadsafe(self._server.work_done_progress.report, self._token, value)
+
+    def end(self, message: str) -> None:
+        if self._token is not None:
+            self._server.work_done_progress.end(self._token, types.WorkDoneProgressEnd(message=message))
+
+
+def _ready_status(service: CompletionService, settings: Settings) -> tuple[str, str]:
+    """granite/status after a load: what was loaded, or why a remote engine is not answering yet."""
+    engine = service.engine
+    if isinstance(engine, RemoteEngine):
+        message = f"{settings.remote_model} on {engine.endpoint} (tokenizer of {settings.model})"
+        if engine.health.down:
+            return "error", engine.stats.last_error or message
+        return "ready", message
+    loaded = service.loaded
+    return "ready", f"{settings.model} on {loaded.device} loaded in {loaded.load_seconds:.1f} s"
+
+
+def _load_failure(error: Exception, settings: Settings) -> str:
+    """What the user reads when the model failed to load; running out of memory says what to try."""
+    reason = str(error)
+    if isinstance(error, MemoryError) or "can't allocate memory" in reason or "out of memory" in reason.lower():
+        reason = (
+            f"not enough memory to load {settings.model} ({settings.dtype}, quantize {settings.quantize}): "
+            f"{reason or type(error).__name__}. Try dtype bfloat16 or quantize int8, or free memory; "
+            "changing the configuration retries."
+        )
+    return reason
