@@ -24,7 +24,6 @@ the torch ops, see ``runtime/cuda_kernels.py``; no llama.cpp comparison there).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -40,30 +39,12 @@ from ..kernels import PackedLinear, isa
 from ..runtime import cuda_kernels
 from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
 from ..runtime.model import HybridModel
-from ..runtime.ssm import ssm_chunked
+from .kernels_report import _print_cpu, _print_gpu
 from .llama_baseline import LlamaPeer, gguf_for, settle
 from .rss import server_peak_rss_mb
-from .shape import PRECISIONS, real_config
-
-
-def _sync() -> None:
-    """Wait for queued GPU work, so wall times cover it (a no-op in a CPU-only process)."""
-    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        torch.cuda.synchronize()
-
-
-def _time(fn: Callable[[], object], repeat: int) -> float:
-    """Best wall time of ``repeat`` calls after one warm-up: on a shared machine other load only
-    ever adds time, so the minimum is the least noisy estimate of what the code costs."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        samples.append(time.perf_counter() - t0)
-    return min(samples)
+from .shape import LLAMA_CPP, PRECISIONS, real_config
+from .sweeps import sweep_chunk_sizes, sweep_threshold
+from .timing import _sync, _time
 
 
 def linear_weights(model: HybridModel) -> list[torch.Tensor | PackedLinear]:
@@ -223,65 +204,6 @@ def bench_model(
     }
 
 
-def _scan_from_zero(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
-) -> None:
-    with torch.inference_mode():
-        ssm_chunked(x, dt, A, B, C, x.new_zeros(x.shape[1], x.shape[2], B.shape[2]), chunk_size)
-
-
-def sweep_chunk_sizes(model: HybridModel, repeat: int) -> None:
-    """The chunk size only changes the SSD scan, so time the scan alone (x28 Mamba layers)."""
-    cfg = model.config
-    H, P, N, G = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, cfg.mamba_n_groups
-    n_layers = len(cfg.mamba_layers)
-    A = -torch.arange(1, H + 1, dtype=torch.float32)
-    print(f"  scan alone x{n_layers} layers (seconds) by chunk size:")
-    for T in (256, 512, 1024, 2048):
-        x, B, C = torch.randn(T, H, P), torch.randn(T, G, N), torch.randn(T, G, N)
-        dt = F.softplus(torch.randn(T, H))
-        row = []
-        for cs in (32, 64, 128, 256):
-            scan = functools.partial(_scan_from_zero, x, dt, A, B, C, cs)
-            row.append(f"{cs}: {_time(scan, repeat) * n_layers:.3f}")
-        print(f"    T={T:5d}  " + "  ".join(row))
-
-
-def sweep_threshold(model: HybridModel, repeat: int) -> None:
-    """Continuing by T tokens: per-token recurrence vs chunked scan, whole model."""
-    saved = model.recurrent_max
-    print("  continuation of T tokens after 256 (ms): recurrent vs scan")
-    ids = torch.randint(0, model.config.vocab_size, (256 + 32,))
-    state = model.new_state(512)
-    model.forward(ids[:256], state)
-    snap = state.snapshot()
-    for T in (1, 2, 4, 6, 8, 12, 16, 24, 32):
-        res = []
-        for rmax in (10**9, 0):
-            model.recurrent_max = rmax
-
-            def cont(T: int = T) -> None:
-                state.restore(snap)
-                model.forward(ids[256 : 256 + T], state)
-
-            res.append(_time(cont, repeat) * 1e3)
-        print(f"    T={T:3d}  recurrent {res[0]:7.1f}  scan {res[1]:7.1f}")
-    model.recurrent_max = saved
-
-
-# The llama.cpp GGUF kinds timed beside each precision: its fastest paths for it (bf16 weights: F16
-# and BF16, which llama.cpp runs on AVX512_BF16 where the CPU has it).
-LLAMA_CPP = {
-    "float32": ("f32",),
-    "bfloat16": ("f16", "bf16"),
-    "float16": ("f16",),
-    "int8": ("q8_0",),
-}
-# llama-bench -t 2 on the real shape, on the 2-core AVX2 machine of issue #4 (another day): tg128 /
-# pp512 tokens/s, printed for orientation when llama.cpp does not run in this bench.
-LLAMA_BENCH_ISSUE4 = {"f32": (13.8, 130.0), "f16": (26.4, 215.0), "q8_0": (35.9, 161.0)}
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -321,65 +243,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.llama_cpp_python != sys.executable and not args.llama_cpp:
         ap.error("--llama-cpp-python is the interpreter for --llama-cpp DIR; give both")
     return args
-
-
-def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None:
-    """One precision's CPU figures (medians), and llama.cpp's from the same rounds per GGUF kind
-    (or, without it, issue #4's llama-bench figures), with ours / theirs."""
-    layered = r["decode_layered_ms"]
-    print(
-        f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if packed else 'torch matmuls'}), medians\n"
-        f"  decode at depth {r['decode_depth']}: {r['decode_tok_s']:6.2f} tok/s ({r['decode_ms']:.1f} ms/step,"
-        f" best {r['decode_best_ms']:.1f});  at depth 0: {r['decode0_tok_s']:6.2f} tok/s ({r['decode0_ms']:.1f} ms)\n"
-        + (
-            f"  decode step layer by layer (no one-call step) {layered:.1f} ms:"
-            f" x{layered / r['decode_ms']:.2f} the one-call step\n"
-            if layered
-            else ""
-        )
-        + f"  prefill {prefill}: {r['prefill_tok_s']:6.1f} tok/s ({r['prefill_s']:.2f} s;"
-        f" best {r['prefill_best_tok_s']:.1f} tok/s)\n"
-        f"  matmuls alone, 1 token: ours {r['linear_ms']:.1f} ms, torch {r['torch_linear_ms']:.1f} ms"
-        f"  ->  decode step / ours {r['decode_ms'] / r['linear_ms']:.2f}x,"
-        f" / torch {r['decode_ms'] / r['torch_linear_ms']:.2f}x\n"
-        f"  matmuls alone, {prefill} tokens: {r['prefill_linear_s']:.2f} s"
-        f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
-    )
-    for kind, t in r["llama"].items():
-        print(
-            f"  llama.cpp {kind.upper():5s} same rounds: decode depth {r['decode_depth']}"
-            f" {t['decode_tok_s']:6.2f} tok/s"
-            f" ({t['decode_ms']:.1f} ms): ours x{r['decode_tok_s'] / t['decode_tok_s']:.2f};"
-            f"  depth 0 {t['decode0_tok_s']:6.2f}: ours x{r['decode0_tok_s'] / t['decode0_tok_s']:.2f};"
-            f"  prefill {t['prefill_tok_s']:6.1f} tok/s: ours x{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}"
-        )
-    if r["llama"]:
-        keys = ("decode_tok_s", "decode0_tok_s", "prefill_tok_s")
-        fastest = {k: max(t[k] for t in r["llama"].values()) for k in keys}
-        print(
-            f"  vs llama.cpp's fastest path here: decode x{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}"
-            f" (depth 0 x{r['decode0_tok_s'] / fastest['decode0_tok_s']:.2f}),"
-            f" prefill x{r['prefill_tok_s'] / fastest['prefill_tok_s']:.2f}"
-        )
-        return
-    for kind in LLAMA_CPP[name]:
-        if kind in LLAMA_BENCH_ISSUE4:
-            tg, pp = LLAMA_BENCH_ISSUE4[kind]
-            print(
-                f"  llama-bench {kind.upper()} (issue #4's machine, not this run): tg128 {tg}, pp512 {pp}:"
-                f" ours x{r['decode0_tok_s'] / tg:.2f} (depth 0), x{r['prefill_tok_s'] / pp:.2f}"
-            )
-
-
-def _print_gpu(name: str, r: dict[str, Any], device: torch.device, prefill: int) -> None:
-    print(
-        f"\n{name} on {device} (weights {r['weight_mb']:.0f} MB)\n"
-        f"  decode  {r['decode_tok_s']:7.1f} tok/s  "
-        f"({r['decode_ms']:.2f} ms/step, median {r['decode_median_ms']:.2f})\n"
-        f"  prefill {r['prefill_tok_s']:7.0f} tok/s  ({r['prefill_s'] * 1e3:.1f} ms)\n"
-        f"  matmuls alone, 1 token: {r['linear_ms']:.2f} ms (torch F.linear {r['torch_linear_ms']:.2f} ms);"
-        f" {prefill} tokens: {r['prefill_linear_s'] * 1e3:.1f} ms"
-    )
 
 
 def _machine_report(threads: int) -> dict[str, Any]:

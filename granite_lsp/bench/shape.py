@@ -48,3 +48,13 @@ def decode_matmuls(cfg: HybridConfig) -> list[tuple[str, int, int]]:
     for kind in cfg.layer_kinds:
         shapes += (mamba if kind == "mamba" else attn) + mlp
     return shapes + [("lm_head", cfg.vocab_size, D)]
+
+
+# The llama.cpp GGUF kinds timed beside each precision: its fastest paths for it (bf16 weights: F16
+# and BF16, which llama.cpp runs on AVX512_BF16 where the CPU has it).
+LLAMA_CPP = {
+    "float32": ("f32",),
+    "bfloat16": ("f16", "bf16"),
+    "float16": ("f16",),
+    "int8": ("q8_0",),
+}
