@@ -46,18 +46,22 @@ class Connection:
         self.protocol = protocol
         self.parser = FrameParser(max_body)
 
-    def received(self, data: bytes) -> bool:
+    async def received(self, data: bytes) -> bool:
         """Handle ``data``; False once the protocol has been told to exit."""
-        return self._dispatch(self.parser.feed(data))
+        return await self._dispatch(self.parser.feed(data))
 
-    def closed(self) -> None:
-        self._dispatch(self.parser.eof())
+    async def closed(self) -> None:
+        await self._dispatch(self.parser.eof())
 
-    def _dispatch(self, events: list[Event]) -> bool:
+    async def _dispatch(self, events: list[Event]) -> bool:
         protocol = self.protocol
         for event in events:
             if isinstance(event, Body):
                 protocol.receive_body(event.data)
+                # A coroutine handler (a completion request) only starts at the loop's next turn: let it
+                # run up to its first wait before the next message, so that it sees the documents as they
+                # were when it came, not as a didChange read in the same chunk made them.
+                await asyncio.sleep(0)
             else:
                 protocol.receive_framing_error(event.reason, event.body)
             if protocol.exit_code is not None:
@@ -106,10 +110,10 @@ async def _stdio(protocol: GraniteProtocol, fd: int, max_body: int) -> int:
             data = await chunks.get()
             credits.release()
             if not data:
-                connection.closed()
+                await connection.closed()
                 log.info("stdin closed: exiting")
                 return 0 if protocol.exit_code is None else protocol.exit_code
-            if not connection.received(data):
+            if not await connection.received(data):
                 return protocol.exit_code or 0
     except BrokenPipeError:
         log.error("the client closed our stdout: exiting")
@@ -165,10 +169,10 @@ async def _tcp(protocol: GraniteProtocol, host: str, port: int, max_body: int) -
             while True:
                 data = await reader.read(_READ_SIZE)
                 if not data:
-                    connection.closed()
+                    await connection.closed()
                     log.info("the client closed the connection: exiting")
                     break
-                if not connection.received(data):
+                if not await connection.received(data):
                     break
             code = protocol.exit_code or 0
         except (ConnectionError, OSError) as e:

@@ -7,6 +7,7 @@ The scheduler's own rules are tested in process in test_scheduler.py.
 
 from __future__ import annotations
 
+import json
 import time
 
 from conftest import expected_text, load_fixtures, single_line_fixture
@@ -148,3 +149,35 @@ def test_early_first_line_is_shaped_like_the_final_answer(rpc: RpcClient) -> Non
     assert whole.startswith('\n\t\tself.status = "done"\n\t\t')
     # Early (the usual case) or, if the generation ended first, the final answer itself.
     assert first in ('\n\t\tself.status = "done"', whole)
+
+
+def test_a_request_is_for_the_document_as_it_was_when_the_request_came(rpc: RpcClient) -> None:
+    """A request and a change after it in one read: the request's handler (a coroutine) must see the
+    document of its own moment, not the changed one, so the change makes it stale (answered null)
+    instead of completing at the request's old position in the new text."""
+    rpc.initialize()
+    fixture = single_line_fixture()
+    uri = "file:///order.py"
+    rpc.open(uri, fixture["text"])
+    line, col = fixture["line"], fixture["character"]
+    assert rpc.inline(uri, line, col)["items"]  # the fixture's cursor has a suggestion
+
+    def framed(message: dict) -> bytes:
+        body = json.dumps(message).encode()
+        return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+    rpc._next_id += 1
+    msg_id = rpc._next_id
+    request = {"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/inlineCompletion"}
+    request["params"] = rpc.inline_params(uri, line, col)
+    at = {"line": line, "character": 0}
+    change = {
+        "jsonrpc": "2.0",
+        "method": "textDocument/didChange",
+        "params": {
+            "textDocument": {"uri": uri, "version": 2},
+            "contentChanges": [{"range": {"start": at, "end": at}, "text": "x"}],  # the cursor moves right
+        },
+    }
+    rpc.send_bytes(framed(request) + framed(change))
+    assert rpc.wait(msg_id, timeout=60).get("result") is None
