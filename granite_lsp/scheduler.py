@@ -257,17 +257,26 @@ class Scheduler:
         return head is not None and head[0] < job.priority
 
     def _ensure_alive(self) -> None:
-        """Restart the worker thread if it died some other way; queued jobs carry on."""
-        if not self._thread.is_alive():
+        """Restart the worker thread if it died some other way; queued jobs carry on. Under the lock:
+        a replacement being started by ``_restart`` is not alive until its start returns."""
+        with self._lock:
+            if self._thread.is_alive():
+                return
             log.error("model worker thread is dead")
-            self._restart()
+            self._start_thread()
 
     def _restart(self) -> None:
         with self._lock:
-            self.stats.restarts += 1
-            log.error("starting a new model worker thread (restart %d)", self.stats.restarts)
-            self._thread = threading.Thread(target=self._run, name="granite-model", daemon=True)
-            self._thread.start()
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        """A new model thread (the lock held). Published only once started, so a thread that is not
+        alive is one that died, never one that is starting."""
+        self.stats.restarts += 1
+        log.error("starting a new model worker thread (restart %d)", self.stats.restarts)
+        thread = threading.Thread(target=self._run, name="granite-model", daemon=True)
+        thread.start()
+        self._thread = thread
 
     def _run(self) -> None:
         while True:

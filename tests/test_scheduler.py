@@ -201,6 +201,43 @@ def test_a_failing_job_is_answered_with_its_error_and_a_crash_restarts_the_threa
     _run(body)
 
 
+def test_a_submit_while_the_crashed_thread_is_being_replaced_starts_no_second_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The crashed job is answered before its replacement thread has started; a submit in that window
+    saw a thread that was not alive yet and started another (two model threads: restarts 2, seen in CI)."""
+    starting = threading.Event()
+    threads: list[threading.Thread] = []
+
+    class SlowToStart(threading.Thread):
+        def start(self) -> None:
+            if self.name != "granite-model":  # asyncio's executor threads
+                return super().start()
+            threads.append(self)
+            if len(threads) > 1:  # a replacement: hold the window open a while (no timing is asserted)
+                starting.set()
+                submitted.wait(2.0)
+            super().start()
+
+    submitted = threading.Event()
+    monkeypatch.setattr("granite_lsp.scheduler.threading.Thread", SlowToStart)
+
+    async def body(s: Scheduler) -> None:
+        def crashes(job: Job) -> None:
+            raise SystemExit("thread killer")
+
+        crash = s.submit(crashes, key="a")
+        assert await asyncio.to_thread(starting.wait, WAIT)
+        after = await asyncio.to_thread(lambda: s.submit(lambda job: "alive", key="b"))
+        submitted.set()
+        with pytest.raises(RuntimeError, match="crashed"):
+            await s.answer(crash)
+        assert await s.answer(after) == "alive"
+        assert s.stats.restarts == 1 and len(threads) == 2
+
+    _run(body)
+
+
 def test_debounce_adapts_to_typing_speed() -> None:
     base = 0.075
     rhythm = TypingRhythm()
