@@ -88,3 +88,17 @@ def isa_level(request):
         return
     with isa.at_level(request.param):
         yield request.param
+
+
+def wait_stats(rpc, pred, what: str, timeout: float) -> dict:
+    """granite/stats once ``pred(stats)`` holds; fails (rather than returning) if it never does.
+    The timeout only bounds a hang: no elapsed time is asserted."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = rpc.call("granite/stats")
+        if pred(stats):
+            return stats
+        assert time.monotonic() < deadline, f"never {what}: {stats}"
+        time.sleep(0.02)

@@ -10,19 +10,12 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import expected_text, load_fixtures, single_line_fixture
+from conftest import expected_text, load_fixtures, single_line_fixture, wait_stats
 from jsonrpc_client import RpcClient
 
 
-def _wait_stats(rpc: RpcClient, pred, what: str, timeout: float = 60.0) -> dict:
-    """granite/stats once ``pred(stats)`` holds; fails (rather than returning) if it never does."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = rpc.call("granite/stats")
-        if pred(stats):
-            return stats
-        assert time.monotonic() < deadline, f"never {what}: {stats}"
-        time.sleep(0.02)
+def _wait_stats(rpc: RpcClient, pred, what: str) -> dict:
+    return wait_stats(rpc, pred, what, timeout=60.0)
 
 
 def _idle(rpc: RpcClient) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, wait_stats
 from jsonrpc_client import RpcClient
 
 from granite_lsp.bench.trace import load_trace, run_mode
@@ -17,14 +17,8 @@ TASKS = REPO / "model" / "corpus" / "tasks.py"
 OPTIONS = {"raw": True, "maxTokens": 8, "ignoreEos": True, "typeThrough": False}
 
 
-def _wait_stats(rpc: RpcClient, pred, what: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = rpc.call("granite/stats")
-        if pred(stats):
-            return stats
-        assert time.monotonic() < deadline, f"never {what}: {stats}"
-        time.sleep(0.02)
+def _wait_stats(rpc: RpcClient, pred, what: str) -> dict:
+    return wait_stats(rpc, pred, what, timeout=120.0)
 
 
 def _settled(rpc: RpcClient) -> dict:
