@@ -157,6 +157,9 @@ class _Spec:
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise SettingsError(f"setting {key} must be a number, got {value!r}")
+            if isinstance(value, float) and not value.is_integer():
+                # Flooring 12.7 to 12 would apply a value the user did not write; 12.0 is 12 (JSON numbers).
+                raise SettingsError(f"setting {key} must be a whole number, got {value!r}")
             low, high = opt.minimum, opt.maximum
             if (low is not None and value < low) or (high is not None and value > high):
                 raise SettingsError(f"setting {key} must be between {low} and {high}, got {value!r}")

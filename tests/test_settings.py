@@ -17,7 +17,7 @@ def test_camel_case_and_snake_case_keys_set_the_same_field() -> None:
     s = Settings().updated({"maxTokens": 7, "prefix_tokens": 100, "cacheMB": 9, "typeThrough": False})
     assert (s.max_tokens, s.prefix_tokens, s.cache_mb, s.type_through) == (7, 100, 9, False)
     assert Settings().updated({"cacheMb": 3}).cache_mb == 3
-    assert Settings().updated({"debounceMs": 12.7}).debounce_ms == 12  # editors may send floats
+    assert Settings().updated({"debounceMs": 12.0}).debounce_ms == 12  # a whole number sent as a float
     assert Settings().updated({"maxTokens": None}).max_tokens == Settings().max_tokens  # None: unchanged
 
 
@@ -33,6 +33,9 @@ def test_camel_case_and_snake_case_keys_set_the_same_field() -> None:
         ("maxLines", 0),
         ("cacheMb", -5),
         ("threads", 1e6),
+        ("debounceMs", 12.7),  # not floored to 12: a value the user did not write
+        ("maxTokens", 7.5),  # floored, 7 would be in range
+        ("threads", 1.5),
         ("prefixTokens", "1536"),
         ("maxTokens", True),
         ("streaming", 1),
@@ -93,10 +96,11 @@ def test_cli_options_are_derived_from_the_schema() -> None:
 
 def test_server_reports_bad_settings_and_still_answers_automatic_requests(rpc: RpcClient) -> None:
     """debounceMs 1e300 used to make every automatic request wait forever; unknown keys passed in silence."""
-    rpc.initialize({"debounceMs": 1e300, "threds": 2, "maxLines": math.nan})
+    rpc.initialize({"debounceMs": 1e300, "threds": 2, "maxLines": math.nan, "maxTokens": 7.5})
     warning = rpc.wait_notification("window/showMessage", lambda p: p["type"] == 2)
     message = warning["params"]["message"]
     assert "debounceMs" in message and "'threds'" in message and "maxLines" in message
+    assert "setting maxTokens must be a whole number, got 7.5" in message
     fixture = single_line_fixture()
     rpc.open("file:///s.py", fixture["text"])
     result = rpc.inline("file:///s.py", fixture["line"], fixture["character"], automatic=True)
