@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .fim import FimPrompt
+from .speculate import MAX_DRAFT, DraftSource, PromptLookup
 from .state_cache import PrefillResult, StateCache
 from .tokens import TextTokenizer
 
@@ -32,6 +33,12 @@ class GenerationStats:
     # A remote engine's own count of prompt tokens served from its prefix cache (None: in process, or
     # the engine did not report it for this request).
     cached_tokens: int | None = None
+    # Speculative decoding (speculate.py): decode forwards run (steps and verifies), draft tokens fed
+    # in verifies, and drafts that became output (tokens per forward: generated / decode_forwards,
+    # the first token coming from the prefill).
+    decode_forwards: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def total_ms(self) -> float:
@@ -49,9 +56,13 @@ class Generation:
 class Engine:
     """Turns a FIM prompt into the middle's continuation, reusing model state through ``cache``."""
 
-    def __init__(self, tokenizer: TextTokenizer, cache: StateCache) -> None:
+    def __init__(self, tokenizer: TextTokenizer, cache: StateCache, speculate: bool = True) -> None:
         self.tokenizer = tokenizer
         self.cache = cache
+        # Draft tokens from the prompt and verify them several per forward (speculate.py); the
+        # output is the same either way, only the number of forwards changes.
+        self.speculate = speculate
+        self.drafts: DraftSource = PromptLookup  # where drafts come from (tests force their own)
         self._stop_ids = torch.tensor(sorted(tokenizer.control.stop_ids), dtype=torch.long)
 
     def generate(
@@ -84,17 +95,24 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = ""
         ids: list[int] = []
-        logits = pre.logits
+        drafter = self.drafts(prompt.ids, stop_ids) if self.speculate else None
+        # rows[j]: the logits after the last fed token and the first j of ``drafts`` (one verify
+        # forward fed them all); row j + 1 counts only while the choices equal the drafts.
+        rows: list[torch.Tensor] = [pre.logits]
+        drafts: list[int] = []
+        j = 0
         reason = "max_tokens"
         while len(ids) < max_tokens:
             if cancelled():
                 reason = "cancelled"
                 break
-            token = self._choose(logits, pending, ignore_eos)
+            token = self._choose(rows[j], pending, ignore_eos)
             if token in stop_ids:
                 reason = "eos"
                 break
             ids.append(token)
+            if drafter is not None:
+                drafter.append(token)
             piece = table[token]
             if pending:
                 if piece.startswith(pending):
@@ -105,8 +123,25 @@ class Engine:
             if on_text is not None and not on_text(text):
                 reason = "callback"
                 break
-            if len(ids) < max_tokens:
-                logits = self.cache.step(token)
+            if len(ids) >= max_tokens:
+                break
+            if j < len(drafts) and token == drafts[j]:
+                j += 1  # already fed by the verify: its logits are the next row
+                stats.accepted_tokens += 1
+                continue
+            if drafts:
+                self.cache.keep(j + 1)  # the fed token and the drafts the model agreed with
+            # Drafts only for tokens that could still be generated (each fed token precedes one).
+            drafts = drafter.propose(min(MAX_DRAFT, max_tokens - len(ids) - 1)) if drafter else []
+            j = 0
+            stats.decode_forwards += 1
+            if drafts:
+                stats.draft_tokens += len(drafts)
+                rows = list(self.cache.verify([token, *drafts]))
+            else:
+                rows = [self.cache.step(token)]
+        if drafts:
+            self.cache.keep(j + 1)  # the state has consumed exactly what plain decoding would have
         text += decoder.decode(b"", final=True)
         stats.generated_tokens = len(ids)
         stats.decode_ms = (time.perf_counter() - t0) * 1000.0

@@ -210,7 +210,7 @@ class CompletionService:
                 if loaded.model is None:
                     raise RuntimeError("the local engine needs the model's weights")
                 self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
-            self.engine = Engine(loaded.tokenizer, self.cache)
+            self.engine = Engine(loaded.tokenizer, self.cache, speculate=self._speculates(settings))
         self._documents: dict[str, DocumentMemory] = {}
         self.typed_through = 0  # answers served from a document's last suggestion
         self.decoded_tokens = 0  # tokens generated over all calls, cancelled ones included
@@ -221,6 +221,13 @@ class CompletionService:
         if self.cache is not None:
             self.cache.max_bytes = settings.cache_mb << 20
             self.cache.enabled = settings.reuse
+        if isinstance(self.engine, Engine):
+            self.engine.speculate = self._speculates(settings)
+
+    def _speculates(self, settings: Settings) -> bool:
+        """Speculative decoding needs the runtime's state rollback (StateCache.verify/keep): not with
+        the bench's transformers reference."""
+        return settings.speculate and isinstance(self.cache, StateCache)
 
     def document(self, doc: str, settings: Settings | None = None) -> DocumentMemory:
         """The document's memory; its prompt builder starts again when the budgets changed (the layout

@@ -120,6 +120,8 @@ class StateCache:
         self._zero = self.model.zero_snapshot()  # restoring it copies zeros in; it holds no memory
         self.live_tokens: list[int] = []
         self.live_logits: torch.Tensor | None = None
+        self._verified = torch.empty(0)  # the last verify's logits (keep picks the row that stays)
+        self._before_verify: torch.Tensor | None = None
         self.checkpoints: list[Checkpoint] = []
         self._tick = itertools.count(1)
 
@@ -187,6 +189,27 @@ class StateCache:
         """Feed one generated token to the live state (decode)."""
         return self._run(np.asarray([token], dtype=np.int64))
 
+    def verify(self, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` (a generated token, then draft tokens after it) in one journaled forward and
+        return every row's logits [len(ids), vocab]; ``keep`` then says how many stay consumed
+        (speculative decoding: speculate.py)."""
+        self._before_verify = self.live_logits
+        self.live.journal_next()
+        self._verified = self._run(np.asarray(ids, dtype=np.int64), all_logits=True)
+        return self._verified
+
+    def keep(self, n: int) -> None:
+        """Keep the first ``n`` tokens of the last ``verify``: the live state (tokens, logits, model
+        state) is then the one that feeding just those tokens would have left."""
+        rows = len(self._verified)
+        try:
+            self.model.keep(self.live, n)
+        except BaseException:
+            self._restore(self._zero, None, [], None)  # as after a failed forward (_run)
+            raise
+        del self.live_tokens[len(self.live_tokens) - rows + n :]
+        self.live_logits = self._verified[n - 1] if n else self._before_verify
+
     def forget(self, doc: str) -> None:
         self.checkpoints = [c for c in self.checkpoints if c.doc != doc]
 
@@ -240,16 +263,16 @@ class StateCache:
         self.live_tokens = tokens
         self.live_logits = logits
 
-    def _run(self, ids: np.ndarray) -> torch.Tensor:
+    def _run(self, ids: np.ndarray, all_logits: bool = False) -> torch.Tensor:
         try:
-            logits = self.model.forward(torch.from_numpy(ids), self.live)
+            logits = self.model.forward(torch.from_numpy(ids), self.live, all_logits=all_logits)
         except BaseException:
             # The live state is updated in place, layer by layer and piece by piece: after a failure
             # (out of memory, ...) it matches no token list. Start over from empty, never from it.
             self._restore(self._zero, None, [], None)
             raise
         self.live_tokens.extend(ids.tolist())
-        self.live_logits = logits
+        self.live_logits = logits[-1] if all_logits else logits
         return logits
 
     def _checkpoint(self, doc: str, end: bool = False) -> None:

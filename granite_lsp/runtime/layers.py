@@ -9,6 +9,7 @@ speed. Activations are [T, features] (no batch dim). Semantics follow transforme
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -227,17 +228,36 @@ class MambaMixer:
         chunk_size: int,
         recurrent_max: int,
         out_rows: slice | None = None,
+        record: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
-        """``out_rows``: project only these rows' outputs; the states still advance over all rows."""
-        T = h.shape[0]
-        E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
+        """``out_rows``: project only these rows' outputs; the states still advance over all rows.
+        ``record`` sees the in_proj rows before the states advance (a journaled forward: state.py)."""
         zxbcdt = linear(h, self.w_in, self.b_in)
+        if record is not None:
+            record(zxbcdt)
+        y = self.mix(zxbcdt, conv_state, ssm_state, chunk_size, recurrent_max, out_rows)
+        return linear(y, self.w_out, self.b_out)
+
+    def mix(
+        self,
+        zxbcdt: Tensor,
+        conv_state: Tensor,
+        ssm_state: Tensor,
+        chunk_size: int,
+        recurrent_max: int,
+        out_rows: slice | None = None,
+    ) -> Tensor:
+        """Between the projections: advance the states over the in_proj rows ``zxbcdt`` and return
+        what out_proj takes (of ``out_rows`` only, when given). Speculative decoding's rollback calls
+        it alone to re-run the recurrence over the rows it keeps (ModelState.keep)."""
+        T = zxbcdt.shape[0]
+        E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         if self.fused and self.kernels is not None and _fused(zxbcdt, conv_state, ssm_state):
             y1 = self.kernels.mamba_mixer(
                 zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
             )  # fmt: skip
-            return linear(y1 if out_rows is None else y1[out_rows], self.w_out, self.b_out)
+            return y1 if out_rows is None else y1[out_rows]
         z = zxbcdt[:, :E]
         # CUDA kernels when installed (same layouts, same float32 math, same final states); each
         # answers None when it cannot run here and the torch ops below take over.
@@ -260,7 +280,7 @@ class MambaMixer:
         y = y.addcmul_(x, self.D.view(H, 1)).reshape(T, E)
         if out_rows is not None:
             y, z = y[out_rows], z[out_rows]
-        return linear(self._gated_norm(y, z).to(h.dtype), self.w_out, self.b_out)
+        return self._gated_norm(y, z).to(zxbcdt.dtype)
 
     def _conv(self, xbc: Tensor, conv_state: Tensor) -> Tensor:
         """Causal depthwise conv over [state; new inputs], then SiLU; updates ``conv_state``

@@ -10,6 +10,7 @@ chunked SSD scan, and logits are only computed where they are returned.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,8 @@ class HybridModel:
         # difference was not measurable. A state a caller built in inference mode gets it.
         with torch.no_grad(), torch.inference_mode(state.is_inference):
             state.prepare(T)
+            if state.begin_forward(T) and T > self.prefill_piece:
+                raise ValueError(f"a journaled forward takes at most {self.prefill_piece} tokens, got {T}")
             if self.single_thread_small_ops:
                 with small_ops_single_threaded():
                     return self._forward_pieces(input_ids, state, all_logits)
@@ -237,7 +240,8 @@ class HybridModel:
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         x = x.contiguous()
-        if T == 1 and self._one_call_step_applies():
+        journaled = state.journal.active
+        if T == 1 and not journaled and self._one_call_step_applies():
             assert self.kernels is not None
             x = self.kernels.decode_layers(
                 x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads()
@@ -257,8 +261,9 @@ class HybridModel:
             # projection and MLP run on that row alone (llama.cpp does the same).
             rows = slice(T - 1, T) if i + 1 == len(self.blocks) and T > 1 and not all_logits else None
             if isinstance(blk.mixer, MambaMixer):
+                record = partial(state.record, blk.slot) if journaled else None
                 h = blk.mixer.forward(
-                    h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max, rows
+                    h, state.conv[blk.slot], state.ssm[blk.slot], self.chunk_size, self.recurrent_max, rows, record
                 )
             else:
                 h = blk.mixer.forward(h, state.kv.k[blk.slot], state.kv.v[blk.slot], pos, rope, rows)
@@ -273,6 +278,23 @@ class HybridModel:
                 x = torch.add(x, h, alpha=rm)
         state.advance(T)
         return self.lm_head_logits(x if all_logits else x[-1])
+
+    def keep(self, state: ModelState, n: int) -> None:
+        """Keep the first ``n`` rows of ``state``'s last forward, journaled by ``state.journal_next()``
+        (speculative decoding's rollback; ModelState.keep and state.Journal say how and why)."""
+
+        def replay(slot: int, inputs: Tensor, conv: Tensor, ssm: Tensor) -> None:
+            mixer = self._mamba_mixers()[slot]
+            mixer.mix(inputs, conv, ssm, self.chunk_size, self.recurrent_max, slice(-1, None))
+
+        if self.single_thread_small_ops:
+            with small_ops_single_threaded():
+                state.keep(n, replay)
+        else:
+            state.keep(n, replay)
+
+    def _mamba_mixers(self) -> dict[int, MambaMixer]:
+        return {blk.slot: blk.mixer for blk in self.blocks if isinstance(blk.mixer, MambaMixer)}
 
     def _one_call_step_applies(self) -> bool:
         """Whether a one-token step can run as CpuKernels.decode_layers: the packed CPU kernels, no

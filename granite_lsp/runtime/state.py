@@ -10,12 +10,16 @@ The KV cache keeps its own invariants: only ``advance`` (after a forward wrote t
 checkpoint) is never overwritten: ``ModelState.prepare`` branches the cache (copies the positions
 in use to fresh buffers) before a write that would. So several checkpoints of one token history
 share one buffer, and a branch costs a copy only when it is written.
+
+A forward can also be *journaled* (speculative decoding's verify step: ``ModelState.journal_next``):
+the state then keeps what it needs to go back to any of that forward's rows (``ModelState.keep``),
+see ``Journal``.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +179,40 @@ class MambaSnapshot:
         return MambaSnapshot(tuple(t.clone() for t in self.conv), tuple(t.clone() for t in self.ssm), self.pos)
 
 
+class Journal:
+    """What a journaled forward leaves so that the state can keep only its first rows.
+
+    Speculative decoding verifies k draft tokens in one forward and keeps the first j + 1 rows (the
+    token it had to feed plus the j drafts the model agreed with). Attention KV just crops. A Mamba
+    state cannot be rewound, and writing each row's SSM state (~22 MB per token on the real shape)
+    would cost more than the whole forward saves. So per Mamba layer the journal keeps:
+    - the conv and SSM states *before* the forward, copied into buffers kept from one verify to the
+      next (allocating 22 MB per step cost page faults), just before that layer updates them (cache
+      warm: the mixer reads the same state right after);
+    - the layer's per-token inputs (its in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on the
+      real shape), which is all the recurrence reads.
+    Keeping j + 1 < T rows swaps the copies back in and re-runs only the layer's conv and scan over
+    those rows (``replay``: no matmul, the same kernel and arithmetic as the forward). Keeping all
+    rows costs nothing more. bench/verify_cost.py measures both against a plain step.
+    """
+
+    def __init__(self) -> None:
+        self.start = -1  # the state's position when the journaled forward began; -1: none pending
+        self.rows = 0
+        self.conv: dict[int, Tensor] = {}  # per Mamba slot: the states before the forward
+        self.ssm: dict[int, Tensor] = {}
+        self.inputs: dict[int, Tensor] = {}  # per Mamba slot: the forward's in_proj rows
+
+    @property
+    def active(self) -> bool:
+        return self.start >= 0
+
+
+# Re-runs one Mamba layer's conv and scan over in_proj rows, from and into the given states
+# (HybridModel supplies it: the layers live there).
+Replay = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
 class ModelState:
     """Everything a forward pass continues from: KV cache, live Mamba buffers and ``pos``.
 
@@ -193,6 +231,8 @@ class ModelState:
         self.conv: list[Tensor] = [t.clone(memory_format=torch.contiguous_format) for t in mamba.conv]
         self.ssm: list[Tensor] = [t.clone(memory_format=torch.contiguous_format) for t in mamba.ssm]
         self.pos = mamba.pos
+        self.journal = Journal()
+        self._journal_next = False
 
     def snapshot(self) -> MambaSnapshot:
         """Copy of the Mamba states at the current position (the KV needs no copy, see restore)."""
@@ -224,6 +264,55 @@ class ModelState:
         kv.rewind_to(snap.pos)
         self.kv = kv
         self.pos = snap.pos
+        self.journal.start, self._journal_next = -1, False
+
+    # -- journaled forwards (speculative decoding; see Journal) ---------------------------------
+    def journal_next(self) -> None:
+        """Journal the next forward, so that ``keep`` can go back to any of its rows."""
+        self._journal_next = True
+
+    def begin_forward(self, n: int) -> bool:
+        """A forward of ``n`` tokens starts (after ``prepare``); whether it is journaled. Any older
+        journal is dropped: ``keep`` only ever applies to the last forward."""
+        j = self.journal
+        j.start, j.rows = (self.pos, n) if self._journal_next else (-1, 0)
+        j.inputs.clear()
+        self._journal_next = False
+        return j.active
+
+    def record(self, slot: int, inputs: Tensor) -> None:
+        """A journaled forward's Mamba layer ``slot`` is about to advance its states over ``inputs``."""
+        j = self.journal
+        if not j.active or j.start != self.pos:
+            raise ValueError("no journaled forward is running on this state")
+        with torch.inference_mode(self.is_inference):
+            for live, saved in ((self.conv, j.conv), (self.ssm, j.ssm)):
+                buf = saved.get(slot)
+                if buf is None or buf.shape != live[slot].shape or buf.dtype != live[slot].dtype:
+                    buf = saved[slot] = torch.empty_like(live[slot])
+                buf.copy_(live[slot])
+        j.inputs[slot] = inputs
+
+    def keep(self, n: int, replay: Replay) -> None:
+        """Keep the first ``n`` rows of the last (journaled) forward: the state is then exactly as
+        if only those tokens had been fed. ``replay`` re-runs a Mamba layer's recurrence."""
+        j = self.journal
+        if not j.active or self.pos != j.start + j.rows:
+            raise ValueError("keep() follows a journaled forward, before anything else moves the state")
+        if not 0 <= n <= j.rows:
+            raise ValueError(f"cannot keep {n} of a journaled forward's {j.rows} rows")
+        if n < j.rows:
+            with torch.no_grad(), torch.inference_mode(self.is_inference):
+                for slot, inputs in j.inputs.items():
+                    # the states before the forward become live again; the advanced ones are scratch
+                    self.conv[slot], j.conv[slot] = j.conv[slot], self.conv[slot]
+                    self.ssm[slot], j.ssm[slot] = j.ssm[slot], self.ssm[slot]
+                    if n:
+                        replay(slot, inputs[:n], self.conv[slot], self.ssm[slot])
+            self.kv.crop(j.start + n)
+            self.pos = j.start + n
+        j.start, j.rows = -1, 0
+        j.inputs.clear()
 
     def prepare(self, n: int) -> None:
         """Before a forward writes ``n`` positions: branch the KV cache if a holder still needs
@@ -249,7 +338,8 @@ class ModelState:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes + _nbytes(self.conv) + _nbytes(self.ssm)
+        journal = _nbytes([*self.journal.conv.values(), *self.journal.ssm.values()])
+        return self.kv.nbytes + _nbytes(self.conv) + _nbytes(self.ssm) + journal
 
     @property
     def is_inference(self) -> bool:

@@ -1,0 +1,205 @@
+"""Speculative decoding: drafts from the prompt (speculate.py), verified in one journaled forward and
+rolled back to the rows the model agreed with (runtime/state.py's Journal). The output must be the
+same token ids as plain greedy decoding, on every tiny-model fixture, on every decode path (torch
+matmuls, torch ops, the packed CPU kernels) at every ISA level this CPU has (conftest's isa_level).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import TINY, load_fixtures
+
+from granite_lsp import kernels
+from granite_lsp.documents import Document
+from granite_lsp.runtime import HybridModel
+from granite_lsp.speculate import MAX_DRAFT, PromptLookup
+
+pytestmark = pytest.mark.usefixtures("isa_level")
+
+TOL = 1e-4  # the runtime's tolerance against transformers (tests/test_runtime.py)
+PATHS = ["torch-matmuls", "torch-ops", "packed-kernels"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(path: str) -> HybridModel:
+    """model/tiny on one decode path: the packed CPU kernels (the CPU default), torch matmuls (the GPU
+    path), or torch ops throughout (no fused mixer, attention or one-call step)."""
+    packed = path == "packed-kernels"
+    if packed and not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.build_error()}")
+    model = HybridModel.from_pretrained(TINY, packed=packed)
+    if path == "torch-ops":
+        model.fused_step = False
+        for blk in model.blocks:
+            blk.mixer.fused = False
+    return model
+
+
+# -- drafts -------------------------------------------------------------------------------------
+def test_prompt_lookup_proposes_what_followed_the_last_ngram() -> None:
+    look = PromptLookup([1, 2, 3, 4, 5, 9, 2, 3, 7, 8], never={8})
+    for t in (1, 2, 3):
+        look.append(t)
+    # "1 2 3" occurred at the start: what followed it, up to the limit
+    assert look.propose(3) == [4, 5, 9]
+    look.append(4)
+    # "2 3 4" occurred once
+    assert look.propose(2) == [5, 9]
+    look.append(6)
+    assert look.propose() == []  # "3 4 6" and "4 6" never occurred
+    look.append(2)
+    look.append(3)
+    # "6 2 3" never, "2 3" three times before the end: the most recent one (the generated "2 3 4 6")
+    assert look.propose() == [4, 6, 2, 3]
+    assert look.propose(0) == []
+
+
+def test_prompt_lookup_stops_before_a_stop_token() -> None:
+    look = PromptLookup([5, 6, 7, 0, 8, 5, 6], never={0})
+    assert look.propose() == [7]  # "5 6" -> 7, then the stop id 0 ends the draft
+    look.append(7)
+    assert look.propose() == []  # "6 7" -> 0: a draft of nothing
+
+
+# -- rollback in the runtime ----------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
+def test_keeping_any_rows_of_a_verify_equals_feeding_just_them(path: str) -> None:
+    """A verify of 1 + MAX_DRAFT rows, then keep(n) for every n: state, logits and the decoding that
+    follows are those of feeding the first n tokens one at a time."""
+    model = tiny_model(path)
+    gen = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (37,), generator=gen)
+    fed = torch.randint(0, vocab, (1 + MAX_DRAFT,), generator=gen)
+    after = torch.randint(0, vocab, (3,), generator=gen)
+    for n in range(len(fed) + 1):
+        spec, plain = model.new_state(8), model.new_state(8)  # small: the KV buffers grow
+        base = model.forward(prompt, spec)
+        assert torch.equal(base, model.forward(prompt, plain))
+        spec.journal_next()
+        rows = model.forward(fed, spec, all_logits=True)
+        model.keep(spec, n)
+        want = base
+        for t in fed[:n]:
+            want = model.forward(t.view(1), plain)
+        got = rows[n - 1] if n else base
+        assert spec.pos == plain.pos == spec.kv.length == len(prompt) + n
+        assert (got - want).abs().max().item() < TOL, n
+        for a, b in zip((*spec.conv, *spec.ssm), (*plain.conv, *plain.ssm), strict=True):
+            assert (a - b).abs().max().item() < TOL, n
+        for a, b in zip((*spec.kv.k, *spec.kv.v), (*plain.kv.k, *plain.kv.v), strict=True):
+            assert (a[:, : spec.pos] - b[:, : plain.pos]).abs().max().item() < TOL, n
+        for t in after:  # decoding goes on alike
+            x, y = model.forward(t.view(1), spec), model.forward(t.view(1), plain)
+            assert (x - y).abs().max().item() < TOL and int(x.argmax()) == int(y.argmax()), n
+
+
+def test_keep_needs_the_journaled_forward_just_before() -> None:
+    model = tiny_model("torch-matmuls")
+    state = model.new_state(8)
+    model.forward(torch.tensor([1, 2, 3]), state)
+    with pytest.raises(ValueError, match="journaled"):
+        model.keep(state, 1)  # that forward was not journaled
+    state.journal_next()
+    model.forward(torch.tensor([4, 5]), state, all_logits=True)
+    with pytest.raises(ValueError, match="cannot keep 3"):
+        model.keep(state, 3)
+    model.keep(state, 1)
+    assert state.pos == 4
+    with pytest.raises(ValueError, match="journaled"):
+        model.keep(state, 1)  # a journal applies once
+
+
+# -- the engine: same output with and without speculation ------------------------------------------
+@pytest.fixture(scope="module", params=["packed-kernels", "torch-matmuls"])
+def loaded(request, tiny_loaded):
+    """The tiny model as the server loads it (packed kernels where they build), and on torch matmuls."""
+    if request.param == "packed-kernels":
+        if not tiny_loaded.model.packed:
+            pytest.skip("kernels unavailable")
+        return tiny_loaded
+    return dataclasses.replace(tiny_loaded, model=tiny_model("torch-matmuls"))
+
+
+def _service(loaded, **options):
+    from granite_lsp.service import CompletionService
+    from granite_lsp.settings import Settings
+
+    return CompletionService(loaded, Settings().updated({"model": str(TINY), "typeThrough": False, **options}))
+
+
+def _complete(svc, fx: dict, uri: str, **kw):
+    cursor = Document("x", fx["text"]).offset_at(fx["line"], fx["character"])
+    return svc.complete(uri, fx["text"], cursor, shape=False, **kw).generation
+
+
+def test_every_fixture_decodes_the_same_tokens_with_speculation(loaded) -> None:
+    on, off = _service(loaded), _service(loaded, speculate=False)
+    assert on.engine.speculate and not off.engine.speculate
+    accepted = forwards = 0
+    for i, fx in enumerate(load_fixtures()):
+        for max_tokens in (96, 5):  # to the end of the middle, and cut by maxTokens inside a verify
+            a = _complete(on, fx, f"file:///{i}.py", max_tokens=max_tokens)
+            b = _complete(off, fx, f"file:///{i}.py", max_tokens=max_tokens)
+            assert (a.token_ids, a.text, a.stop_reason) == (b.token_ids, b.text, b.stop_reason), (i, max_tokens)
+            # the live state consumed exactly the same tokens (the next request reuses it)
+            assert on.cache.live_tokens == off.cache.live_tokens
+            accepted += a.stats.accepted_tokens
+            forwards += a.stats.decode_forwards
+            assert b.stats.draft_tokens == 0 and b.stats.decode_forwards == len(b.token_ids) - (b.stop_reason != "eos")
+    assert accepted > 0  # drafts were accepted somewhere: the verify path ran, not just plain steps
+
+
+class Oracle:
+    """Drafts that follow the plain greedy output ``want`` and diverge at draft index ``wrong`` (never,
+    when ``wrong`` >= MAX_DRAFT): every verify then accepts exactly min(wrong, drafts) tokens."""
+
+    def __init__(self, want: list[int], wrong: int, vocab: int, stop: frozenset[int]):
+        self.want, self.wrong, self.vocab, self.stop = want, wrong, vocab, stop
+        self.generated = 0
+        self.proposed: list[list[int]] = []
+
+    def __call__(self, prompt: list[int], stop_ids: frozenset[int]) -> Oracle:
+        self.generated = 0
+        return self
+
+    def append(self, token: int) -> None:
+        assert token == self.want[self.generated]
+        self.generated += 1
+
+    def propose(self, limit: int = MAX_DRAFT) -> list[int]:
+        draft = list(self.want[self.generated : self.generated + limit])
+        if self.wrong < len(draft):
+            bad = (draft[self.wrong] + 1) % self.vocab
+            while bad in self.stop or bad == draft[self.wrong]:
+                bad = (bad + 1) % self.vocab
+            draft[self.wrong] = bad
+        self.proposed.append(draft)
+        return draft
+
+
+@pytest.mark.parametrize("wrong", range(MAX_DRAFT + 1))
+def test_drafts_rejected_at_every_position_change_nothing(loaded, wrong: int) -> None:
+    """Forced drafts that diverge at each position 0..k (k + 1: all right): the tokens are the plain
+    ones, and the model accepted exactly the drafts before the wrong one."""
+    fx = max(load_fixtures(), key=lambda f: len(f["middle"]))
+    off = _service(loaded, speculate=False, reuse=False)
+    want = _complete(off, fx, "file:///w.py", max_tokens=96)
+    on = _service(loaded, reuse=False)
+    oracle = Oracle(want.token_ids, wrong, len(on.loaded.tokenizer.token_bytes), on.loaded.tokenizer.control.stop_ids)
+    on.engine.drafts = oracle
+    got = _complete(on, fx, "file:///w.py", max_tokens=96)
+    assert (got.token_ids, got.text, got.stop_reason) == (want.token_ids, want.text, want.stop_reason)
+    assert got.stats.draft_tokens == sum(len(d) for d in oracle.proposed)
+    assert got.stats.accepted_tokens == sum(min(wrong, len(d)) for d in oracle.proposed)
+    assert got.stats.decode_forwards == len(oracle.proposed)  # each forward asked for drafts first
