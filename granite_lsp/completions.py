@@ -19,6 +19,7 @@ from .documents import Document, PositionError
 from .postprocess import Suggestion
 from .scheduler import Job, Priority
 from .service import Completion, Progress, ProgressSink
+from .timeline import Timeline
 
 if TYPE_CHECKING:
     from .server import GraniteServer
@@ -37,6 +38,7 @@ def submit_completion(
     priority: Priority = Priority.REQUEST,
     delay: float = 0.0,
     on_progress: ProgressSink | None = None,
+    timeline: Timeline | None = None,
 ) -> Job:
     """The one way a completion reaches the model: the document's text now, the settings now, the model
     loaded when the job runs (a job that waited through a reload must neither use nor keep the old one)."""
@@ -50,6 +52,7 @@ def submit_completion(
         # Other files' context is tokenized here, inside the job's error handling.
         tokenizer = service.loaded.tokenizer
         context_ids = context.ids(uri, tokenizer, settings.context_tokens, settings.filename_in_prompt)
+        job.timeline.mark("context")
         return service.complete(
             uri,
             text,
@@ -58,9 +61,10 @@ def submit_completion(
             context_ids=context_ids,
             cancelled=job.cancelled,
             on_progress=on_progress,
+            timeline=job.timeline,
         )
 
-    return server.scheduler.submit(run, key=uri, priority=priority, delay=delay)
+    return server.scheduler.submit(run, key=uri, priority=priority, delay=delay, timeline=timeline)
 
 
 class _Watcher:
@@ -68,8 +72,11 @@ class _Watcher:
     first complete line as an early answer (standard clients: the rest keeps generating and is served
     from the typing-through memory when the user accepts that line)."""
 
-    def __init__(self, server: GraniteServer, uri: str, version: int | None, position: types.Position) -> None:
+    def __init__(
+        self, server: GraniteServer, uri: str, version: int | None, position: types.Position, timeline: Timeline
+    ) -> None:
         self._loop = asyncio.get_running_loop()
+        self.timeline = timeline
         self._notify = server.protocol.notify
         settings = server.settings
         self.stream = server.client_streams()
@@ -88,12 +95,18 @@ class _Watcher:
                 self._loop.call_soon_threadsafe(_resolve_once, self.early, first)
 
     def partial(self, text: str, done: bool = False) -> None:
-        self._loop.call_soon_threadsafe(self._notify, PARTIAL, {**self._payload, "text": text, "done": done})
+        self._loop.call_soon_threadsafe(self._send, {**self._payload, "text": text, "done": done})
+
+    def _send(self, params: dict[str, Any]) -> None:  # the loop
+        self._notify(PARTIAL, params)
+        if params["text"]:
+            self.timeline.mark("sent")  # the first partial with new text is out
 
 
 async def inline_completion(
     server: GraniteServer, params: types.InlineCompletionParams
 ) -> types.InlineCompletionList | None:
+    timeline = Timeline.starting_now()
     uri = params.text_document.uri
     doc = server.documents.get(uri)
     if doc is None or server.service is None:
@@ -106,8 +119,8 @@ async def inline_completion(
         return None
     automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
     delay = server.scheduler.debounce_seconds(uri, server.settings.debounce_ms / 1000.0) if automatic else 0.0
-    watch = _Watcher(server, uri, doc.version, params.position)
-    job = submit_completion(server, doc, cursor, delay=delay, on_progress=watch.on_progress)
+    watch = _Watcher(server, uri, doc.version, params.position, timeline)
+    job = submit_completion(server, doc, cursor, delay=delay, on_progress=watch.on_progress, timeline=timeline)
     try:
         await asyncio.wait({job.future, watch.early}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -137,7 +150,15 @@ def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher
     if completion is None:
         return None
     gen = completion.generation
-    server.last_stats = {**asdict(gen.stats), "total_ms": gen.stats.total_ms, "stop_reason": gen.stop_reason}
+    timeline = watch.timeline
+    server.last_stats = {
+        **asdict(gen.stats),
+        "total_ms": gen.stats.total_ms,
+        "stop_reason": gen.stop_reason,
+        "phases": timeline.phases(),
+        "behind": timeline.behind,
+        "steps_to_visible": timeline.steps_to_visible,
+    }
     if watch.stream:
         watch.partial(completion.suggestion.text if completion.suggestion else "", True)
     return completion.suggestion

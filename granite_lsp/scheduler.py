@@ -13,7 +13,9 @@ decision about whether a job may still run, or is still wanted, is made here:
 - *priority*: jobs run one at a time on a dedicated thread that owns the model, the lowest ``Priority``
   first (FIFO within one). A request preempts a running job of a lower priority that allows it: the job sees
   ``cancelled()``; a ``resumable`` one (background precomputation) is queued again to carry on later, the
-  others (a prefetch) end there.
+  others (a prefetch) end there;
+- *waits*: how long each request waited for the model thread once ready (after its debounce), split by
+  what held the thread then (``timeline.WaitStats``), and the request's moments on its ``Timeline``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from enum import IntEnum
 from typing import Any
 
 from . import failpoints
+from .timeline import Timeline, WaitStats
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class Job:
     preempt_event: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     finished: bool = False
+    timeline: Timeline = field(default_factory=Timeline)
 
     def cancelled(self) -> bool:
         """Stop now? Polled by the model between steps: stale, cancelled or preempted."""
@@ -125,6 +129,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._running: Job | None = None
         self.stats = WorkerStats()
+        self.waits = WaitStats()
         self._thread = threading.Thread(target=self._run, name="granite-model", daemon=True)
         self._thread.start()
 
@@ -143,15 +148,19 @@ class Scheduler:
         delay: float = 0.0,
         preemptible: bool | None = None,
         resumable: bool = False,
+        timeline: Timeline | None = None,
     ) -> Job:
         """The one way to run ``fn`` on the model thread; its answer is ``job.future``.
 
         With a ``key`` the job belongs to that document's current text: a change makes it stale, and a
         request or prefetch makes the document's previous one stale. ``delay`` holds it back first
-        (debounce). Jobs below REQUEST priority are preemptible unless told otherwise.
+        (debounce). Jobs below REQUEST priority are preemptible unless told otherwise. ``timeline``: the
+        request's, marked from its arrival (the scheduler marks when it is ready and when it starts).
         """
         preemptible = priority > Priority.REQUEST if preemptible is None else preemptible
         job = Job(key, fn, self._loop.create_future(), priority, preemptible=preemptible, resumable=resumable)
+        if timeline is not None:
+            job.timeline = timeline
         self._ensure_alive()
         with self._lock:
             self.stats.submitted += 1
@@ -220,6 +229,8 @@ class Scheduler:
             if self._is_stale(job):
                 return
             running = self._running
+            job.timeline.mark("ready")
+            job.timeline.behind = "idle" if running is None else running.priority.name.lower()
             if running is not None and running.preemptible and running.priority > job.priority:
                 running.preempt_event.set()
                 self.stats.preempted += 1
@@ -255,6 +266,16 @@ class Scheduler:
         """A job of a higher priority waits in the queue (its head: the lowest priority value)."""
         head = self._queue.queue[0] if self._queue.queue else None
         return head is not None and head[0] < job.priority
+
+    def _note_start(self, job: Job) -> None:
+        """The model thread starts ``job``: a request's wait since it was ready goes to the record
+        (a resumed background job keeps its first marks)."""
+        timeline = job.timeline
+        timeline.mark("started")
+        if job.priority == Priority.REQUEST and job.key is not None and timeline.behind is not None:
+            wait = timeline.ms("ready", "started")
+            if wait is not None:
+                self.waits.note(timeline.behind, wait)
 
     def _ensure_alive(self) -> None:
         """Restart the worker thread if it died some other way; queued jobs carry on. Under the lock:
@@ -294,6 +315,7 @@ class Scheduler:
                 job.started = True
                 self.stats.ran += 1
                 self._running = job
+                self._note_start(job)
             crashed = self._run_one(job)
             del job  # its result and error go now, not when the next job ends (a load holds a model)
             if crashed:

@@ -174,10 +174,14 @@ class GraniteServer(LanguageServer):
         out["protocol"] = dict(protocol.counters) if isinstance(protocol, GraniteProtocol) else {}
         if self._scheduler is not None:
             out["worker"] = {**asdict(self._scheduler.stats), "busy": self._scheduler.busy}
+            out["waits"] = self._scheduler.waits.as_dict()  # requests' waits for the model thread
         if service is not None:
             out["decoded_tokens"] = service.decoded_tokens
             if service.cache is not None:
-                out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes()}
+                cap = {"max_bytes": service.cache.max_bytes} if hasattr(service.cache, "max_bytes") else {}
+                out["cache"] = {**asdict(service.cache.stats), "bytes": service.cache.nbytes(), **cap}
+            model = service.loaded.model
+            out["model_bytes"] = model.weight_bytes() if model is not None else 0
             if isinstance(service.engine, RemoteEngine):
                 out["remote"] = {**asdict(service.engine.stats), "down": service.engine.health.down}
             out["typed_through"] = service.typed_through

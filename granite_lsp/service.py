@@ -25,6 +25,7 @@ from .runtime import HybridConfig, HybridModel
 from .runtime.weights import random_state_dict
 from .settings import Settings
 from .state_cache import PrefillResult, StateCache
+from .timeline import Timeline
 from .tokens import TextTokenizer
 from .typing_through import SuggestionMemory
 
@@ -281,8 +282,10 @@ class CompletionService:
         cancelled: Callable[[], bool] = lambda: False,
         on_progress: ProgressSink | None = None,
         context_ids: list[int] | None = None,
+        timeline: Timeline | None = None,
     ) -> Completion:
-        """Complete at ``cursor`` (a code-point offset into ``text``)."""
+        """Complete at ``cursor`` (a code-point offset into ``text``); ``timeline`` gets the request's
+        moments: prompt built, first token, first token that adds text."""
         if failpoints.fire("complete"):
             raise failpoints.InjectedFault("failpoint complete")
         settings = settings or self.settings
@@ -294,13 +297,22 @@ class CompletionService:
                 self.typed_through += 1
                 return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
         prompt = memory.builder.build(text, cursor, context_ids)
+        moments = timeline or Timeline()
+        moments.mark("prompt")
         shape = not settings.raw if shape is None else shape
         ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)
         shaper = Shaper(ctx, max_lines=max_lines or settings.max_lines) if shape else None
+        tokens = [0]
 
         def on_text(so_far: str) -> bool:
+            tokens[0] += 1
+            moments.mark("first_token")
+            shown = shaper.preview(so_far) if shaper else so_far
+            if shown and moments.steps_to_visible is None:
+                moments.steps_to_visible = tokens[0]
+                moments.mark("visible")
             if on_progress is not None:
-                on_progress(Progress(shaper.preview(so_far) if shaper else so_far, shaper))
+                on_progress(Progress(shown, shaper))
             return shaper is None or shaper.wants_more(so_far)
 
         gen = self.engine.generate(

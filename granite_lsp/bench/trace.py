@@ -14,7 +14,9 @@ Trace format (JSON Lines, LSP UTF-16 positions):
 
 Completions are reported per ``kind`` (the moment they stand for: "type", "first", "jump", "back", ...),
 with the time to the first partial that shows new text (the bench opts into partial notifications, as
-our editor clients do), and the work the server did in the background (between requests) apart.
+our editor clients do) and its parts (``latency``: the server's phases of each request, the wait for the
+model thread by what held it), the work the server did in the background (between requests) apart, and
+the server's resident memory during the replay against the cache cap + weights + 100 MB (``rss_watch``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 from ..protocol import STREAMING_CAPABILITY
 from .client import RpcClient
+from .latency import phase_summary, print_latency, row_fields, wait_summary
+from .rss_watch import RssSampler, rss_bound
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
@@ -107,15 +111,17 @@ def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any
         raise RuntimeError(f"inlineCompletion failed: {response['error']}")
     last = server.call("granite/stats", None)["last"]
     items = (response.get("result") or {}).get("items", [])
+    first_visible = _first_visible_ms(server, seen, str(msg_id), t)
     r = {
         "step": step,
         "kind": op.get("kind", "type"),
         "text": items[0]["insertText"] if items else "",
         "request_ms": wall_ms,
-        "first_visible_ms": _first_visible_ms(server, seen, str(msg_id), t),
+        "first_visible_ms": first_visible,  # the client's clock, from its send
         **{k: last.get(k) for k in METRICS},
         "generated_tokens": last.get("generated_tokens"),
         "stop_reason": last.get("stop_reason"),
+        **row_fields(last, first_visible),
     }
     steps = (r["generated_tokens"] or 0) - 1  # the first token comes from the prompt's logits
     if steps > 0 and r.get("decode_ms"):
@@ -143,6 +149,7 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
     wanted = set(completes) if mode == "reuse" else _sample(completes, args.slow_steps)
     rows: list[dict[str, Any]] = []
     versions: dict[str, int] = {}
+    rss = RssSampler(server.proc.pid).start()
     for i, op in enumerate(trace):
         kind = op["op"]
         if kind == "open":
@@ -169,10 +176,12 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
                     f"decode {r['decode_ms']:.0f} ms, request {r['request_ms']:.0f} ms",
                     file=sys.stderr,
                 )
+    replay_rss = {**rss.stop(), **rss_bound(server.call("granite/stats", None))}
     stats = server.call("granite/stats", None)
-    rss = server.peak_rss_mb()
+    peak = server.peak_rss_mb()
     server.close()
-    return {"mode": mode, "load_s": load_s, "rows": rows, "server_stats": stats, "peak_rss_mb": rss}
+    out = {"mode": mode, "load_s": load_s, "rows": rows, "server_stats": stats, "peak_rss_mb": peak}
+    return {**out, "replay_rss": replay_rss}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -202,6 +211,18 @@ def background(stats: dict[str, Any]) -> dict[str, float]:
     return dict(stats.get("background") or {})
 
 
+def _print_rss(rss: dict[str, float]) -> None:
+    if not rss.get("samples"):
+        return
+    verdict = "within" if rss["peak_mb"] <= rss["bound_mb"] else "OVER"
+    print(
+        f"server RSS during the replay: peak {rss['peak_mb']:.0f} MB (start {rss['start_mb']:.0f}, end "
+        f"{rss['end_mb']:.0f}; {rss['samples']:.0f} samples); bound: cache cap {rss['cache_cap_mb']:.0f} + weights "
+        f"{rss['model_mb']:.0f} + {rss['allowance_mb']:.0f} = {rss['bound_mb']:.0f} MB: {verdict} "
+        f"({rss['bound_mb'] - rss['peak_mb']:+.0f} MB)"
+    )
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
 
@@ -211,6 +232,7 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for mode, res in results.items():
         s = summarize(res["rows"])
         through = sum(r.get("stop_reason") == "typed_through" for r in res["rows"])
+        ran = [r for r in res["rows"] if r.get("stop_reason") != "typed_through"]
         summary["modes"][mode] = {
             "completions": len(res["rows"]),
             "typed_through": through,
@@ -218,10 +240,14 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             **s,
             "by_kind": by_kind(res["rows"]),
             "background": background(res["server_stats"]),
+            "phases": phase_summary(ran),
+            "waits": wait_summary(res["rows"]),
+            "server_waits": res["server_stats"].get("waits", {}),
+            "replay_rss": res.get("replay_rss", {}),
         }
         print(
             f"\n== {mode}: {len(res['rows'])} completions ({through} typed through, no model run), "
-            f"server peak RSS {res['peak_rss_mb']:.0f} MB"
+            f"server peak RSS {res['peak_rss_mb']:.0f} MB (the model load included)"
         )
         print(f"{'metric':<20}{'median':>12}{'p95':>12}")
         for key, v in s.items():
@@ -239,6 +265,8 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         bg = summary["modes"][mode]["background"]
         if bg:
             print("background work: " + ", ".join(f"{k} {v:.0f}" for k, v in bg.items()))
+        print_latency(summary["modes"][mode]["phases"], summary["modes"][mode]["waits"])
+        _print_rss(summary["modes"][mode]["replay_rss"])
         if "request_over_decode" in s:
             print(
                 f"keystroke (request to response) / its decode steps alone: median "

@@ -1,0 +1,88 @@
+"""Where a request's time goes (timeline.py), through the real server on model/tiny: the wait for the model
+thread split by what held it, and the phases up to the first partial with new text.
+
+Assertions are on the server's counters and recorded moments, never on elapsed time.
+"""
+
+from __future__ import annotations
+
+import time
+
+from conftest import REPO, wait_stats
+from jsonrpc_client import RpcClient
+
+from granite_lsp.timeline import BEHIND, PHASES
+
+TASKS = REPO / "model" / "corpus" / "tasks.py"
+OPTIONS = {"raw": True, "maxTokens": 8, "ignoreEos": True, "typeThrough": False, "debounceMs": 0}
+STREAMING = {"experimental": {"granitePartialCompletion": True}}
+URI = "file:///big.py"
+
+
+def _big_document() -> tuple[str, list[int]]:
+    """tasks.py several times over (a prompt at its full budget: background work of many pieces), and
+    the lines of its ``def render`` bodies far enough down for a full prefix."""
+    text = TASKS.read_text() * 8
+    lines = text.splitlines()
+    places = [i + 1 for i, line in enumerate(lines) if "def render" in line]
+    return text, places[len(places) // 2 :]
+
+
+def _focus(rpc: RpcClient, line: int) -> None:
+    rpc.notify("granite/focus", {"textDocument": {"uri": URI}, "position": {"line": line, "character": 4}})
+
+
+def _request(rpc: RpcClient, line: int) -> dict:
+    rpc.call("textDocument/inlineCompletion", rpc.inline_params(URI, line, 4))
+    return rpc.call("granite/stats")
+
+
+def _settled(rpc: RpcClient) -> dict:
+    time.sleep(0.3)  # work ahead is queued after a short debounce: let it be queued, then wait it out
+    return wait_stats(rpc, lambda s: not s["worker"]["busy"], "idle", timeout=120.0)
+
+
+def test_a_request_that_arrives_during_background_work_is_counted_as_waiting_behind_it(rpc: RpcClient) -> None:
+    text, places = _big_document()
+    rpc.initialize(OPTIONS)
+    rpc.open(URI, text)
+    behind_background = 0
+    # Work ahead runs in pieces: a request sent once it runs nearly always finds it still running; if it
+    # finished first, move elsewhere (new work ahead) and try again.
+    for line in places[:6]:
+        runs = rpc.call("granite/stats")["background"].get("runs", 0)
+        _focus(rpc, line)
+        wait_stats(
+            rpc, lambda s, r=runs: s["background"].get("runs", 0) > r and s["worker"]["busy"], "working", 120.0
+        )
+        stats = _request(rpc, line)
+        if stats["last"]["behind"] == "background":
+            behind_background += 1
+            assert "queue" in stats["last"]["phases"]  # its wait for the model thread was recorded
+            assert stats["worker"]["preempted"] >= 1
+            break
+    assert behind_background == 1, "no request ever arrived while work ahead ran"
+    assert stats["waits"]["background"]["count"] == 1
+    assert stats["waits"]["background"]["max_ms"] >= 0
+
+    # The same request again with the model thread idle: counted apart.
+    stats = _settled(rpc)
+    idle_before = stats["waits"]["idle"]["count"]
+    stats = _request(rpc, line)
+    assert stats["last"]["behind"] == "idle"
+    assert stats["waits"]["idle"]["count"] == idle_before + 1
+    assert stats["waits"]["background"]["count"] == 1
+    assert set(stats["waits"]) == set(BEHIND)
+
+
+def test_the_phases_of_a_streamed_request_add_up_to_its_first_visible_text(rpc: RpcClient) -> None:
+    text, places = _big_document()
+    rpc.initialize(OPTIONS, capabilities=STREAMING)
+    rpc.open(URI, text)
+    stats = _request(rpc, places[0])
+    last = stats["last"]
+    phases = last["phases"]
+    assert set(PHASES.values()) <= set(phases), phases  # every moment up to the partial written out
+    assert abs(sum(phases[p] for p in PHASES.values()) - phases["first_visible"]) < 1e-3
+    assert last["steps_to_visible"] >= 1 and last["processed_tokens"] > 0
+    rpc.wait_notification("granite/partialCompletion", lambda p: bool(p["text"]))  # the one "sent" marks
