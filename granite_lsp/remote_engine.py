@@ -152,11 +152,17 @@ class RemoteEngine:
             raise EngineError(f"the environment variable {self.api_key_env} (apiKeyEnv) is not set", retry=False)
         return {"Authorization": f"Bearer {key}"}
 
-    def probe(self) -> None:
+    def probe(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Ask the engine which models it serves (at load): an unreachable engine or a wrong model
-        name shows in the status now rather than as null completions later."""
+        name shows in the status now rather than as null completions later. It runs on the model
+        thread, so it is bounded (the whole exchange within the timeout) and gives up when
+        ``cancelled()`` (a newer load is waiting)."""
         try:
-            listed = get_json(self.endpoint, "/models", headers=self._headers(), timeout=self.timeout)
+            listed = get_json(
+                self.endpoint, "/models", headers=self._headers(), timeout=self.timeout, cancelled=cancelled
+            )
+        except Cancelled:
+            return
         except EngineError as e:
             self.stats.last_error = str(e)
             self.health.failed(self.endpoint, str(e))

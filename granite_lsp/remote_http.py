@@ -7,21 +7,35 @@ reads the raw socket behind ``select`` with a short tick, checks ``cancelled`` o
 the connection to cancel: OpenAI-compatible engines (vLLM, llama.cpp's server) abort a request whose
 client went away. Only what those engines send is handled: HTTP/1.1, chunked or length- or
 close-delimited bodies, ``data:`` events.
+
+Every wait is bounded and cancellable, not only the reads: the host name is resolved on a helper
+thread (``getaddrinfo`` has no timeout of its own: a dead DNS server held a request, and the start's
+``/models`` check, for as long as the system resolver liked) and the connect is non-blocking. An answer
+read whole (an error's body, ``/models``) is read up to a size bound and within an overall deadline, so
+an engine or proxy that sends a huge page, or trickles bytes just inside the silence timeout, cannot
+hold the model thread or its memory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import failpoints
+
 TICK = 0.05  # seconds between two looks at ``cancelled`` while the engine is silent
+ERROR_BODY_LIMIT = 64 << 10  # bytes of an error answer read for its message; the rest is not read
+JSON_BODY_LIMIT = 1 << 20  # bytes of a JSON answer (``/models``) read at most
 
 
 class EngineError(RuntimeError):
@@ -56,10 +70,13 @@ class Endpoint:
 
 
 class _Reader:
-    """Bytes from a socket, waiting at most ``idle`` seconds for each piece and giving up when cancelled."""
+    """Bytes from a socket, waiting at most ``idle`` seconds for each piece and giving up when cancelled
+    (or, with ``deadline``, a monotonic time, once it has passed: for answers read whole)."""
 
-    def __init__(self, sock: socket.socket, idle: float, cancelled: Callable[[], bool]) -> None:
-        self.sock, self.idle, self.cancelled = sock, idle, cancelled
+    def __init__(
+        self, sock: socket.socket, idle: float, cancelled: Callable[[], bool], deadline: float | None = None
+    ) -> None:
+        self.sock, self.idle, self.cancelled, self.deadline = sock, idle, cancelled, deadline
         self.buf = b""
         self.eof = False
 
@@ -68,6 +85,9 @@ class _Reader:
         while True:
             if self.cancelled():
                 raise Cancelled
+            now = time.monotonic()
+            if self.deadline is not None and now > self.deadline:
+                raise EngineError(f"the engine's answer did not end within {self.idle:g} s", retry=False)
             pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
             if pending or select.select([self.sock], [], [], TICK)[0]:
                 break
@@ -106,22 +126,100 @@ class _Reader:
         return out
 
 
-def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
+AddrInfo = tuple[int, int, int, str, Any]  # getaddrinfo's (family, type, proto, canonname, sockaddr)
+
+
+def _resolve(endpoint: Endpoint, timeout: float, deadline: float, cancelled: Callable[[], bool]) -> list[AddrInfo]:
+    """``getaddrinfo`` on a helper thread, waited for until ``deadline`` or ``cancelled()``: the call
+    itself cannot be interrupted, so a stalled lookup is left to finish on its own (daemon) thread."""
+    answer: list[list[AddrInfo] | BaseException] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            if failpoints.fire("resolve-stall"):  # a DNS server that never answers (tests)
+                time.sleep(60)
+            answer.append(list(socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            answer.append(e)
+        done.set()
+
+    threading.Thread(target=lookup, name="granite-resolve", daemon=True).start()
+    while not done.wait(TICK):
+        if cancelled():
+            raise Cancelled
+        if time.monotonic() > deadline:
+            raise EngineError(f"cannot resolve {endpoint.host}: no answer in {timeout:g} s", retry=False)
+    result = answer[0]
+    if isinstance(result, BaseException):
+        reason = getattr(result, "strerror", None) or result
+        raise EngineError(f"cannot resolve {endpoint.host}: {reason}", retry=True) from result
+    return result
+
+
+def _connect_one(info: AddrInfo, deadline: float, cancelled: Callable[[], bool]) -> socket.socket:
+    """A non-blocking connect to one address, waited for in ticks; TimeoutError past ``deadline``."""
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
     try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-    except TimeoutError as e:  # a black-holed address: not retried within the request (see _Reader)
-        raise EngineError(f"cannot connect to {endpoint}: no answer in {timeout:g} s", retry=False) from e
-    except OSError as e:
-        raise EngineError(f"cannot connect to {endpoint}: {e.strerror or e}", retry=True) from e
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        while err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            if cancelled():
+                raise Cancelled
+            if select.select([], [sock], [], TICK)[1]:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError
+        if err:
+            raise OSError(err, os.strerror(err))
+        sock.setblocking(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect(endpoint: Endpoint, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> socket.socket:
+    """A connection to the engine: resolving and connecting together within ``timeout``, cancellable."""
+    deadline = time.monotonic() + timeout
+    infos = _resolve(endpoint, timeout, deadline, cancelled)
+    error: OSError | None = None
+    for info in infos:
+        try:
+            sock = _connect_one(info, deadline, cancelled)
+            break
+        except TimeoutError as e:  # a black-holed address: not retried within the request (see _Reader)
+            raise EngineError(f"cannot connect to {endpoint}: no answer in {timeout:g} s", retry=False) from e
+        except OSError as e:
+            error = e
+    else:
+        reason = (error.strerror or error) if error is not None else "no address"
+        raise EngineError(f"cannot connect to {endpoint}: {reason}", retry=True) from error
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)  # the TLS handshake and sending; reads go through select
     if endpoint.scheme == "https":
         try:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=endpoint.host)
         except (OSError, ssl.SSLError) as e:
             sock.close()
             raise EngineError(f"TLS with {endpoint} failed: {e}", retry=False) from e
-    sock.settimeout(timeout)  # for sending; reads go through select
     return sock
+
+
+def _read_body(reader: _Reader, headers: dict[str, str], limit: int) -> tuple[bytes, bool]:
+    """The body, or its first ``limit`` bytes and True when it is longer (the rest is not read)."""
+    body = b""
+    for chunk in _body_chunks(reader, headers):
+        body += chunk
+        if len(body) > limit:
+            return body[:limit], True
+    return body, False
+
+
+def _cut_note(cut: bool, limit: int) -> str:
+    return f" (only the first {limit >> 10} KB of the body were read)" if cut else ""
 
 
 def _body_chunks(reader: _Reader, headers: dict[str, str]) -> Iterator[bytes]:
@@ -167,8 +265,11 @@ def _exchange(
     headers: dict[str, str] | None,
     timeout: float,
     cancelled: Callable[[], bool],
+    deadline: float | None = None,
 ) -> tuple[socket.socket, _Reader, dict[str, str]]:
-    """Send the request and read the response head; raises EngineError unless the status is 200."""
+    """Send the request and read the response head; raises EngineError unless the status is 200.
+
+    ``deadline`` (monotonic) bounds the whole exchange, body included, where the answer is read whole."""
     payload = json.dumps(body).encode() if body is not None else b""
     head = [
         f"{method} {endpoint.path}{path} HTTP/1.1",
@@ -178,13 +279,13 @@ def _exchange(
         *(["Content-Type: application/json", f"Content-Length: {len(payload)}"] if body is not None else []),
         *(f"{k}: {v}" for k, v in (headers or {}).items()),
     ]
-    sock = _connect(endpoint, timeout)
+    sock = _connect(endpoint, timeout, cancelled)
     try:
         try:
             sock.sendall("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + payload)
         except OSError as e:
             raise EngineError(f"sending to {endpoint} failed: {e}", retry=True) from e
-        reader = _Reader(sock, timeout, cancelled)
+        reader = _Reader(sock, timeout, cancelled, deadline)
         raw = reader.until(b"\r\n\r\n")
         if not raw.endswith(b"\r\n\r\n"):
             raise EngineError(f"{endpoint} closed the connection without answering", retry=True)
@@ -195,10 +296,12 @@ def _exchange(
             raise EngineError(f"{endpoint} did not answer HTTP: {lines[0]!r}", retry=False) from e
         fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
         if status != 200:
-            text = b"".join(_body_chunks(reader, fields)).decode("utf-8", "replace")
+            if reader.deadline is None:  # an error page is read whole: bound the time it may take too
+                reader.deadline = time.monotonic() + timeout
+            page, cut = _read_body(reader, fields, ERROR_BODY_LIMIT)
+            message = _error_message(page.decode("utf-8", "replace")) + _cut_note(cut, ERROR_BODY_LIMIT)
             raise EngineError(
-                f"{endpoint}{path} answered HTTP {status}: {_error_message(text)}",
-                retry=status >= 500 or status in (408, 429),
+                f"{endpoint}{path} answered HTTP {status}: {message}", retry=status >= 500 or status in (408, 429)
             )
     except BaseException:
         sock.close()
@@ -207,14 +310,24 @@ def _exchange(
 
 
 def get_json(
-    endpoint: Endpoint, path: str, *, headers: dict[str, str] | None = None, timeout: float = 5.0
+    endpoint: Endpoint,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """GET ``endpoint.path + path`` and parse the JSON answer (e.g. ``/models``)."""
-    sock, reader, fields = _exchange(endpoint, "GET", path, None, headers, timeout, lambda: False)
+    """GET ``endpoint.path + path`` and parse the JSON answer (e.g. ``/models``): the whole exchange
+    within ``timeout`` (and at most JSON_BODY_LIMIT bytes), given up when ``cancelled()``."""
+    deadline = time.monotonic() + timeout
+    sock, reader, fields = _exchange(endpoint, "GET", path, None, headers, timeout, cancelled, deadline)
     try:
-        text = b"".join(_body_chunks(reader, fields)).decode("utf-8", "replace")
+        body, cut = _read_body(reader, fields, JSON_BODY_LIMIT)
     finally:
         sock.close()
+    text = body.decode("utf-8", "replace")
+    if cut:
+        raise EngineError(f"{endpoint}{path} answered more than {JSON_BODY_LIMIT >> 10} KB", retry=False)
     try:
         answer = json.loads(text)
     except ValueError as e:

@@ -43,6 +43,7 @@ class GraniteServer(LanguageServer):
         self.initialized = False
         self.exiting = False
         self._scheduler: Scheduler | None = None
+        self._loads = 0  # model loads begun: a load's remote check gives up once a newer one is asked for
         self.counters = {"requests": 0, "answered_null": 0, "answered_items": 0, "errors": 0}
         self.last_stats: dict[str, Any] = {}
         self._client_info: types.ClientInfo | None = None
@@ -113,6 +114,8 @@ class GraniteServer(LanguageServer):
         """Load (or reload) the model on the worker thread, reporting progress to the client."""
         self.loading = True
         self.load_error = None
+        self._loads += 1
+        ticket = self._loads
         settings = self.settings
         progress = await _LoadProgress.begin(self)
         self.notify_status("loading", f"Loading {settings.model}")
@@ -123,18 +126,23 @@ class GraniteServer(LanguageServer):
 
         def do_load(job: Job) -> CompletionService:
             service = CompletionService(load(settings, progress.report), settings, engine_status)
-            if isinstance(service.engine, RemoteEngine):
-                service.engine.probe()
+            if isinstance(service.engine, RemoteEngine):  # given up when a newer load waits behind it
+                service.engine.probe(cancelled=lambda: self._loads != ticket or self.exiting)
             return service
 
         # Drop the previous model first: holding two while the new one loads can itself run out of memory.
         self.service = None
         try:
-            self.service = await self.scheduler.submit(do_load).future
-            state, message = _ready_status(self.service, settings)
+            service = await self.scheduler.submit(do_load).future
+            if self._loads != ticket:
+                return  # a newer load was asked for meanwhile: its model is the one to serve with
+            self.service = service
+            state, message = _ready_status(service, settings)
             log.info(message)
             self.notify_status(state, message)
         except Exception as e:
+            if self._loads != ticket:
+                return
             self.service = None
             reason = self.load_error = _load_failure(e, settings)
             log.error("model failed to load: %s", reason)
@@ -143,8 +151,9 @@ class GraniteServer(LanguageServer):
             )
             self.notify_status("error", reason)
         finally:
-            self.loading = False
-            progress.end("Ready" if self.service else "Failed")
+            superseded = self._loads != ticket
+            self.loading = superseded  # still loading when a newer load is under way
+            progress.end("Replaced by a newer load" if superseded else "Ready" if self.service else "Failed")
 
     def apply_settings(self, options: Any) -> bool:
         """Apply client options; True when the model must be (re)loaded.
