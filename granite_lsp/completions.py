@@ -39,6 +39,7 @@ def submit_completion(
     delay: float = 0.0,
     on_progress: ProgressSink | None = None,
     timeline: Timeline | None = None,
+    candidates: int = 1,
 ) -> Job:
     """The one way a completion reaches the model: the document's text now, the settings now, the model
     loaded when the job runs (a job that waited through a reload must neither use nor keep the old one)."""
@@ -62,6 +63,7 @@ def submit_completion(
             cancelled=job.cancelled,
             on_progress=on_progress,
             timeline=job.timeline,
+            candidates=candidates,
         )
 
     return server.scheduler.submit(run, key=uri, priority=priority, delay=delay, timeline=timeline)
@@ -73,14 +75,23 @@ class _Watcher:
     from the typing-through memory when the user accepts that line)."""
 
     def __init__(
-        self, server: GraniteServer, uri: str, version: int | None, position: types.Position, timeline: Timeline
+        self,
+        server: GraniteServer,
+        uri: str,
+        version: int | None,
+        position: types.Position,
+        timeline: Timeline,
+        candidates: int,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.timeline = timeline
         self._notify = server.protocol.notify
         settings = server.settings
         self.stream = server.client_streams()
-        self.early_wanted = not server.client_speaks_partials() and settings.early_first_line and not settings.raw
+        # An early answer has one item: a request for several waits for them all.
+        self.early_wanted = (
+            not server.client_speaks_partials() and settings.early_first_line and not settings.raw and candidates == 1
+        )
         self.early: asyncio.Future[Suggestion] = self._loop.create_future()
         request_id = str(server.protocol.msg_id) if hasattr(server.protocol, "msg_id") else ""
         pos = {"line": position.line, "character": position.character}
@@ -118,9 +129,14 @@ async def inline_completion(
         log.warning("inline completion at an invalid position: %s", e)
         return None
     automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
-    delay = server.scheduler.debounce_seconds(uri, server.settings.debounce_ms / 1000.0) if automatic else 0.0
-    watch = _Watcher(server, uri, doc.version, params.position, timeline)
-    job = submit_completion(server, doc, cursor, delay=delay, on_progress=watch.on_progress, timeline=timeline)
+    settings = server.settings
+    delay = server.scheduler.debounce_seconds(uri, settings.debounce_ms / 1000.0) if automatic else 0.0
+    # Several candidates when the user asks (VS Code asks again, invoked, to cycle), one while typing.
+    candidates = settings.typing_candidates if automatic else settings.candidates
+    watch = _Watcher(server, uri, doc.version, params.position, timeline, candidates)
+    job = submit_completion(
+        server, doc, cursor, delay=delay, on_progress=watch.on_progress, timeline=timeline, candidates=candidates
+    )
     try:
         await asyncio.wait({job.future, watch.early}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -130,10 +146,10 @@ async def inline_completion(
         if server.scheduler.is_stale(job):
             return None
         server.counters["early_first_line"] = server.counters.get("early_first_line", 0) + 1
-        suggestion: Suggestion | None = watch.early.result()
+        suggestions = [watch.early.result()]
     else:
-        suggestion = _final(server, await _answer(server, job), watch)
-    return make_item(server, doc, params.position, cursor, suggestion, encoding) if suggestion else None
+        suggestions = _final(server, await _answer(server, job), watch)
+    return make_items(server, doc, params.position, cursor, suggestions, encoding) if suggestions else None
 
 
 async def _answer(server: GraniteServer, job: Job) -> Completion | None:
@@ -146,9 +162,10 @@ async def _answer(server: GraniteServer, job: Job) -> Completion | None:
         return None
 
 
-def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher) -> Suggestion | None:
+def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher) -> list[Suggestion]:
+    """The answer's suggestions: the first candidate (when there is one) and the alternatives."""
     if completion is None:
-        return None
+        return []
     gen = completion.generation
     timeline = watch.timeline
     server.last_stats = {
@@ -159,25 +176,33 @@ def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher
         "behind": timeline.behind,
         "steps_to_visible": timeline.steps_to_visible,
     }
+    if completion.alternatives:
+        server.counters["alternatives"] = server.counters.get("alternatives", 0) + len(completion.alternatives)
     if watch.stream:
         watch.partial(completion.suggestion.text if completion.suggestion else "", True)
-    return completion.suggestion
+    first = [completion.suggestion] if completion.suggestion else []
+    return first + completion.alternatives
 
 
-def make_item(
-    server: GraniteServer, doc: Document, start: types.Position, cursor: int, suggestion: Suggestion, encoding: str
+def make_items(
+    server: GraniteServer,
+    doc: Document,
+    start: types.Position,
+    cursor: int,
+    suggestions: list[Suggestion],
+    encoding: str,
 ) -> types.InlineCompletionList:
-    end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
-    rng: types.Range | None = types.Range(start=start, end=types.Position(line=end_line, character=end_char))
-    if suggestion.replace == 0 and server.client_draws_ranges_as_overlay():
-        rng = None  # Neovim draws any ranged item over the rest of the line; an insertion needs none
-    accepted = {"uri": doc.uri, "line": start.line, "character": start.character, "text": suggestion.text}
-    item = types.InlineCompletionItem(
-        insert_text=suggestion.text,
-        range=rng,
-        command=types.Command(title="Granite: accepted", command=ACCEPTED, arguments=[accepted]),
-    )
-    return types.InlineCompletionList(items=[item])
+    """One item per suggestion, in order (the editors show the first and cycle through the others)."""
+    items = []
+    for suggestion in suggestions:
+        end_line, end_char = doc.position_at(cursor + suggestion.replace, encoding)
+        rng: types.Range | None = types.Range(start=start, end=types.Position(line=end_line, character=end_char))
+        if suggestion.replace == 0 and server.client_draws_ranges_as_overlay():
+            rng = None  # Neovim draws any ranged item over the rest of the line; an insertion needs none
+        accepted = {"uri": doc.uri, "line": start.line, "character": start.character, "text": suggestion.text}
+        command = types.Command(title="Granite: accepted", command=ACCEPTED, arguments=[accepted])
+        items.append(types.InlineCompletionItem(insert_text=suggestion.text, range=rng, command=command))
+    return types.InlineCompletionList(items=items)
 
 
 def prefetch_after_accept(server: GraniteServer, info: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import failpoints, memory
+from .candidates import generate_candidates, rows_for
 from .engine import Engine, Generation, GenerationStats
 from .fim import PromptBuilder
 from .model_files import resolve_model_dir, resolve_tokenizer_dir
@@ -149,6 +150,8 @@ class Completion:
     suggestion: Suggestion | None
     generation: Generation
     cursor: int
+    # Other candidates, shaped like ``suggestion``: none empty, none equal to another or to it.
+    alternatives: list[Suggestion] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,18 @@ def _shaped(shaper: Shaper | None, text: str) -> Suggestion | None:
     if shaper is not None:
         return shaper.finish(text)
     return Suggestion(text, 0) if text else None
+
+
+def _distinct(first: Suggestion | None, others: list[Suggestion | None]) -> list[Suggestion]:
+    """The alternatives worth showing: not empty (nothing left after the rules, the repetition filter
+    included) and not a duplicate of the first suggestion or of an earlier alternative."""
+    seen = {(first.text, first.replace)} if first is not None else set()
+    out: list[Suggestion] = []
+    for s in others:
+        if s is not None and s.text.strip() and (s.text, s.replace) not in seen:
+            seen.add((s.text, s.replace))
+            out.append(s)
+    return out
 
 
 @dataclass
@@ -283,19 +298,26 @@ class CompletionService:
         on_progress: ProgressSink | None = None,
         context_ids: list[int] | None = None,
         timeline: Timeline | None = None,
+        candidates: int = 1,
     ) -> Completion:
         """Complete at ``cursor`` (a code-point offset into ``text``); ``timeline`` gets the request's
-        moments: prompt built, first token, first token that adds text."""
+        moments: prompt built, first token, first token that adds text. With ``candidates`` > 1, up to
+        that many suggestions in all (candidates.py; the first is the one a single candidate would be)."""
         if failpoints.fire("complete"):
             raise failpoints.InjectedFault("failpoint complete")
         settings = settings or self.settings
         self._apply(settings)
         memory = self.document(doc, settings)
+        several = candidates > 1 and isinstance(self.engine, Engine) and isinstance(self.cache, StateCache)
+        remembered: list[Suggestion | None] = []  # a typing-through answer, to come first
         if settings.type_through:
             hit, cached = memory.shown.lookup(text, cursor)
             if hit:
                 self.typed_through += 1
-                return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
+                if not several:
+                    return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
+                # Asked for alternatives (cycling): the answer shown stays first, the model adds the others.
+                remembered, on_progress = [cached], None
         prompt = memory.builder.build(text, cursor, context_ids)
         moments = timeline or Timeline()
         moments.mark("prompt")
@@ -315,16 +337,21 @@ class CompletionService:
                 on_progress(Progress(shown, shaper))
             return shaper is None or shaper.wants_more(so_far)
 
-        gen = self.engine.generate(
-            doc,
-            prompt,
-            max_tokens if max_tokens is not None else settings.max_tokens,
-            ignore_eos=ignore_eos or settings.ignore_eos,
-            cancelled=cancelled,
-            on_text=on_text,
-        )
-        self.decoded_tokens += gen.stats.generated_tokens
-        suggestion = _shaped(shaper, gen.text)
+        budget = max_tokens if max_tokens is not None else settings.max_tokens
+        ignore_eos = ignore_eos or settings.ignore_eos
+        others: list[Generation] = []
+        if several:
+            assert isinstance(self.engine, Engine)
+            wants_more = shaper.wants_more if shaper is not None else None
+            gen, *others = generate_candidates(
+                self.engine, doc, prompt, budget, rows_for(candidates),
+                ignore_eos=ignore_eos, cancelled=cancelled, on_text=on_text, wants_more=wants_more,
+            )  # fmt: skip
+        else:
+            gen = self.engine.generate(doc, prompt, budget, ignore_eos=ignore_eos, cancelled=cancelled, on_text=on_text)
+        self.decoded_tokens += gen.stats.generated_tokens + sum(g.stats.generated_tokens for g in others)
+        shaped = [_shaped(shaper, g.text) for g in [gen, *others]]
+        suggestion, *alternatives = remembered + shaped
         if gen.stop_reason not in ("cancelled", "unavailable"):
             memory.shown.remember(text, cursor, suggestion)
-        return Completion(suggestion, gen, cursor)
+        return Completion(suggestion, gen, cursor, _distinct(suggestion, alternatives)[: candidates - 1])

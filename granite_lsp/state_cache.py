@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from . import memory
-from .runtime import HybridModel, KVHold, MambaSnapshot
+from .runtime import HybridModel, KVHold, MambaSnapshot, ModelState
 from .runtime.matmul import small_ops_single_threaded
+from .runtime.rows import step_rows
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
@@ -209,6 +210,27 @@ class StateCache:
             raise
         del self.live_tokens[len(self.live_tokens) - rows + n :]
         self.live_logits = self._verified[n - 1] if n else self._before_verify
+
+    def branch(self) -> ModelState:
+        """An independent copy of the live state as it is now (its own Mamba states and KV buffers): an
+        alternative candidate decodes on it while the live state and the checkpoints stay as they are."""
+        with small_ops_single_threaded():
+            return self.live.fork()
+
+    def step_rows(self, tokens: list[int], states: list[ModelState | None]) -> torch.Tensor:
+        """One decode step for several states at once (runtime/rows.py), ``None`` standing for the live
+        state; logits [rows, vocab]. A failure leaves the live state empty, as ``_run`` does."""
+        rows = [self.live if s is None else s for s in states]
+        try:
+            logits = step_rows(self.model, tokens, rows)
+        except BaseException:
+            self._restore(self._zero, None, [], None)
+            raise
+        for token, s, row_logits in zip(tokens, states, logits, strict=True):
+            if s is None:
+                self.live_tokens.append(token)
+                self.live_logits = row_logits
+        return logits
 
     def forget(self, doc: str) -> None:
         self.checkpoints = [c for c in self.checkpoints if c.doc != doc]

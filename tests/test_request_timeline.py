@@ -52,9 +52,7 @@ def test_a_request_that_arrives_during_background_work_is_counted_as_waiting_beh
     for line in places[:6]:
         runs = rpc.call("granite/stats")["background"].get("runs", 0)
         _focus(rpc, line)
-        wait_stats(
-            rpc, lambda s, r=runs: s["background"].get("runs", 0) > r and s["worker"]["busy"], "working", 120.0
-        )
+        wait_stats(rpc, lambda s, r=runs: s["background"].get("runs", 0) > r and s["worker"]["busy"], "working", 120.0)
         stats = _request(rpc, line)
         if stats["last"]["behind"] == "background":
             behind_background += 1

@@ -105,9 +105,23 @@ class Attention:
         out_rows: slice | None = None,
     ) -> Tensor:
         """``out_rows``: project only these rows' outputs (all rows still enter the KV cache)."""
-        T = h.shape[0]
-        nq, nkv, hd = self.n_q, self.n_kv, self.hd
         qkv = linear(h, self.wqkv, self.bqkv)
+        return linear(self.attend(qkv, kbuf, vbuf, pos, rope, out_rows), self.wo, self.bo)
+
+    def attend(
+        self,
+        qkv: Tensor,
+        kbuf: Tensor,
+        vbuf: Tensor,
+        pos: int,
+        rope: tuple[Tensor, Tensor] | None,
+        out_rows: slice | None = None,
+    ) -> Tensor:
+        """Everything between the two projections: the new K/V into the buffers, attention over them.
+        Apart so that a batched decode step (runtime/rows.py) projects several sequences' rows at once
+        and attends each over its own KV buffers."""
+        T = qkv.shape[0]
+        nq, nkv, hd = self.n_q, self.n_kv, self.hd
         q = qkv[:, : nq * hd].view(T, nq, hd).transpose(0, 1)
         k = qkv[:, nq * hd : (nq + nkv) * hd].view(T, nkv, hd).transpose(0, 1)
         v = qkv[:, (nq + nkv) * hd :].view(T, nkv, hd).transpose(0, 1)
@@ -117,8 +131,9 @@ class Attention:
         kbuf[:, pos:end] = k
         vbuf[:, pos:end] = v
         if T == 1 and self.fused and self.kernels is not None and rope is None and _fused(qkv, kbuf, vbuf):
-            out = self.kernels.attention_decode(qkv[0, : nq * hd], kbuf, vbuf, end, self.scale, matmul_threads())
-            return linear(out, self.wo, self.bo)
+            q1 = qkv[0, : nq * hd]
+            out: Tensor = self.kernels.attention_decode(q1, kbuf, vbuf, end, self.scale, matmul_threads())
+            return out
         keys, values = kbuf[:, :end], vbuf[:, :end]
         if T == 1:
             out = _decode_attention(q, keys, values, self.scale)
@@ -126,8 +141,8 @@ class Attention:
             mask = None
             if pos > 0:
                 # query i sits at absolute position pos + i and may see keys 0..pos+i
-                qpos = torch.arange(pos, end, device=h.device).unsqueeze(1)
-                mask = torch.arange(end, device=h.device).unsqueeze(0) <= qpos
+                qpos = torch.arange(pos, end, device=qkv.device).unsqueeze(1)
+                mask = torch.arange(end, device=qkv.device).unsqueeze(0) <= qpos
             with big_op_threads():  # 7% of a 2k-token prefill on one thread
                 out = F.scaled_dot_product_attention(
                     q.unsqueeze(0),
@@ -141,7 +156,7 @@ class Attention:
         out = out.transpose(0, 1).reshape(T, nq * hd)
         if out_rows is not None:
             out = out[out_rows].contiguous()
-        return linear(out, self.wo, self.bo)
+        return out
 
 
 def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
@@ -249,11 +264,12 @@ class MambaMixer:
     ) -> Tensor:
         """Between the projections: advance the states over the in_proj rows ``zxbcdt`` and return
         what out_proj takes (of ``out_rows`` only, when given). Speculative decoding's rollback calls
-        it alone to re-run the recurrence over the rows it keeps (ModelState.keep)."""
+        it alone to re-run the recurrence over the rows it keeps (ModelState.keep). A batched decode step
+        (runtime/rows.py) calls it per sequence, each with its own states, between projections of all rows."""
         T = zxbcdt.shape[0]
         E, C, H, P, G, N = self.inner, self.conv_dim, self.H, self.P, self.G, self.N
         if self.fused and self.kernels is not None and _fused(zxbcdt, conv_state, ssm_state):
-            y1 = self.kernels.mamba_mixer(
+            y1: Tensor = self.kernels.mamba_mixer(
                 zxbcdt, conv_state, self.conv_w, self.conv_b, self.dt_bias, self.A, self.D, ssm_state,
                 self.norm_w32, G, self.eps, self.dt_min, self.dt_max, matmul_threads(),
             )  # fmt: skip
