@@ -10,7 +10,8 @@ like the streaming kernels; best of 3). Loops the CPU lacks print "unsupported".
 real Granite-4.0-H-350M shape (T = 512 rows, lm_head left out as the prefill does), per weight
 precision and per ISA level this CPU has, in alternation with medians of ``--reps``, and prints its
 rate and its fraction of the peak of the instruction that level runs on (avx2: 8-lane FMA; avx512:
-16-lane FMA; avx512_bf16 with bf16 weights: vdpbf16ps), the peaks measured in the same run.
+16-lane FMA; avx512_bf16 with bf16 weights: vdpbf16ps; avx512_vnni and above with int8 weights:
+vpdpbusd), the peaks measured in the same run.
 ``--bench-json`` takes a ``granite-lsp bench --kernels --json`` file and prints each precision's
 decode weight bytes per step (median step, after the prompt) as a fraction of the measured
 bandwidth.
@@ -60,10 +61,12 @@ def measure(threads: list[int]) -> dict[str, dict[str, float | None]]:
         return out
 
 
-# The peak each level's GEMM runs against: (level, weights in bf16) -> loop.
-def _peak_loop(level: str, bf16_weights: bool) -> str:
-    if level == "avx512_bf16" and bf16_weights:
+# The peak each level's GEMM runs against: (level, precision) -> loop.
+def _peak_loop(level: str, precision: str) -> str:
+    if level == "avx512_bf16" and precision == "bfloat16":
         return "bf16"
+    if level in ("avx512_vnni", "avx512_bf16") and precision == "int8":
+        return "vnni"
     return "fma256" if level == "avx2" else "fma512"
 
 
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for precision, by_level in gemm.items():
             cells = []
             for level, rate in by_level.items():
-                loop = _peak_loop(level, precision == "bfloat16")
+                loop = _peak_loop(level, precision)
                 peak = figures[loop][at]
                 cells.append(f"{level} {rate:.1f} GF/s ({rate / peak:.0%} of {loop} {peak:.0f})" if peak else level)
             print(f"  {precision:9s} " + "; ".join(cells))

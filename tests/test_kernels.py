@@ -52,13 +52,25 @@ def _layer(
     return PackedLinear.from_weight(w, b, mode="int8" if mode == "int8" else "same"), w, b
 
 
+def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] as linear_vnni.cpp quantizes it, bit for bit: per row, q = round-half-even(x * (127 /
+    max|x|)) clamped to [-127, 127] (fp32 ops), and the row's scale max|x| / 127; (q, scale [T, 1])."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return torch.round(x * inv).clamp_(-127, 127), amax / torch.tensor(127.0)
+
+
 def _reference(layer: PackedLinear, x: torch.Tensor, kernels_run: bool = True) -> torch.Tensor:
     """float64 product with the weights the layer holds (int8: its dequantized weights), of x as
     the kernels see it: where they run on vdpbf16ps (isa.rounds_activations_to_bf16), x rounded to
-    bf16. So the tolerance below holds on every level; the rounding's own effect is
-    test_bf16_products_round_activations_only's."""
+    bf16; where int8 weights run on vpdpbusd (isa.quantizes_activations_to_int8), x quantized to
+    int8 per row. So the tolerance below holds on every level; the rounding's own effect is
+    test_bf16_products_round_activations_only's and test_int8_products_quantize_activations_only's."""
     if kernels_run and isa.rounds_activations_to_bf16(layer.weight.dtype, layer.scale is not None):
         x = x.bfloat16().float()
+    if kernels_run and isa.quantizes_activations_to_int8(layer.weight.dtype):
+        q, sx = int8_activations(x)
+        x = (q.double() * sx.double()).float()  # exact: an integer below 128 times an fp32
     y = x.double() @ layer.dequantize().double().T
     return y if layer.bias is None else y + layer.bias.double()
 
@@ -338,3 +350,39 @@ def test_bf16_products_round_activations_only() -> None:
         _check(got, rounded, k)
         magnitude = x.double().abs() @ layer.dequantize().double().abs().T
         assert torch.all((got.double() - exact).abs() <= 2**-8 * magnitude + 1e-6)
+
+
+@needs_ext
+def test_int8_products_quantize_activations_only() -> None:
+    """At avx512_vnni and above int8 products (vpdpbusd: the GEMM and the streaming kernels) compute
+    the exact product of x quantized per row (int8_activations), with the weights' own scale; the
+    quantization moves each result by at most half a step per activation: max|x_row| / 254 *
+    sum |w|. A row's result is the same in the GEMM and the streaming kernels (K <= 1024, one depth
+    slice), and a row holding a NaN gives NaN without touching the other rows."""
+    if "avx512_vnni" not in isa.levels():
+        pytest.skip("CPU without AVX512_VNNI")
+    # K % 64 != 0: the streaming kernels' masked tail; K % 4 != 0: the GEMM's padded quad; 2048: two
+    # depth slices; 1-9 rows: streaming, 17+: the GEMM with short row tiles
+    cases = [(700, 1100, 70), (7, 5, 17), (769, 65, 33), (769, 203, 1), (100, 37, 9), (2048, 300, 3), (2048, 90, 29)]
+    for k, n, t in cases:
+        layer, _, _ = _layer("int8", n, k, bias=True, seed=k)
+        x = torch.randn(t, k) * torch.rand(t, 1) * 4  # rows of different ranges
+        with isa.at_level("avx512_vnni"):
+            got = layer(x, threads=2)
+            alone = layer(x[-1:], threads=1)
+        w = layer.dequantize().double()
+        q, sx = int8_activations(x)
+        quantized = (q.double() * sx.double()) @ w.T + layer.bias.double()
+        _check(got, quantized, k)
+        exact = x.double() @ w.T + layer.bias.double()
+        bound = sx.double() / 2 * w.abs().sum(dim=1)  # half a step per activation, times |w|
+        assert torch.all((got.double() - exact).abs() <= bound * (1 + 1e-5) + 1e-5)
+        if k <= 1024:
+            assert torch.equal(alone, got[-1:])
+    layer, _, _ = _layer("int8", 70, 300, bias=False)
+    x = torch.randn(20, 300)
+    x[3, 7] = float("nan")
+    with isa.at_level("avx512_vnni"):
+        for rows in (x[:5], x):  # streaming, GEMM
+            y = layer(rows, threads=2)
+            assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(len(rows)) != 3]).any()

@@ -12,8 +12,8 @@
 namespace granite {
 namespace {
 
-const char* const kNames[] = {"avx2", "avx512", "avx512_bf16"};
-constexpr int kCount = 3;
+const char* const kNames[] = {"avx2", "avx512", "avx512_vnni", "avx512_bf16"};
+constexpr int kCount = 4;
 
 // The highest level the CPU (and the OS, which must save the ZMM registers: __builtin_cpu_supports
 // checks that through XGETBV) supports.
@@ -22,7 +22,8 @@ int cpu_max() {
   if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq")))
     return int(Isa::kAvx2);
-  if (!__builtin_cpu_supports("avx512bf16")) return int(Isa::kAvx512);
+  if (!__builtin_cpu_supports("avx512vnni")) return int(Isa::kAvx512);
+  if (!__builtin_cpu_supports("avx512bf16")) return int(Isa::kAvx512Vnni);
   return int(Isa::kAvx512Bf16);
 }
 
@@ -40,7 +41,8 @@ struct State {
     const char* env = std::getenv("GRANITE_LSP_ISA");
     if (!env || !*env) return;
     const int i = index_of(env);
-    if (i < 0) note = std::string("GRANITE_LSP_ISA=") + env + " is not a level (avx2, avx512, avx512_bf16)";
+    if (i < 0)
+      note = std::string("GRANITE_LSP_ISA=") + env + " is not a level (avx2, avx512, avx512_vnni, avx512_bf16)";
     else if (i > max) note = std::string("GRANITE_LSP_ISA=") + env + ": this CPU's highest level is " + kNames[max];
     else level.store(i);
   }

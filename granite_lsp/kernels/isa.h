@@ -6,6 +6,9 @@
 // The levels, each including the ones before it:
 //   avx2         AVX2 + FMA + F16C: every kernel (the reference the others are tested against)
 //   avx512       AVX-512 F/BW/VL/DQ: the prefill GEMM on 16-lane registers, bit-identical to avx2
+//   avx512_vnni  + AVX512_VNNI: int8 weights' products (prefill GEMM and decode's streaming kernels)
+//                on vpdpbusd, with the activations quantized to int8 per row (results move, within
+//                the tolerances tests/test_kernels.py and tests/test_precisions.py state)
 //   avx512_bf16  + AVX512_BF16: bf16 weights' products (prefill GEMM and decode's streaming
 //                kernels) on vdpbf16ps, which rounds the activations to bf16 (results move, within
 //                the tolerances tests/test_kernels.py and tests/test_precisions.py state)
@@ -18,7 +21,9 @@
 
 namespace granite {
 
-enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+// VNNI before BF16: every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has
+// AVX512_VNNI, while Cascade Lake and Ice Lake have VNNI without BF16.
+enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Vnni = 2, kAvx512Bf16 = 3 };
 
 // The level the kernels use now (an atomic read: cheap enough for every product).
 Isa isa();

@@ -1,8 +1,8 @@
 """The kernels' instruction-set level: which one runs, which ones this CPU has, and forcing a lower one.
 
 The extension is one build for every x86-64 CPU with AVX2/FMA/F16C; faster paths (AVX-512F,
-AVX512_BF16) are compiled per function and chosen at run time (``isa.h`` lists what
-each level changes). ``GRANITE_LSP_ISA=avx2|avx512|avx512_bf16`` caps the level for the
+AVX512_VNNI, AVX512_BF16) are compiled per function and chosen at run time (``isa.h`` lists what
+each level changes). ``GRANITE_LSP_ISA=avx2|avx512|avx512_vnni|avx512_bf16`` caps the level for the
 process (a name the CPU lacks is ignored: ``note()`` says why); ``set_level`` changes it at run time,
 which the exactness tests use to run on every level this CPU has.
 """
@@ -18,11 +18,12 @@ if TYPE_CHECKING:
     from .ops import CpuKernels
 
 # Lowest first; each level includes the ones before it (isa.h).
-LEVELS = ("avx2", "avx512", "avx512_bf16")
+LEVELS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16")
 # The /proc/cpuinfo flags each level needs on top of the previous one.
 _NEEDS = {
     "avx2": {"avx2", "fma", "f16c"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512_vnni": {"avx512_vnni"},
     "avx512_bf16": {"avx512_bf16"},
 }
 # The flags worth printing in a report (what the kernels or llama.cpp could use).
@@ -127,3 +128,14 @@ def rounds_activations_to_bf16(weight_dtype: object, scaled: bool = False) -> bo
     import torch
 
     return weight_dtype == torch.bfloat16 and not scaled and level() == "avx512_bf16"
+
+
+def quantizes_activations_to_int8(weight_dtype: object) -> bool:
+    """Whether a product with these weights quantizes x to int8 per row at the level in use: int8
+    weights at avx512_vnni and above, in the prefill GEMM and the streaming kernels alike
+    (linear.cpp's ``product`` decides, linear_vnni.cpp says how; this mirrors it for the tests'
+    references and tolerances)."""
+    import torch
+
+    current = level()
+    return weight_dtype == torch.int8 and current is not None and LEVELS.index(current) >= LEVELS.index("avx512_vnni")

@@ -87,4 +87,9 @@ void gemm_bf16_avx512(const Problem<BF16>& g, int threads);
 // GEMM's: each row's result is the same alone or batched.
 void stream_bf16_avx512(const Problem<BF16>& p, int threads);
 
+// linear_vnni.cpp, called only at avx512_vnni and above: int8 weights (with their per-row scale)
+// against x quantized to int8 per row, on vpdpbusd; the streaming kernels (a few rows) and the GEMM.
+void stream_i8_vnni(const Problem<I8>& p, int threads);
+void gemm_i8_vnni(const Problem<I8>& p, int threads);
+
 }  // namespace granite
