@@ -314,8 +314,10 @@ class CompletionService:
             hit, cached = memory.shown.lookup(text, cursor)
             if hit:
                 self.typed_through += 1
-                if not several:
-                    return Completion(cached, Generation("", [], "typed_through", GenerationStats()), cursor)
+                kept = memory.shown.alternatives_at(text, cursor, candidates) if several else ()
+                if kept is not None:  # typing through (one item), or asked again where they were made
+                    gen = Generation("", [], "typed_through", GenerationStats())
+                    return Completion(cached, gen, cursor, list(kept))
                 # Asked for alternatives (cycling): the answer shown stays first, the model adds the others.
                 remembered, on_progress = [cached], None
         prompt = memory.builder.build(text, cursor, context_ids)
@@ -352,6 +354,8 @@ class CompletionService:
         self.decoded_tokens += gen.stats.generated_tokens + sum(g.stats.generated_tokens for g in others)
         shaped = [_shaped(shaper, g.text) for g in [gen, *others]]
         suggestion, *alternatives = remembered + shaped
+        kept_alternatives = _distinct(suggestion, alternatives)[: candidates - 1]
         if gen.stop_reason not in ("cancelled", "unavailable"):
-            memory.shown.remember(text, cursor, suggestion)
-        return Completion(suggestion, gen, cursor, _distinct(suggestion, alternatives)[: candidates - 1])
+            asked = candidates if several else 1
+            memory.shown.remember(text, cursor, suggestion, tuple(kept_alternatives), asked)
+        return Completion(suggestion, gen, cursor, kept_alternatives)

@@ -17,6 +17,8 @@ class _Shown:
     text: str  # the document when the suggestion was made
     cursor: int
     suggestion: Suggestion | None  # None: the model had nothing to suggest here
+    alternatives: tuple[Suggestion, ...] = ()  # the other candidates made with it (candidates.py)
+    asked: int = 1  # how many candidates were asked for
 
 
 class SuggestionMemory:
@@ -25,8 +27,25 @@ class SuggestionMemory:
     def __init__(self) -> None:
         self._shown: _Shown | None = None
 
-    def remember(self, text: str, cursor: int, suggestion: Suggestion | None) -> None:
-        self._shown = _Shown(text, cursor, suggestion)
+    def remember(
+        self,
+        text: str,
+        cursor: int,
+        suggestion: Suggestion | None,
+        alternatives: tuple[Suggestion, ...] = (),
+        asked: int = 1,
+    ) -> None:
+        self._shown = _Shown(text, cursor, suggestion, alternatives, asked)
+
+    def alternatives_at(self, text: str, cursor: int, wanted: int) -> tuple[Suggestion, ...] | None:
+        """For a ``lookup`` hit asking for ``wanted`` candidates: the alternatives to answer with, or
+        None when they have to be made. Typing through a suggestion gets none (its rest is the answer;
+        a model run per keystroke would defeat the purpose); asking again at its very place (cycling)
+        gets those made with it, or None when it was made with fewer candidates than wanted."""
+        shown = self._shown
+        if shown is None or shown.cursor != cursor or shown.text != text:
+            return ()
+        return shown.alternatives[: wanted - 1] if shown.asked >= wanted else None
 
     def lookup(self, text: str, cursor: int) -> tuple[bool, Suggestion | None]:
         """(hit, suggestion): the rest of the last suggestion if the document is the one it was made

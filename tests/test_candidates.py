@@ -144,3 +144,29 @@ def test_invoked_request_answers_several_items_automatic_one(rpc: RpcClient) -> 
     assert len(rpc.inline(uri, line, col)["items"]) == 1
     typing = rpc.inline(uri, line, col, automatic=True)["items"]
     assert typing[0] == auto[0] and len(typing) == 2
+
+
+def test_asking_again_at_the_same_place_reuses_the_alternatives(make_service) -> None:
+    """Cycling asks again where the suggestion is shown: the alternatives made with it are the answer
+    (no model run); typing through it gets its rest alone; a suggestion made with one candidate gets
+    its alternatives from the model, itself staying first."""
+    fixture = next(f for f in load_fixtures() if "\n" not in f["middle"])
+    text = fixture["text"]
+    cursor = Document("x", text).offset_at(fixture["line"], fixture["character"])
+    svc = make_service()
+    first = svc.complete("file:///a.py", text, cursor, candidates=3)
+    assert first.alternatives
+    again = svc.complete("file:///a.py", text, cursor, candidates=3)
+    assert again.generation.stop_reason == "typed_through"
+    assert (again.suggestion, again.alternatives) == (first.suggestion, first.alternatives)
+    typed = text[:cursor] + first.suggestion.text[0] + text[cursor:]
+    through = svc.complete("file:///a.py", typed, cursor + 1, candidates=3)
+    assert through.generation.stop_reason == "typed_through" and through.alternatives == []
+    assert through.suggestion.text == first.suggestion.text[1:]
+
+    svc = make_service()
+    single = svc.complete("file:///a.py", text, cursor)
+    prefills = svc.cache.stats.prefills
+    more = svc.complete("file:///a.py", text, cursor, candidates=3)
+    assert svc.cache.stats.prefills == prefills + 1  # the model made the alternatives
+    assert more.suggestion == single.suggestion and more.alternatives == first.alternatives
