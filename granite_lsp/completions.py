@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 PARTIAL = "granite/partialCompletion"
 ACCEPTED = "granite.accepted"
+# The model thread waits for the loop to write the request's first partial that shows text before it
+# decodes on (at most this long: only a stuck loop takes it): handed over without a wait, that partial sat
+# in the loop's queue while the next decode step held the interpreter (bench, type_short, loaded machine:
+# "send" median 3.6 ms, p95 24 ms).
+FIRST_TEXT_HANDOVER_S = 0.25
 
 
 def submit_completion(
@@ -96,9 +102,16 @@ class _Watcher:
         request_id = str(server.protocol.msg_id) if hasattr(server.protocol, "msg_id") else ""
         pos = {"line": position.line, "character": position.character}
         self._payload = {"uri": uri, "version": version, "position": pos, "requestId": request_id}
+        self._text_shown = False
 
     def on_progress(self, progress: Progress) -> None:  # model thread
-        if self.stream:
+        if self.stream and progress.shown and not self._text_shown:
+            self._text_shown = True  # the first text the user sees: out before the next decode step
+            written = threading.Event()
+            self._loop.call_soon_threadsafe(self._send, {**self._payload, "text": progress.shown, "done": False})
+            self._loop.call_soon_threadsafe(written.set)
+            written.wait(FIRST_TEXT_HANDOVER_S)
+        elif self.stream:
             self.partial(progress.shown)
         elif self.early_wanted and not self.early.done():
             first = progress.first_line()

@@ -335,6 +335,8 @@ class CompletionService:
             if shown and moments.steps_to_visible is None:
                 moments.steps_to_visible = tokens[0]
                 moments.mark("visible")
+            elif moments.steps_to_visible is not None:
+                moments.mark("decoded_on")  # the token after it: its partial was handed over before
             if on_progress is not None:
                 on_progress(Progress(shown, shaper))
             return shaper is None or shaper.wants_more(so_far)

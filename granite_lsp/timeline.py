@@ -8,6 +8,8 @@ does), and the partial goes back through the event loop. Each owner marks its mo
 ``Timeline``; the phases are differences of consecutive marks, so they add up to the whole, on the
 server's clock from the request's arrival at its handler (the transport's reading and parsing before
 that are not in it; the bench's client-side figure from its send is).
+``decoded_on`` (the token after the first visible one) is not a phase: it shows that the partial with
+the first text was written out before the model thread decoded on (completions' handover).
 
 ``WaitStats`` is the scheduler's record of the queue wait (ready to started), split by what held the
 model thread when the request became ready: nothing ("idle"), another request, a prefetch, or background
@@ -68,6 +70,9 @@ class Timeline:
         first = self.ms("arrived", "sent")
         if first is not None:
             out["first_visible"] = first
+        after = self.ms("sent", "decoded_on")
+        if after is not None:  # >= 0: that partial was out before the next token was chosen
+            out["sent_before_next_token"] = after
         return out
 
 

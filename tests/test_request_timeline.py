@@ -73,7 +73,7 @@ def test_a_request_that_arrives_during_background_work_is_counted_as_waiting_beh
     assert set(stats["waits"]) == set(BEHIND)
 
 
-def test_the_phases_of_a_streamed_request_add_up_to_its_first_visible_text(rpc: RpcClient) -> None:
+def test_the_phases_of_a_streamed_request_add_up_and_its_first_text_goes_out_before_decoding_on(rpc: RpcClient) -> None:
     text, places = _big_document()
     rpc.initialize(OPTIONS, capabilities=STREAMING)
     rpc.open(URI, text)
@@ -83,4 +83,7 @@ def test_the_phases_of_a_streamed_request_add_up_to_its_first_visible_text(rpc: 
     assert set(PHASES.values()) <= set(phases), phases  # every moment up to the partial written out
     assert abs(sum(phases[p] for p in PHASES.values()) - phases["first_visible"]) < 1e-3
     assert last["steps_to_visible"] >= 1 and last["processed_tokens"] > 0
+    # The first partial with text was written out before the model chose the token after it.
+    assert last["generated_tokens"] > last["steps_to_visible"]
+    assert phases["sent_before_next_token"] >= 0
     rpc.wait_notification("granite/partialCompletion", lambda p: bool(p["text"]))  # the one "sent" marks

@@ -6,7 +6,9 @@ Two clocks, said apart in the report:
 - the server's: the request's phases (``granite_lsp.timeline``) from its arrival at the server's handler
   to that partial written out (``first_visible``), each a difference of consecutive moments, so that
   they add up to it. ``transport`` is the client's figure less the server's, per request: framing,
-  parsing and the pipes both ways.
+  parsing and the pipes both ways. ``restore``: the engine's prefill of the requests that had nothing
+  left to process (the checkpoint restore alone, part of ``prefill``); ``tokens to text``: tokens
+  generated until one showed text (token healing: healed bytes show nothing, each extra one is a step).
 
 The queue wait (``queue``: ready after the debounce -> the model thread starts it) is also reported by
 what held the model thread when the request became ready (idle, another request, a prefetch, background
@@ -38,6 +40,9 @@ def phase_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         values = [r["phases"][name] for r in rows if name in (r.get("phases") or {})]
         if values:
             out[name] = percentiles(values)
+    restores = [r["prefill_ms"] for r in rows if r.get("processed_tokens") == 0 and r.get("prefill_ms") is not None]
+    if restores:  # the engine's prefill when nothing was left to process: the checkpoint restore alone
+        out["restore"] = percentiles(restores)
     steps = [float(r["steps_to_visible"]) for r in rows if r.get("steps_to_visible") is not None]
     if steps:
         out["steps_to_visible"] = {k.removesuffix("_ms"): v for k, v in percentiles(steps).items()}
@@ -62,7 +67,9 @@ def print_latency(phases: dict[str, dict[str, float]], waits: dict[str, dict[str
         )
         print(f"  {'phase':<16}{'n':>5}{'median ms':>11}{'p95 ms':>9}")
         for name, v in phases.items():
-            if name == "steps_to_visible":
+            if name == "restore":
+                print(f"  {'(restore only)':<16}{v['count']:>5}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}")
+            elif name == "steps_to_visible":
                 print(f"  {'tokens to text':<16}{v['count']:>5}{v['median']:>11.1f}{v['p95']:>9.1f}")
             else:
                 print(f"  {name:<16}{v['count']:>5}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}")
