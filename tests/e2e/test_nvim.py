@@ -41,7 +41,7 @@ VENV_BIN = Path(sys.executable).parent
 
 MODES = ("native", "fallback")
 # case name -> plugin key that accepts
-CASES = {"basic": "<Tab>", "unicode": "<Tab>", "accept_line": "<M-l>", "accept_word": "<M-w>"}
+CASES = {"basic": "<Tab>", "unicode": "<Tab>", "accept_line": "<M-l>", "accept_word": "<M-w>", "cycle": "<Tab>"}
 DRIVER_TIMEOUT_S = 100  # per Neovim; the driver itself stops waiting at DEADLINE_S
 DEADLINE_S = 80
 
@@ -124,6 +124,8 @@ def _pick_cases(fixtures: list[dict]) -> dict[str, dict | None]:
         "unicode": (unicode_ or [None])[0],
         "accept_line": (multi or [None])[0],
         "accept_word": (words or [None])[0],
+        # next/prev show another candidate, then this one again; its first is then accepted
+        "cycle": (single or [None])[0],
     }
 
 
@@ -202,7 +204,14 @@ class _Runner:
             path.write_bytes(fx["text"].encode("utf-8"))
             self.paths[(mode, name)] = path
             cases.append(
-                {"name": name, "path": str(path), "line": fx["line"], "character": fx["character"], "key": key}
+                {
+                    "name": name,
+                    "path": str(path),
+                    "line": fx["line"],
+                    "character": fx["character"],
+                    "key": key,
+                    "cycle": name == "cycle",
+                }
             )
         init = work / "init.lua"
         init.write_text(_init_lua(self.cmd, mode == "fallback"), encoding="utf-8")
@@ -327,3 +336,19 @@ def test_accept_runs_server_command(runner: _Runner, mode: str) -> None:
     assert "does not support command" not in messages, _report(out, res)
     log = _lsp_log(out["work"])
     assert "workspace/executeCommand" in log and "granite.accepted" in log, _report(out, res)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_next_and_prev_cycle_between_candidates(runner: _Runner, mode: str) -> None:
+    """The plugin's next key shows another suggestion (native: the items of the automatic request, which
+    the plugin asks several of; fallback: it asks again, invoked, for the alternatives), prev the first
+    again; accepting then inserts the first (test_accept_suggestion[cycle] checks the file)."""
+    _check_mode(runner, mode)
+    if runner.cases.get("cycle") is None:
+        pytest.skip("no fixture")
+    out = runner.run(mode)
+    res = next((c for c in out.get("cases", []) if c.get("name") == "cycle"), None)
+    assert res is not None and not res.get("error"), _report(out, res)
+    cyc = res["cycle"]
+    assert cyc["first"] and cyc["second"] and cyc["second"] != cyc["first"], _report(out, res)
+    assert cyc["back"] == cyc["first"], _report(out, res)

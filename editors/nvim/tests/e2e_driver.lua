@@ -9,7 +9,8 @@
 -- SPEC = {
 --   nvim = "/path/to/nvim", init = "/path/to/init.lua", env = { NAME = "value" },
 --   ready_timeout_s = 60, suggest_timeout_s = 60,
---   cases = { { name, path, line, character (UTF-16), key (e.g. "<Tab>") }, ... },
+--   cases = { { name, path, line, character (UTF-16), key (e.g. "<Tab>"), cycle (bool: press next,
+--     then prev, before the key, and record the ghost text each time) }, ... },
 -- }
 
 local spec_path, out_path = _G.arg[1], _G.arg[2]
@@ -179,6 +180,42 @@ local function run_case(case)
     end
     return out
   ]])
+
+  if case.cycle then
+    -- next / prev (the plugin's <M-]> / <M-[>): another suggestion, then the first again.
+    lua([[
+      _G.granite_e2e_ghost = function()
+        local parts = {}
+        local function add(chunks)
+          for _, c in ipairs(chunks or {}) do
+            if c[2] ~= 'ComplHintMore' and c[2] ~= 'GraniteLspSuggestionHint' then -- the "(2/3)" hints
+              parts[#parts + 1] = c[1]
+            end
+          end
+        end
+        for _, name in ipairs({ 'nvim.lsp.inline_completion', 'granite_lsp.ghost' }) do
+          local ns = vim.api.nvim_get_namespaces()[name]
+          for _, m in ipairs(ns and vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true }) or {}) do
+            add(m[4].virt_text)
+            for _, l in ipairs(m[4].virt_lines or {}) do
+              parts[#parts + 1] = '\n'
+              add(l)
+            end
+          end
+        end
+        return table.concat(parts)
+      end
+    ]])
+    local cyc = { first = lua('return granite_e2e_ghost()') }
+    res.cycle = cyc
+    input('<M-]>')
+    local _, second = wait_for(30, "local g = granite_e2e_ghost(); return g ~= '' and g ~= ... and g", cyc.first)
+    cyc.second = second
+    input('<M-[>')
+    wait_for(10, 'return granite_e2e_ghost() == ...', cyc.first)
+    cyc.back = lua('return granite_e2e_ghost()')
+    event(case.name .. ': cycled ' .. vim.json.encode(cyc))
+  end
 
   input(case.key)
   res.changed = wait_for(10, 'return vim.api.nvim_buf_get_changedtick(0) ~= ...', tick)

@@ -247,8 +247,15 @@ function M.request(bufnr, trigger_kind)
       end
     end
     st.items = items
+    st.invoked = trigger_kind == TRIGGER_INVOKED
     st.index = 1
-    show(bufnr)
+    local hint
+    if st.select_after and #items > 1 then -- `next`/`prev` asked for these: move on from the first
+      st.index = (st.select_after % #items) + 1
+      hint = (' (%d/%d)'):format(st.index, #items)
+    end
+    st.select_after = nil
+    show(bufnr, hint)
   end, bufnr)
   if ok and id then
     st.pending = { client_id = client.id, id = id }
@@ -408,14 +415,16 @@ function M.accept(bufnr, kind)
   return true
 end
 
---- Cycles through the suggestions; requests some when there are none.
+--- Cycles through the suggestions; asks for some when there are none, and for the alternatives
+--- (an invoked request gets several) when an automatic request's one is shown.
 function M.select(bufnr, count)
   local st = states[bufnr]
   if not st then
     return
   end
   local n = #st.items
-  if n == 0 or not visible_suggestion(bufnr) then
+  if n == 0 or not visible_suggestion(bufnr) or (n == 1 and not st.invoked) then
+    st.select_after = n == 1 and visible_suggestion(bufnr) and count or nil
     M.request(bufnr, TRIGGER_INVOKED)
     return
   end

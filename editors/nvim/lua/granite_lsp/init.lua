@@ -37,6 +37,12 @@ M.defaults = {
   suffix_tokens = nil, -- tokens of context after the cursor
   debounce_ms = nil, -- server-side debounce of requests
   max_lines = nil, -- most lines in one suggestion
+  -- Suggestions per request you make (`next`/`prev` cycle through them; nil: the server's 3).
+  candidates = nil,
+  -- Suggestions per automatic request while typing. nil: 1 with the fallback renderer (its `next`
+  -- asks again for `candidates`), `candidates` with the native one (vim.lsp.inline_completion cycles
+  -- only through the items it was given while typing, and cannot ask again); more cost latency.
+  typing_candidates = nil,
   -- Extra raw initializationOptions / settings.granite keys (camelCase), merged last.
   server_options = {},
   -- Filetypes to attach to: a list, or "*" for every file buffer.
@@ -99,6 +105,8 @@ local camel = {
   suffix_tokens = 'suffixTokens',
   debounce_ms = 'debounceMs',
   max_lines = 'maxLines',
+  candidates = 'candidates',
+  typing_candidates = 'typingCandidates',
 }
 
 --- The flat camelCase option table the server takes.
@@ -109,6 +117,9 @@ function M.server_options(cfg)
     if cfg[k] ~= nil then
       out[v] = cfg[k]
     end
+  end
+  if cfg.typing_candidates == nil and native_available() and not cfg.force_fallback then
+    out.typingCandidates = cfg.candidates or 3 -- see M.defaults.typing_candidates
   end
   return vim.tbl_extend('force', out, cfg.server_options or {})
 end
