@@ -138,7 +138,7 @@ class WorkAhead:
         server = self._server
         doc = server.documents.get(uri)
         self._cancel(uri)
-        if server.service is None or doc is None or not server.settings.reuse:
+        if server.service is None or doc is None or doc.out_of_sync or not server.settings.reuse:
             return
         cursor = doc.offset_at(place.line, place.character, server.position_encoding)
         text, settings, context = doc.text, server.settings, server.context

@@ -133,7 +133,7 @@ async def inline_completion(
     timeline = Timeline.starting_now()
     uri = params.text_document.uri
     doc = server.documents.get(uri)
-    if doc is None or server.service is None:
+    if doc is None or doc.out_of_sync or server.service is None:
         return None
     encoding = server.position_encoding
     try:
@@ -227,7 +227,7 @@ def prefetch_after_accept(server: GraniteServer, info: dict[str, Any]) -> None:
     """
     uri = info.get("uri")
     doc = server.documents.get(uri) if isinstance(uri, str) else None
-    if doc is None or server.service is None or server.scheduler.has_pending(doc.uri):
+    if doc is None or doc.out_of_sync or server.service is None or server.scheduler.has_pending(doc.uri):
         return
     try:
         line, character = int(info["line"]), int(info["character"])

@@ -83,6 +83,9 @@ class Document:
     language_id: str = ""
     _line_starts: np.ndarray | None = field(default=None, repr=False)
     indexed_chars: int = field(default=0, repr=False)  # characters scanned for line breaks, ever
+    # Why this copy may differ from the editor's (a change that could not be applied), until the editor
+    # sends the whole text again; None while in sync. Set and cleared by the protocol's document sync.
+    out_of_sync: str | None = None
 
     @property
     def line_starts(self) -> np.ndarray:
@@ -143,6 +146,13 @@ class Document:
         if strict and _index_to_units(text, len(text), encoding) < character:
             raise PositionError(f"character {character} is past the end of line {line}")
         return start + index
+
+    def has_position(self, line: int, character: int) -> bool:
+        """Whether an edit may start or end at (line, character): any column of an existing line (LSP
+        clamps a column past a line's end to it), or the document's end written as the line after
+        the last. A change elsewhere was made to a text other than this copy."""
+        lines = self.line_count()
+        return 0 <= line < lines or (line == lines and character == 0)
 
     def position_at(self, offset: int, encoding: str = UTF16) -> tuple[int, int]:
         """LSP (line, character) of a code-point offset."""

@@ -107,6 +107,7 @@ class GraniteProtocol(LanguageServerProtocol):
         msg_id = message.get("id") if isinstance(message, dict) and _is_id(message.get("id")) else None
         if bad_utf8:
             self.reject(msg_id, PARSE_ERROR, "parse error: the body is not valid UTF-8")
+            self._lost_change(message, "a change that is not valid UTF-8 was dropped")
             return
         problem = _invalid_request(message)
         if problem is not None:
@@ -119,8 +120,24 @@ class GraniteProtocol(LanguageServerProtocol):
         except Exception as e:
             self.counters["dropped_undecodable"] += 1
             log.warning("dropped a %s message that does not decode: %s", message.get("method", "response"), e)
+            self._lost_change(message, f"a change that does not decode was dropped ({str(e)[:100]})")
             return
         self.handle_message(structured)
+
+    def _lost_change(self, message: Any, reason: str) -> None:
+        """A didChange that was not applied: the document it was for is out of sync with the editor,
+        or, when it does not say which (its uri is unreadable), every open document may be."""
+        if not isinstance(message, dict) or message.get("method") != types.TEXT_DOCUMENT_DID_CHANGE:
+            return
+        server = self._server
+        if not server.initialized:
+            return  # dropped anyway (LSP): nothing was applied before initialize
+        params = message.get("params")
+        document = params.get("textDocument") if isinstance(params, dict) else None
+        uri = document.get("uri") if isinstance(document, dict) else None
+        for doc in [server.documents.get(uri)] if isinstance(uri, str) else list(server.documents):
+            if doc is not None:
+                server.document_out_of_sync(doc.uri, reason)
 
     def receive_framing_error(self, reason: str, body: bytes | None) -> None:
         """Bytes the transport could not frame. A request found in them is answered; the rest is logged."""
@@ -253,13 +270,22 @@ class GraniteProtocol(LanguageServerProtocol):
         line = 0
         for change in params.content_changes:
             if isinstance(change, types.TextDocumentContentChangePartial):
+                if doc.out_of_sync:
+                    continue  # an edit of a text we do not have: only the whole text brings it back
                 r = change.range
-                doc.apply_change(
-                    change.text, (r.start.line, r.start.character), (r.end.line, r.end.character), encoding
-                )
+                start, end = (r.start.line, r.start.character), (r.end.line, r.end.character)
+                if not (doc.has_position(*start) and doc.has_position(*end)):
+                    where = f"{start[0]}:{start[1]}-{end[0]}:{end[1]}"
+                    reason = f"a change at {where} is past the end of its {doc.line_count()} lines"
+                    server.document_out_of_sync(uri, reason)
+                    continue
+                doc.apply_change(change.text, start, end, encoding)
                 line = r.start.line
             else:
                 doc.apply_change(change.text)
+                if doc.out_of_sync:
+                    doc.out_of_sync = None
+                    log.info("%s is in sync again (the editor sent its whole text)", uri)
         doc.version = params.text_document.version
         server.on_document_changed(uri, line)
         yield from ()

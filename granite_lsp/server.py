@@ -76,7 +76,7 @@ class GraniteServer(LanguageServer):
 
     def on_document_changed(self, uri: str, line: int) -> None:
         doc = self.documents.get(uri)
-        if doc is not None:
+        if doc is not None and not doc.out_of_sync:
             start, end = ContextRing.region(line)
             starts = doc.line_starts
             a = starts[min(start, len(starts) - 1)]
@@ -84,6 +84,24 @@ class GraniteServer(LanguageServer):
             self.context.note(uri, start, doc.text[a:b])
         self.scheduler.document_changed(uri)
         self.ahead.changed(uri, line)
+
+    def document_out_of_sync(self, uri: str, reason: str) -> None:
+        """A change of ``uri`` could not be applied: our copy may differ from the editor's. Nothing is
+        completed from it (text would land in the wrong place) until the editor sends its whole text
+        again (didOpen, or a change without a range); the user is told once, with the way out."""
+        doc = self.documents.get(uri)
+        if doc is None or doc.out_of_sync:
+            return
+        doc.out_of_sync = reason
+        self.counters["out_of_sync"] = self.counters.get("out_of_sync", 0) + 1
+        self.context.forget(uri)
+        self.scheduler.document_changed(uri)  # what runs for it was asked for a text that may be wrong
+        message = (
+            f"granite-lsp: lost track of {uri} ({reason}): no suggestions there until the editor sends "
+            "the whole file again; close and reopen it"
+        )
+        log.warning(message)
+        self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=message))
 
     def on_document_closed(self, uri: str) -> None:
         self.context.forget(uri)

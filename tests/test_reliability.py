@@ -151,6 +151,54 @@ def test_a_document_with_lone_surrogates_affects_at_most_its_own_requests(rpc: R
     assert rpc.call("granite/stats")["counters"]["errors"] == 0
 
 
+# ---- 4. a change that cannot be applied ------------------------------------------------------------------
+
+
+def test_a_change_that_cannot_be_applied_stops_completions_until_the_whole_text_comes(rpc: RpcClient) -> None:
+    """A change past the end of the document, or one that does not decode, means our copy is no longer
+    the editor's: it used to be clamped or dropped with a log line, and completions went on at wrong
+    places. Now the document is out of sync (one warning, null answers, later ranged changes ignored)
+    until the editor sends the whole text again (a change without a range, or didOpen)."""
+    rpc.initialize()
+    fixture = single_line_fixture()
+    uri = "file:///sync.py"
+    rpc.open(uri, fixture["text"])
+    line, col = fixture["line"], fixture["character"]
+    assert rpc.inline(uri, line, col)["items"][0]["insertText"] == fixture["middle"]
+
+    def warnings() -> list[str]:
+        rpc.sentinel(f"warnings-{len(rpc.all_responses)}")  # everything sent before has been handled
+        return [
+            n["params"]["message"]
+            for n in rpc.notifications
+            if n["method"] == "window/showMessage" and n["params"]["type"] == 2
+        ]
+
+    lines = fixture["text"].count("\n") + 1
+    rpc.change(uri, 2, (lines + 40, 0), (lines + 40, 0), "x = 1\n")  # past the end: made for another text
+    assert len(warnings()) == 1 and uri in warnings()[0] and "past the end" in warnings()[0], warnings()
+    assert rpc.inline(uri, line, col) is None
+    rpc.change(uri, 3, (0, 0), (0, 0), "# ")  # a valid range, but of a text we do not have: ignored
+    rpc.change(uri, 4, (lines + 41, 0), (lines + 41, 0), "y")
+    assert len(warnings()) == 1  # one warning per loss of sync
+    assert rpc.inline(uri, line, col) is None
+    assert rpc.call("granite/stats")["counters"]["out_of_sync"] == 1
+
+    rpc.notify(
+        "textDocument/didChange",
+        {"textDocument": {"uri": uri, "version": 5}, "contentChanges": [{"text": fixture["text"]}]},
+    )
+    assert rpc.inline(uri, line, col)["items"][0]["insertText"] == fixture["middle"]
+
+    bad = {"range": {"start": {"line": 0}, "end": {"line": 0, "character": 0}}, "text": "x"}  # no character
+    rpc.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 6}, "contentChanges": [bad]})
+    assert len(warnings()) == 2 and "does not decode" in warnings()[1], warnings()
+    assert rpc.inline(uri, line, col) is None
+    rpc.open(uri, fixture["text"], version=7)  # the editor reopened it
+    assert rpc.inline(uri, line, col)["items"][0]["insertText"] == fixture["middle"]
+    assert rpc.call("granite/stats")["counters"]["errors"] == 0 and rpc.proc.poll() is None
+
+
 # ---- 5. memory per notification, and the soak --------------------------------------------------------------
 
 
