@@ -22,6 +22,13 @@ from .config import HybridConfig
 from .matmul import big_op_threads, linear, matmul_threads
 from .ssm import ssm_chunked, ssm_recurrent
 
+# Up to this many new tokens, attention on the CPU kernels runs row by row through the decode kernel
+# (each row over the positions up to its own) instead of torch's SDPA: speculative decoding's verify
+# (1 + k rows) then costs about k more decode attentions, where SDPA with a causal mask took ~8 ms a
+# layer for 2 rows at depth 512 (2 busy cores; a decode step's attention is a fraction of a ms), and
+# each row's result is the one a plain decode step gives.
+DECODE_ATTENTION_ROWS = 16
+
 # A weight matrix as the layers hold it: a tensor, or packed for the CPU kernels.
 Matrix = Tensor | PackedLinear
 
@@ -130,10 +137,20 @@ class Attention:
         end = pos + T
         kbuf[:, pos:end] = k
         vbuf[:, pos:end] = v
-        if T == 1 and self.fused and self.kernels is not None and rope is None and _fused(qkv, kbuf, vbuf):
-            q1 = qkv[0, : nq * hd]
-            out: Tensor = self.kernels.attention_decode(q1, kbuf, vbuf, end, self.scale, matmul_threads())
-            return out
+        if (
+            T <= DECODE_ATTENTION_ROWS
+            and self.fused
+            and self.kernels is not None
+            and rope is None
+            and _fused(qkv, kbuf, vbuf)
+        ):
+            # each row sees the positions up to its own: causal, and the same result as decoding it alone
+            rows = range(T) if out_rows is None else range(T)[out_rows]
+            outs: list[Tensor] = [
+                self.kernels.attention_decode(qkv[i, : nq * hd], kbuf, vbuf, pos + i + 1, self.scale, matmul_threads())
+                for i in rows
+            ]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         keys, values = kbuf[:, :end], vbuf[:, :end]
         if T == 1:
             out = _decode_attention(q, keys, values, self.scale)
