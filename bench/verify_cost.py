@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         for k in drafts:
             f = r[f"k{k}"]
             assert isinstance(f, dict)
+            rejected = f["rejected_over_step"]
             print(
-                f"  k={k:2d}: verify {f['verify_ms']:.2f} ms ({f['verify_over_step']:.2f}x step), keep {f['keep_ms']:.2f}"
-                f" ms; all rejected {f['rejected_over_step']:.2f}x step (+{(f['rejected_over_step'] - 1) * 100:.0f}%),"
+                f"  k={k:2d}: verify {f['verify_ms']:.2f} ms ({f['verify_over_step']:.2f}x step),"
+                f" keep {f['keep_ms']:.2f} ms; all rejected {rejected:.2f}x step (+{(rejected - 1) * 100:.0f}%),"
                 f" all accepted {f['all_accepted_speedup']:.2f}x tok/s"
             )
         del model

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .fim import FimPrompt
-from .speculate import MAX_DRAFT, DraftSource, PromptLookup
+from .speculate import DraftBudget, DraftSource, PromptLookup, VerifyCost
 from .state_cache import PrefillResult, StateCache
 from .tokens import TextTokenizer
 
@@ -63,6 +63,7 @@ class Engine:
         # output is the same either way, only the number of forwards changes.
         self.speculate = speculate
         self.drafts: DraftSource = PromptLookup  # where drafts come from (tests force their own)
+        self.costs = VerifyCost()  # how many drafts pay on this model and machine
         self._stop_ids = torch.tensor(sorted(tokenizer.control.stop_ids), dtype=torch.long)
 
     def generate(
@@ -96,11 +97,12 @@ class Engine:
         text = ""
         ids: list[int] = []
         drafter = self.drafts(prompt.ids, stop_ids) if self.speculate else None
+        budget = DraftBudget()
         # rows[j]: the logits after the last fed token and the first j of ``drafts`` (one verify
         # forward fed them all); row j + 1 counts only while the choices equal the drafts.
         rows: list[torch.Tensor] = [pre.logits]
         drafts: list[int] = []
-        j = 0
+        j, t_fed = 0, 0.0
         reason = "max_tokens"
         while len(ids) < max_tokens:
             if cancelled():
@@ -130,22 +132,32 @@ class Engine:
                 stats.accepted_tokens += 1
                 continue
             if drafts:
-                self.cache.keep(j + 1)  # the fed token and the drafts the model agreed with
+                self._keep(drafts, j, budget, t_fed)  # the fed token and the drafts the model agreed with
             # Drafts only for tokens that could still be generated (each fed token precedes one).
-            drafts = drafter.propose(min(MAX_DRAFT, max_tokens - len(ids) - 1)) if drafter else []
+            limit = min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1) if drafter else 0
+            drafts = drafter.propose(limit) if drafter and limit > 0 else []
             j = 0
             stats.decode_forwards += 1
+            t_fed = time.perf_counter()
             if drafts:
                 stats.draft_tokens += len(drafts)
                 rows = list(self.cache.verify([token, *drafts]))
             else:
                 rows = [self.cache.step(token)]
+                if drafter is not None:
+                    self.costs.observe_step((time.perf_counter() - t_fed) * 1000.0)
         if drafts:
-            self.cache.keep(j + 1)  # the state has consumed exactly what plain decoding would have
+            self._keep(drafts, j, budget, t_fed)  # the state has consumed exactly what plain decoding would have
         text += decoder.decode(b"", final=True)
         stats.generated_tokens = len(ids)
         stats.decode_ms = (time.perf_counter() - t0) * 1000.0
         return Generation(text, ids, reason, stats)
+
+    def _keep(self, drafts: list[int], accepted: int, budget: DraftBudget, t_fed: float) -> None:
+        """After a verify: keep the fed token and the ``accepted`` drafts, and learn from it."""
+        self.cache.keep(accepted + 1)
+        budget.update(len(drafts), accepted)
+        self.costs.observe_verify(len(drafts), accepted, (time.perf_counter() - t_fed) * 1000.0)
 
     def prefill_ahead(self, doc: str, prompt: FimPrompt, should_yield: Callable[[], bool]) -> PrefillResult:
         """Work ahead of a request: bring the state cache to the end of ``prompt`` (the checkpoints a

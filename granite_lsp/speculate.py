@@ -25,11 +25,121 @@ import numpy as np
 # is often longer than 4 tokens; past 8, a wrong guess costs rows for tokens that a long match
 # rarely gets right anyway. bench/verify_cost.py gives the cost of k rows against one.
 MAX_DRAFT = 8
+# Drafts of a request's first verify (DraftBudget adapts it to what the model accepts).
+START_DRAFT = 4
+# VerifyCost's guess of a draft row's cost in plain steps (until measured), its averaging weight of a
+# new measurement, and the share of decode time it may spend on a draft while none is worth it.
+PRIOR_ROW_COST = 0.2
+EWMA = 0.1
+EXPLORE_COST = 0.01
 # The n-gram to look up: the last MAX_NGRAM tokens, then shorter down to MIN_NGRAM. One token alone
 # matches nearly everywhere in code ("(", ".", a space) and its continuations are mostly wrong;
 # two or three tokens are an identifier with its punctuation, or a piece of a line.
 MAX_NGRAM = 3
 MIN_NGRAM = 2
+
+
+class DraftBudget:
+    """How many drafts the next verify may feed, from how the request's earlier verifies went.
+
+    A verify's extra rows cost arithmetic in every matmul and a rollback when rejected (on 2 busy
+    cores ~0.2-0.4 of a step per row: bench/verify_cost.py), and with weights that do not copy the
+    prompt (random ones, or text unlike anything above) nearly every draft is rejected. So: start at
+    START_DRAFT, double after a verify whose drafts were all accepted (up to MAX_DRAFT), fall back to
+    one more than were accepted otherwise, and after a verify that accepted nothing leave out the
+    next 1, 2, 4, ... lookups (doubling while nothing is accepted): a model that never agrees pays
+    for a draft about once per log2 of the tokens, one that agrees gets long drafts.
+    """
+
+    def __init__(self) -> None:
+        self.length = START_DRAFT
+        self._misses = 0  # verifies in a row that accepted nothing
+        self._skip = 0  # lookups still to leave out
+
+    def next(self) -> int:
+        """Drafts the next forward may feed (0: a plain step)."""
+        if self._skip:
+            self._skip -= 1
+            return 0
+        return self.length
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """A verify fed ``drafted`` drafts and the model agreed with the first ``accepted``."""
+        if accepted >= drafted:
+            self.length = min(MAX_DRAFT, 2 * self.length)
+        else:
+            self.length = max(1, accepted + 1)
+        if accepted:
+            self._misses = 0
+        else:
+            self._skip = 1 << min(self._misses, 10)
+            self._misses += 1
+
+
+class VerifyCost:
+    """How many drafts pay on this model and machine, from what the engine measured (across requests).
+
+    A verify of 1 + k rows (its rollback included) costs ``ratio[k]`` plain steps, measured: a fixed
+    part (the verify runs layer by layer, not as the one-call decode step of kernels/step.cpp, and
+    journals the Mamba states) and a part per row (arithmetic in every matmul, the scan). On the real
+    shape that is ~1.4 steps for one draft and ~4 for eight on 2 busy cores (bench/verify_cost.py);
+    on model/tiny, where a step is mostly per-layer overhead, ~3.4 and ~7.5. With ``accept`` the
+    chance that the model agrees with a draft (counted over verifies), k drafts yield
+    1 + accept + accept^2 + ... + accept^k tokens for ``ratio[k]`` steps' time: the k with the most
+    tokens per step's time is fed, none when no k beats a plain step (1 token per step). Then one
+    draft is still fed now and then (costing at most EXPLORE_COST of the steps' time) so that
+    ``accept`` follows the text.
+    Timings only decide how many drafts: the output is the same whatever they are.
+    """
+
+    def __init__(self) -> None:
+        self.step_ms = 0.0  # a plain one-row step, EWMA (0: not measured yet)
+        # ratio[k]: a verify of k drafts in plain steps, EWMA; a guess until measured (see observe_verify)
+        self.ratio = [1.0 + PRIOR_ROW_COST * k for k in range(MAX_DRAFT + 1)]
+        self._measured = [False] * (MAX_DRAFT + 1)
+        self._agreed, self._refused = 1.0, 1.0  # decayed counts: drafts accepted / verifies cut short
+        self._since_verify = 0
+
+    @property
+    def accept(self) -> float:
+        return self._agreed / (self._agreed + self._refused)
+
+    def limit(self) -> int:
+        """Drafts worth feeding in the next forward (0: a plain step)."""
+        self._since_verify += 1
+        a = self.accept
+        best_k, best, tokens, p = 0, 1.0, 1.0, 1.0
+        for k in range(1, MAX_DRAFT + 1):
+            p *= a
+            tokens += p
+            if tokens / self.ratio[k] > best:
+                best_k, best = k, tokens / self.ratio[k]
+        # exploring costs (ratio[1] - 1) steps once per so many forwards: at most EXPLORE_COST of them
+        return best_k if best_k else int(self._since_verify * EXPLORE_COST >= self.ratio[1] - 1.0)
+
+    def observe_step(self, ms: float) -> None:
+        self.step_ms = ms if not self.step_ms else self.step_ms + EWMA * (ms - self.step_ms)
+
+    def observe_verify(self, drafted: int, accepted: int, ms: float) -> None:
+        """A verify (and its rollback) of ``drafted`` drafts took ``ms``; the model agreed with ``accepted``."""
+        self._since_verify = 0
+        keep = 1.0 - EWMA
+        self._agreed = keep * self._agreed + accepted
+        self._refused = keep * self._refused + (accepted < drafted)
+        if not self.step_ms or not 1 <= drafted <= MAX_DRAFT:
+            return
+        got = ms / self.step_ms
+        if self._measured[drafted]:
+            self.ratio[drafted] += EWMA * (got - self.ratio[drafted])
+        else:
+            self._measured[drafted] = True
+            self.ratio[drafted] = got
+        # draft counts not measured yet: from this one's cost, fewer in proportion (they get measured
+        # when tried), more with the guessed cost of the rows between
+        for k in range(1, MAX_DRAFT + 1):
+            if not self._measured[k]:
+                more = self.ratio[drafted] + PRIOR_ROW_COST * (k - drafted)
+                self.ratio[k] = more if k > drafted else 1.0 + (self.ratio[drafted] - 1.0) * k / drafted
 
 
 class Drafter(Protocol):

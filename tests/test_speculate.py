@@ -15,7 +15,7 @@ from conftest import TINY, load_fixtures
 from granite_lsp import kernels
 from granite_lsp.documents import Document
 from granite_lsp.runtime import HybridModel
-from granite_lsp.speculate import MAX_DRAFT, PromptLookup
+from granite_lsp.speculate import MAX_DRAFT, DraftBudget, PromptLookup, VerifyCost
 
 pytestmark = pytest.mark.usefixtures("isa_level")
 
@@ -69,6 +69,48 @@ def test_prompt_lookup_stops_before_a_stop_token() -> None:
     assert look.propose() == [7]  # "5 6" -> 7, then the stop id 0 ends the draft
     look.append(7)
     assert look.propose() == []  # "6 7" -> 0: a draft of nothing
+
+
+def test_draft_budget_grows_on_agreement_and_backs_off_on_misses() -> None:
+    b = DraftBudget()
+    start = b.next()
+    b.update(start, start)  # all accepted: twice as many next time
+    assert b.next() == min(MAX_DRAFT, 2 * start)
+    b.update(b.length, 2)  # cut short after two: one more than were accepted
+    assert b.next() == 3
+    b.update(3, 0)  # nothing accepted: the next lookup is left out, then 2, then 4 ...
+    assert [b.next() for _ in range(2)] == [0, 1]
+    b.update(1, 0)
+    assert [b.next() for _ in range(3)] == [0, 0, 1]
+    b.update(1, 1)  # accepted again: no more skipping
+    assert b.next() == 2
+
+
+def test_verify_cost_feeds_drafts_only_where_they_pay() -> None:
+    cheap = VerifyCost()
+    cheap.observe_step(10.0)
+    for _ in range(20):
+        cheap.observe_verify(MAX_DRAFT, MAX_DRAFT, 12.0)  # cheap rows, every draft accepted
+    assert cheap.limit() == MAX_DRAFT
+    dear = VerifyCost()
+    dear.observe_step(10.0)
+    for k in range(1, MAX_DRAFT + 1):
+        dear.observe_verify(k, 0, 10.0 * (2.0 + k))  # a model like tiny's: a verify costs several steps
+    tries = []
+    for _ in range(1000):
+        tries.append(dear.limit())
+        if tries[-1]:
+            dear.observe_verify(tries[-1], 0, 30.0)  # the draft it tried is refused, at the same cost
+    # nothing is worth it: a single draft now and then, costing at most EXPLORE_COST of the steps
+    assert set(tries) == {0, 1} and 0 < tries.count(1) * (dear.ratio[1] - 1) <= 1000 * 0.011
+
+
+class AlwaysDraft(VerifyCost):
+    """Drafts whatever they cost (the tiny model's verifies cost several steps: VerifyCost would
+    rightly stop drafting there, and these tests are about the output, not the speed)."""
+
+    def limit(self) -> int:
+        return MAX_DRAFT
 
 
 # -- rollback in the runtime ----------------------------------------------------------------------
@@ -146,6 +188,7 @@ def _complete(svc, fx: dict, uri: str, **kw):
 def test_every_fixture_decodes_the_same_tokens_with_speculation(loaded) -> None:
     on, off = _service(loaded), _service(loaded, speculate=False)
     assert on.engine.speculate and not off.engine.speculate
+    on.engine.costs = AlwaysDraft()
     accepted = forwards = 0
     for i, fx in enumerate(load_fixtures()):
         for max_tokens in (96, 5):  # to the end of the middle, and cut by maxTokens inside a verify
@@ -198,8 +241,10 @@ def test_drafts_rejected_at_every_position_change_nothing(loaded, wrong: int) ->
     on = _service(loaded, reuse=False)
     oracle = Oracle(want.token_ids, wrong, len(on.loaded.tokenizer.token_bytes), on.loaded.tokenizer.control.stop_ids)
     on.engine.drafts = oracle
+    on.engine.costs = AlwaysDraft()
     got = _complete(on, fx, "file:///w.py", max_tokens=96)
     assert (got.token_ids, got.text, got.stop_reason) == (want.token_ids, want.text, want.stop_reason)
     assert got.stats.draft_tokens == sum(len(d) for d in oracle.proposed)
     assert got.stats.accepted_tokens == sum(min(wrong, len(d)) for d in oracle.proposed)
-    assert got.stats.decode_forwards == len(oracle.proposed)  # each forward asked for drafts first
+    # each forward yields its token plus the drafts accepted (the last token's forward only if it was eos)
+    assert got.stats.decode_forwards + got.stats.accepted_tokens == len(want.token_ids) - (want.stop_reason != "eos")

@@ -1,7 +1,8 @@
 """``granite-lsp bench``: replay an editing trace through the real server, as an editor would drive it.
 
 Each mode runs its own server process over stdio (the LSP path an editor uses): ``reuse`` (our runtime
-with the state cache), ``no-reuse`` (same runtime, every prompt from zero) and ``transformers``
+with the state cache), ``no-spec`` (the same without speculative decoding: ``--mode spec`` runs both
+and compares them), ``no-reuse`` (same runtime, every prompt from zero) and ``transformers``
 (transformers' model and cache, full prompt every time). Edits are always replayed in full; the slow
 modes may answer only a sample of the completion requests (``--slow-steps``), which the report states.
 
@@ -37,7 +38,7 @@ from .rss_watch import RssSampler, rss_bound
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
-MODES = ("reuse", "no-reuse", "transformers")
+MODES = ("reuse", "no-spec", "no-reuse", "transformers")
 # A request of a slow mode (transformers on the real shape, full prompt) may take minutes.
 SLOW = 3600.0
 PARTIAL = "granite/partialCompletion"
@@ -61,8 +62,9 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
         "maxTokens": args.max_tokens,
         "ignoreEos": args.ignore_eos,
         "raw": True,
-        "reuse": mode == "reuse",
-        "typeThrough": mode == "reuse",  # the baselines have no caches at all
+        "reuse": mode in ("reuse", "no-spec"),
+        "typeThrough": mode in ("reuse", "no-spec"),  # the baselines have no caches at all
+        "speculate": mode != "no-spec",
         "backend": "transformers" if mode == "transformers" else "native",
         "randomWeights": str(Path(args.random_weights).resolve() / "config.json")
         if args.random_weights and Path(args.random_weights).is_dir()
@@ -120,6 +122,10 @@ def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any
         "first_visible_ms": first_visible,  # the client's clock, from its send
         **{k: last.get(k) for k in METRICS},
         "generated_tokens": last.get("generated_tokens"),
+        # speculative decoding (speculate.py): forwards run, drafts fed, drafts that became output
+        "decode_forwards": last.get("decode_forwards"),
+        "draft_tokens": last.get("draft_tokens"),
+        "accepted_tokens": last.get("accepted_tokens"),
         "stop_reason": last.get("stop_reason"),
         **row_fields(last, first_visible),
     }
@@ -223,6 +229,22 @@ def _print_rss(rss: dict[str, float]) -> None:
     )
 
 
+def speculation(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Decode tokens per forward over the completions that ran the model (the first token of each comes
+    from its prompt's logits: plain decoding is 1.0), and the drafts fed and accepted."""
+    rows = [r for r in rows if r.get("stop_reason") != "typed_through" and r.get("decode_forwards") is not None]
+    forwards = sum(r["decode_forwards"] for r in rows)
+    tokens = sum(max(0, (r["generated_tokens"] or 0) - 1) for r in rows)
+    drafted = sum(r["draft_tokens"] or 0 for r in rows)
+    accepted = sum(r["accepted_tokens"] or 0 for r in rows)
+    return {
+        "decode_forwards": forwards,
+        "tokens_per_forward": _ratio(tokens, forwards) if forwards else 1.0,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+    }
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
 
@@ -240,6 +262,7 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             **s,
             "by_kind": by_kind(res["rows"]),
             "background": background(res["server_stats"]),
+            "speculation": speculation(res["rows"]),
             "phases": phase_summary(ran),
             "waits": wait_summary(res["rows"]),
             "server_waits": res["server_stats"].get("waits", {}),
@@ -262,6 +285,11 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     f"{kind:<14}{k['completions']:>4}{req.get('median', 0):>13.0f}{req.get('p95', 0):>9.0f}"
                     f"{tok.get('median', 0):>12.0f}{tok.get('p95', 0):>7.0f}"
                 )
+        sp = summary["modes"][mode]["speculation"]
+        print(
+            f"decode: {sp['tokens_per_forward']:.2f} tokens per forward ({sp['decode_forwards']} forwards,"
+            f" {sp['draft_tokens']} draft tokens fed, {sp['accepted_tokens']} accepted)"
+        )
         bg = summary["modes"][mode]["background"]
         if bg:
             print("background work: " + ", ".join(f"{k} {v:.0f}" for k, v in bg.items()))
@@ -276,7 +304,7 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if base:
         by_step = {r["step"]: r for r in base["rows"]}
         med = summary["modes"]["reuse"]
-        for mode in ("no-reuse", "transformers"):
+        for mode in ("no-spec", "no-reuse", "transformers"):
             if mode not in results:
                 continue
             other = results[mode]["rows"]
@@ -288,12 +316,14 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "prefill_ms": _ratio(om["prefill_ms"]["median"], med["prefill_ms"]["median"]),
                 "total_ms": _ratio(om["total_ms"]["median"], med["total_ms"]["median"]),
                 "request_ms": _ratio(om["request_ms"]["median"], med["request_ms"]["median"]),
+                "decode_ms": _ratio(om["decode_ms"]["median"], med["decode_ms"]["median"]),
                 "exact": f"{same}/{len(both)}",
             }
             summary[f"{mode}_vs_reuse"] = ratios
             print(
                 f"\n{mode} / reuse (medians, same run): prompt processing {ratios['prefill_ms']:.1f}x, "
-                f"total {ratios['total_ms']:.1f}x, request {ratios['request_ms']:.1f}x; "
+                f"decode {ratios['decode_ms']:.2f}x, total {ratios['total_ms']:.1f}x, "
+                f"request {ratios['request_ms']:.2f}x; "
                 f"identical completions {ratios['exact']}"
             )
     return summary
@@ -306,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
     p.add_argument("--model", default=str(REPO / "model" / "tiny"), help="model (and tokenizer) directory")
     p.add_argument("--random-weights", default="", help="config dir/file of a model to build with random weights")
-    p.add_argument("--mode", choices=(*MODES, "both", "all"), default="both")
+    p.add_argument("--mode", choices=(*MODES, "both", "spec", "all"), default="both")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--device", default="cpu")
@@ -321,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = load_trace(args.trace)
     if args.limit:
         trace = trace[: args.limit]
-    modes = {"both": ("reuse", "no-reuse"), "all": MODES}.get(args.mode, (args.mode,))
+    modes = {"both": ("reuse", "no-reuse"), "spec": ("reuse", "no-spec"), "all": MODES}.get(args.mode, (args.mode,))
     results = {}
     for mode in modes:
         print(f"running {mode} ...", file=sys.stderr)
