@@ -1,7 +1,8 @@
-"""Where a request's time goes (timeline.py), through the real server on model/tiny: the wait for the model
-thread split by what held it, and the phases up to the first partial with new text.
+"""Where a request's time and the server's memory go, through the real server on model/tiny: the wait for
+the model thread split by what held it, the phases up to the first partial with new text (timeline.py),
+and the resident memory while work ahead runs (bench/rss_watch.py).
 
-Assertions are on the server's counters and recorded moments, never on elapsed time.
+Assertions are on the server's counters, recorded moments and memory, never on elapsed time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from conftest import REPO, wait_stats
 from jsonrpc_client import RpcClient
 
+from granite_lsp.bench.rss_watch import RssSampler, rss_bound
 from granite_lsp.timeline import BEHIND, PHASES
 
 TASKS = REPO / "model" / "corpus" / "tasks.py"
@@ -87,3 +89,24 @@ def test_the_phases_of_a_streamed_request_add_up_and_its_first_text_goes_out_bef
     assert last["generated_tokens"] > last["steps_to_visible"]
     assert phases["sent_before_next_token"] >= 0
     rpc.wait_notification("granite/partialCompletion", lambda p: bool(p["text"]))  # the one "sent" marks
+
+
+def test_background_work_keeps_the_servers_rss_within_cache_cap_weights_and_100_mb(rpc: RpcClient) -> None:
+    """Issue 15's memory bound, with the server's own cap and weight bytes, RSS sampled from /proc while
+    work ahead runs at one place after another in several documents (checkpoints pile up)."""
+    text, places = _big_document()
+    rpc.initialize(OPTIONS)
+    sampler = RssSampler(rpc.proc.pid, period=0.02).start()
+    done = 0
+    for uri in ("file:///a.py", "file:///b.py", "file:///c.py"):
+        rpc.open(uri, text)
+        for line in places[:3]:
+            rpc.notify("granite/focus", {"textDocument": {"uri": uri}, "position": {"line": line, "character": 4}})
+            done += 1
+            wait_stats(rpc, lambda s, n=done: s["background"].get("completed", 0) >= n, "worked ahead", 120.0)
+    stats = _settled(rpc)
+    rss = {**sampler.stop(), **rss_bound(stats)}
+    assert stats["background"]["completed"] == 9 and stats["background"]["tokens"] > 1000
+    assert 0 < stats["cache"]["bytes"] <= stats["cache"]["max_bytes"]
+    assert rss["samples"] > 0 and rss["model_mb"] > 0
+    assert rss["peak_mb"] <= rss["bound_mb"], rss

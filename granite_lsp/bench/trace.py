@@ -34,7 +34,7 @@ from typing import Any
 from ..protocol import STREAMING_CAPABILITY
 from .client import RpcClient
 from .latency import phase_summary, print_latency, row_fields, wait_summary
-from .rss_watch import RssSampler, rss_bound
+from .rss_watch import RssSampler, report_line, rss_bound, runtime_baseline_mb
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
@@ -182,7 +182,7 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
                     f"decode {r['decode_ms']:.0f} ms, request {r['request_ms']:.0f} ms",
                     file=sys.stderr,
                 )
-    replay_rss = {**rss.stop(), **rss_bound(server.call("granite/stats", None))}
+    replay_rss = {**rss.stop(), **rss_bound(server.call("granite/stats", None)), "runtime_mb": runtime_baseline_mb()}
     stats = server.call("granite/stats", None)
     peak = server.peak_rss_mb()
     server.close()
@@ -218,15 +218,8 @@ def background(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def _print_rss(rss: dict[str, float]) -> None:
-    if not rss.get("samples"):
-        return
-    verdict = "within" if rss["peak_mb"] <= rss["bound_mb"] else "OVER"
-    print(
-        f"server RSS during the replay: peak {rss['peak_mb']:.0f} MB (start {rss['start_mb']:.0f}, end "
-        f"{rss['end_mb']:.0f}; {rss['samples']:.0f} samples); bound: cache cap {rss['cache_cap_mb']:.0f} + weights "
-        f"{rss['model_mb']:.0f} + {rss['allowance_mb']:.0f} = {rss['bound_mb']:.0f} MB: {verdict} "
-        f"({rss['bound_mb'] - rss['peak_mb']:+.0f} MB)"
-    )
+    if rss.get("samples"):
+        print(report_line(rss))
 
 
 def speculation(rows: list[dict[str, Any]]) -> dict[str, float]:
