@@ -3,10 +3,13 @@ reads, scrolls or pauses (issue 15), so that the request itself finds its prompt
 
 Where the user is comes from the client's ``granite/focus`` notification (uri, position; sent on editor
 focus and cursor moves), else from the last request's position. The likely next request is:
+- after a request, once the user pauses: one at the same place (what the request could not use yet);
 - after a focus: a request at the focused position (a cursor jump, a file brought to the front);
 - after an edit away from where the user last typed (a paste, an import added at the top): a request
   back there (its line follows the edit's added or removed lines);
 - after a didOpen: the position known for the document, if any.
+For that request it builds the short window's prompt first and then the full window's (progressive.py:
+a request served before the full one is ready uses the short one).
 The work runs as a BACKGROUND job of the scheduler: preemptible (a request preempts it within one piece
 of ``StateCache.chunk`` tokens) and resumable (it is queued again and carries on from the checkpoint where
 it stopped). It is stale when the document changes or closes (the scheduler's rule), and is cancelled
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
 FOCUS = "granite/focus"
 # Quiet time before work ahead starts: cursor moves come in bursts (a held arrow key, a scroll).
 DEBOUNCE_S = 0.1
+# After a request, work ahead at its place waits longer: the next keystroke usually comes within this, and
+# its own request does the work (background work started then would only delay it by a piece).
+AFTER_REQUEST_S = 0.3
 # Tokens processed ahead per document between two user actions there: more than one whole prompt (the
 # prefix and suffix budgets plus other files' context), bounded however long the user stays away.
 BUDGET_TOKENS = 4096
@@ -89,10 +95,15 @@ class WorkAhead:
             self._start(uri, place)
 
     def requested(self, uri: str, line: int, character: int) -> None:
-        """A completion request: the user is there. Work ahead for another place is obsolete."""
+        """A completion request: the user is there. Work ahead for another place is obsolete; once the
+        user pauses, work ahead there builds what the request could not use yet (the full window after
+        a request served from the short one, progressive.py) and keeps the short window up to date (an
+        edit far above then costs ~nothing)."""
         self._look_at(uri)
-        self._typing[uri] = self._focus[uri] = _Place(line, character)
-        self._cancel(uri)
+        place = _Place(line, character)
+        self._typing[uri] = self._focus[uri] = place
+        self._spent.pop(uri, None)
+        self._start(uri, _Place(line, character), delay=AFTER_REQUEST_S)
 
     def changed(self, uri: str, line: int) -> None:
         """didOpen/didChange (the scheduler has made the document's jobs stale already)."""
@@ -134,7 +145,7 @@ class WorkAhead:
         if job is not None:
             self._server.scheduler.cancel(job)
 
-    def _start(self, uri: str, place: _Place) -> None:
+    def _start(self, uri: str, place: _Place, delay: float = DEBOUNCE_S) -> None:
         server = self._server
         doc = server.documents.get(uri)
         self._cancel(uri)
@@ -180,7 +191,7 @@ class WorkAhead:
 
         self.stats.jobs += 1
         self._jobs[uri] = server.scheduler.submit(
-            run, key=uri, priority=Priority.BACKGROUND, delay=DEBOUNCE_S, resumable=True
+            run, key=uri, priority=Priority.BACKGROUND, delay=delay, resumable=True
         )
 
 

@@ -188,6 +188,7 @@ def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher
         "phases": timeline.phases(),
         "behind": timeline.behind,
         "steps_to_visible": timeline.steps_to_visible,
+        "window": completion.window,
     }
     if completion.alternatives:
         server.counters["alternatives"] = server.counters.get("alternatives", 0) + len(completion.alternatives)

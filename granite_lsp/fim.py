@@ -16,6 +16,8 @@ Stickiness, so that the prompt's early part rarely changes:
   text before it changes, the cursor moves above it, or the middle grows past ``max_anchor_lines``;
 - the start of the prefix window stays put until the window outgrows its token budget, and is then
   moved to leave slack (``window_slack``) so that it does not move again on the next line;
+- an edit above the window moves its text without changing it: the placement follows the text (the
+  prompt stays the same, and so do its state checkpoints);
 - text after the cursor on the cursor's line is left out of the suffix when it is only closing
   brackets/quotes/punctuation (what an editor auto-inserts as you type ``(``): the suffix then does not
   change on every bracket, and post-processing merges the completion with those characters.
@@ -84,6 +86,22 @@ class _Memory:
     cursor: int = -1  # where the last prompt placed by it had its cursor
 
 
+def _moved(text: str, mem: _Memory, cursor: int) -> int:
+    """How far the text a placement was made for has moved (0: in place), or a shift that no placement
+    passes (-len(text) - 1) when it is gone.
+
+    An edit above the window (an import added at the top, a paste higher up) moves the window's text
+    without changing it: the placement follows it (its nearest occurrence before the cursor), so the
+    prompt, and every checkpoint of it, stays the same."""
+    if 0 <= mem.window_start and text[mem.window_start : mem.anchor] == mem.head:
+        return 0
+    gone = -len(text) - 1
+    if not mem.head:
+        return gone
+    at = text.rfind(mem.head, 0, cursor)
+    return at - mem.window_start if at >= 0 else gone
+
+
 @dataclass
 class PromptBuilder:
     """Builds prompts for one document, remembering the anchor and window between requests."""
@@ -135,17 +153,18 @@ class PromptBuilder:
         order = sorted(range(len(self._memories)), key=lambda i: self._memories[i].cursor != cursor)
         for i in order:
             mem = self._memories[i]
+            shift = _moved(text, mem, cursor)
+            window_start, anchor = mem.window_start + shift, mem.anchor + shift
             if (
-                0 <= mem.window_start <= mem.anchor <= cursor
-                and text[mem.window_start : mem.anchor] == mem.head
-                and (_is_line_start(text, mem.anchor) or cursor - mem.anchor <= MAX_LINE_MIDDLE)
-                and _is_line_start(text, mem.window_start)
-                and len(_LINE_BREAK.findall(text, mem.anchor, cursor)) <= b.max_anchor_lines
+                0 <= window_start <= anchor <= cursor
+                and (_is_line_start(text, anchor) or cursor - anchor <= MAX_LINE_MIDDLE)
+                and _is_line_start(text, window_start)
+                and len(_LINE_BREAK.findall(text, anchor, cursor)) <= b.max_anchor_lines
             ):
                 if remember:
-                    mem.cursor = cursor
+                    mem.window_start, mem.anchor, mem.cursor = window_start, anchor, cursor
                     self._memories.insert(0, self._memories.pop(i))
-                return mem.anchor, mem.window_start
+                return anchor, window_start
         anchor = _line_start(text, cursor)
         if cursor - anchor > MAX_LINE_MIDDLE:
             # A huge line (minified code, data): the middle would be the whole line. Start it a little

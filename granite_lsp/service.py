@@ -18,9 +18,10 @@ import torch
 from . import failpoints, memory
 from .candidates import generate_candidates, rows_for
 from .engine import Engine, Generation, GenerationStats
-from .fim import PromptBuilder
+from .fim import FimPrompt, PromptBuilder
 from .model_files import resolve_model_dir, resolve_tokenizer_dir
 from .postprocess import CursorContext, Shaper, Suggestion
+from .progressive import short_budget, use_short
 from .remote_engine import RemoteEngine
 from .runtime import HybridConfig, HybridModel
 from .runtime.weights import random_state_dict
@@ -152,6 +153,7 @@ class Completion:
     cursor: int
     # Other candidates, shaped like ``suggestion``: none empty, none equal to another or to it.
     alternatives: list[Suggestion] = field(default_factory=list)
+    window: str = "full"  # the prompt window it was served from: "full" or "short" (progressive.py)
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,17 @@ class DocumentMemory:
     """What the model thread keeps of one open document, besides the state cache's checkpoints."""
 
     builder: PromptBuilder  # the prompt's anchor and window between requests
+    short: PromptBuilder | None = None  # the short window's (progressive.py); None: progressive is off
     shown: SuggestionMemory = field(default_factory=SuggestionMemory)  # typing through its last suggestion
+
+    def prompts(
+        self, text: str, cursor: int, context_ids: list[int] | None, remember: bool
+    ) -> tuple[FimPrompt, FimPrompt | None]:
+        """The full window's prompt and the short one's (None when progressive is off). Both builders
+        see every request, so each places its window exactly as a server with only that window would."""
+        full = self.builder.build(text, cursor, context_ids, remember=remember)
+        short = self.short.build(text, cursor, context_ids, remember=remember) if self.short else None
+        return full, short
 
 
 class CompletionService:
@@ -248,13 +260,32 @@ class CompletionService:
     def document(self, doc: str, settings: Settings | None = None) -> DocumentMemory:
         """The document's memory; its prompt builder starts again when the budgets changed (the layout
         changes)."""
-        budget = (settings or self.settings).budget()
+        settings = settings or self.settings
+        budget = settings.budget()
+        short = short_budget(budget) if self._progressive(settings) else None
         memory = self._documents.get(doc)
         if memory is None:
             memory = self._documents[doc] = DocumentMemory(PromptBuilder(self.loaded.tokenizer, budget))
         elif memory.builder.budget != budget:
             memory.builder = PromptBuilder(self.loaded.tokenizer, budget)
+        if short is None:
+            memory.short = None
+        elif memory.short is None or memory.short.budget != short:
+            memory.short = PromptBuilder(self.loaded.tokenizer, short)
         return memory
+
+    def _progressive(self, settings: Settings) -> bool:
+        """Progressive context needs the state cache: which window is ready is a question to it."""
+        return settings.progressive and isinstance(self.cache, StateCache) and self.cache.enabled
+
+    def _window(self, full: FimPrompt, short: FimPrompt | None) -> tuple[FimPrompt, str]:
+        """The prompt a request is served from (the rule: ``progressive.use_short``)."""
+        if short is None or short.ids == full.ids:
+            return full, "full"
+        cache = self.cache
+        if use_short(cache.remaining(full.ids), cache.remaining(short.ids)):
+            return short, "short"
+        return full, "full"
 
     def forget(self, doc: str) -> None:
         self._documents.pop(doc, None)
@@ -271,15 +302,28 @@ class CompletionService:
         settings: Settings | None = None,
         context_ids: list[int] | None = None,
     ) -> PrefillResult | None:
-        """Work ahead of a request at ``cursor``: bring the state cache to its prompt, preemptibly (see
-        ``Engine.prefill_ahead``), without changing the document's prompt memory. None where the cache
-        cannot work ahead (the bench's transformers baseline)."""
+        """Work ahead of a request at ``cursor``: bring the state cache to its prompts, preemptibly (see
+        ``Engine.prefill_ahead``), without changing the document's prompt memory: the short window's
+        first (what a request can be served from soonest), then the full one's. None where the cache
+        cannot work ahead (the bench's transformers baseline). The result sums both; ``complete``: both
+        got to their end."""
         if not isinstance(self.engine, Engine) or not isinstance(self.cache, StateCache) or not self.cache.enabled:
             return None
         settings = settings or self.settings
         self._apply(settings)
-        prompt = self.document(doc, settings).builder.build(text, cursor, context_ids, remember=False)
-        return self.engine.prefill_ahead(doc, prompt, should_yield)
+        full, short = self.document(doc, settings).prompts(text, cursor, context_ids, remember=False)
+        result: PrefillResult | None = None
+        for prompt in [short, full] if short is not None and short.ids != full.ids else [full]:
+            step = self.engine.prefill_ahead(doc, prompt, should_yield)
+            if result is not None:
+                step.prompt_tokens += result.prompt_tokens
+                step.reused_tokens += result.reused_tokens
+                step.processed_tokens += result.processed_tokens
+                step.prefill_ms += result.prefill_ms
+            result = step
+            if not step.complete:
+                break
+        return result
 
     def complete(
         self,
@@ -320,7 +364,8 @@ class CompletionService:
                     return Completion(cached, gen, cursor, list(kept))
                 # Asked for alternatives (cycling): the answer shown stays first, the model adds the others.
                 remembered, on_progress = [cached], None
-        prompt = memory.builder.build(text, cursor, context_ids)
+        full, short = memory.prompts(text, cursor, context_ids, remember=True)
+        prompt, window = self._window(full, short)
         moments = timeline or Timeline()
         moments.mark("prompt")
         shape = not settings.raw if shape is None else shape
@@ -360,4 +405,4 @@ class CompletionService:
         if gen.stop_reason not in ("cancelled", "unavailable"):
             asked = candidates if several else 1
             memory.shown.remember(text, cursor, suggestion, tuple(kept_alternatives), asked)
-        return Completion(suggestion, gen, cursor, kept_alternatives)
+        return Completion(suggestion, gen, cursor, kept_alternatives, window)

@@ -76,6 +76,7 @@ class Settings:
     cache_mb: int = setting(512, "state checkpoints' memory cap", minimum=0, maximum=1 << 20, aliases=("cacheMB",))
     streaming: bool = setting(True, "partial notifications, for clients that also opt in by capability")
     reuse: bool = setting(True, "reuse model state across requests")
+    progressive: bool = setting(True, "serve from a short window near the cursor while the full one is built")
     early_first_line: bool = setting(True, "answer standard clients once the first line is complete")
     type_through: bool = setting(True, "answer keystrokes that match the shown suggestion from it")
     speculate: bool = setting(True, "speculative decoding: draft tokens from the prompt, verified several per forward")

@@ -12,7 +12,8 @@ Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
   marks closer than MIN_CHECKPOINT_GAP only one keeps a checkpoint, and this one wins);
 - every ``interval`` tokens of a long prefill: an edit high up in the file re-processes from the nearest
   one below it, not from the top. They also cover moving the cursor elsewhere and back.
-- where a preemptible prefill (background work ahead of a request) yields: it resumes from there.
+- where a preemptible prefill (background work ahead of a request) yields: it resumes from there, and
+  the checkpoint is dropped once a later checkpoint on the same path supersedes it.
 Memory is capped across documents, least recently used first.
 
 A prefill given ``should_yield`` is preemptible: it runs in pieces of at most ``chunk`` tokens, asks
@@ -66,6 +67,7 @@ class Checkpoint:
     logits: torch.Tensor  # of the last consumed position: an identical next prompt costs no forward at all
     last_used: int = 0
     end: bool = False  # taken at the end of a prompt (not at a layout mark or an interval)
+    resume: bool = False  # where a preemptible prefill yielded: dropped once a later one passes it
 
     @property
     def pos(self) -> int:
@@ -173,7 +175,7 @@ class StateCache:
                 yielded = pos < len(ids) and should_yield is not None and should_yield()
             if yielded:
                 if self.enabled and pos != stop:
-                    self._checkpoint(doc)  # where it stopped: the next prefill resumes here
+                    self._checkpoint(doc, resume=True)  # where it stopped: the next prefill resumes here
                 self.stats.yields += 1
                 break
         assert logits is not None
@@ -185,6 +187,14 @@ class StateCache:
         self.stats.tokens_processed += pos - start
         self._evict(protect=doc)
         return PrefillResult(logits, len(ids), start, pos - start, ms, complete=pos == len(ids))
+
+    def remaining(self, ids: list[int]) -> int:
+        """Tokens of ``ids`` a prefill would process now: those after the longest prefix held by the live
+        state or a checkpoint (what ``prefill`` would restore). Changes nothing."""
+        if not self.enabled:
+            return len(ids)
+        target = np.asarray(ids, dtype=np.int64)
+        return len(ids) - self._covered(target)[0]
 
     def step(self, token: int) -> torch.Tensor:
         """Feed one generated token to the live state (decode)."""
@@ -257,14 +267,8 @@ class StateCache:
         if not self.enabled:
             self._restore(self._zero, None, [], None)
             return 0, None
-        live = np.asarray(self.live_tokens, dtype=np.int64)
-        best_pos, logits = 0, None
-        if 0 < len(live) <= len(target) and _common_prefix(live, target) == len(live):
-            best_pos, logits = len(live), self.live_logits
-        best: Checkpoint | None = None
-        for c in self.checkpoints:
-            if best_pos < c.pos <= len(target) and _common_prefix(c.tokens, target) == c.pos:
-                best, best_pos = c, c.pos
+        best_pos, best = self._covered(target)
+        logits = self.live_logits if best_pos and best is None else None
         if best is not None:
             best.last_used = next(self._tick)
             self._restore(best.snap, best.hold, best.tokens.tolist(), best.logits)
@@ -272,6 +276,18 @@ class StateCache:
         elif best_pos == 0 and len(self.live_tokens):
             self._restore(self._zero, None, [], None)
         return best_pos, logits
+
+    def _covered(self, target: np.ndarray) -> tuple[int, Checkpoint | None]:
+        """The longest prefix of ``target`` the live state (None) or a checkpoint has consumed."""
+        live = np.asarray(self.live_tokens, dtype=np.int64)
+        best_pos = 0
+        if 0 < len(live) <= len(target) and _common_prefix(live, target) == len(live):
+            best_pos = len(live)
+        best: Checkpoint | None = None
+        for c in self.checkpoints:
+            if best_pos < c.pos <= len(target) and _common_prefix(c.tokens, target) == c.pos:
+                best, best_pos = c, c.pos
+        return best_pos, best
 
     def _restore(
         self, snap: MambaSnapshot, hold: KVHold | None, tokens: list[int], logits: torch.Tensor | None
@@ -297,18 +313,26 @@ class StateCache:
         self.live_logits = logits[-1] if all_logits else logits
         return logits
 
-    def _checkpoint(self, doc: str, end: bool = False) -> None:
+    def _checkpoint(self, doc: str, end: bool = False, resume: bool = False) -> None:
         pos = self.live.pos
         tokens = np.asarray(self.live_tokens, dtype=np.int64)
+        # Where background work yielded is only worth a whole state until it is resumed: a checkpoint
+        # further along the same path supersedes it (a long prefill preempted many times would
+        # otherwise leave one per preemption, evicting the layout's checkpoints).
+        passed = [c for c in self.checkpoints if c.resume and c.doc == doc and c.pos < pos]
+        for c in passed:
+            if _common_prefix(c.tokens, tokens) == c.pos:
+                self.checkpoints.remove(c)
         for c in self.checkpoints:
             if c.pos == pos and c.doc == doc and np.array_equal(c.tokens, tokens):
                 c.last_used = next(self._tick)
                 c.end = c.end and end  # a layout mark stays one
+                c.resume = c.resume and resume
                 return
         with small_ops_single_threaded():
             snap = self.live.snapshot()
         assert self.live_logits is not None  # a checkpoint is taken after a forward
-        new = Checkpoint(doc, tokens, snap, self.live.kv.hold(), self.live_logits, next(self._tick), end)
+        new = Checkpoint(doc, tokens, snap, self.live.kv.hold(), self.live_logits, next(self._tick), end, resume)
         self.checkpoints.append(new)
         self.stats.checkpoints_taken += 1
         if end:

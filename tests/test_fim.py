@@ -104,3 +104,19 @@ def test_token_healing_withholds_the_last_piece(tok: TextTokenizer) -> None:
         b = tok.token_bytes[tid]
         assert b.startswith(p.heal) or p.heal.startswith(b)
     assert tok.control.eos not in tok.ids_consistent_with(p.heal)
+
+
+def test_an_edit_above_the_window_moves_it_with_its_text(tok: TextTokenizer) -> None:
+    """An import added at the top moves the window's text without changing it: same prompt. An edit
+    inside the window changes it."""
+    text = "".join(f"value_{i} = compute({i}, scale={i * 3})\n" for i in range(200))
+    builder = PromptBuilder(tok, FimBudget(prefix_tokens=96, suffix_tokens=32))
+    cursor = text.index("value_150")
+    before = builder.build(text, cursor)
+    assert before.window_start > 0  # the window does not reach the top
+    edited = "import functools\n" + text
+    after = builder.build(edited, cursor + len("import functools\n"))
+    assert after.ids == before.ids and after.window_start == before.window_start + len("import functools\n")
+    inside = text[: before.window_start] + text[before.window_start :].replace("value_149", "value_X", 1)
+    changed = builder.build(inside, inside.index("value_150"))
+    assert changed.ids != before.ids

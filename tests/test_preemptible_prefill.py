@@ -54,6 +54,8 @@ def test_an_interrupted_prefill_resumes_where_it_stopped(make_service) -> None:
         assert asked[0] == 2
     assert done == n and runs >= n // (2 * cache.chunk)
     assert cache.stats.yields == runs - 1
+    # Each resumed prefill dropped the checkpoint it resumed from: none of them is left.
+    assert not any(c.resume for c in cache.checkpoints)
     # The request that follows costs nothing, and its logits are those of an uninterrupted prefill
     # (to rounding: a forward cut elsewhere sums in another order, as any checkpoint restore does;
     # the suggestions are compared exactly below).

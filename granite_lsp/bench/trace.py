@@ -70,6 +70,7 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
         if args.random_weights and Path(args.random_weights).is_dir()
         else (args.random_weights or ""),
         "debounceMs": 0,
+        "progressive": getattr(args, "progressive", True),
     }
     cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(args.model), "--device", args.device]
     cmd += ["--dtype", args.dtype]
@@ -128,6 +129,7 @@ def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any
         "accepted_tokens": last.get("accepted_tokens"),
         "stop_reason": last.get("stop_reason"),
         **row_fields(last, first_visible),
+        "window": last.get("window"),
     }
     steps = (r["generated_tokens"] or 0) - 1  # the first token comes from the prompt's logits
     if steps > 0 and r.get("decode_ms"):
@@ -208,7 +210,8 @@ def by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for kind in sorted({r.get("kind", "type") for r in rows}):
         mine = [r for r in rows if r.get("kind", "type") == kind]
-        out[kind] = {"completions": len(mine), **summarize(mine)}
+        short = sum(r.get("window") == "short" for r in mine)
+        out[kind] = {"completions": len(mine), "short_window": short, **summarize(mine)}
     return out
 
 
@@ -271,11 +274,12 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             print(f"{key:<20}{v['median']:>12{fmt}}{v['p95']:>12{fmt}}")
         kinds = summary["modes"][mode]["by_kind"]
         if len(kinds) > 1:
-            print(f"{'kind':<14}{'n':>4}{'request med':>13}{'p95':>9}{'tokens med':>12}{'p95':>7}")
+            print(f"{'kind':<14}{'n':>4}{'short':>6}{'request med':>13}{'p95':>9}{'tokens med':>12}{'p95':>7}")
             for kind, k in kinds.items():
                 req, tok = k.get("request_ms", {}), k.get("processed_tokens", {})
                 print(
-                    f"{kind:<14}{k['completions']:>4}{req.get('median', 0):>13.0f}{req.get('p95', 0):>9.0f}"
+                    f"{kind:<14}{k['completions']:>4}{k['short_window']:>6}"
+                    f"{req.get('median', 0):>13.0f}{req.get('p95', 0):>9.0f}"
                     f"{tok.get('median', 0):>12.0f}{tok.get('p95', 0):>7.0f}"
                 )
         sp = summary["modes"][mode]["speculation"]
@@ -301,8 +305,15 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if mode not in results:
                 continue
             other = results[mode]["rows"]
-            # Exactness over the steps where both ran the model from the same prompt.
-            both = [r for r in other if r["step"] in by_step and by_step[r["step"]]["stop_reason"] != "typed_through"]
+            # Exactness over the steps where both ran the model from the same prompt (the baselines have no
+            # state cache, hence no short window: the steps reuse served from the full one).
+            both = [
+                r
+                for r in other
+                if r["step"] in by_step
+                and by_step[r["step"]]["stop_reason"] != "typed_through"
+                and by_step[r["step"]].get("window", "full") == "full"
+            ]
             same = sum(1 for r in both if by_step[r["step"]]["text"] == r["text"])
             om = summary["modes"][mode]
             ratios = {
@@ -337,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=("none", "int8"), default="none")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--slow-steps", type=int, default=0, help="completions answered in slow modes (0: all)")
+    p.add_argument(
+        "--no-progressive",
+        dest="progressive",
+        action="store_false",
+        help="serve every request from the full window (no short window first; progressive.py)",
+    )
     p.add_argument("--limit", type=int, default=0, help="replay only the first N trace operations")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("-v", "--verbose", action="store_true")
