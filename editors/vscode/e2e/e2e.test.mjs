@@ -19,6 +19,9 @@
 //   GRANITE_E2E_TRIGGER   force one mode for all cases: invoke | type | invoke-type
 //   GRANITE_E2E_READY_TIMEOUT_S  how long to wait for the model to load (default 600)
 //   GRANITE_E2E_KEEP=1    keep the temporary directory
+//   GRANITE_E2E_HUB       URL of a stand-in Hugging Face hub (tests/hub_standin.py) serving the tiny
+//                         model as GRANITE_E2E_HUB_MODEL: runs the "Download model" test instead (the
+//                         server starts with that id and an empty Hugging Face cache)
 //   CHROMIUM              browser executable (default /usr/bin/chromium)
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
@@ -58,7 +61,11 @@ const dirs = {
   ws: path.join(tmp, 'workspace'),
 };
 const fakeLog = path.join(tmp, 'fake-server.jsonl');
-const SERVER_ARGS = FAKE
+const HUB = process.env.GRANITE_E2E_HUB || '';
+const HUB_MODEL = process.env.GRANITE_E2E_HUB_MODEL || 'ibm-granite/granite-4.0-h-350m-base';
+const SERVER_ARGS = HUB
+  ? ['--stdio', '--model', HUB_MODEL, '--device', 'cpu', '--dtype', 'float32']
+  : FAKE
   ? [path.join(HERE, 'fake-server.mjs'), '--stdio', '--fixtures', FIXTURES, '--log', fakeLog, '--delay', '1500']
   : SERVER_CMD
     ? SERVER_CMD.slice(1)
@@ -83,6 +90,14 @@ const env = {
   TRANSFORMERS_OFFLINE: '1',
   HF_HOME: process.env.HF_HOME || path.join(os.homedir(), '.cache', 'huggingface'),
 };
+if (HUB) {
+  // No model anywhere: an empty Hugging Face cache, and the hub is the stand-in on 127.0.0.1.
+  delete env.HF_HUB_OFFLINE;
+  delete env.TRANSFORMERS_OFFLINE;
+  env.HF_HOME = path.join(tmp, 'hf-empty');
+  env.HF_ENDPOINT = HUB;
+  env.HF_HUB_DISABLE_TELEMETRY = '1';
+}
 delete env.VSCODE_IPC_HOOK_CLI;
 
 let codeServer;
@@ -568,6 +583,39 @@ async function runFixture(fx, index, { trigger }) {
   await input.waitFor({ state: 'hidden', timeout: 15_000 }).catch(() => {});
 }
 
+/**
+ * An invoked request (Alt+\\) answers several candidates: Alt+] (Show Next Inline Suggestion) shows
+ * another one, Alt+[ the first again; Escape hides it.
+ */
+const cycleFile = (fx) => 'cycle-' + path.basename(fx.file || 'fixture.txt');
+
+async function checkCycling(fx) {
+  const rel = cycleFile(fx);
+  await openFile(rel);
+  await gotoPosition(fx.line, fx.character);
+  const first = norm(await waitForGhost('cycle', fx.middle, { retrigger: true }));
+  let second = '';
+  await page.keyboard.press('Alt+BracketRight');
+  await waitFor(
+    'Alt+] to show another suggestion',
+    async () => {
+      second = norm(await ghostText());
+      return second !== '' && second !== first;
+    },
+    60_000,
+    150,
+  ).catch((err) => {
+    err.message += `\nfirst: ${JSON.stringify(first)}, last seen: ${JSON.stringify(second)}`;
+    throw err;
+  });
+  say(`cycling: Alt+] shows ${JSON.stringify(second)} after ${JSON.stringify(first)}`);
+  await page.keyboard.press('Alt+BracketLeft');
+  await waitFor('Alt+[ to show the first suggestion again', async () => norm(await ghostText()) === first, 30_000, 150);
+  say('cycling: Alt+[ shows the first again');
+  await page.keyboard.press('Escape');
+  await runCommand('View: Close All Editors');
+}
+
 async function checkExcluded() {
   const secret = 'MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu';
   fs.writeFileSync(path.join(dirs.ws, 'server-key.pem'), `-----BEGIN PRIVATE KEY-----\n${secret}\n`);
@@ -653,12 +701,14 @@ async function checkToggles() {
   say('snooze: no request while snoozed, requests again after');
 }
 
-test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', { timeout: READY_TIMEOUT + 15 * 60_000 }, async () => {
+test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', { timeout: READY_TIMEOUT + 15 * 60_000, skip: Boolean(HUB) }, async () => {
   const fixtures = JSON.parse(fs.readFileSync(FIXTURES, 'utf8'));
   assert.ok(Array.isArray(fixtures) && fixtures.length > 0, `no fixtures in ${FIXTURES}`);
   const n = Math.min(N_CASES, fixtures.length);
   // Written before the window opens, so Quick Open's file index has them all.
   for (let i = 0; i < n; i++) fs.writeFileSync(path.join(dirs.ws, caseFile(fixtures[i], i)), fixtures[i].text);
+  const single = fixtures.find((f) => f.middle && !f.middle.includes('\n'));
+  if (single) fs.writeFileSync(path.join(dirs.ws, cycleFile(single)), single.text);
   try {
     await page.goto(`${baseUrl}/?folder=${encodeURIComponent(dirs.ws)}`, { waitUntil: 'domcontentloaded' });
     await page.locator('.monaco-workbench').waitFor({ timeout: 120_000 });
@@ -704,11 +754,58 @@ test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', 
     say(`status bar: ${JSON.stringify(finalStatus)}`);
     assert.match(finalStatus, /\d+ ms/, 'the status bar shows the last completion latency');
 
+    // Several candidates per invoked request: next/previous cycle through them.
+    if (single && !FAKE) await checkCycling(single);
+
     // granite.exclude (default: *.pem, .env, ...): such a file is never sent to the server, and asking
     // for a suggestion in it sends no request. A file opened after it is sent: the trace is in order.
     await checkExcluded();
     // The status bar menu's per-language switch and snooze stop requests at once, without a restart.
     await checkToggles();
+  } catch (err) {
+    await dumpDiagnostics(err.message.split('\n')[0]);
+    throw err;
+  }
+});
+
+test('no model: the error offers "Download model", which downloads it; then a completion', { timeout: READY_TIMEOUT + 10 * 60_000, skip: !HUB }, async () => {
+  const fixtures = JSON.parse(fs.readFileSync(FIXTURES, 'utf8'));
+  const fx = fixtures.find((f) => f.middle && !f.middle.includes('\n'));
+  const rel = caseFile(fx, 0);
+  fs.writeFileSync(path.join(dirs.ws, rel), fx.text);
+  try {
+    await page.goto(`${baseUrl}/?folder=${encodeURIComponent(dirs.ws)}`, { waitUntil: 'domcontentloaded' });
+    await page.locator('.monaco-workbench').waitFor({ timeout: 120_000 });
+    await openFile(rel);
+    // The server starts, finds no model, and says so; the extension offers the download.
+    const toast = page.locator('.notification-toast', { hasText: 'was not found' }).first();
+    await toast.waitFor({ timeout: READY_TIMEOUT });
+    const message = (await toast.innerText()).split('\n').find((l) => l.includes('was not found')) ?? '';
+    say(`error: ${JSON.stringify(message.slice(0, 160))}`);
+    assert.match(await graniteStatus(), /error|not found/i, 'the status bar shows the error');
+    await toast.locator('.monaco-button', { hasText: 'Download model' }).first().click();
+    say('clicked "Download model"');
+    // granite-lsp download fetches it from the stand-in hub, then the server loads it.
+    let status = '';
+    await waitFor(
+      'the server to load the downloaded model',
+      async () => {
+        status = await graniteStatus();
+        return status.startsWith('Granite') && !/error|not found|starting|loading|compiling|stopped|disabled/i.test(status);
+      },
+      READY_TIMEOUT,
+      500,
+    ).catch((err) => {
+      err.message += `\nlast status bar text: ${JSON.stringify(status)}`;
+      throw err;
+    });
+    const snapshots = findFiles(env.HF_HOME, /^model\.safetensors$/);
+    assert.ok(snapshots.length >= 1, `no model.safetensors under ${env.HF_HOME}`);
+    say(`downloaded: ${snapshots[0]}; status bar: ${JSON.stringify(status)}`);
+    await page.locator('.editor-instance .monaco-editor .view-lines').first().click();
+    await gotoPosition(fx.line, fx.character);
+    await waitForGhost(0, fx.middle, { retrigger: true });
+    say('a completion from the downloaded model');
   } catch (err) {
     await dumpDiagnostics(err.message.split('\n')[0]);
     throw err;

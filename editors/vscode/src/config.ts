@@ -15,11 +15,21 @@ export interface ServerSettings {
   suffixTokens?: number;
   debounceMs?: number;
   maxLines?: number;
+  candidates?: number;
+  typingCandidates?: number;
   streaming?: boolean;
 }
 
 const STRING_KEYS = ['model', 'device', 'dtype', 'quantize'] as const;
-const NUMBER_KEYS = ['maxTokens', 'prefixTokens', 'suffixTokens', 'debounceMs', 'maxLines'] as const;
+const NUMBER_KEYS = [
+  'maxTokens',
+  'prefixTokens',
+  'suffixTokens',
+  'debounceMs',
+  'maxLines',
+  'candidates',
+  'typingCandidates',
+] as const;
 
 /** Settings whose change needs a new server process (or a new document selector). */
 export const RESTART_KEYS = ['serverPath', 'pythonPath', 'serverArgs', 'enabledLanguages', 'exclude'] as const;
