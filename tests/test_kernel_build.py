@@ -176,6 +176,23 @@ def test_a_read_only_cache_with_the_library_loads_it_and_writes_nothing(tmp_path
     assert "compiling" not in stderr
 
 
+@pytest.mark.skipif(not kernels.available(), reason=f"extension unavailable: {kernels.build_error()}")
+def test_a_deleted_library_whose_done_marker_remains_is_built_again(tmp_path: Path) -> None:
+    """The library deleted (by hand, a cache cleaner) but the done-marker left: a start used to trust
+    the marker, fail to load the missing file and run on torch ops for good. It builds again; on a copy
+    of this machine's build directory (its object files kept) that is a link, not a compile."""
+    src = build.build_dir()
+    directory = tmp_path / "cache" / src.name
+    shutil.copytree(src, directory)
+    build.library_path(directory).unlink()
+    (directory / "granite.lock").unlink(missing_ok=True)
+    assert (directory / build.DONE).exists()
+    decision, stderr = _start(tmp_path / "cache")
+    assert decision["available"] and decision["error"] is None, decision
+    assert any(m.startswith("compiling CPU kernels") for m in decision["progress"]), decision
+    assert build.library_path(directory).exists() and (directory / build.DONE).exists()
+
+
 def test_require_kernels_makes_their_absence_an_error(tmp_path: Path) -> None:
     """GRANITE_LSP_REQUIRE_KERNELS=1 (CI): a start without kernels fails instead of running slower,
     unless they were disabled on purpose (GRANITE_LSP_KERNELS=0)."""

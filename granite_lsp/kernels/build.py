@@ -42,7 +42,8 @@ HEADERS = sorted(DIR.glob("*.h"))
 # No -march=native: the cached binary must run on any AVX2 machine that shares the cache (faster
 # levels are compiled per function and chosen at run time: isa.h, isa.py).
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20"]
-# Written after a successful build: its presence says the library beside it is complete.
+# Written after a successful build: its presence says the library beside it is complete (while the
+# library is there: one deleted since, by hand or by a cache cleaner, is built again).
 DONE = "built"
 # What the kernels are worth, for the messages that say they are missing (README: a decode step
 # against torch's matmuls alone on the real shape: 0.45x fp32 ... 0.07x int8).
@@ -154,7 +155,11 @@ def load_library(progress: Progress | None = None, *, retry_failed: bool = False
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with BuildLock(directory / "granite.lock", lock_timeout()):
-            if not (directory / DONE).exists():  # another process may have built it while we waited
+            # Another process may have built it while we waited; a marker without its library (deleted
+            # since) is no build at all: it goes first, so that no start trusts it while this one builds.
+            if not library_path(directory).exists():
+                (directory / DONE).unlink(missing_ok=True)
+            if not (directory / DONE).exists():
                 return _build(directory, progress)
         return _load_built(directory), None
     except Exception as e:  # a read-only cache without the library, a lock timeout, ...
