@@ -30,6 +30,7 @@ withheld from the prompt and handed to the decoder as bytes that its first token
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .tokens import TextTokenizer
@@ -109,6 +110,10 @@ class PromptBuilder:
     tokenizer: TextTokenizer
     budget: FimBudget = field(default_factory=FimBudget)
     _memories: list[_Memory] = field(default_factory=list)  # most recent first
+    # The ids of recent prefix windows and suffix chunks, by their exact text: typing keeps both texts
+    # as they are (the anchor stays, the text after the cursor's line is the same), and re-encoding them
+    # was most of a keystroke's prompt building (bench phase "prompt"), all of it before the first text.
+    _encoded: list[tuple[tuple[str, str, bool], list[int]]] = field(default_factory=list)
 
     def build(
         self, text: str, cursor: int, context_ids: list[int] | None = None, *, remember: bool = True
@@ -118,7 +123,7 @@ class PromptBuilder:
         tok = self.tokenizer
         ctl = tok.control
         anchor, window_start = self._place(text, cursor, remember)
-        prefix_ids = tok.encode(text[window_start:anchor])
+        prefix_ids = self._window_ids(text[window_start:anchor])
 
         line_end = _line_end(text, cursor)
         rest = text[cursor:line_end]
@@ -172,7 +177,7 @@ class PromptBuilder:
             anchor = cursor - MAX_LINE_MIDDLE // 4
         window_start = self._memories[0].window_start if self._memories else -1
         if not (0 <= window_start <= anchor and _is_line_start(text, window_start)) or (
-            len(self.tokenizer.encode(text[window_start:anchor])) > b.prefix_tokens
+            len(self._window_ids(text[window_start:anchor])) > b.prefix_tokens
         ):
             window_start = self._window_start(text, anchor)
         if remember:
@@ -200,13 +205,34 @@ class PromptBuilder:
     def _suffix_ids(self, text: str, start: int) -> list[int]:
         budget = self.budget.suffix_tokens
         chunk = text[start : start + budget * 12]
+        at_end = start + len(chunk) >= len(text)
+        return self._remembered(("suffix", chunk, at_end), lambda: self._cut_suffix(chunk, at_end))
+
+    def _cut_suffix(self, chunk: str, at_end: bool) -> list[int]:
+        budget = self.budget.suffix_tokens
         ids, offsets = self.tokenizer.encode_with_offsets(chunk)
-        if len(ids) <= budget and start + len(chunk) >= len(text):
+        if len(ids) <= budget and at_end:
             return ids
         limit = offsets[budget][0] if len(ids) > budget else len(chunk)
         # End at the last line end within the budget; a suffix that stops mid-line reads as truncated code.
         cut = max(chunk.rfind("\n", 0, limit), chunk.rfind("\r", 0, limit))
         return self.tokenizer.encode(chunk[: cut if cut > 0 else limit])
+
+    def _window_ids(self, window: str) -> list[int]:
+        return self._remembered(("prefix", window, False), lambda: self.tokenizer.encode(window))
+
+    def _remembered(self, key: tuple[str, str, bool], compute: Callable[[], list[int]]) -> list[int]:
+        """``compute()``, remembered for the last few keys: exact, as the ids are a function of the key's
+        text alone (the tokenizer and budget are the builder's). The list is shared: callers copy it."""
+        for i, (known, ids) in enumerate(self._encoded):
+            if known == key:
+                if i:
+                    self._encoded.insert(0, self._encoded.pop(i))
+                return ids
+        ids = compute()
+        self._encoded.insert(0, (key, ids))
+        del self._encoded[2 * MEMORIES :]
+        return ids
 
     def _middle(self, typed: str) -> tuple[list[int], bytes]:
         """Ids of the typed middle minus its last pre-token piece, and that piece's bytes (to heal)."""

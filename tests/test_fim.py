@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TINY
+from conftest import REPO, TINY
 
 from granite_lsp.fim import FimBudget, PromptBuilder
 from granite_lsp.tokens import TextTokenizer
@@ -120,3 +120,29 @@ def test_an_edit_above_the_window_moves_it_with_its_text(tok: TextTokenizer) -> 
     inside = text[: before.window_start] + text[before.window_start :].replace("value_149", "value_X", 1)
     changed = builder.build(inside, inside.index("value_150"))
     assert changed.ids != before.ids
+
+
+@pytest.mark.parametrize("trace", ["type_short", "edit_imports"])
+def test_remembered_encodings_give_the_prompts_of_fresh_ones(tok: TextTokenizer, trace: str) -> None:
+    """The builder keeps the ids of recent prefix windows and suffix chunks by their text: along a real
+    typing (and an edit far above) trace, each prompt equals the one built with nothing remembered."""
+    from granite_lsp.bench.trace import load_trace
+    from granite_lsp.documents import Document
+
+    remembering, forgetting = PromptBuilder(tok, FimBudget()), PromptBuilder(tok, FimBudget())
+    docs: dict[str, Document] = {}
+    built = 0
+    for op in load_trace(REPO / "bench" / "traces" / f"{trace}.jsonl"):
+        if op["op"] == "open":
+            docs[op["uri"]] = Document(op["uri"], op["text"])
+        elif op["op"] == "change":
+            r = op["range"]
+            start, end = (r["start"]["line"], r["start"]["character"]), (r["end"]["line"], r["end"]["character"])
+            docs[op["uri"]].apply_change(op["text"], start, end)
+        elif op["op"] == "complete":
+            doc = docs[op["uri"]]
+            cursor = doc.offset_at(op["line"], op["character"])
+            forgetting._encoded.clear()
+            assert remembering.build(doc.text, cursor) == forgetting.build(doc.text, cursor)
+            built += 1
+    assert built > 30 and len(remembering._encoded) > 1
