@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="granite-lsp bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", action="store_true", help="runtime speed per precision (bench/microbench.py)")
-    p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
+    p.add_argument("trace", nargs="*", type=Path, help=f"trace files (default: {DEFAULT_TRACE.name})")
     p.add_argument("--model", default=str(REPO / "model" / "tiny"), help="model (and tokenizer) directory")
     p.add_argument("--random-weights", default="", help="config dir/file of a model to build with random weights")
     p.add_argument("--mode", choices=(*MODES, "both", "spec", "all"), default="both")
@@ -358,20 +358,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    trace = load_trace(args.trace)
-    if args.limit:
-        trace = trace[: args.limit]
     modes = {"both": ("reuse", "no-reuse"), "spec": ("reuse", "no-spec"), "all": MODES}.get(args.mode, (args.mode,))
-    results = {}
-    for mode in modes:
-        print(f"running {mode} ...", file=sys.stderr)
-        results[mode] = run_mode(mode, trace, args)
-    summary = report(results)
+    paths = args.trace or [DEFAULT_TRACE]
+    out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    every: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        trace = load_trace(path)
+        if args.limit:
+            trace = trace[: args.limit]
+        results = {}
+        for mode in modes:
+            print(f"running {mode} on {path.name} ...", file=sys.stderr)
+            results[mode] = run_mode(mode, trace, args)
+            every.setdefault(mode, []).append(results[mode])
+        if len(paths) > 1:
+            print(f"\n######## {path.name}")
+        summary = report(results)
+        out["summary"], out["results"] = summary, results  # the last trace's, as with one trace
+        out.setdefault("traces", {})[path.name] = {"summary": summary, "results": results}
+    if len(paths) > 1:
+        out["together"] = together(every)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "results": results}, indent=1
-            )
-        )
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
+
+
+def together(every: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The first visible text's phases, the waits for the model thread and the RSS over all the traces
+    replayed (each by its own server): the issue's figures are over a set of traces, not one."""
+    out = {}
+    for mode, runs in every.items():
+        rows = [r for res in runs for r in res["rows"]]
+        ran = [r for r in rows if r.get("stop_reason") != "typed_through"]
+        rss = [res["replay_rss"] for res in runs if res.get("replay_rss", {}).get("samples")]
+        worst = max(rss, key=lambda x: x["peak_mb"] - x["bound_mb"], default={})
+        out[mode] = {"phases": phase_summary(ran), "waits": wait_summary(rows), "replay_rss_worst": worst}
+        print(f"\n######## all {len(runs)} traces together, {mode}: {len(rows)} completions")
+        print_latency(out[mode]["phases"], out[mode]["waits"])
+        if worst:
+            print("the trace closest to (or furthest over) the memory bound:")
+            _print_rss(worst)
+    return out
