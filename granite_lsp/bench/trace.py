@@ -387,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
 def together(every: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The first visible text's phases, the waits for the model thread and the RSS over all the traces
     replayed (each by its own server): the issue's figures are over a set of traces, not one."""
-    out = {}
+    out: dict[str, Any] = {}
     for mode, runs in every.items():
         rows = [r for res in runs for r in res["rows"]]
         ran = [r for r in rows if r.get("stop_reason") != "typed_through"]
-        rss = [res["replay_rss"] for res in runs if res.get("replay_rss", {}).get("samples")]
-        worst = max(rss, key=lambda x: x["peak_mb"] - x["bound_mb"], default={})
+        rss: list[dict[str, float]] = [res["replay_rss"] for res in runs if res.get("replay_rss", {}).get("samples")]
+        worst: dict[str, float] = max(rss, key=lambda x: x["peak_mb"] - x["bound_mb"], default={})
         out[mode] = {"phases": phase_summary(ran), "waits": wait_summary(rows), "replay_rss_worst": worst}
         print(f"\n######## all {len(runs)} traces together, {mode}: {len(rows)} completions")
         print_latency(out[mode]["phases"], out[mode]["waits"])
