@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Engine, Generation, GenerationStats, TextSink, _marks
+from .engine import Engine, Generation, GenerationStats, TextSink
 from .fim import FimPrompt
 from .runtime import ModelState
 
@@ -95,9 +95,11 @@ def generate_candidates(
     if cancelled():
         return [Generation("", [], "cancelled", stats)]
     cache = engine.cache
-    pre = cache.prefill(doc, prompt.ids, marks=_marks(prompt))
+    pre = engine.prefill_request(doc, prompt, cancelled)
     stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
     stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
+    if not pre.complete:
+        return [Generation("", [], "cancelled", stats)]
     t0 = time.perf_counter()
     table = engine.tokenizer.token_bytes
     stop_ids = engine.tokenizer.control.stop_ids

@@ -15,7 +15,7 @@ import torch
 
 from .fim import FimPrompt
 from .speculate import DraftBudget, DraftSource, PromptLookup, VerifyCost
-from .state_cache import PrefillResult, StateCache
+from .state_cache import REQUEST_CHUNK, PrefillResult, StateCache
 from .tokens import TextTokenizer
 
 TextSink = Callable[[str], bool]
@@ -85,9 +85,11 @@ class Engine:
         stats = GenerationStats()
         if cancelled():
             return Generation("", [], "cancelled", stats)
-        pre = self.cache.prefill(doc, prompt.ids, marks=_marks(prompt))
+        pre = self.prefill_request(doc, prompt, cancelled)
         stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
         stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
+        if not pre.complete:
+            return Generation("", [], "cancelled", stats)
 
         t0 = time.perf_counter()
         table = self.tokenizer.token_bytes
@@ -158,6 +160,15 @@ class Engine:
         self.cache.keep(accepted + 1)
         budget.update(len(drafts), accepted)
         self.costs.observe_verify(len(drafts), accepted, (time.perf_counter() - t_fed) * 1000.0)
+
+    def prefill_request(self, doc: str, prompt: FimPrompt, cancelled: Callable[[], bool]) -> PrefillResult:
+        """A request's prefill: it stops at the next piece (``REQUEST_CHUNK``) once ``cancelled()`` (the
+        scheduler made the request stale, or preempted a prefetch), keeping the work done as a
+        checkpoint for the request that superseded it; ``complete`` is False then. (The bench's
+        transformers baseline stands in for the cache without pieces: it runs whole.)"""
+        if not isinstance(self.cache, StateCache):
+            return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt))
+        return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=cancelled, chunk=REQUEST_CHUNK)
 
     def prefill_ahead(self, doc: str, prompt: FimPrompt, should_yield: Callable[[], bool]) -> PrefillResult:
         """Work ahead of a request: bring the state cache to the end of ``prompt`` (the checkpoints a

@@ -56,6 +56,11 @@ RECENT_ENDS = 4
 # of this session (load ~20 on 2 cores) a piece measured 1-4 s (granite/stats background.piece_ms_*),
 # everything else there being as much slower. Smaller pieces cost the GEMMs their efficiency.
 PREEMPT_CHUNK = 32
+# A request's prefill looks at whether it is still wanted between pieces of at most this many tokens
+# (a newer keystroke or $/cancelRequest made it stale: it stops there, its work kept as a checkpoint).
+# The interval checkpoints' spacing: the pieces are those a prefill ran before (no GEMM gets smaller),
+# ~0.8 s of the real shape on 2 idle cores at most.
+REQUEST_CHUNK = 256
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare token arrays (ambiguous, or a shape error)
@@ -136,10 +141,12 @@ class StateCache:
         ids: list[int],
         marks: tuple[int, ...] = (),
         should_yield: Callable[[], bool] | None = None,
+        chunk: int | None = None,
     ) -> PrefillResult:
         """Bring the live state to the end of ``ids`` and return the last position's logits.
 
-        With ``should_yield``: preemptible (module docstring); ``complete`` says whether it got there.
+        With ``should_yield``: preemptible (module docstring), in pieces of at most ``chunk`` tokens
+        (default ``self.chunk``); ``complete`` says whether it got there.
         """
         if not ids:
             raise ValueError("empty prompt")
@@ -165,9 +172,10 @@ class StateCache:
         if start < len(ids) and (not stops or stops[-1] != len(ids)):
             stops.append(len(ids))
         pos, yielded = start, False
+        size = max(1, self.chunk if chunk is None else chunk)
         for stop in stops:
             while pos < stop and not yielded:
-                piece = stop if should_yield is None else min(stop, pos + max(1, self.chunk))
+                piece = stop if should_yield is None else min(stop, pos + size)
                 logits = self._run(target[pos:piece])
                 pos = piece
                 if self.enabled and pos == stop:

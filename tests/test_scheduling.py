@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from conftest import expected_text, load_fixtures, single_line_fixture, wait_stats
 from jsonrpc_client import RpcClient
 
@@ -81,6 +82,36 @@ def test_newer_document_version_supersedes_a_running_request(rpc: RpcClient) -> 
     stats = _idle(rpc)
     assert stats["worker"]["cancelled_running"] >= 1
     assert stats["decoded_tokens"] < 4000
+
+
+@pytest.mark.parametrize("how", ["cancelRequest", "newer version"])
+def test_a_stale_requests_prefill_stops_at_the_next_piece_and_keeps_its_work(rpc: RpcClient, how: str) -> None:
+    """A request with a long prompt (~4,700 tokens, one window) made stale while its prefill runs: the
+    prefill stops at its next piece (only decoding looked at staleness before), and the request that
+    follows resumes from the checkpoint where it stopped."""
+    rpc.initialize({"progressive": False, "prefixTokens": 20_000, "suffixTokens": 0, "maxTokens": 4})
+    fixture = single_line_fixture()
+    uri = "file:///long_prefill.py"
+    head = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(250))
+    rpc.open(uri, head + fixture["text"])
+    line, col = head.count("\n") + fixture["line"], fixture["character"]
+    msg_id = rpc.request("textDocument/inlineCompletion", rpc.inline_params(uri, line, col))
+    _wait_stats(rpc, lambda s: s["cache"]["checkpoints_taken"] > 0, "prefilling")  # its first piece is done
+    if how == "cancelRequest":
+        rpc.notify("$/cancelRequest", {"id": msg_id})
+    else:
+        rpc.change(uri, 2, (line, col), (line, col), " ")  # the cursor's line: the prompt's head stays
+    answer = rpc.wait(msg_id, timeout=120)
+    assert answer.get("result") is None or answer["error"]["code"] == -32800
+    stopped = _idle(rpc)
+    assert stopped["cache"]["yields"] == 1, stopped["cache"]
+    assert stopped["decoded_tokens"] == 0
+    done = stopped["cache"]["tokens_processed"]
+    follow = rpc.inline(uri, line, col + (how != "cancelRequest"), timeout=120)
+    assert follow is not None
+    last = rpc.call("granite/stats")["last"]
+    assert done < last["prompt_tokens"]  # it stopped before the end of its prompt
+    assert last["reused_tokens"] >= done  # and the next request resumed from there
 
 
 def test_accepting_prefetches_the_next_suggestion(rpc: RpcClient) -> None:
