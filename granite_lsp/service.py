@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import failpoints, memory
-from .candidates import generate_candidates, rows_for
+from .candidates import generate_candidates
 from .engine import Engine, Generation, GenerationStats
 from .fim import FimPrompt, PromptBuilder
 from .model_files import resolve_model_dir, resolve_tokenizer_dir
@@ -393,7 +393,7 @@ class CompletionService:
             assert isinstance(self.engine, Engine)
             wants_more = shaper.wants_more if shaper is not None else None
             gen, *others = generate_candidates(
-                self.engine, doc, prompt, budget, rows_for(candidates),
+                self.engine, doc, prompt, budget, candidates,
                 ignore_eos=ignore_eos, cancelled=cancelled, on_text=on_text, wants_more=wants_more,
             )  # fmt: skip
         else:

@@ -41,7 +41,7 @@ import torch
 from . import memory
 from .runtime import HybridModel, KVHold, MambaSnapshot, ModelState
 from .runtime.matmul import small_ops_single_threaded
-from .runtime.rows import step_rows
+from .runtime.rows import fork_row, step_rows
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
@@ -229,11 +229,12 @@ class StateCache:
         del self.live_tokens[len(self.live_tokens) - rows + n :]
         self.live_logits = self._verified[n - 1] if n else self._before_verify
 
-    def branch(self) -> ModelState:
-        """An independent copy of the live state as it is now (its own Mamba states and KV buffers): an
-        alternative candidate decodes on it while the live state and the checkpoints stay as they are."""
+    def branch(self, room: int) -> ModelState:
+        """An independent copy of the live state as it is now (its own Mamba states and KV buffers, with
+        room for ``room`` more tokens, not the live buffers' whole capacity): an alternative candidate
+        decodes on it while the live state and the checkpoints stay as they are."""
         with small_ops_single_threaded():
-            return self.live.fork()
+            return fork_row(self.live, room)
 
     def step_rows(self, tokens: list[int], states: list[ModelState | None]) -> torch.Tensor:
         """One decode step for several states at once (runtime/rows.py), ``None`` standing for the live

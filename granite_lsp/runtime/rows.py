@@ -23,7 +23,16 @@ from torch import Tensor
 from .layers import MambaMixer, add_rms_norm, rms_norm, rope_tables
 from .matmul import linear, small_ops_single_threaded
 from .model import HybridModel
-from .state import ModelState
+from .state import MambaSnapshot, ModelState
+
+
+def fork_row(state: ModelState, room: int) -> ModelState:
+    """An independent copy of ``state`` to decode another sequence on: its Mamba states copied once (not
+    snapshot and then copied again, as ``ModelState.fork`` does) and its KV positions with room for
+    ``room`` more tokens only (not the source's whole capacity). Copies are memory-bound: call it under
+    ``small_ops_single_threaded`` (see StateCache._restore)."""
+    view = MambaSnapshot(tuple(state.conv), tuple(state.ssm), state.pos)  # ModelState copies it
+    return ModelState(state.kv.clone(state.pos, capacity=state.pos + max(1, room)), view)
 
 
 def step_rows(model: HybridModel, tokens: Sequence[int], states: Sequence[ModelState]) -> Tensor:
