@@ -129,7 +129,6 @@ class StateCache:
         self.live_tokens: list[int] = []
         self.live_logits: torch.Tensor | None = None
         self._verified = torch.empty(0)  # the last verify's logits (keep picks the row that stays)
-        self._before_verify: torch.Tensor | None = None
         self.checkpoints: list[Checkpoint] = []
         self._tick = itertools.count(1)
 
@@ -212,13 +211,12 @@ class StateCache:
         """Feed ``ids`` (a generated token, then draft tokens after it) in one journaled forward and
         return every row's logits [len(ids), vocab]; ``keep`` then says how many stay consumed
         (speculative decoding: speculate.py)."""
-        self._before_verify = self.live_logits
         self.live.journal_next()
         self._verified = self._run(np.asarray(ids, dtype=np.int64), all_logits=True)
         return self._verified
 
     def keep(self, n: int) -> None:
-        """Keep the first ``n`` tokens of the last ``verify``: the live state (tokens, logits, model
+        """Keep the first ``n`` >= 1 tokens of the last ``verify``: the live state (tokens, logits, model
         state) is then the one that feeding just those tokens would have left."""
         rows = len(self._verified)
         try:
@@ -227,7 +225,7 @@ class StateCache:
             self._restore(self._zero, None, [], None)  # as after a failed forward (_run)
             raise
         del self.live_tokens[len(self.live_tokens) - rows + n :]
-        self.live_logits = self._verified[n - 1] if n else self._before_verify
+        self.live_logits = self._verified[n - 1]
 
     def branch(self, room: int) -> ModelState:
         """An independent copy of the live state as it is now (its own Mamba states and KV buffers, with

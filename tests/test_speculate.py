@@ -116,15 +116,15 @@ class AlwaysDraft(VerifyCost):
 # -- rollback in the runtime ----------------------------------------------------------------------
 @pytest.mark.parametrize("path", PATHS)
 def test_keeping_any_rows_of_a_verify_equals_feeding_just_them(path: str) -> None:
-    """A verify of 1 + MAX_DRAFT rows, then keep(n) for every n: state, logits and the decoding that
-    follows are those of feeding the first n tokens one at a time."""
+    """A verify of 1 + MAX_DRAFT rows, then keep(n) for every n (the first row always stays): state,
+    logits and the decoding that follows are those of feeding the first n tokens one at a time."""
     model = tiny_model(path)
     gen = torch.Generator().manual_seed(5)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (37,), generator=gen)
     fed = torch.randint(0, vocab, (1 + MAX_DRAFT,), generator=gen)
     after = torch.randint(0, vocab, (3,), generator=gen)
-    for n in range(len(fed) + 1):
+    for n in range(1, len(fed) + 1):
         spec, plain = model.new_state(8), model.new_state(8)  # small: the KV buffers grow
         base = model.forward(prompt, spec)
         assert torch.equal(base, model.forward(prompt, plain))
@@ -134,7 +134,7 @@ def test_keeping_any_rows_of_a_verify_equals_feeding_just_them(path: str) -> Non
         want = base
         for t in fed[:n]:
             want = model.forward(t.view(1), plain)
-        got = rows[n - 1] if n else base
+        got = rows[n - 1]
         assert spec.pos == plain.pos == spec.kv.length == len(prompt) + n
         assert (got - want).abs().max().item() < TOL, n
         for a, b in zip((*spec.conv, *spec.ssm), (*plain.conv, *plain.ssm), strict=True):
@@ -156,6 +156,8 @@ def test_keep_needs_the_journaled_forward_just_before() -> None:
     model.forward(torch.tensor([4, 5]), state, all_logits=True)
     with pytest.raises(ValueError, match="cannot keep 3"):
         model.keep(state, 3)
+    with pytest.raises(ValueError, match="cannot keep 0"):
+        model.keep(state, 0)  # the fed token is never taken back
     model.keep(state, 1)
     assert state.pos == 4
     with pytest.raises(ValueError, match="journaled"):
@@ -248,3 +250,34 @@ def test_drafts_rejected_at_every_position_change_nothing(loaded, wrong: int) ->
     assert got.stats.accepted_tokens == sum(min(wrong, len(d)) for d in oracle.proposed)
     # each forward yields its token plus the drafts accepted (the last token's forward only if it was eos)
     assert got.stats.decode_forwards + got.stats.accepted_tokens == len(want.token_ids) - (want.stop_reason != "eos")
+
+
+@pytest.mark.slow
+def test_real_shape_random_weights_decodes_the_same_tokens_with_speculation() -> None:
+    """Granite-4.0-H-350M's shape with random weights in bfloat16 (the packed kernels' path the bench
+    measures): drafts looked up in the prompt, and forced drafts diverging at 0, 3 and never, give the
+    tokens of plain decoding."""
+    from granite_lsp.bench.shape import REAL_CONFIG
+    from granite_lsp.service import load
+    from granite_lsp.settings import Settings
+
+    torch.set_num_threads(2)
+    real = load(
+        Settings().updated(
+            {"model": str(TINY), "randomWeights": str(REAL_CONFIG), "dtype": "bfloat16", "device": "cpu"}
+        )
+    )
+    fx = max(load_fixtures(), key=lambda f: len(f["text"]))
+    off = _service(real, speculate=False, reuse=False)
+    want = _complete(off, fx, "file:///r.py", max_tokens=16, ignore_eos=True)
+    assert len(want.token_ids) == 16
+    on = _service(real, reuse=False)
+    on.engine.costs = AlwaysDraft()
+    got = _complete(on, fx, "file:///r.py", max_tokens=16, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+    for wrong in (0, 3, MAX_DRAFT):
+        stop = on.loaded.tokenizer.control.stop_ids
+        on.engine.drafts = Oracle(want.token_ids, wrong, len(on.loaded.tokenizer.token_bytes), stop)
+        got = _complete(on, fx, "file:///r.py", max_tokens=16, ignore_eos=True)
+        assert got.token_ids == want.token_ids, wrong
+        assert got.stats.draft_tokens > 0 and (got.stats.accepted_tokens > 0) == (wrong > 0)

@@ -263,10 +263,16 @@ class MambaMixer:
         record: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         """``out_rows``: project only these rows' outputs; the states still advance over all rows.
-        ``record`` sees the in_proj rows before the states advance (a journaled forward: state.py)."""
+        ``record`` (a journaled forward: state.py) is called between the first row and the others,
+        with the others' in_proj rows: the states it sees are those after the first row."""
         zxbcdt = linear(h, self.w_in, self.b_in)
-        if record is not None:
-            record(zxbcdt)
+        if record is not None and zxbcdt.shape[0] > 1:
+            # the same recurrence as one call over all rows, one token after another
+            first = self.mix(zxbcdt[:1], conv_state, ssm_state, chunk_size, recurrent_max)
+            record(zxbcdt[1:])
+            rest = self.mix(zxbcdt[1:], conv_state, ssm_state, chunk_size, recurrent_max)
+            y = torch.cat((first, rest))
+            return linear(y if out_rows is None else y[out_rows], self.w_out, self.b_out)
         y = self.mix(zxbcdt, conv_state, ssm_state, chunk_size, recurrent_max, out_rows)
         return linear(y, self.w_out, self.b_out)
 

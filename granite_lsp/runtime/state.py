@@ -185,15 +185,17 @@ class Journal:
     Speculative decoding verifies k draft tokens in one forward and keeps the first j + 1 rows (the
     token it had to feed plus the j drafts the model agreed with). Attention KV just crops. A Mamba
     state cannot be rewound, and writing each row's SSM state (~22 MB per token on the real shape)
-    would cost more than the whole forward saves. So per Mamba layer the journal keeps:
-    - the conv and SSM states *before* the forward, copied into buffers kept from one verify to the
-      next (allocating 22 MB per step cost page faults), just before that layer updates them (cache
-      warm: the mixer reads the same state right after);
-    - the layer's per-token inputs (its in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on the
-      real shape), which is all the recurrence reads.
-    Keeping j + 1 < T rows swaps the copies back in and re-runs only the layer's conv and scan over
-    those rows (``replay``: no matmul, the same kernel and arithmetic as the forward). Keeping all
-    rows costs nothing more. bench/verify_cost.py measures both against a plain step.
+    would cost more than the whole forward saves. The first row (the token decoding had to feed
+    anyway) is always kept, so per Mamba layer the mixer runs that row first and the journal keeps:
+    - the conv and SSM states *after the first row*, copied into buffers kept from one verify to the
+      next (allocating 22 MB per step cost page faults), right before the mixer runs the other rows
+      (cache warm: it reads the same state right after);
+    - the other rows' inputs (the layer's in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on
+      the real shape), which is all the recurrence reads.
+    Keeping n < T rows swaps the copies back in (every draft rejected: nothing else) and re-runs only
+    the layer's conv and scan over the n - 1 drafts kept (``replay``: no matmul, the same kernel and
+    arithmetic as the forward). Keeping all rows costs nothing more. bench/verify_cost.py measures a
+    verify and its rollback against a plain step.
     """
 
     def __init__(self) -> None:
@@ -281,7 +283,8 @@ class ModelState:
         return j.active
 
     def record(self, slot: int, inputs: Tensor) -> None:
-        """A journaled forward's Mamba layer ``slot`` is about to advance its states over ``inputs``."""
+        """A journaled forward's Mamba layer ``slot`` has advanced its states over the first row and is
+        about to advance them over ``inputs`` (the other rows)."""
         j = self.journal
         if not j.active or j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
@@ -294,21 +297,21 @@ class ModelState:
         j.inputs[slot] = inputs
 
     def keep(self, n: int, replay: Replay) -> None:
-        """Keep the first ``n`` rows of the last (journaled) forward: the state is then exactly as
+        """Keep the first ``n`` >= 1 rows of the last (journaled) forward: the state is then exactly as
         if only those tokens had been fed. ``replay`` re-runs a Mamba layer's recurrence."""
         j = self.journal
         if not j.active or self.pos != j.start + j.rows:
             raise ValueError("keep() follows a journaled forward, before anything else moves the state")
-        if not 0 <= n <= j.rows:
-            raise ValueError(f"cannot keep {n} of a journaled forward's {j.rows} rows")
+        if not 1 <= n <= j.rows:
+            raise ValueError(f"cannot keep {n} of a journaled forward's {j.rows} rows (the first is always kept)")
         if n < j.rows:
             with torch.no_grad(), torch.inference_mode(self.is_inference):
                 for slot, inputs in j.inputs.items():
-                    # the states before the forward become live again; the advanced ones are scratch
+                    # the states after the first row become live again; the advanced ones are scratch
                     self.conv[slot], j.conv[slot] = j.conv[slot], self.conv[slot]
                     self.ssm[slot], j.ssm[slot] = j.ssm[slot], self.ssm[slot]
-                    if n:
-                        replay(slot, inputs[:n], self.conv[slot], self.ssm[slot])
+                    if n > 1:
+                        replay(slot, inputs[: n - 1], self.conv[slot], self.ssm[slot])
             self.kv.crop(j.start + n)
             self.pos = j.start + n
         j.start, j.rows = -1, 0
