@@ -100,14 +100,23 @@ class Shaper:
     ctx: CursorContext
     max_lines: int = 10
     _base: int | None = field(default=None, init=False)
+    # The last text judged while decoding and the rules' verdict on it: after every token the decode
+    # loop asks ``wants_more`` and the partial answer ``preview`` about the same text, one rule pass.
+    _judged: tuple[str, tuple[str, bool]] | None = field(default=None, init=False, repr=False)
 
     def wants_more(self, text: str) -> bool:
         """Decode another token? False once the text has reached a point where ``finish`` would cut."""
-        return self._cut(text)[1] is False
+        return self._decoding(text)[1] is False
 
     def preview(self, text: str) -> str:
         """What would be shown of ``text`` so far (for streaming): the part the rules keep."""
-        return self._cut(text)[0]
+        return self._decoding(text)[0]
+
+    def _decoding(self, text: str) -> tuple[str, bool]:
+        judged = self._judged
+        if judged is None or judged[0] != text:
+            judged = self._judged = (text, self._cut(text))
+        return judged[1]
 
     def finish(self, text: str) -> Suggestion | None:
         kept, _ = self._cut(text, final=True)

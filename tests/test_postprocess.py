@@ -106,3 +106,27 @@ def test_rulers_and_ordinary_code_are_not_repetition() -> None:
     assert repetition("for i in range(10):\n    total += values[i] * weights[i]\n") is None
     assert repetition("ab" * 15) is None  # 30 characters: under the minimum
     assert repetition("x = " + "ab" * 16) == (4, 2)
+
+
+def test_the_rules_run_once_per_generated_token(make_service, monkeypatch) -> None:
+    """The decode loop asks ``wants_more`` and the partial answer ``preview`` about the same text after
+    every token: one pass of the rules (``Shaper._cut``) serves both (it ran twice per token)."""
+    from conftest import load_fixtures
+
+    passes = []
+    cut = Shaper._cut
+
+    def counted(self: Shaper, text: str, final: bool = False) -> tuple[str, bool]:
+        if not final:
+            passes.append(text)
+        return cut(self, text, final)
+
+    monkeypatch.setattr(Shaper, "_cut", counted)
+    fixture = next(f for f in load_fixtures() if "\n" in f["middle"])
+    from granite_lsp.documents import Document
+
+    cursor = Document("x", fixture["text"]).offset_at(fixture["line"], fixture["character"])
+    shown = []
+    gen = make_service().complete("file:///rules.py", fixture["text"], cursor, on_progress=shown.append).generation
+    assert gen.stats.generated_tokens > 1 and len(shown) == gen.stats.generated_tokens
+    assert len(passes) == gen.stats.generated_tokens, (len(passes), gen.stats.generated_tokens)
