@@ -650,25 +650,35 @@ async function runCommand(title) {
   await page.keyboard.press('Enter');
 }
 
-/** The server's request counter (granite/stats), through "Granite: Show Server Statistics" and the log. */
-async function serverRequests() {
+/**
+ * Numbers from the server's statistics (granite/stats), through "Granite: Show Server Statistics" and the
+ * log: `patterns` maps a name to a regex whose first group is the number. `refocus` gives the editor the
+ * keyboard back after the command: 'click' clicks into it (the cursor moves), 'keys' (Ctrl+1) does not.
+ */
+async function serverStats(patterns, refocus = 'click') {
   const seen = extensionLogs().map(({ text }) => text.split('stats: ').length).reduce((a, b) => a + b, 0);
   await runCommand('Granite: Show Server Statistics');
-  let count;
+  let found;
   await waitFor(
     'the statistics in the log',
     () => {
       const logs = extensionLogs().map(({ text }) => text);
       if (logs.map((t) => t.split('stats: ').length).reduce((a, b) => a + b, 0) <= seen) return false;
       const last = logs.join('\n').split('stats: ').pop();
-      count = Number(/"requests": (\d+)/.exec(last)?.[1]);
-      return Number.isFinite(count);
+      found = Object.fromEntries(Object.entries(patterns).map(([name, re]) => [name, Number(re.exec(last)?.[1])]));
+      return Object.values(found).every(Number.isFinite);
     },
     30_000,
     500,
   );
-  await page.locator('.editor-instance .monaco-editor .view-lines').first().click().catch(() => {});
-  return count;
+  if (refocus === 'keys') await page.keyboard.press('Control+1');
+  else await page.locator('.editor-instance .monaco-editor .view-lines').first().click().catch(() => {});
+  return found;
+}
+
+/** The server's request counter (granite/stats). */
+async function serverRequests() {
+  return (await serverStats({ requests: /"requests": (\d+)/ })).requests;
 }
 
 async function askAndCount(line, character) {
@@ -676,6 +686,36 @@ async function askAndCount(line, character) {
   await page.keyboard.press('Alt+Backslash');
   await sleep(2500);
   return serverRequests();
+}
+
+/**
+ * granite/focus (issue 15): a jump with Go to Line (no typing, so no request) makes the server work ahead
+ * there, and the request the user then makes at that place finds its prompt processed: the cache
+ * processes no token for it. Statistics are read with the keyboard giving the editor back (a click would
+ * move the cursor, which is itself a focus).
+ */
+async function checkFocus() {
+  const lines = [];
+  for (let i = 0; i < 40; i++) lines.push(`def job_${i}(x):`, `    return x * ${i} + ${i % 7}`, '');
+  fs.writeFileSync(path.join(dirs.ws, 'focus_jobs.py'), lines.join('\n'));
+  const patterns = {
+    requests: /"requests": (\d+)/,
+    completed: /"background": \{[^}]*"completed": (\d+)/,
+    processed: /"cache": \{[^}]*"tokens_processed": (\d+)/,
+  };
+  const start = await serverStats(patterns, 'keys');
+  await openFile('focus_jobs.py');
+  await gotoPosition(100, 0);
+  await sleep(4000);
+  const ahead = await serverStats(patterns, 'keys');
+  assert.ok(ahead.completed > start.completed, `no work ahead after the jump: ${JSON.stringify({ start, ahead })}`);
+  assert.equal(ahead.requests, start.requests, 'a jump sent a completion request');
+  await page.keyboard.press('Alt+Backslash');
+  await sleep(2500);
+  const asked = await serverStats(patterns, 'keys');
+  assert.ok(asked.requests > ahead.requests, 'Alt+\\ sent no request');
+  assert.equal(asked.processed, ahead.processed, 'the request after the worked-ahead jump processed prompt tokens');
+  say(`granite/focus: work ahead after the jump (${ahead.completed - start.completed} done), the request there processed 0 tokens`);
 }
 
 async function checkToggles() {
@@ -762,6 +802,8 @@ test('ghost text from granite-lsp in VS Code (code-server), accepted with Tab', 
     await checkExcluded();
     // The status bar menu's per-language switch and snooze stop requests at once, without a restart.
     await checkToggles();
+    // The cursor's place reaches the server, which works ahead of the next request there.
+    if (!FAKE) await checkFocus();
   } catch (err) {
     await dumpDiagnostics(err.message.split('\n')[0]);
     throw err;
