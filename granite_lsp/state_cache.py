@@ -11,7 +11,9 @@ Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
 - at ``<|fim_middle|>`` (the end of prefix + suffix): survives any edit inside the middle region (of
   marks closer than MIN_CHECKPOINT_GAP only one keeps a checkpoint, and this one wins);
 - every ``interval`` tokens of a long prefill: an edit high up in the file re-processes from the nearest
-  one below it, not from the top. They also cover moving the cursor elsewhere and back.
+  one below it, not from the top. They also cover moving the cursor elsewhere and back. A restore
+  counts the checkpoints below it on the prompt's path as used, so that eviction (least recently used
+  first) takes other paths' checkpoints before these.
 - where a preemptible prefill (background work ahead of a request) yields: it resumes from there, and
   the checkpoint is dropped once a later checkpoint on the same path supersedes it.
 Memory is capped across documents, least recently used first.
@@ -276,6 +278,12 @@ class StateCache:
             return 0, None
         best_pos, best = self._covered(target)
         logits = self.live_logits if best_pos and best is None else None
+        # The checkpoints below this one on the prompt's path count as used too: they are the ones an
+        # edit higher up restores (the nearest below the edit), and least-recently-used eviction would
+        # otherwise take them first (restores use the deepest, so they are never used themselves).
+        below = [c for c in self.checkpoints if c.pos < best_pos and _common_prefix(c.tokens, target) == c.pos]
+        for c in sorted(below, key=lambda c: c.pos):
+            c.last_used = next(self._tick)
         if best is not None:
             best.last_used = next(self._tick)
             self._restore(best.snap, best.hold, best.tokens.tolist(), best.logits)

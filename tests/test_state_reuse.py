@@ -283,3 +283,26 @@ def test_a_forward_that_fails_midway_leaves_no_corrupt_state(make_service) -> No
     mine_all, theirs_all = svc.cache.live.ssm + svc.cache.live.conv, fresh.cache.live.ssm + fresh.cache.live.conv
     for mine, theirs in zip(mine_all, theirs_all, strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_an_edit_above_restores_the_nearest_checkpoint_below_it_after_other_paths_were_evicted(
+    tiny_loaded,
+) -> None:
+    """Interval checkpoints are never restored themselves while the user works below them (restores take
+    the deepest); they count as used whenever one below them on their path is, so that eviction takes
+    other paths' checkpoints (places jumped to) first, and an edit far above re-processes from the
+    nearest one below it."""
+    from granite_lsp.state_cache import StateCache
+
+    cache = StateCache(tiny_loaded.model, interval=32, max_per_doc=16)
+    here = list(range(10, 210))  # the prompt where the user works: interval checkpoints 32 ... 192
+    cache.prefill("d", here)
+    for jump in range(2):  # the cursor went elsewhere (prompts sharing the first 50 tokens) ...
+        cache.prefill("d", here[:50] + [300 + jump] * 100)
+    for typed in range(3):  # ... and came back to type: more checkpoints than the cache keeps
+        here = here + [220 + typed]
+        cache.prefill("d", here)
+    assert cache.stats.evictions > 0
+    edited = here[:100] + [5] + here[101:]  # an edit at token 100
+    res = cache.prefill("d", edited)
+    assert res.reused_tokens == 96
