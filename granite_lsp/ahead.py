@@ -3,7 +3,7 @@ reads, scrolls or pauses (issue 15), so that the request itself finds its prompt
 
 Where the user is comes from the client's ``granite/focus`` notification (uri, position; sent on editor
 focus and cursor moves), else from the last request's position. The likely next request is:
-- after a request, once the user pauses: one at the same place (what the request could not use yet);
+- after a request is answered, once the user pauses: one at the same place (what it could not use yet);
 - after a focus: a request at the focused position (a cursor jump, a file brought to the front);
 - after an edit away from where the user last typed (a paste, an import added at the top): a request
   back there (its line follows the edit's added or removed lines);
@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 FOCUS = "granite/focus"
 # Quiet time before work ahead starts: cursor moves come in bursts (a held arrow key, a scroll).
 DEBOUNCE_S = 0.1
-# After a request, work ahead at its place waits longer: the next keystroke usually comes within this, and
-# its own request does the work (background work started then would only delay it by a piece).
-AFTER_REQUEST_S = 0.3
+# After a request is answered, work ahead at its place waits for this much quiet: while the user types,
+# the next keystroke comes first (its own request does the work; background work started between two
+# keystrokes would only delay the next request by a piece).
+AFTER_ANSWER_S = 0.3
 # Tokens processed ahead per document between two user actions there: more than one whole prompt (the
 # prefix and suffix budgets plus other files' context), bounded however long the user stays away.
 BUDGET_TOKENS = 4096
@@ -95,15 +96,19 @@ class WorkAhead:
             self._start(uri, place)
 
     def requested(self, uri: str, line: int, character: int) -> None:
-        """A completion request: the user is there. Work ahead for another place is obsolete; once the
-        user pauses, work ahead there builds what the request could not use yet (the full window after
-        a request served from the short one, progressive.py) and keeps the short window up to date (an
-        edit far above then costs ~nothing)."""
+        """A completion request: the user is there. Work ahead for another place is obsolete."""
         self._look_at(uri)
-        place = _Place(line, character)
-        self._typing[uri] = self._focus[uri] = place
+        self._typing[uri] = self._focus[uri] = _Place(line, character)
         self._spent.pop(uri, None)
-        self._start(uri, _Place(line, character), delay=AFTER_REQUEST_S)
+        self._cancel(uri)
+
+    def answered(self, uri: str) -> None:
+        """A request there was answered: once the user pauses, work ahead at its place builds what the
+        request could not use yet (the full window after an answer from the short one, progressive.py)
+        and keeps the short window current (an edit far above then costs it ~nothing)."""
+        place = self._typing.get(uri)
+        if place is not None and uri == self.focused:
+            self._start(uri, _Place(place.line, place.character), delay=AFTER_ANSWER_S)
 
     def changed(self, uri: str, line: int) -> None:
         """didOpen/didChange (the scheduler has made the document's jobs stale already)."""

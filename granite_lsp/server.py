@@ -248,6 +248,7 @@ def build_server(settings: Settings | None = None) -> GraniteServer:
         ls.counters["requests"] += 1
         ls.ahead.requested(params.text_document.uri, params.position.line, params.position.character)
         result = await completions.inline_completion(ls, params)
+        ls.ahead.answered(params.text_document.uri)
         ls.counters["answered_items" if result else "answered_null"] += 1
         return result
 
