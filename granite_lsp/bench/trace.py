@@ -65,6 +65,10 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
         "reuse": mode in ("reuse", "no-spec"),
         "typeThrough": mode in ("reuse", "no-spec"),  # the baselines have no caches at all
         "speculate": mode != "no-spec",
+        # Speculation is single-candidate decoding's (Engine.generate): an invoked request asking for
+        # several candidates decodes them as rows of one batched step (candidates.py), which does not
+        # speculate. --mode spec compares speculation on one candidate per request.
+        **({"candidates": 1} if args.mode == "spec" else {}),
         "backend": "transformers" if mode == "transformers" else "native",
         "randomWeights": str(Path(args.random_weights).resolve() / "config.json")
         if args.random_weights and Path(args.random_weights).is_dir()
