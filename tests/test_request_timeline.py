@@ -110,3 +110,19 @@ def test_background_work_keeps_the_servers_rss_within_cache_cap_weights_and_100_
     assert 0 < stats["cache"]["bytes"] <= stats["cache"]["max_bytes"]
     assert rss["samples"] > 0 and rss["model_mb"] > 0
     assert rss["peak_mb"] <= rss["bound_mb"], rss
+
+
+def test_work_ahead_after_a_request_waits_for_a_pause_after_its_answer(rpc: RpcClient) -> None:
+    """A keystroke sent as soon as the previous suggestion arrived finds no work ahead to wait behind: the
+    work ahead a request leaves behind is held AFTER_REQUEST_S from its answer (not from its arrival, which
+    a request longer than that had always used up), so the keystroke makes it stale before it runs."""
+    text, places = _big_document()
+    line = places[0]
+    rpc.initialize({**OPTIONS, "maxTokens": 512})  # a request longer than AFTER_REQUEST_S on any machine
+    rpc.open(URI, text)
+    stats = _request(rpc, line)
+    assert stats["last"]["generated_tokens"] == 512
+    rpc.change(URI, 2, (line, 4), (line, 4), "x")  # the next keystroke, at once
+    stats = _request(rpc, line)  # (its position is the previous one: the request is what matters)
+    assert stats["background"]["runs"] == 0 and stats["background"]["jobs"] >= 1
+    assert stats["last"]["behind"] == "idle" and stats["waits"]["background"]["count"] == 0
