@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol import STREAMING_CAPABILITY
+from ..timeline import percentiles
 from .client import RpcClient
 from .latency import phase_summary, print_latency, row_fields, wait_summary
 from .rss_watch import RssSampler, report_line, rss_bound, runtime_baseline_mb
@@ -397,8 +398,17 @@ def together(every: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         ran = [r for r in rows if r.get("stop_reason") != "typed_through"]
         rss: list[dict[str, float]] = [res["replay_rss"] for res in runs if res.get("replay_rss", {}).get("samples")]
         worst: dict[str, float] = max(rss, key=lambda x: x["peak_mb"] - x["bound_mb"], default={})
-        out[mode] = {"phases": phase_summary(ran), "waits": wait_summary(rows), "replay_rss_worst": worst}
+        client = percentiles([r["first_visible_ms"] for r in ran if r.get("first_visible_ms") is not None])
+        out[mode] = {
+            "first_visible_ms": client, "phases": phase_summary(ran), "waits": wait_summary(rows),
+            "replay_rss_worst": worst,
+        }  # fmt: skip
         print(f"\n######## all {len(runs)} traces together, {mode}: {len(rows)} completions")
+        if client["count"]:
+            print(
+                f"first visible text, client clock from its send: median {client['median_ms']:.1f} ms, p95 "
+                f"{client['p95_ms']:.1f} ms over {client['count']} completions that ran the model"
+            )
         print_latency(out[mode]["phases"], out[mode]["waits"])
         if worst:
             print("the trace closest to (or furthest over) the memory bound:")
