@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -103,8 +104,10 @@ class _Watcher:
         pos = {"line": position.line, "character": position.character}
         self._payload = {"uri": uri, "version": version, "position": pos, "requestId": request_id}
         self._text_shown = False
+        self.latest: Progress | None = None  # the generation so far (read by ``typing_through``)
 
     def on_progress(self, progress: Progress) -> None:  # model thread
+        self.latest = progress
         if self.stream and progress.shown and not self._text_shown:
             self._text_shown = True  # the first text the user sees: out before the next decode step
             written = threading.Event()
@@ -117,6 +120,28 @@ class _Watcher:
             first = progress.first_line()
             if first is not None:
                 self._loop.call_soon_threadsafe(_resolve_once, self.early, first)
+
+    def typing_through(self, server: GraniteServer, uri: str, text: str, cursor: int) -> Callable[[], bool]:
+        """After an early answer: whether the document now is ``text`` with a beginning of the suggestion
+        being generated typed at ``cursor`` (the user accepted the first line, or types on through it).
+        The job then carries on, and its whole suggestion serves the requests that follow from the
+        typing-through memory. Called on the loop, under the scheduler's lock."""
+        early = self.early.result()
+
+        def check() -> bool:
+            doc = server.documents.get(uri)
+            if doc is None or doc.out_of_sync:
+                return False
+            now = doc.text
+            typed = len(now) - len(text)
+            if typed < 0 or not (now.startswith(text[:cursor]) and now.endswith(text[cursor:])):
+                return False
+            middle = now[cursor : cursor + typed]
+            so_far = self.latest
+            shaped = so_far.shaper.finish(so_far.shown) if so_far and so_far.shaper else None
+            return any(s.startswith(middle) for s in (early.text, shaped.text if shaped else ""))
+
+        return check
 
     def partial(self, text: str, done: bool = False) -> None:
         self._loop.call_soon_threadsafe(self._send, {**self._payload, "text": text, "done": done})
@@ -147,6 +172,7 @@ async def inline_completion(
     # Several candidates when the user asks (VS Code asks again, invoked, to cycle), one while typing.
     candidates = settings.typing_candidates if automatic else settings.candidates
     watch = _Watcher(server, uri, doc.version, params.position, timeline, candidates)
+    text = doc.text
     job = submit_completion(
         server, doc, cursor, delay=delay, on_progress=watch.on_progress, timeline=timeline, candidates=candidates
     )
@@ -160,6 +186,7 @@ async def inline_completion(
             return None
         server.counters["early_first_line"] = server.counters.get("early_first_line", 0) + 1
         suggestions = [watch.early.result()]
+        job.typed_through = watch.typing_through(server, uri, text, cursor)  # accepting it keeps it going
     else:
         suggestions = _final(server, await _answer(server, job), watch)
     return make_items(server, doc, params.position, cursor, suggestions, encoding) if suggestions else None

@@ -3,8 +3,9 @@
 ``GRANITE_LSP_FAILPOINTS="complete:2,worker-crash:1"`` makes the next 2 completion jobs raise and
 the next job after that kill the model worker thread; ``forward-midway`` fails a model forward
 halfway through its layers, after half of the state has advanced (as running out of memory there
-would). Tests use them to check that the real server, in its own process, survives what cannot be
-provoked from outside on demand; nothing is armed in normal use, and each check is a dict lookup.
+would); ``slow-token`` makes each generated token take 30 ms longer (a slow machine). Tests use them
+to check that the real server, in its own process, survives what cannot be provoked from outside on
+demand; nothing is armed in normal use, and each check is a dict lookup.
 """
 
 from __future__ import annotations

@@ -58,6 +58,10 @@ class Job:
     started: bool = False
     finished: bool = False
     timeline: Timeline = field(default_factory=Timeline)
+    # Set once the job's request was answered early with the first line of what it generates
+    # (completions.py): True while the document's changes are the user typing through (accepting) that
+    # suggestion, which the job then survives, carrying on for the typing-through memory.
+    typed_through: Callable[[], bool] | None = None
 
     def cancelled(self) -> bool:
         """Stop now? Polled by the model between steps: stale, cancelled or preempted."""
@@ -169,7 +173,7 @@ class Scheduler:
                 lane = self._lanes.setdefault(key, Lane())
                 job.change = lane.changes
                 if priority <= Priority.PREFETCH:
-                    if lane.latest is not None:
+                    if lane.latest is not None and not self._survives(lane.latest, lane):
                         self._make_stale(lane.latest)
                     lane.latest = job
         if delay > 0:
@@ -189,15 +193,16 @@ class Scheduler:
         return lane.rhythm.debounce(base) if lane is not None else max(base, 0.0)
 
     def document_changed(self, key: str) -> None:
-        """A document changed: whatever was held, queued or running for it is stale."""
+        """A document changed: whatever was held, queued or running for it is stale, unless the change
+        is the user typing through the suggestion a job is generating (``Job.typed_through``)."""
         with self._lock:
             lane = self._lanes.setdefault(key, Lane())
             lane.changes += 1
             lane.rhythm.note(self._clock())
-            if lane.latest is not None:  # held (debounce), queued or running
+            if lane.latest is not None and not self._survives(lane.latest, lane):  # held, queued or running
                 self._make_stale(lane.latest)
             for job in [self._running, *(entry[2] for entry in list(self._queue.queue))]:
-                if job is not None and job.key == key:
+                if job is not None and job.key == key and not self._survives(job, lane):
                     self._make_stale(job)
 
     def document_closed(self, key: str) -> None:
@@ -252,6 +257,15 @@ class Scheduler:
             lane.latest = None
         # Answer now; the worker will skip it (or stop it between two decode steps).
         self._loop.call_soon_threadsafe(_resolve, job.future, None, None)
+
+    def _survives(self, job: Job, lane: Lane) -> bool:
+        """Whether ``job`` carries on through its document's change or a newer request (the lock held):
+        only one answered early, while the document is its text with the suggestion being typed through;
+        it then belongs to the document's current text."""
+        if job.typed_through is None or job.cancel_event.is_set() or not job.typed_through():
+            return False
+        job.change = lane.changes
+        return True
 
     def _is_stale(self, job: Job) -> bool:
         """Cancelled, or its document changed since it was made (the one staleness rule)."""

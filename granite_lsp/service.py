@@ -374,6 +374,8 @@ class CompletionService:
         tokens = [0]
 
         def on_text(so_far: str) -> bool:
+            if failpoints.fire("slow-token"):
+                time.sleep(0.03)  # a slow machine (tests: what is decoded after an early answer)
             tokens[0] += 1
             moments.mark("first_token")
             shown = shaper.preview(so_far) if shaper else so_far

@@ -177,6 +177,37 @@ def test_early_first_line_is_shaped_like_the_final_answer(rpc: RpcClient) -> Non
     assert first in ('\n\t\tself.status = "done"', whole)
 
 
+def test_accepting_an_early_first_line_keeps_the_rest_coming() -> None:
+    """A standard client gets the first line early while the rest is generated; the user accepts it (the
+    editor inserts the line, runs the item's command and asks again at its end). That edit used to make
+    the generation stale: it stopped, and the request after the line ran the model again. The edit is
+    typing through the suggestion, so the generation goes on and the request is served its rest from
+    the typing-through memory. Decoding is slowed (failpoint slow-token) so that the first line is early."""
+    client = RpcClient(env={"GRANITE_LSP_FAILPOINTS": "slow-token:100000"})
+    try:
+        client.initialize()
+        text, line, character = _tab_indented_block_end()
+        uri = "file:///accept_early.py"
+        client.open(uri, text)
+        item = client.inline(uri, line, character, automatic=True)["items"][0]
+        first = '\n\t\tself.status = "done"'
+        assert item["insertText"] == first
+        before = client.call("granite/stats")
+        assert before["counters"]["early_first_line"] == 1 and before["worker"]["busy"]
+        client.change(uri, 2, (line, character), (line, character), first)
+        client.call(
+            "workspace/executeCommand", {"command": "granite.accepted", "arguments": item["command"]["arguments"]}
+        )
+        rest = client.inline(uri, line + 1, len(first) - 1, automatic=True)
+        after = _idle(client)
+        assert after["worker"]["cancelled_running"] == before["worker"]["cancelled_running"]  # it went on
+        assert after["last"]["stop_reason"] == "typed_through"  # no model run for the request
+        assert after["typed_through"] == before["typed_through"] + 1
+        assert rest["items"][0]["insertText"].startswith("\n\t\t")  # the next lines of the same suggestion
+    finally:
+        client.kill()
+
+
 def test_a_request_is_for_the_document_as_it_was_when_the_request_came(rpc: RpcClient) -> None:
     """A request and a change after it in one read: the request's handler (a coroutine) must see the
     document of its own moment, not the changed one, so the change makes it stale (answered null)
