@@ -317,7 +317,7 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 for r in other
                 if r["step"] in by_step
                 and by_step[r["step"]]["stop_reason"] != "typed_through"
-                and by_step[r["step"]].get("window", "full") == "full"
+                and (mode == "no-spec" or by_step[r["step"]].get("window", "full") == "full")  # no-spec: same cache
             ]
             same = sum(1 for r in both if by_step[r["step"]]["text"] == r["text"])
             om = summary["modes"][mode]
