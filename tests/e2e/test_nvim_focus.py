@@ -59,11 +59,12 @@ def test_a_cursor_jump_in_neovim_is_worked_ahead(tmp_path: Path) -> None:
     )
     assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads(result.read_text())
-    assert "error" not in out, out
-    assert out["ready"] and out["cursor"][0] == JUMP_TO, out
-    assert out["completed"], f"the server never finished work ahead after the jump: {out}"
-    assert out["after"]["jobs"] > out["before"].get("jobs", 0) and out["after"]["tokens"] > 100, out
-    assert out["answered"], out
+    seen = json.dumps(out)  # whole in a failure's message (a dict would be cut short)
+    assert "error" not in out, seen
+    assert out["ready"] and out["cursor"][0] == JUMP_TO, seen
+    assert out["completed"], f"the server never finished work ahead after the jump: {seen}"
+    assert out["after"]["jobs"] > out["before"].get("jobs", 0) and out["after"]["tokens"] > 100, seen
+    assert out["answered"], seen
     # The request restored the worked-ahead state and processed nothing of its own (the cache's
     # counters: the answer may come before the generation ends, so not the request's own stats).
     ahead, asked = out["after_cache"], out["stats"]["cache"]
