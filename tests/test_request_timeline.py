@@ -12,6 +12,7 @@ import time
 from conftest import REPO, wait_stats
 from jsonrpc_client import RpcClient
 
+from granite_lsp.ahead import AFTER_ANSWER_S, DEBOUNCE_S
 from granite_lsp.bench.rss_watch import RssSampler, rss_bound
 from granite_lsp.timeline import BEHIND, PHASES
 
@@ -40,7 +41,8 @@ def _request(rpc: RpcClient, line: int) -> dict:
 
 
 def _settled(rpc: RpcClient) -> dict:
-    time.sleep(0.3)  # work ahead is queued after a short debounce: let it be queued, then wait it out
+    """Once the work ahead that the last request or focus left behind (held a while first) has run."""
+    time.sleep(2 * AFTER_ANSWER_S + DEBOUNCE_S)  # let it be queued, then wait it out
     return wait_stats(rpc, lambda s: not s["worker"]["busy"], "idle", timeout=120.0)
 
 
@@ -114,11 +116,11 @@ def test_background_work_keeps_the_servers_rss_within_cache_cap_weights_and_100_
 
 def test_work_ahead_after_a_request_waits_for_a_pause_after_its_answer(rpc: RpcClient) -> None:
     """A keystroke sent as soon as the previous suggestion arrived finds no work ahead to wait behind: the
-    work ahead a request leaves behind is held AFTER_REQUEST_S from its answer (not from its arrival, which
+    work ahead a request leaves behind is held AFTER_ANSWER_S from its answer (not from its arrival, which
     a request longer than that had always used up), so the keystroke makes it stale before it runs."""
     text, places = _big_document()
     line = places[0]
-    rpc.initialize({**OPTIONS, "maxTokens": 512})  # a request longer than AFTER_REQUEST_S on any machine
+    rpc.initialize({**OPTIONS, "maxTokens": 512})  # a request longer than AFTER_ANSWER_S on any machine
     rpc.open(URI, text)
     stats = _request(rpc, line)
     assert stats["last"]["generated_tokens"] == 512
