@@ -96,9 +96,8 @@ class _Watcher:
         settings = server.settings
         self.stream = server.client_streams()
         # An early answer has one item: a request for several waits for them all.
-        self.early_wanted = (
-            not server.client_speaks_partials() and settings.early_first_line and not settings.raw and candidates == 1
-        )
+        # A client shown no partials (a standard one, or ours with streaming off) gets the first line early.
+        self.early_wanted = not self.stream and settings.early_first_line and not settings.raw and candidates == 1
         self.early: asyncio.Future[Suggestion] = self._loop.create_future()
         request_id = str(server.protocol.msg_id) if hasattr(server.protocol, "msg_id") else ""
         pos = {"line": position.line, "character": position.character}

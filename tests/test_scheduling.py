@@ -177,6 +177,24 @@ def test_early_first_line_is_shaped_like_the_final_answer(rpc: RpcClient) -> Non
     assert first in ('\n\t\tself.status = "done"', whole)
 
 
+def test_our_clients_with_streaming_off_get_the_first_line_early() -> None:
+    """Our editors declare granitePartialCompletion whatever their streaming setting; with streaming off
+    they show answers only, so the server treats them as standard clients and answers the first line
+    early. It used to hold the early line back for any client declaring the capability, so such a user
+    saw a long suggestion only once it was complete. Decoding slowed (failpoint slow-token) so that the
+    first line is early."""
+    client = RpcClient(env={"GRANITE_LSP_FAILPOINTS": "slow-token:100000"})
+    try:
+        client.initialize({"streaming": False}, capabilities={"experimental": {"granitePartialCompletion": True}})
+        text, line, character = _tab_indented_block_end()
+        client.open("file:///early.py", text)
+        item = client.inline("file:///early.py", line, character, automatic=True)["items"][0]
+        assert item["insertText"] == '\n\t\tself.status = "done"'
+        assert client.call("granite/stats")["counters"]["early_first_line"] == 1
+    finally:
+        client.kill()
+
+
 def test_accepting_an_early_first_line_keeps_the_rest_coming() -> None:
     """A standard client gets the first line early while the rest is generated; the user accepts it (the
     editor inserts the line, runs the item's command and asks again at its end). That edit used to make

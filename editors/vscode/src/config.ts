@@ -31,11 +31,8 @@ const NUMBER_KEYS = [
   'typingCandidates',
 ] as const;
 
-/**
- * Settings whose change needs a new server process (or a new document selector). `streaming` is one:
- * the client declares at start whether it shows partial suggestions (capabilities.ts).
- */
-export const RESTART_KEYS = ['serverPath', 'pythonPath', 'serverArgs', 'enabledLanguages', 'exclude', 'streaming'] as const;
+/** Settings whose change needs a new server process (or a new document selector). */
+export const RESTART_KEYS = ['serverPath', 'pythonPath', 'serverArgs', 'enabledLanguages', 'exclude'] as const;
 
 /** Whether the user set `key` anywhere (user, workspace or folder settings), as opposed to its default. */
 function isSet(cfg: vscode.WorkspaceConfiguration, key: string): boolean {

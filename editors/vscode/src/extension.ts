@@ -31,7 +31,6 @@ import {
 } from './config';
 import { doctorCommand, downloadCommand, resolveServerCommand } from './serverCommand';
 import { GraniteStatusBar, StatusParams } from './statusBar';
-import { experimentalCapabilities } from './capabilities';
 import { PartialCompletionParams, StreamingCompletions } from './streaming';
 import { createTraceChannel } from './traceChannel';
 
@@ -40,13 +39,12 @@ const CLIENT_NAME = 'Granite';
 
 type InlineResult = vscode.InlineCompletionItem[] | vscode.InlineCompletionList;
 
-/**
- * Announces that this client handles `granite/partialCompletion` notifications, when it does (streaming
- * on: `granite.streaming` restarts the client, so the declaration follows the setting).
- */
+/** Announces that this client handles `granite/partialCompletion` notifications. */
 class PartialCompletionCapability implements StaticFeature {
   fillClientCapabilities(capabilities: ClientCapabilities): void {
-    capabilities.experimental = experimentalCapabilities(capabilities.experimental, streamingEnabled());
+    const experimental = (capabilities.experimental ?? {}) as Record<string, unknown>;
+    experimental.granitePartialCompletion = true;
+    capabilities.experimental = experimental;
   }
   initialize(): void {}
   getState(): FeatureState {
@@ -218,11 +216,7 @@ class GraniteExtension implements vscode.Disposable {
       documentSelector: documentSelector(),
       outputChannel: this.log,
       traceOutputChannel: this.traceLog,
-      initializationOptions: () => {
-        const settings = serverSettings();
-        this.log.info(`sending settings ${JSON.stringify(settings)} (at start)`);
-        return settings;
-      },
+      initializationOptions: () => serverSettings(),
       initializationFailedHandler: (error) => {
         this.log.error(`initialization failed: ${error instanceof Error ? error.message : String(error)}`);
         this.status.setState('error', 'initialization failed; see "Granite: Show Log"');
