@@ -73,7 +73,7 @@ def submit_completion(
             candidates=candidates,
         )
 
-    return server.scheduler.submit(run, key=uri, priority=priority, delay=delay, timeline=timeline)
+    return server.scheduler.submit(run, key=uri, priority=priority, delay=delay, timeline=timeline, at=cursor)
 
 
 class _Watcher:
@@ -120,14 +120,15 @@ class _Watcher:
             if first is not None:
                 self._loop.call_soon_threadsafe(_resolve_once, self.early, first)
 
-    def typing_through(self, server: GraniteServer, uri: str, text: str, cursor: int) -> Callable[[], bool]:
+    def typing_through(self, server: GraniteServer, uri: str, text: str, cursor: int) -> Callable[[int | None], bool]:
         """After an early answer: whether the document now is ``text`` with a beginning of the suggestion
-        being generated typed at ``cursor`` (the user accepted the first line, or types on through it).
-        The job then carries on, and its whole suggestion serves the requests that follow from the
-        typing-through memory. Called on the loop, under the scheduler's lock."""
+        being generated typed at ``cursor`` (the user accepted the first line, or types on through it),
+        and, given a new request's offset ``at``, whether it is at the end of that typed text. The job
+        then carries on, and its whole suggestion serves the requests that follow from the typing-through
+        memory. Called on the loop, under the scheduler's lock."""
         early = self.early.result()
 
-        def check() -> bool:
+        def check(at: int | None) -> bool:
             doc = server.documents.get(uri)
             if doc is None or doc.out_of_sync:
                 return False
@@ -135,6 +136,8 @@ class _Watcher:
             typed = len(now) - len(text)
             if typed < 0 or not (now.startswith(text[:cursor]) and now.endswith(text[cursor:])):
                 return False
+            if at is not None and at != cursor + typed:
+                return False  # a request elsewhere: the typing-through memory does not answer it
             middle = now[cursor : cursor + typed]
             so_far = self.latest
             shaped = so_far.shaper.finish(so_far.shown) if so_far and so_far.shaper else None
@@ -185,7 +188,8 @@ async def inline_completion(
             return None
         server.counters["early_first_line"] = server.counters.get("early_first_line", 0) + 1
         suggestions = [watch.early.result()]
-        job.typed_through = watch.typing_through(server, uri, text, cursor)  # accepting it keeps it going
+        if settings.type_through:  # accepting it keeps it going: the rest comes from the typing-through memory
+            job.typed_through = watch.typing_through(server, uri, text, cursor)
     else:
         suggestions = _final(server, await _answer(server, job), watch)
     return make_items(server, doc, params.position, cursor, suggestions, encoding) if suggestions else None

@@ -60,8 +60,9 @@ class Job:
     timeline: Timeline = field(default_factory=Timeline)
     # Set once the job's request was answered early with the first line of what it generates
     # (completions.py): True while the document's changes are the user typing through (accepting) that
-    # suggestion, which the job then survives, carrying on for the typing-through memory.
-    typed_through: Callable[[], bool] | None = None
+    # suggestion, which the job then survives, carrying on for the typing-through memory. Called with a
+    # new request's offset (None for a change): True only where that request is at the typed text's end.
+    typed_through: Callable[[int | None], bool] | None = None
 
     def cancelled(self) -> bool:
         """Stop now? Polled by the model between steps: stale, cancelled or preempted."""
@@ -154,6 +155,7 @@ class Scheduler:
         preemptible: bool | None = None,
         resumable: bool = False,
         timeline: Timeline | None = None,
+        at: int | None = None,
     ) -> Job:
         """The one way to run ``fn`` on the model thread; its answer is ``job.future``.
 
@@ -161,6 +163,8 @@ class Scheduler:
         request or prefetch makes the document's previous one stale. ``delay`` holds it back first
         (debounce). Jobs below REQUEST priority are preemptible unless told otherwise. ``timeline``: the
         request's, marked from its arrival (the scheduler marks when it is ready and when it starts).
+        ``at``: the request's offset in the document, which decides whether a job being typed through
+        survives it (only a request at the end of the typed text is served by that job).
         """
         preemptible = priority > Priority.REQUEST if preemptible is None else preemptible
         job = Job(key, fn, self._loop.create_future(), priority, preemptible=preemptible, resumable=resumable)
@@ -173,7 +177,7 @@ class Scheduler:
                 lane = self._lanes.setdefault(key, Lane())
                 job.change = lane.changes
                 if priority <= Priority.PREFETCH:
-                    if lane.latest is not None and not self._survives(lane.latest, lane):
+                    if lane.latest is not None and not self._survives(lane.latest, lane, at, request=True):
                         self._make_stale(lane.latest)
                     lane.latest = job
         if delay > 0:
@@ -258,11 +262,14 @@ class Scheduler:
         # Answer now; the worker will skip it (or stop it between two decode steps).
         self._loop.call_soon_threadsafe(_resolve, job.future, None, None)
 
-    def _survives(self, job: Job, lane: Lane) -> bool:
+    def _survives(self, job: Job, lane: Lane, at: int | None = None, request: bool = False) -> bool:
         """Whether ``job`` carries on through its document's change or a newer request (the lock held):
-        only one answered early, while the document is its text with the suggestion being typed through;
-        it then belongs to the document's current text."""
-        if job.typed_through is None or job.cancel_event.is_set() or not job.typed_through():
+        only one answered early, while the document is its text with the suggestion being typed through,
+        and for a ``request``, only one at ``at``, the end of the typed text (a request elsewhere, or one
+        without a place, is not served by it); it then belongs to the document's current text."""
+        if job.typed_through is None or job.cancel_event.is_set() or (request and at is None):
+            return False
+        if not job.typed_through(at):
             return False
         job.change = lane.changes
         return True

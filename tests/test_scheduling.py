@@ -226,6 +226,56 @@ def test_accepting_an_early_first_line_keeps_the_rest_coming() -> None:
         client.kill()
 
 
+def _accept_early_first_line(client: RpcClient, uri: str) -> tuple[int, str, dict]:
+    """Open tasks.py, get the first line early (decoding slowed) and accept it as a standard client does:
+    the edit inserting it, then the item's command. The line, the inserted text, the stats before."""
+    text, line, character = _tab_indented_block_end()
+    client.open(uri, text)
+    item = client.inline(uri, line, character, automatic=True)["items"][0]
+    first = '\n\t\tself.status = "done"'
+    assert item["insertText"] == first
+    before = client.call("granite/stats")
+    assert before["counters"]["early_first_line"] == 1 and before["worker"]["busy"]
+    client.change(uri, 2, (line, character), (line, character), first)
+    client.call("workspace/executeCommand", {"command": "granite.accepted", "arguments": item["command"]["arguments"]})
+    return line, first, before
+
+
+def test_accepting_an_early_first_line_with_type_through_off_stops_the_generation() -> None:
+    """With typeThrough off nothing is served from the typing-through memory, so accepting the early
+    line must stop the job (it used to go on, and the request after the line waited behind it and then
+    ran the model anyway)."""
+    client = RpcClient(env={"GRANITE_LSP_FAILPOINTS": "slow-token:100000"})
+    try:
+        client.initialize({"typeThrough": False})
+        uri = "file:///accept_early_off.py"
+        line, first, before = _accept_early_first_line(client, uri)
+        after_change = client.call("granite/stats")
+        assert after_change["worker"]["cancelled_running"] == before["worker"]["cancelled_running"] + 1
+        client.inline(uri, line + 1, len(first) - 1, automatic=True)
+        after = _idle(client)
+        assert after["typed_through"] == before["typed_through"]  # the model answered it, not the memory
+    finally:
+        client.kill()
+
+
+def test_a_request_elsewhere_after_accepting_an_early_first_line_stops_the_generation() -> None:
+    """The text still is the early line being typed through, but the next request is at another place:
+    the generation's rest cannot answer it, so that request stops it instead of queueing behind it."""
+    client = RpcClient(env={"GRANITE_LSP_FAILPOINTS": "slow-token:100000"})
+    try:
+        client.initialize()
+        uri = "file:///accept_early_elsewhere.py"
+        line, _, before = _accept_early_first_line(client, uri)
+        assert client.call("granite/stats")["worker"]["cancelled_running"] == before["worker"]["cancelled_running"]
+        client.inline(uri, line - 1, 0)  # invoked, on the line above
+        after = _idle(client)
+        assert after["worker"]["cancelled_running"] == before["worker"]["cancelled_running"] + 1
+        assert after["typed_through"] == before["typed_through"]  # the model answered it, not the memory
+    finally:
+        client.kill()
+
+
 def test_a_request_is_for_the_document_as_it_was_when_the_request_came(rpc: RpcClient) -> None:
     """A request and a change after it in one read: the request's handler (a coroutine) must see the
     document of its own moment, not the changed one, so the change makes it stale (answered null)
