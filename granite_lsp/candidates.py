@@ -7,7 +7,9 @@ constrained, and the constrained alternatives were whitespace runs); there they 
 tokens instead and continue greedily. Each alternative gets a copy of the state (``StateCache.branch``)
 and all rows decode together (``StateCache.step_rows``): the projections and MLPs of a step read the
 weights once for every row, which is what a step costs, so a few alternatives add little to the
-greedy's own decode.
+greedy's own decode. The service asks for alternatives only where a batched row equals a single
+step bit for bit (``StateCache.exact_rows``: the packed kernels); on the torch paths (GPU, MPS) rows
+differ by a few 1e-6, so there it makes the one greedy candidate.
 
 Alternatives stop like the greedy (end of text, ``max_tokens``, the post-processing rules through
 ``wants_more``), and at most ``ALTERNATIVE_EXTRA_TOKENS`` tokens after the greedy stopped: the answer

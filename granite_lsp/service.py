@@ -253,9 +253,15 @@ class CompletionService:
             self.engine.speculate = self._speculates(settings)
 
     def _speculates(self, settings: Settings) -> bool:
-        """Speculative decoding needs the runtime's state rollback (StateCache.verify/keep): not with
-        the bench's transformers reference."""
-        return settings.speculate and isinstance(self.cache, StateCache)
+        """Speculative decoding needs the runtime's state rollback (StateCache.verify/keep, not the
+        bench's transformers reference), and only where it is exact (``_exact_rows``)."""
+        return settings.speculate and self._exact_rows()
+
+    def _exact_rows(self) -> bool:
+        """Whether verified and batched rows equal single steps bit for bit (``StateCache.exact_rows``:
+        the packed kernels). Elsewhere no speculation and one candidate: the output stays the single
+        greedy answer, token for token."""
+        return isinstance(self.cache, StateCache) and self.cache.exact_rows
 
     def document(self, doc: str, settings: Settings | None = None) -> DocumentMemory:
         """The document's memory; its prompt builder starts again when the budgets changed (the layout
@@ -352,7 +358,7 @@ class CompletionService:
         settings = settings or self.settings
         self._apply(settings)
         memory = self.document(doc, settings)
-        several = candidates > 1 and isinstance(self.engine, Engine) and isinstance(self.cache, StateCache)
+        several = candidates > 1 and isinstance(self.engine, Engine) and self._exact_rows()
         remembered: list[Suggestion | None] = []  # a typing-through answer, to come first
         if settings.type_through:
             hit, cached = memory.shown.lookup(text, cursor)

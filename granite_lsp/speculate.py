@@ -6,7 +6,9 @@ tokens (an n-gram) earlier in what the model sees (context files, prefix, suffix
 generated so far), and propose the tokens that followed them there. The engine verifies the drafts
 in one forward of several rows (the streaming kernels read the weights once for up to 16 rows, so a
 verify costs about one step) and keeps the longest prefix the model agrees with: greedy output is
-the same with and without drafts. No match, no draft: the step is a plain one-token step.
+the same with and without drafts, on the packed kernels, the only place the service turns it on
+(``StateCache.exact_rows``: on the torch paths a kept row differs by a few 1e-6). No match, no
+draft: the step is a plain one-token step.
 
 Nothing here decides what is generated; a wrong draft only costs the extra rows of one forward and
 its rollback (runtime/state.py's Journal; bench/verify_cost.py measures it).

@@ -229,6 +229,15 @@ class StateCache:
         del self.live_tokens[len(self.live_tokens) - rows + n :]
         self.live_logits = self._verified[n - 1]
 
+    @property
+    def exact_rows(self) -> bool:
+        """Whether a verify-then-keep (speculative decoding) and the batched rows of several candidates
+        give logits bit for bit equal to plain one-token steps: only on the model's packed CPU kernels.
+        The torch paths (GPU, MPS, no compiler) differ by a few 1e-6 after ``keep`` or in a batched
+        row, which can flip a near-tie; there the service decodes one token at a time and one
+        candidate (service.py). The one place this is decided."""
+        return self.model.packed
+
     def branch(self, room: int) -> ModelState:
         """An independent copy of the live state as it is now (its own Mamba states and KV buffers, with
         room for ``room`` more tokens, not the live buffers' whole capacity): an alternative candidate

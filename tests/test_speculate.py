@@ -165,14 +165,13 @@ def test_keep_needs_the_journaled_forward_just_before() -> None:
 
 
 # -- the engine: same output with and without speculation ------------------------------------------
-@pytest.fixture(scope="module", params=["packed-kernels", "torch-matmuls"])
-def loaded(request, tiny_loaded):
-    """The tiny model as the server loads it (packed kernels where they build), and on torch matmuls."""
-    if request.param == "packed-kernels":
-        if not tiny_loaded.model.packed:
-            pytest.skip("kernels unavailable")
-        return tiny_loaded
-    return dataclasses.replace(tiny_loaded, model=tiny_model("torch-matmuls"))
+@pytest.fixture(scope="module")
+def loaded(tiny_loaded):
+    """The tiny model as the server loads it: the packed kernels, the one path the service speculates
+    on (test_the_service_speculates_and_batches_rows_only_where_exact)."""
+    if not tiny_loaded.model.packed:
+        pytest.skip("kernels unavailable")
+    return tiny_loaded
 
 
 def _service(loaded, **options):
@@ -203,6 +202,26 @@ def test_every_fixture_decodes_the_same_tokens_with_speculation(loaded) -> None:
             forwards += a.stats.decode_forwards
             assert b.stats.draft_tokens == 0 and b.stats.decode_forwards == len(b.token_ids) - (b.stop_reason != "eos")
     assert accepted > 0  # drafts were accepted somewhere: the verify path ran, not just plain steps
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_service_speculates_and_batches_rows_only_where_exact(tiny_loaded, path: str) -> None:
+    """Verified and batched rows equal single steps bit for bit only on the packed kernels; on the torch
+    paths (GPU, MPS) they differ by a few 1e-6, so there the service decodes one token at a time and
+    one candidate, and its output stays the single greedy answer."""
+    exact = path == "packed-kernels"
+    svc = _service(dataclasses.replace(tiny_loaded, model=tiny_model(path)))
+    assert svc.engine.speculate == exact
+    svc.engine.costs = AlwaysDraft()
+    drafts = alternatives = 0
+    for i, fx in enumerate(load_fixtures()):
+        cursor = Document("x", fx["text"]).offset_at(fx["line"], fx["character"])
+        one = svc.complete(f"file:///{i}.py", fx["text"], cursor, shape=False)
+        drafts += one.generation.stats.draft_tokens
+        several = svc.complete(f"file:///{i}.py", fx["text"], cursor, shape=False, candidates=3)
+        alternatives += len(several.alternatives)
+    assert svc.engine.speculate == exact  # each request applies the settings again: still decided so
+    assert (drafts > 0, alternatives > 0) == (exact, exact)
 
 
 class Oracle:
