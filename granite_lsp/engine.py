@@ -104,7 +104,7 @@ class Engine:
         # forward fed them all); row j + 1 counts only while the choices equal the drafts.
         rows: list[torch.Tensor] = [pre.logits]
         drafts: list[int] = []
-        j, t_fed = 0, 0.0
+        j, verify_ms = 0, 0.0
         reason = "max_tokens"
         while len(ids) < max_tokens:
             if cancelled():
@@ -134,7 +134,7 @@ class Engine:
                 stats.accepted_tokens += 1
                 continue
             if drafts:
-                self._keep(drafts, j, budget, t_fed)  # the fed token and the drafts the model agreed with
+                self._keep(drafts, j, budget, verify_ms)  # the fed token and the drafts the model agreed with
             # Drafts only for tokens that could still be generated (each fed token precedes one).
             limit = min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1) if drafter else 0
             drafts = drafter.propose(limit) if drafter and limit > 0 else []
@@ -144,22 +144,27 @@ class Engine:
             if drafts:
                 stats.draft_tokens += len(drafts)
                 rows = list(self.cache.verify([token, *drafts]))
+                verify_ms = (time.perf_counter() - t_fed) * 1000.0  # the forward alone, as a step is timed
             else:
                 rows = [self.cache.step(token)]
                 if drafter is not None:
                     self.costs.observe_step((time.perf_counter() - t_fed) * 1000.0)
         if drafts:
-            self._keep(drafts, j, budget, t_fed)  # the state has consumed exactly what plain decoding would have
+            self._keep(drafts, j, budget, verify_ms)  # the state has consumed exactly what plain decoding would have
         text += decoder.decode(b"", final=True)
         stats.generated_tokens = len(ids)
         stats.decode_ms = (time.perf_counter() - t0) * 1000.0
         return Generation(text, ids, reason, stats)
 
-    def _keep(self, drafts: list[int], accepted: int, budget: DraftBudget, t_fed: float) -> None:
-        """After a verify: keep the fed token and the ``accepted`` drafts, and learn from it."""
+    def _keep(self, drafts: list[int], accepted: int, budget: DraftBudget, verify_ms: float) -> None:
+        """After a verify (its forward took ``verify_ms``): keep the fed token and the ``accepted`` drafts,
+        and learn from it. The cost is the forward plus this rollback only, like a plain step's bare
+        forward: choosing the tokens and ``on_text`` (shaping, partials) cost the same either way."""
+        t0 = time.perf_counter()
         self.cache.keep(accepted + 1)
+        keep_ms = (time.perf_counter() - t0) * 1000.0
         budget.update(len(drafts), accepted)
-        self.costs.observe_verify(len(drafts), accepted, (time.perf_counter() - t_fed) * 1000.0)
+        self.costs.observe_verify(len(drafts), accepted, verify_ms + keep_ms)
 
     def prefill_request(self, doc: str, prompt: FimPrompt, cancelled: Callable[[], bool]) -> PrefillResult:
         """A request's prefill: it stops at the next piece (``REQUEST_CHUNK``) once ``cancelled()`` (the

@@ -300,3 +300,43 @@ def test_real_shape_random_weights_decodes_the_same_tokens_with_speculation() ->
         got = _complete(on, fx, "file:///r.py", max_tokens=16, ignore_eos=True)
         assert got.token_ids == want.token_ids, wrong
         assert got.stats.draft_tokens > 0 and (got.stats.accepted_tokens > 0) == (wrong > 0)
+
+
+class Recorded(AlwaysDraft):
+    """AlwaysDraft keeping each verify's cost as the engine measured it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verifies: list[float] = []
+
+    def observe_verify(self, drafted: int, accepted: int, ms: float) -> None:
+        self.verifies.append(ms)
+        super().observe_verify(drafted, accepted, ms)
+
+
+def test_a_slow_on_text_is_not_counted_in_a_verifys_cost(loaded, monkeypatch) -> None:
+    """VerifyCost compares a verify with a plain step's bare forward, so choosing the tokens a verify
+    yields and on_text after each (shaping, partial notifications, the early line's handover) must not
+    count in it (they did: it was timed from the feed to the rollback). Every on_text here moves the
+    engine's clock on by an hour instead of sleeping: no verify's measured cost may include one."""
+    import types
+
+    from granite_lsp import engine as engine_module
+
+    hour_ms, ahead = 3_600_000.0, [0.0]
+    real = engine_module.time.perf_counter
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: real() + ahead[0]))
+
+    def slow(progress) -> None:
+        ahead[0] += hour_ms / 1000.0
+
+    fx = max(load_fixtures(), key=lambda f: len(f["middle"]))
+    want = _complete(_service(loaded, speculate=False, reuse=False), fx, "file:///s.py", max_tokens=96)
+    on = _service(loaded, reuse=False)
+    tokenizer = on.loaded.tokenizer
+    on.engine.drafts = Oracle(want.token_ids, MAX_DRAFT, len(tokenizer.token_bytes), tokenizer.control.stop_ids)
+    on.engine.costs = costs = Recorded()
+    got = _complete(on, fx, "file:///s.py", max_tokens=96, on_progress=slow)
+    assert got.token_ids == want.token_ids and got.stats.accepted_tokens > 0  # verifies ran, drafts kept
+    assert ahead[0] * 1000.0 >= hour_ms * len(got.token_ids)  # on_text ran after every token
+    assert costs.verifies and all(0.0 < ms < hour_ms for ms in costs.verifies), costs.verifies
