@@ -4,7 +4,8 @@ The first candidate is the greedy completion, token for token the one ``Engine.g
 determinism the rest of the server relies on). The others branch off it at its first free choice: the
 first position, or where token healing has reproduced the healed bytes (before that every choice is
 constrained, and the constrained alternatives were whitespace runs); there they take the next-best
-tokens instead and continue greedily. Each alternative gets a copy of the state (``StateCache.branch``)
+tokens instead and continue greedily. Each alternative gets a copy of the state (``StateCache.branches``,
+counted against the cache's memory cap: fewer alternatives where they would not fit)
 and all rows decode together (``StateCache.step_rows``): the projections and MLPs of a step read the
 weights once for every row, which is what a step costs, so a few alternatives add little to the
 greedy's own decode. The service asks for alternatives only where a batched row equals a single
@@ -105,8 +106,10 @@ def generate_candidates(
             # The first free choice (token healing done): the alternatives start here, each on a copy
             # of the live state, with the greedy's text so far.
             branched = True
-            for token in next_best(engine, logits, b"", greedy.token, n - 1):
-                rows.append(greedy.branch(cache.branch(room=max_tokens - len(greedy.ids)), token))
+            # Fewer where their state copies would not fit under the cache's cap (StateCache.branches).
+            tokens = next_best(engine, logits, b"", greedy.token, n - 1)
+            states = cache.branches(len(tokens), room=max_tokens - len(greedy.ids), protect=doc)
+            rows += [greedy.branch(state, token) for token, state in zip(tokens, states, strict=False)]
         live = [r for r in rows if r.reason is None]
         if not live:
             break

@@ -62,13 +62,13 @@ class Settings:
     prefix_tokens: int = setting(FimBudget.prefix_tokens, "prompt tokens before the cursor", minimum=0, maximum=_TOKENS)
     suffix_tokens: int = setting(FimBudget.suffix_tokens, "prompt tokens after the cursor", minimum=0, maximum=_TOKENS)
     max_lines: int = setting(10, "lines in a multi-line suggestion at most", minimum=1, maximum=10_000)
-    # Several candidates are decoded as rows of one batched step (candidates.py): the streaming kernels
-    # read the weights once for up to 16 rows, hence the cap.
+    # Several candidates are decoded as rows of one batched step (candidates.py), each alternative on a
+    # copy of the state (~35 MB at 1.6k tokens on the real shape, counted against cache_mb): hence 4.
     candidates: int = setting(
-        3, "suggestions for a request the user makes (next/previous cycle through them)", minimum=1, maximum=16
+        3, "suggestions for a request the user makes (next/previous cycle through them)", minimum=1, maximum=4
     )
     typing_candidates: int = setting(
-        1, "suggestions for an automatic request while typing (more cost latency)", minimum=1, maximum=16
+        1, "suggestions for an automatic request while typing (more cost latency)", minimum=1, maximum=4
     )
     debounce_ms: int = setting(75, "longest wait of an automatic request while typing", minimum=0, maximum=10_000)
     context_tokens: int = setting(512, "tokens of other open files in the prompt", minimum=0, maximum=_TOKENS)

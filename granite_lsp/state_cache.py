@@ -102,6 +102,7 @@ class CacheStats:
     evictions: int = 0
     thinned: int = 0  # older end-of-prompt checkpoints dropped for a nearby one (see _thin_ends)
     yields: int = 0  # preemptible prefills that stopped early (a checkpoint kept where they stopped)
+    forks_refused: int = 0  # candidates' state copies not made: they would not fit under max_bytes
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -238,12 +239,25 @@ class StateCache:
         candidate (service.py). The one place this is decided."""
         return self.model.packed
 
-    def branch(self, room: int) -> ModelState:
-        """An independent copy of the live state as it is now (its own Mamba states and KV buffers, with
-        room for ``room`` more tokens, not the live buffers' whole capacity): an alternative candidate
-        decodes on it while the live state and the checkpoints stay as they are."""
+    def branches(self, n: int, room: int, protect: str) -> list[ModelState]:
+        """Up to ``n`` independent copies of the live state as it is now (each its own Mamba states and
+        KV buffers, with room for ``room`` more tokens, not the live buffers' whole capacity): alternative
+        candidates decode on them while the live state stays as it is. Their bytes count against
+        ``max_bytes`` with the checkpoints' and the live state's (a copy is ~35 MB at 1.6k tokens on the
+        real shape): least recently used checkpoints go to make room (the newest of ``protect`` stays),
+        and fewer copies are made where even then they would not fit (``stats.forks_refused``)."""
+        forks: list[ModelState] = []
+        held = 0
         with small_ops_single_threaded():
-            return fork_row(self.live, room)
+            while len(forks) < n:
+                fork = fork_row(self.live, room)
+                self._evict(protect, extra=held + fork.nbytes)
+                if self.nbytes() + held + fork.nbytes > self.max_bytes:
+                    self.stats.forks_refused += n - len(forks)
+                    break
+                forks.append(fork)
+                held += fork.nbytes
+        return forks
 
     def step_rows(self, tokens: list[int], states: list[ModelState | None]) -> torch.Tensor:
         """One decode step for several states at once (runtime/rows.py), ``None`` standing for the live
@@ -391,9 +405,10 @@ class StateCache:
             else:
                 below = c.pos
 
-    def _evict(self, protect: str) -> None:
-        """Drop least recently used checkpoints until under the memory cap (the newest of ``protect`` stays)."""
-        while self.checkpoints and self.nbytes() > self.max_bytes:
+    def _evict(self, protect: str, extra: int = 0) -> None:
+        """Drop least recently used checkpoints until under the memory cap, ``extra`` bytes held besides
+        (candidates' forks) included; the newest of ``protect`` stays."""
+        while self.checkpoints and self.nbytes() + extra > self.max_bytes:
             newest = max((c for c in self.checkpoints if c.doc == protect), key=lambda c: c.last_used, default=None)
             victims = [c for c in self.checkpoints if c is not newest]
             if not victims:

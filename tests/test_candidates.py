@@ -109,6 +109,27 @@ def test_alternatives_are_greedy_continuations_of_the_next_best_first_tokens(tin
         assert gen.token_ids == ids
 
 
+def test_alternatives_are_fewer_where_their_state_copies_would_not_fit(tiny_loaded) -> None:
+    """Each alternative decodes on a copy of the state, counted against the cache's cap: a cap with
+    room for one copy besides the live state gives one alternative, no room none (forks_refused)."""
+    fixture = next(f for f in load_fixtures() if f["character"] == 0)  # nothing to heal: branch at once
+    cursor = Document("x", fixture["text"]).offset_at(fixture["line"], fixture["character"])
+    prompt = PromptBuilder(tiny_loaded.tokenizer).build(fixture["text"], cursor)
+    probe = Engine(tiny_loaded.tokenizer, StateCache(tiny_loaded.model, enabled=False))
+    assert probe.prefill_request("d", prompt, lambda: False).complete
+    live = probe.cache.nbytes()
+    (copy,) = probe.cache.branches(1, room=10, protect="d")
+
+    def made(cap: int) -> tuple[int, int]:
+        cache = StateCache(tiny_loaded.model, enabled=False, max_bytes=cap)
+        gens = generate_candidates(Engine(tiny_loaded.tokenizer, cache), "d", prompt, 10, 4, ignore_eos=True)
+        return len(gens) - 1, cache.stats.forks_refused
+
+    assert made(1 << 30) == (3, 0)
+    assert made(live + copy.nbytes * 3 // 2) == (1, 2)
+    assert made(0) == (0, 3)
+
+
 def test_a_cancelled_request_stops_every_candidate(make_service, tiny_loaded) -> None:
     fixture = load_fixtures()[0]
     cursor = Document("x", fixture["text"]).offset_at(fixture["line"], fixture["character"])

@@ -41,6 +41,8 @@ def test_camel_case_and_snake_case_keys_set_the_same_field() -> None:
         ("streaming", 1),
         ("device", "tpu"),
         ("model", ""),
+        ("candidates", 5),  # each alternative holds a copy of the state: at most 4 candidates
+        ("typingCandidates", 16),
     ],
 )
 def test_out_of_range_and_ill_typed_values_are_refused_with_the_key(key: str, value) -> None:
