@@ -15,7 +15,7 @@ import torch
 
 from .fim import FimPrompt
 from .speculate import DraftBudget, DraftSource, PromptLookup, VerifyCost
-from .state_cache import REQUEST_CHUNK, PrefillResult, StateCache
+from .state_cache import PrefillResult, StateCache
 from .tokens import TextTokenizer
 
 TextSink = Callable[[str], bool]
@@ -167,13 +167,14 @@ class Engine:
         self.costs.observe_verify(len(drafts), accepted, verify_ms + keep_ms)
 
     def prefill_request(self, doc: str, prompt: FimPrompt, cancelled: Callable[[], bool]) -> PrefillResult:
-        """A request's prefill: it stops at the next piece (``REQUEST_CHUNK``) once ``cancelled()`` (the
+        """A request's prefill: it stops at the next piece (``StateCache.request_chunk``) once ``cancelled()`` (the
         scheduler made the request stale, or preempted a prefetch), keeping the work done as a
         checkpoint for the request that superseded it; ``complete`` is False then. (The bench's
         transformers baseline stands in for the cache without pieces: it runs whole.)"""
         if not isinstance(self.cache, StateCache):
             return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt))
-        return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=cancelled, chunk=REQUEST_CHUNK)
+        chunk = self.cache.request_chunk
+        return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=cancelled, chunk=chunk)
 
     def prefill_ahead(self, doc: str, prompt: FimPrompt, should_yield: Callable[[], bool]) -> PrefillResult:
         """Work ahead of a request: bring the state cache to the end of ``prompt`` (the checkpoints a

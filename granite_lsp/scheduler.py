@@ -6,7 +6,7 @@ decision about whether a job may still run, or is still wanted, is made here:
 - *staleness*: each document has a lane with a change counter; a job remembers the count it was made for,
   and any change of the document makes its jobs stale. A newer request for a document also makes the older
   ones stale (latest wins). A stale job is answered at once (None) and never starts model work; a running
-  one sees ``cancelled()`` between two pieces of its prefill (``state_cache.REQUEST_CHUNK`` tokens, the
+  one sees ``cancelled()`` between two pieces of its prefill (``StateCache.request_chunk`` tokens, the
   work done kept as a checkpoint) and between decode steps, and stops there;
 - *debounce*: an automatic request can be held for a delay (``debounce_seconds``, adapted to the typing
   rhythm) before it is queued, during which a newer keystroke makes it stale without any model work;

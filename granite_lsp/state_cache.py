@@ -58,11 +58,10 @@ RECENT_ENDS = 4
 # of this session (load ~20 on 2 cores) a piece measured 1-4 s (granite/stats background.piece_ms_*),
 # everything else there being as much slower. Smaller pieces cost the GEMMs their efficiency.
 PREEMPT_CHUNK = 32
-# A request's prefill looks at whether it is still wanted between pieces of at most this many tokens
-# (a newer keystroke or $/cancelRequest made it stale: it stops there, its work kept as a checkpoint).
-# The interval checkpoints' spacing: the pieces are those a prefill ran before (no GEMM gets smaller),
-# ~0.8 s of the real shape on 2 idle cores at most.
-REQUEST_CHUNK = 256
+# The interval checkpoints' spacing by default (StateCache.interval), ~0.8 s of the real shape on 2 idle
+# cores; also the most a request's prefill runs between two looks at whether it is still wanted
+# (StateCache.request_chunk).
+INTERVAL = 256
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare token arrays (ambiguous, or a shape error)
@@ -119,11 +118,20 @@ class StateCache:
 
     model: HybridModel
     max_bytes: int = 512 << 20
-    interval: int = 256
+    interval: int = INTERVAL
     enabled: bool = True
     max_per_doc: int = 24
     chunk: int = PREEMPT_CHUNK
     stats: CacheStats = field(default_factory=CacheStats)
+
+    @property
+    def request_chunk(self) -> int:
+        """A request's prefill looks at whether it is still wanted (a newer keystroke or $/cancelRequest
+        made it stale: it stops there, its work kept as a checkpoint) between pieces of at most this many
+        tokens: the interval checkpoints' spacing. With reuse on and the interval marks no more than that
+        apart, the interval marks cut a prefill there anyway (no GEMM gets smaller); with reuse off, or
+        stops further apart, these cuts are extra ones. No interval (0): the default spacing."""
+        return self.interval if self.interval > 0 else INTERVAL
 
     def __post_init__(self) -> None:
         # The KV buffers grow (doubling) as prompts need: a short file never holds a long one's room.

@@ -77,6 +77,26 @@ def test_a_prefill_not_asked_to_yield_runs_to_the_end(make_service) -> None:
     assert asked[0] == (len(prompt.ids) - 1) // cache.chunk
 
 
+def test_a_requests_prefill_looks_whether_it_is_wanted_every_interval(make_service) -> None:
+    """A request's prefill is cut into pieces of at most the cache's interval (StateCache.request_chunk,
+    one value with the interval checkpoints' spacing), whether reuse is on or off: a request made stale
+    stops within one piece. Here reuse is off (no interval checkpoints) and the interval 64."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    cache = StateCache(svc.loaded.model, enabled=False, interval=64)
+    assert cache.request_chunk == 64 and len(prompt.ids) > 4 * 64
+    at: list[int] = []  # where the prefill was each time it looked
+
+    def cancelled() -> bool:
+        at.append(cache.live.pos)
+        return False
+
+    pre = Engine(svc.loaded.tokenizer, cache).prefill_request("d", prompt, cancelled)
+    assert pre.complete and pre.processed_tokens == len(prompt.ids)
+    pieces = [b - a for a, b in zip([0, *at], [*at, len(prompt.ids)], strict=True)]
+    assert sum(pieces) == len(prompt.ids) and max(pieces) <= 64 and len(at) >= (len(prompt.ids) - 1) // 64
+
+
 @pytest.mark.parametrize("trace_name", ["type_short.jsonl"])
 def test_interrupted_work_ahead_never_changes_a_suggestion(make_service, trace_name: str) -> None:
     """Before every request of a typing trace, work ahead on its prompt is interrupted after a random
