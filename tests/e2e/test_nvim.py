@@ -160,6 +160,8 @@ if log and log.set_level then log.set_level('debug') else vim.lsp.set_log_level(
 require('granite_lsp').setup({{
   cmd = {cmd_lua},
   force_fallback = {str(force_fallback).lower()},
+  -- The native renderer cycles only through what a typing request got (the fallback asks again).
+  typing_candidates = {"nil" if force_fallback else 3},
   filetypes = '*',
   -- The tiny model memorized its fixtures in float32 on the CPU.
   device = 'cpu',
@@ -340,9 +342,10 @@ def test_accept_runs_server_command(runner: _Runner, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_next_and_prev_cycle_between_candidates(runner: _Runner, mode: str) -> None:
-    """The plugin's next key shows another suggestion (native: the items of the automatic request, which
-    the plugin asks several of; fallback: it asks again, invoked, for the alternatives), prev the first
-    again; accepting then inserts the first (test_accept_suggestion[cycle] checks the file)."""
+    """The plugin's next key shows another suggestion (native: the items of the automatic request, of
+    which the setup asks 3 with typing_candidates; fallback: it asks again, invoked, for the
+    alternatives), prev the first again; accepting then inserts the first (test_accept_suggestion[cycle]
+    checks the file)."""
     _check_mode(runner, mode)
     if runner.cases.get("cycle") is None:
         pytest.skip("no fixture")

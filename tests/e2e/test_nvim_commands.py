@@ -130,3 +130,26 @@ def test_download_from_the_missing_model_error_then_a_completion(tmp_path) -> No
     assert "model.safetensors" in gets
     assert out["ready"], out
     assert out["completion"] == fixture["middle"], out
+
+
+@pytest.mark.parametrize("force_fallback", [False, True], ids=["native", "fallback"])
+def test_typing_requests_ask_one_candidate_unless_set(force_fallback: bool) -> None:
+    """Each typing request with several candidates loses the early first line and speculation and
+    copies the state per alternative: the plugin sends the server's default (1) on either renderer
+    unless ``typing_candidates`` is set (native users who want next/prev cycling set 3)."""
+    nvim = _nvim()
+    if nvim is None:
+        pytest.skip("nvim not found")
+    lua = (
+        f"vim.opt.runtimepath:prepend({_lua_str(str(PLUGIN))}) local g = require('granite_lsp') "
+        f"local f = {str(force_fallback).lower()} "
+        "io.stdout:write(vim.json.encode({g.server_options({force_fallback = f, candidates = 3}), "
+        "g.server_options({force_fallback = f, typing_candidates = 3})}))"
+    )
+    out = subprocess.run(
+        [nvim, "--headless", "--clean", "-c", f"lua {lua}", "-c", "qa!"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    default, chosen = json.loads(out.stdout.strip() or out.stderr.strip())
+    assert "typingCandidates" not in default and default["candidates"] == 3
+    assert chosen["typingCandidates"] == 3

@@ -39,9 +39,11 @@ M.defaults = {
   max_lines = nil, -- most lines in one suggestion
   -- Suggestions per request you make (`next`/`prev` cycle through them; nil: the server's 3).
   candidates = nil,
-  -- Suggestions per automatic request while typing. nil: 1 with the fallback renderer (its `next`
-  -- asks again for `candidates`), `candidates` with the native one (vim.lsp.inline_completion cycles
-  -- only through the items it was given while typing, and cannot ask again); more cost latency.
+  -- Suggestions per automatic request while typing (nil: the server's 1). The fallback renderer's
+  -- `next` asks again for `candidates`; the native one (vim.lsp.inline_completion) cycles only through
+  -- the items it was given while typing, so set 3 there to cycle, at a cost on every keystroke's
+  -- request: no early first line, no speculative decoding, a state copy per alternative, and the
+  -- answer waits for the alternatives.
   typing_candidates = nil,
   -- Extra raw initializationOptions / settings.granite keys (camelCase), merged last.
   server_options = {},
@@ -117,9 +119,6 @@ function M.server_options(cfg)
     if cfg[k] ~= nil then
       out[v] = cfg[k]
     end
-  end
-  if cfg.typing_candidates == nil and native_available() and not cfg.force_fallback then
-    out.typingCandidates = cfg.candidates or 3 -- see M.defaults.typing_candidates
   end
   return vim.tbl_extend('force', out, cfg.server_options or {})
 end
