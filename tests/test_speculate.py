@@ -20,6 +20,14 @@ from granite_lsp.speculate import MAX_DRAFT, DraftBudget, PromptLookup, VerifyCo
 pytestmark = pytest.mark.usefixtures("isa_level")
 
 TOL = 1e-4  # the runtime's tolerance against transformers (tests/test_runtime.py)
+
+
+def same(a: torch.Tensor, b: torch.Tensor, path: str) -> bool:
+    """Equal on the packed kernels (a verify's rows there are computed as the steps' are: measured 0.0
+    apart), within TOL on the torch paths (a batched matmul sums in another order than a one-row one)."""
+    return torch.equal(a, b) if path == "packed-kernels" else (a - b).abs().max().item() < TOL
+
+
 PATHS = ["torch-matmuls", "torch-ops", "packed-kernels"]
 
 
@@ -136,14 +144,14 @@ def test_keeping_any_rows_of_a_verify_equals_feeding_just_them(path: str) -> Non
             want = model.forward(t.view(1), plain)
         got = rows[n - 1]
         assert spec.pos == plain.pos == spec.kv.length == len(prompt) + n
-        assert (got - want).abs().max().item() < TOL, n
+        assert same(got, want, path), n
         for a, b in zip((*spec.conv, *spec.ssm), (*plain.conv, *plain.ssm), strict=True):
-            assert (a - b).abs().max().item() < TOL, n
+            assert same(a, b, path), n
         for a, b in zip((*spec.kv.k, *spec.kv.v), (*plain.kv.k, *plain.kv.v), strict=True):
-            assert (a[:, : spec.pos] - b[:, : plain.pos]).abs().max().item() < TOL, n
+            assert same(a[:, : spec.pos], b[:, : plain.pos], path), n
         for t in after:  # decoding goes on alike
             x, y = model.forward(t.view(1), spec), model.forward(t.view(1), plain)
-            assert (x - y).abs().max().item() < TOL and int(x.argmax()) == int(y.argmax()), n
+            assert same(x, y, path) and int(x.argmax()) == int(y.argmax()), n
 
 
 def test_keep_needs_the_journaled_forward_just_before() -> None:
