@@ -69,7 +69,7 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
         # Speculation is single-candidate decoding's (Engine.generate): an invoked request asking for
         # several candidates decodes them as rows of one batched step (candidates.py), which does not
         # speculate. --mode spec compares speculation on one candidate per request.
-        **({"candidates": 1} if args.mode == "spec" else {}),
+        **({"candidates": 1} if getattr(args, "mode", None) == "spec" else {}),
         "backend": "transformers" if mode == "transformers" else "native",
         "randomWeights": str(Path(args.random_weights).resolve() / "config.json")
         if args.random_weights and Path(args.random_weights).is_dir()
