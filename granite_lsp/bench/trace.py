@@ -108,7 +108,9 @@ def _complete(server: RpcClient, step: int, op: dict[str, Any]) -> dict[str, Any
     params = {
         "textDocument": {"uri": op["uri"]},
         "position": {"line": op["line"], "character": op["character"]},
-        "context": {"triggerKind": 1},
+        # Automatic, as editors send while the user types: one candidate (typingCandidates). Invoked, each
+        # keystroke would decode the alternatives too (candidates), which no editor asks for while typing.
+        "context": {"triggerKind": 2},
     }
     seen = len(server.notifications)
     t = time.monotonic()
