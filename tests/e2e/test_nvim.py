@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,6 +147,32 @@ def _has_native(nvim: str) -> bool:
 
 def _lua_str(s: str) -> str:
     return json.dumps(s)  # JSON string literals are valid Lua string literals for our paths
+
+
+def run_driver(
+    nvim: str, work: Path, cmd: list[str], model: str, driver: str, out_var: str, env: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    """A headless Neovim with the plugin set up for ``cmd`` runs ``editors/nvim/tests/<driver>``, which
+    writes what it saw as JSON to ``$<out_var>``; returns that JSON (fails with Neovim's output without it)."""
+    init = work / "init.lua"
+    init.write_text(
+        f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
+        f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
+        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }},"
+        f" model = {_lua_str(model)}, device = 'cpu', dtype = 'float32', notify = false }})\n"
+    )
+    result = work / "out.json"
+    proc = subprocess.run(
+        [nvim, "--headless", "-u", str(init), "-c", f"luafile {PLUGIN / 'tests' / driver}"],
+        env={**env, out_var: str(result)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=work,
+    )
+    assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    out: dict[str, Any] = json.loads(result.read_text())
+    return out
 
 
 def _init_lua(cmd: list[str], force_fallback: bool) -> str:

@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_fixtures  # noqa: E402
 from hub_standin import HubStandIn  # noqa: E402
-from test_nvim import MODEL, PLUGIN, _lua_str, _nvim  # noqa: E402
+from test_nvim import MODEL, PLUGIN, _lua_str, _nvim, run_driver  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 HUB_ID = "ibm-granite/granite-4.0-h-350m-base"
@@ -32,19 +32,10 @@ def test_toggle_statusline_filetypes_and_download(tmp_path) -> None:
     server = Path(sys.executable).parent / "granite-lsp"
     for name, text in (("a.py", "x = 1\n"), ("b.py", "y = 2\n"), ("c.lua", "local z = 3\n")):
         (tmp_path / name).write_text(text)
-    init = tmp_path / "init.lua"
     cmd = [str(server), "--stdio", "--model", str(MODEL), "--device", "cpu", "--dtype", "float32"]
-    init.write_text(
-        f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
-        f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
-        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }},"
-        f" model = {_lua_str(str(MODEL))}, device = 'cpu', notify = false }})\n"
-    )
-    result = tmp_path / "out.json"
     with HubStandIn(HUB_ID, MODEL) as hub:
         env = {
             **os.environ,
-            "GRANITE_DAYONE_OUT": str(result),
             "GRANITE_DAYONE_WORK": str(tmp_path),
             "GRANITE_DAYONE_MODEL": HUB_ID,
             "HF_ENDPOINT": hub.url,
@@ -52,17 +43,7 @@ def test_toggle_statusline_filetypes_and_download(tmp_path) -> None:
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "XDG_STATE_HOME": str(tmp_path / "state"),
         }
-        driver = PLUGIN / "tests" / "dayone_driver.lua"
-        proc = subprocess.run(
-            [nvim, "--headless", "-u", str(init), "-c", f"luafile {driver}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            cwd=tmp_path,
-        )
-    assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = json.loads(result.read_text())
+        out = run_driver(nvim, tmp_path, cmd, str(MODEL), "dayone_driver.lua", "GRANITE_DAYONE_OUT", env, timeout=240)
     assert "error" not in out, out
     assert out["attached"] and out["status_ready"] == "granite: ready"
     assert out["after_toggle"] == {"statusline": "granite: off", "enabled": False}
@@ -91,18 +72,9 @@ def test_download_from_the_missing_model_error_then_a_completion(tmp_path) -> No
     (tmp_path / "a.py").write_text(fixture["text"])
     server = Path(sys.executable).parent / "granite-lsp"
     cmd = [str(server), "--stdio", "--model", HUB_ID, "--device", "cpu", "--dtype", "float32"]
-    init = tmp_path / "init.lua"
-    init.write_text(
-        f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
-        f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
-        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }},"
-        f" model = {_lua_str(HUB_ID)}, device = 'cpu', dtype = 'float32', notify = false }})\n"
-    )
-    result = tmp_path / "out.json"
     with HubStandIn(HUB_ID, MODEL) as hub:
         env = {
             **os.environ,
-            "GRANITE_DAYONE_OUT": str(result),
             "GRANITE_DAYONE_WORK": str(tmp_path),
             "GRANITE_DAYONE_LINE": str(fixture["line"]),
             "GRANITE_DAYONE_CHARACTER": str(fixture["character"]),
@@ -112,18 +84,8 @@ def test_download_from_the_missing_model_error_then_a_completion(tmp_path) -> No
             "XDG_STATE_HOME": str(tmp_path / "state"),
         }
         env.pop("HF_HUB_OFFLINE", None)
-        driver = PLUGIN / "tests" / "download_driver.lua"
-        proc = subprocess.run(
-            [nvim, "--headless", "-u", str(init), "-c", f"luafile {driver}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            cwd=tmp_path,
-        )
+        out = run_driver(nvim, tmp_path, cmd, HUB_ID, "download_driver.lua", "GRANITE_DAYONE_OUT", env, timeout=240)
         gets = list(hub.gets)
-    assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = json.loads(result.read_text())
     assert "error" not in out, out
     assert out["error_seen"] and "was not found" in out["error_message"], out
     assert any(":GraniteDownload" in n for n in out["notes"]), out["notes"]  # the error names the fix

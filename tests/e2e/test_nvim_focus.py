@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_nvim import MODEL, PLUGIN, _lua_str, _nvim  # noqa: E402
+from test_nvim import MODEL, _nvim, run_driver  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 LINES = 120
@@ -33,32 +32,13 @@ def test_a_cursor_jump_in_neovim_is_worked_ahead(tmp_path: Path) -> None:
     source.write_text("".join(f"def job_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(LINES // 3)))
     server = Path(sys.executable).parent / "granite-lsp"
     cmd = [str(server), "--stdio", "--model", str(MODEL), "--device", "cpu", "--dtype", "float32"]
-    init = tmp_path / "init.lua"
-    init.write_text(
-        f"vim.opt.rtp:prepend({_lua_str(str(PLUGIN))})\n"
-        f"vim.cmd('runtime plugin/granite_lsp.lua')\n"
-        f"require('granite_lsp').setup({{ cmd = {{ {', '.join(_lua_str(c) for c in cmd)} }},"
-        f" model = {_lua_str(str(MODEL))}, device = 'cpu', notify = false }})\n"
-    )
-    result = tmp_path / "out.json"
     env = {
         **os.environ,
-        "GRANITE_FOCUS_OUT": str(result),
         "GRANITE_FOCUS_FILE": str(source),
         "GRANITE_FOCUS_LINE": str(JUMP_TO),
         "XDG_STATE_HOME": str(tmp_path / "state"),
     }
-    driver = PLUGIN / "tests" / "focus_driver.lua"
-    proc = subprocess.run(
-        [nvim, "--headless", "-u", str(init), "-c", f"luafile {driver}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=200,
-        cwd=tmp_path,
-    )
-    assert result.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = json.loads(result.read_text())
+    out = run_driver(nvim, tmp_path, cmd, str(MODEL), "focus_driver.lua", "GRANITE_FOCUS_OUT", env, timeout=200)
     seen = json.dumps(out)  # whole in a failure's message (a dict would be cut short)
     assert "error" not in out, seen
     assert out["ready"] and out["cursor"][0] == JUMP_TO, seen
