@@ -322,11 +322,12 @@ def test_fused_mixer_equals_torch_ops(cfg):
     assert start == 120
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "float16", "int8"])
-@pytest.mark.parametrize("cfg", ["tiny", "odd", "odd-rows", "mamba-last", "biases-untied", "mamba-only"])
-def test_one_call_decode_step_is_bit_identical(cfg, weights):
-    """A decode step through kernels.decode_layers (all layers in one C++ call) leaves exactly the
-    logits, Mamba states and KV of the layer-by-layer path, step after step."""
+ONE_CALL_CONFIGS = ["tiny", "odd", "odd-rows", "mamba-last", "biases-untied", "mamba-only"]
+
+
+def _one_call_and_layered(cfg: str, weights: str) -> tuple[dict, HybridModel, HybridModel]:
+    """The config named ``cfg`` and two packed models of it with ``weights``: one through
+    kernels.decode_layers, one forced layer by layer (the reference)."""
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.build_error()}")
     conf = {
@@ -346,6 +347,15 @@ def test_one_call_decode_step_is_bit_identical(cfg, weights):
         for _ in range(2)
     )
     layered.fused_step = False
+    return conf, one, layered
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("cfg", ONE_CALL_CONFIGS)
+def test_one_call_decode_step_is_bit_identical(cfg, weights):
+    """A decode step through kernels.decode_layers (all layers in one C++ call) leaves exactly the
+    logits, Mamba states and KV of the layer-by-layer path, step after step."""
+    conf, one, layered = _one_call_and_layered(cfg, weights)
     assert one._one_call_step_applies() and not layered._one_call_step_applies()
     ids = torch.randint(0, conf["vocab_size"], (40,), generator=torch.Generator().manual_seed(7))
     s1, s2 = one.new_state(4), layered.new_state(4)  # small: the KV buffers grow during decode
@@ -366,6 +376,50 @@ def test_one_call_decode_step_is_bit_identical(cfg, weights):
         assert torch.equal(x, y)
     for x, y in zip((*s1.kv.k, *s1.kv.v), (*s2.kv.k, *s2.kv.v), strict=True):
         assert torch.equal(x[:, :40], y[:, :40])
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("cfg", ONE_CALL_CONFIGS)
+def test_one_call_rows_and_verify_are_bit_identical(cfg, weights):
+    """Forwards of 2..16 tokens through kernels.decode_layers (a short edit; a journaled verify, then
+    keep(n) for several n) leave exactly the logits, Mamba states, KV and journal of the layer-by-layer
+    path; a verify's every row equals its plain decode step's."""
+    conf, one, layered = _one_call_and_layered(cfg, weights)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, conf["vocab_size"], (100,), generator=gen)
+    s1, s2 = one.new_state(4), layered.new_state(4)  # small: the KV buffers grow
+    assert torch.equal(one.forward(ids[:20], s1), layered.forward(ids[:20], s2))  # the blocked GEMM: > 16
+    at = 20
+    for T, all_logits in ((2, False), (5, True), (16, False), (3, True)):  # short edits, not journaled
+        a = one.forward(ids[at : at + T], s1, all_logits=all_logits)
+        b = layered.forward(ids[at : at + T], s2, all_logits=all_logits)
+        assert torch.equal(a, b), T
+        at += T
+    assert s1.pos == s2.pos == at
+    for rows, keep in ((9, 1), (9, 4), (16, 16), (2, 1), (2, 2), (5, 3)):
+        plain = s1.fork()
+        s1.journal_next()
+        s2.journal_next()
+        fed = ids[at : at + rows]
+        a = one.forward(fed, s1, all_logits=True)
+        b = layered.forward(fed, s2, all_logits=True)
+        assert torch.equal(a, b), rows
+        for slot in s2.journal.inputs:  # the journal: states after the first row, the other rows' inputs
+            assert torch.equal(s1.journal.conv[slot], s2.journal.conv[slot])
+            assert torch.equal(s1.journal.ssm[slot], s2.journal.ssm[slot])
+            assert torch.equal(s1.journal.inputs[slot], s2.journal.inputs[slot])
+        assert s1.journal.inputs.keys() == s2.journal.inputs.keys()
+        for r in range(rows):  # each row is the plain step's
+            assert torch.equal(a[r], one.forward(fed[r : r + 1], plain)), (rows, r)
+        one.keep(s1, keep)
+        layered.keep(s2, keep)
+        at += keep
+        assert s1.pos == s2.pos == at
+        for x, y in zip((*s1.conv, *s1.ssm), (*s2.conv, *s2.ssm), strict=True):
+            assert torch.equal(x, y), (rows, keep)
+        for x, y in zip((*s1.kv.k, *s1.kv.v), (*s2.kv.k, *s2.kv.v), strict=True):
+            assert torch.equal(x[:, :at], y[:, :at]), (rows, keep)
+    assert torch.equal(one.forward(ids[at : at + 1], s1), layered.forward(ids[at : at + 1], s2))
 
 
 def test_variant_config_matches_transformers():

@@ -94,11 +94,18 @@ class CpuKernels:
         v: list[Tensor],
         pos: int,
         threads: int,
-    ) -> Tensor:
-        """Every decoder layer of one decode step in one call (step.cpp documents the layout of
-        ``weights``, ``ints`` and ``floats``); updates ``x``, the states and the KV buffers in
-        place and returns the residual stream after the last layer."""
-        return cast(Tensor, self._ops.decode_layers(x, weights, ints, floats, conv, ssm, k, v, pos, threads))
+        conv_saved: list[Tensor] | None = None,
+        ssm_saved: list[Tensor] | None = None,
+    ) -> list[Tensor]:
+        """Every decoder layer of a decode step, or of up to GEMV_MAX_ROWS consecutive tokens (a
+        verify's rows), in one call (step.cpp documents the layout of ``weights``, ``ints`` and
+        ``floats``); updates ``x``, the states and the KV buffers in place. Returns [the residual
+        stream after the last layer], followed, when ``conv_saved`` / ``ssm_saved`` are given (a
+        journaled forward: they receive each Mamba layer's states after the first row), by each
+        Mamba layer's in_proj rows after the first."""
+        return cast(list[Tensor], self._ops.decode_layers(
+            x, weights, ints, floats, conv, ssm, k, v, pos, threads, conv_saved or [], ssm_saved or [],
+        ))  # fmt: skip
 
     def isa_level(self) -> str:
         """The instruction-set level the kernels run at (isa.h; isa.py reads and sets it)."""

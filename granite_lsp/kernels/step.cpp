@@ -1,11 +1,21 @@
-// All decoder layers of one decode step (T = 1) in one call.
+// All decoder layers of a decode step, or of a verify of up to 16 rows, in one call.
 //
 // A decode step runs ~10 kernels per layer. From Python each call cost 5-15 us on top of its work
 // (the torch.ops dispatcher, the wrappers' checks, a tensor or two allocated), ~300 calls a step:
 // 5-7 ms on 2 cores, a fifth of an int8 step. Here the same kernels run in the same order on the
 // same data, so the results are bit-identical to the layer-by-layer path in runtime/layers.py,
-// which stays the reference (and the path for prefill, RoPE models and the torch fallback).
+// which stays the reference (and the path for long prefills, RoPE models and the torch fallback).
+//
+// T rows (T <= 16, what the streaming linear kernels take with one read of the weights): the rows
+// are consecutive tokens of one sequence at positions pos .. pos + T - 1 (speculative decoding's
+// verify: the fed token and its drafts; or a short prefill). Attention appends T KV entries and
+// attends row i over the positions up to pos + i (causal). The Mamba layers advance their states
+// over the rows in order. A journaled call (conv_saved / ssm_saved given: runtime/state.py's
+// Journal) runs each Mamba layer's first row alone, copies the states after it into those
+// preallocated buffers, then runs the other rows, and returns those rows' in_proj outputs: exactly
+// what the layer-by-layer journaled forward records, so the rollback (ModelState.keep) is the same.
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
 
 #include <cstring>
 
@@ -14,22 +24,33 @@
 
 namespace granite {
 
-// x [1, D] fp32, the embedded token (the residual stream, updated in place and returned).
+// Rows a call takes: the streaming linear kernels' limit (ops.py's GEMV_MAX_ROWS), where the weights
+// are read once for all rows.
+constexpr int64_t kDecodeMaxRows = 16;
+
+// x [T, D] fp32, T <= 16, the embedded tokens (the residual stream, updated in place).
 // weights, per layer in order: ln_in, ln_post, mlp_in (w, scale), mlp_out (w, scale), then
 //   Mamba: in_proj (w, scale, bias), conv_w, conv_b, dt_bias, A, D, norm_w, out_proj (w, scale, bias)
 //   attention: qkv (w, scale, bias), o (w, scale, bias)
 // ints: n_groups, n_q, n_kv, head_dim, then each layer's kind (0 Mamba, 1 attention).
 // floats: eps, residual multiplier, dt_min, dt_max, attention scale.
 // conv, ssm: the Mamba layers' states; k, v: the attention layers' KV buffers [nkv, cap, hd] with
-// room at `pos`. Returns the residual stream after the last layer (before the final norm).
-at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
-                         at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv, at::TensorList ssm,
-                         at::TensorList k, at::TensorList v, int64_t pos, int64_t threads) {
-  TORCH_CHECK(x_in.is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(0) == 1,
-              "x: fp32 [1, D]");
+// room for positions pos .. pos + T - 1. conv_saved, ssm_saved: empty, or one buffer per Mamba layer
+// shaped like its states (a journaled call, see above).
+// Returns [the residual stream after the last layer (before the final norm)], followed in a
+// journaled call with T > 1 by each Mamba layer's in_proj rows 1 .. T - 1.
+std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
+                                      at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv,
+                                      at::TensorList ssm, at::TensorList k, at::TensorList v, int64_t pos,
+                                      int64_t threads, at::TensorList conv_saved, at::TensorList ssm_saved) {
+  TORCH_CHECK(x_in.is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(0) >= 1 &&
+                  x_in.size(0) <= kDecodeMaxRows,
+              "x: fp32 [T, D], 1 <= T <= 16");
   TORCH_CHECK(ints.size() >= 4 && floats.size() == 5, "decode_layers: ints or floats malformed");
+  const int64_t T = x_in.size(0);
   const int64_t G = ints[0], nq = ints[1], nkv = ints[2], hd = ints[3], L = int64_t(ints.size()) - 4;
   const double eps = floats[0], rm = floats[1], dt_min = floats[2], dt_max = floats[3], scale = floats[4];
+  const bool journaled = !conv_saved.empty() || !ssm_saved.empty();
   size_t at_w = 0;
   auto next = [&]() -> std::optional<at::Tensor> {
     TORCH_CHECK(at_w < weights.size(), "decode_layers: too few weights");
@@ -48,18 +69,33 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
   };
   TORCH_CHECK(pos >= 0, "decode_layers: pos >= 0");
   // Every state checked before any is touched: a bad one must not leave the others advanced.
-  for (at::TensorList states : {conv, ssm, k, v})
+  for (at::TensorList states : {conv, ssm, k, v, conv_saved, ssm_saved})
     for (const at::Tensor& t : states)
       TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-                  "decode_layers: states and KV buffers must be contiguous fp32 CPU tensors");
+                  "decode_layers: states, journal and KV buffers must be contiguous fp32 CPU tensors");
   for (size_t j = 0; j < k.size(); ++j)
     TORCH_CHECK(j < v.size() && k[j].dim() == 3 && k[j].sizes() == v[j].sizes() && k[j].size(0) == nkv &&
-                    k[j].size(2) == hd && pos < k[j].size(1),
-                "decode_layers: KV buffers [nkv, cap > pos, hd]");
-  if (L == 0) return x_in.clone();
+                    k[j].size(2) == hd && pos + T <= k[j].size(1),
+                "decode_layers: KV buffers [nkv, cap >= pos + T, hd]");
+  if (journaled) {
+    TORCH_CHECK(conv_saved.size() == conv.size() && ssm_saved.size() == ssm.size(),
+                "decode_layers: one journal buffer per Mamba state");
+    for (size_t j = 0; j < conv.size(); ++j)
+      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && j < ssm.size() &&
+                      ssm_saved[j].sizes() == ssm[j].sizes(),
+                  "decode_layers: journal buffers shaped like the states");
+  }
+  std::vector<at::Tensor> out(1);
+  if (L == 0) {
+    out[0] = x_in.clone();
+    return out;
+  }
   at::Tensor x = x_in.contiguous();
   at::Tensor h;
   size_t m = 0, a = 0;  // Mamba and attention layers seen
+  auto copy_state = [](const at::Tensor& dst, const at::Tensor& src) {
+    std::memcpy(dst.data_ptr<float>(), src.data_ptr<float>(), sizeof(float) * size_t(src.numel()));
+  };
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor ln_in = need(), ln_post = need();
     const at::Tensor mlp_in = need();
@@ -73,8 +109,22 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       const at::Tensor conv_w = need();
       const auto conv_b = next();
       const at::Tensor dt_bias = need(), A = need(), D = need(), norm_w = need();
-      const at::Tensor y =
-          mamba_mixer(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min, dt_max, threads);
+      auto mix = [&](const at::Tensor& rows) {
+        return mamba_mixer(rows, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min, dt_max,
+                           threads);
+      };
+      at::Tensor y;
+      if (journaled && T > 1) {
+        // as MambaMixer.forward with a record: the first row, the journal, then the other rows
+        const at::Tensor first = mix(zxbcdt.narrow(0, 0, 1));
+        copy_state(conv_saved[m], conv[m]);
+        copy_state(ssm_saved[m], ssm[m]);
+        const at::Tensor rest_in = zxbcdt.narrow(0, 1, T - 1);
+        y = at::cat({first, mix(rest_in)});
+        out.push_back(rest_in);
+      } else {
+        y = mix(zxbcdt);
+      }
       h = linear3(y);
       ++m;
     } else {
@@ -82,15 +132,22 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       const at::Tensor& kb = k[a];
       const at::Tensor& vb = v[a];
       const at::Tensor qkv = linear3(h);
-      TORCH_CHECK(qkv.numel() == (nq + 2 * nkv) * hd, "decode_layers: qkv width");
-      const float* src = qkv.data_ptr<float>();
+      TORCH_CHECK(qkv.size(1) == (nq + 2 * nkv) * hd, "decode_layers: qkv width");
       const int64_t cap = kb.size(1);
-      for (int64_t j = 0; j < nkv; ++j) {
-        std::memcpy(kb.data_ptr<float>() + (j * cap + pos) * hd, src + (nq + j) * hd, sizeof(float) * hd);
-        std::memcpy(vb.data_ptr<float>() + (j * cap + pos) * hd, src + (nq + nkv + j) * hd, sizeof(float) * hd);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* src = qkv.data_ptr<float>() + t * qkv.size(1);
+        for (int64_t j = 0; j < nkv; ++j) {
+          std::memcpy(kb.data_ptr<float>() + (j * cap + pos + t) * hd, src + (nq + j) * hd, sizeof(float) * hd);
+          std::memcpy(vb.data_ptr<float>() + (j * cap + pos + t) * hd, src + (nq + nkv + j) * hd,
+                      sizeof(float) * hd);
+        }
       }
-      const at::Tensor out = attention_decode(qkv.view({-1}).narrow(0, 0, nq * hd), kb, vb, pos + 1, scale, threads);
-      h = linear3(out);
+      // each row over the positions up to its own (Attention.attend's fused branch)
+      std::vector<at::Tensor> rows;
+      rows.reserve(size_t(T));
+      for (int64_t t = 0; t < T; ++t)
+        rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), kb, vb, pos + t + 1, scale, threads));
+      h = linear3(T == 1 ? rows[0] : at::cat(rows));
       ++a;
     }
     h = add_rms_norm(x, h, rm, ln_post, eps, threads);
@@ -106,7 +163,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
   }
   TORCH_CHECK(at_w == weights.size() && m == conv.size() && a == k.size(),
               "decode_layers: weights or states left over");
-  return x;
+  out[0] = x;
+  return out;
 }
 
 }  // namespace granite

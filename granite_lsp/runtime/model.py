@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import failpoints
-from ..kernels import CpuKernels, PackedLinear
+from ..kernels import GEMV_MAX_ROWS, CpuKernels, PackedLinear
 from .config import HybridConfig
 from .layers import Block, MambaMixer, add_rms_norm, rms_norm, rope_tables
 from .matmul import linear, matmul_threads, small_ops_single_threaded
@@ -75,8 +75,8 @@ class HybridModel:
         self.recurrent_max = recurrent_max
         self.single_thread_small_ops = single_thread_small_ops
         self.prefill_piece = prefill_piece
-        # Decode steps through CpuKernels.decode_layers (every layer in one call) where it applies;
-        # False forces the layer-by-layer path (tests compare the two).
+        # Forwards of up to 16 tokens (decode steps, verifies) through CpuKernels.decode_layers (every
+        # layer in one call) where it applies; False forces the layer-by-layer path (tests compare them).
         self.fused_step = True
         self._step_plan: tuple[list[Tensor | None], list[int], list[float]] | None = None
 
@@ -241,13 +241,17 @@ class HybridModel:
             x = x * cfg.embedding_multiplier
         x = x.contiguous()
         journaled = state.journal.active
-        if T == 1 and not journaled and self._one_call_step_applies():
+        if T <= GEMV_MAX_ROWS and self._one_call_step_applies():
             assert self.kernels is not None
-            x = self.kernels.decode_layers(
-                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads()
+            # a journaled verify: the kernel copies the states after the first row into the journal
+            saved = state.journal_buffers() if journaled and T > 1 else ([], [])
+            out = self.kernels.decode_layers(
+                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads(), *saved
             )
-            state.advance(1)
-            return self.lm_head_logits(x if all_logits else x[-1])
+            if journaled and T > 1:
+                state.recorded(out[1:])
+            state.advance(T)
+            return self.lm_head_logits(out[0] if all_logits else out[0][-1])
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
         k = self.kernels
@@ -297,8 +301,9 @@ class HybridModel:
         return {blk.slot: blk.mixer for blk in self.blocks if isinstance(blk.mixer, MambaMixer)}
 
     def _one_call_step_applies(self) -> bool:
-        """Whether a one-token step can run as CpuKernels.decode_layers: the packed CPU kernels, no
-        RoPE, every layer on its fused kernels, and no failpoint waiting inside the layer loop."""
+        """Whether a forward of up to GEMV_MAX_ROWS tokens (a decode step, a speculative verify, a short
+        edit) can run as CpuKernels.decode_layers: the packed CPU kernels, no RoPE, every layer on its
+        fused kernels, and no failpoint waiting inside the layer loop."""
         return (
             self.fused_step
             and self.packed

@@ -196,6 +196,9 @@ class Journal:
     the layer's conv and scan over the n - 1 drafts kept (``replay``: no matmul, the same kernel and
     arithmetic as the forward). Keeping all rows costs nothing more. bench/verify_cost.py measures a
     verify and its rollback against a plain step.
+    The layer-by-layer forward journals through ``record`` (one layer at a time); the one-call step
+    (kernels/step.cpp) copies into ``journal_buffers()`` itself and hands the inputs to ``recorded``:
+    the same journal either way.
     """
 
     def __init__(self) -> None:
@@ -285,16 +288,39 @@ class ModelState:
     def record(self, slot: int, inputs: Tensor) -> None:
         """A journaled forward's Mamba layer ``slot`` has advanced its states over the first row and is
         about to advance them over ``inputs`` (the other rows)."""
+        conv, ssm = self._journal_slot(slot)
+        with torch.inference_mode(self.is_inference):
+            conv.copy_(self.conv[slot])
+            ssm.copy_(self.ssm[slot])
+        self.journal.inputs[slot] = inputs
+
+    def journal_buffers(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Every Mamba layer's journal buffers, for a journaled forward that copies the states after the
+        first row into them itself (the one-call step, kernels/step.cpp); ``recorded`` follows it."""
+        pairs = [self._journal_slot(slot) for slot in range(len(self.conv))]
+        return [c for c, _ in pairs], [s for _, s in pairs]
+
+    def recorded(self, inputs: Sequence[Tensor]) -> None:
+        """The one-call journaled forward filled ``journal_buffers()`` and returned every Mamba layer's
+        in_proj rows after the first (in slot order): what ``record`` keeps one layer at a time."""
+        if len(inputs) != len(self.conv):
+            raise ValueError(f"{len(inputs)} journaled inputs for {len(self.conv)} Mamba layers")
+        for slot, rows in enumerate(inputs):
+            self.journal.inputs[slot] = rows
+
+    def _journal_slot(self, slot: int) -> tuple[Tensor, Tensor]:
+        """Mamba slot ``slot``'s journal buffers, allocated on the first journaled forward and kept."""
         j = self.journal
         if not j.active or j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
+        bufs = []
         with torch.inference_mode(self.is_inference):
             for live, saved in ((self.conv, j.conv), (self.ssm, j.ssm)):
                 buf = saved.get(slot)
                 if buf is None or buf.shape != live[slot].shape or buf.dtype != live[slot].dtype:
                     buf = saved[slot] = torch.empty_like(live[slot])
-                buf.copy_(live[slot])
-        j.inputs[slot] = inputs
+                bufs.append(buf)
+        return bufs[0], bufs[1]
 
     def keep(self, n: int, replay: Replay) -> None:
         """Keep the first ``n`` >= 1 rows of the last (journaled) forward: the state is then exactly as
