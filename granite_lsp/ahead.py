@@ -10,8 +10,9 @@ focus and cursor moves), else from the last request's position. The likely next 
 - after a didOpen: the position known for the document, if any.
 For that request it builds the short window's prompt first and then the full window's (progressive.py:
 a request served before the full one is ready uses the short one).
-The work runs as a BACKGROUND job of the scheduler: preemptible (a request preempts it within one piece
-of ``StateCache.chunk`` tokens) and resumable (it is queued again and carries on from the checkpoint where
+The work runs as a BACKGROUND job of the scheduler: preemptible (a request preempts it within one layer
+of a piece of ``StateCache.chunk`` tokens, or the short rest of that piece: StateCache.prefill's
+``interrupt``) and resumable (it is queued again and carries on from the checkpoint where
 it stopped). It is stale when the document changes or closes (the scheduler's rule), and is cancelled
 when the user moves elsewhere. Only the document the user is looking at gets any, and at most
 ``BUDGET_TOKENS`` of it between two things the user does there (focus, request, edit).
@@ -183,7 +184,9 @@ class WorkAhead:
             tokenizer = service.loaded.tokenizer
             ids = context.ids(uri, tokenizer, settings.context_tokens, settings.filename_in_prompt)
             t0 = time.perf_counter()
-            result = service.prepare(uri, text, cursor, should_yield, settings=settings, context_ids=ids)
+            result = service.prepare(
+                uri, text, cursor, should_yield, interrupt=job.cancelled, settings=settings, context_ids=ids
+            )
             stats.ms += (time.perf_counter() - t0) * 1000.0
             if result is None:
                 return

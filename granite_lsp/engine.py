@@ -176,11 +176,18 @@ class Engine:
         chunk = self.cache.request_chunk
         return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=cancelled, chunk=chunk)
 
-    def prefill_ahead(self, doc: str, prompt: FimPrompt, should_yield: Callable[[], bool]) -> PrefillResult:
+    def prefill_ahead(
+        self,
+        doc: str,
+        prompt: FimPrompt,
+        should_yield: Callable[[], bool],
+        interrupt: Callable[[], bool] | None = None,
+    ) -> PrefillResult:
         """Work ahead of a request: bring the state cache to the end of ``prompt`` (the checkpoints a
-        request for it would restore), in pieces, stopping as soon as ``should_yield`` says so. The
-        work done is kept (``StateCache.prefill``); ``complete`` says whether it got to the end."""
-        return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=should_yield)
+        request for it would restore), in pieces, stopping as soon as ``should_yield`` says so (between
+        pieces) or ``interrupt`` does (between layers: a request waits). The work done is kept
+        (``StateCache.prefill``); ``complete`` says whether it got to the end."""
+        return self.cache.prefill(doc, prompt.ids, marks=_marks(prompt), should_yield=should_yield, interrupt=interrupt)
 
     def _choose(self, logits: torch.Tensor, pending: bytes, ignore_eos: bool) -> int:
         # The embedding may have rows past the tokenizer's vocabulary (padding): never pick those.

@@ -305,6 +305,7 @@ class CompletionService:
         cursor: int,
         should_yield: Callable[[], bool],
         *,
+        interrupt: Callable[[], bool] | None = None,
         settings: Settings | None = None,
         context_ids: list[int] | None = None,
     ) -> PrefillResult | None:
@@ -312,7 +313,7 @@ class CompletionService:
         ``Engine.prefill_ahead``), without changing the document's prompt memory: the short window's
         first (what a request can be served from soonest), then the full one's. None where the cache
         cannot work ahead (the bench's transformers baseline). The result sums both; ``complete``: both
-        got to their end."""
+        got to their end. ``interrupt``: a request waits (looked at between layers, StateCache.prefill)."""
         if not isinstance(self.engine, Engine) or not isinstance(self.cache, StateCache) or not self.cache.enabled:
             return None
         settings = settings or self.settings
@@ -320,7 +321,7 @@ class CompletionService:
         full, short = self.document(doc, settings).prompts(text, cursor, context_ids, remember=False)
         result: PrefillResult | None = None
         for prompt in [short, full] if short is not None and short.ids != full.ids else [full]:
-            step = self.engine.prefill_ahead(doc, prompt, should_yield)
+            step = self.engine.prefill_ahead(doc, prompt, should_yield, interrupt)
             if result is not None:
                 step.prompt_tokens += result.prompt_tokens
                 step.reused_tokens += result.reused_tokens

@@ -24,6 +24,18 @@ The next prefill of a prompt that extends those tokens restores that checkpoint 
 interrupted prefill loses no work, and the result does not depend on where it was cut (same forward
 pieces as a prefill that stops at a mark there).
 
+A piece costs a whole forward's fixed cost (every weight streamed once, as in a decode step: bench/
+piece_cost.py) plus its tokens', so a piece small enough to wait for is a slow way to prefill. Given
+``interrupt`` as well (a request is waiting), a preemptible prefill also looks between two *layers* of
+a piece. The invariant: the live state always matches ``live_tokens`` at a piece boundary, never
+between two. A Mamba layer's state advanced over a piece's tokens while the layers above it have not is
+no state of any token list, so a piece asked to stop midway either finishes (when what is left of it is
+estimated at no more than ``finish_ms``, FINISH_MS by default: the wait stays bounded and its work is
+kept) or is abandoned: the live state goes back to the snapshot taken at the piece's start (the Mamba
+states copied back; the KV positions the piece wrote lie beyond the cache's length and are overwritten
+later) and the prefill yields there, as if it had been told to yield before that piece. Either way it
+stops at a piece boundary, so exactness is as above; an abandoned piece costs its work so far (< a piece).
+
 KV buffers are shared by the checkpoints of one branch of token history and copied on write: each
 checkpoint holds its positions of the buffer (``KVCache.hold``), and the runtime branches the buffer
 before a write that would overwrite a held position (``ModelState.prepare``). This module is policy
@@ -41,7 +53,7 @@ import numpy as np
 import torch
 
 from . import memory
-from .runtime import HybridModel, KVHold, MambaSnapshot, ModelState
+from .runtime import HybridModel, Interrupted, KVHold, MambaSnapshot, ModelState
 from .runtime.matmul import small_ops_single_threaded
 from .runtime.rows import fork_row, step_rows
 
@@ -58,6 +70,10 @@ RECENT_ENDS = 4
 # of this session (load ~20 on 2 cores) a piece measured 1-4 s (granite/stats background.piece_ms_*),
 # everything else there being as much slower. Smaller pieces cost the GEMMs their efficiency.
 PREEMPT_CHUNK = 32
+# A piece asked to stop between two layers (a request is waiting) finishes when what is left of it is
+# estimated (its time so far per layer, times the layers left) at no more than this, and is abandoned
+# otherwise (module docstring): the request waits at most about this, or one layer plus a restore.
+FINISH_MS = 30.0
 # The interval checkpoints' spacing by default (StateCache.interval), ~0.8 s of the real shape on 2 idle
 # cores; also the most a request's prefill runs between two looks at whether it is still wanted
 # (StateCache.request_chunk).
@@ -88,7 +104,8 @@ class PrefillResult:
     processed_tokens: int
     prefill_ms: float
     # False when a preemptible prefill yielded before the end: ``logits`` are then those of the last
-    # position it reached (``reused_tokens + processed_tokens``), not the prompt's.
+    # position it reached (``reused_tokens + processed_tokens``), not the prompt's (empty when that is
+    # no position: its first piece from the empty state was abandoned).
     complete: bool = True
 
 
@@ -101,6 +118,11 @@ class CacheStats:
     evictions: int = 0
     thinned: int = 0  # older end-of-prompt checkpoints dropped for a nearby one (see _thin_ends)
     yields: int = 0  # preemptible prefills that stopped early (a checkpoint kept where they stopped)
+    # Pieces asked to stop between two layers (``interrupt``): finished (what was left was short) or
+    # abandoned (the state restored to the piece's start), and the tokens the abandoned ones had run.
+    pieces_finished: int = 0
+    pieces_abandoned: int = 0
+    abandoned_tokens: int = 0
     forks_refused: int = 0  # candidates' state copies not made: they would not fit under max_bytes
 
 
@@ -122,6 +144,7 @@ class StateCache:
     enabled: bool = True
     max_per_doc: int = 24
     chunk: int = PREEMPT_CHUNK
+    finish_ms: float = FINISH_MS
     stats: CacheStats = field(default_factory=CacheStats)
 
     @property
@@ -152,11 +175,13 @@ class StateCache:
         marks: tuple[int, ...] = (),
         should_yield: Callable[[], bool] | None = None,
         chunk: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> PrefillResult:
         """Bring the live state to the end of ``ids`` and return the last position's logits.
 
         With ``should_yield``: preemptible (module docstring), in pieces of at most ``chunk`` tokens
-        (default ``self.chunk``); ``complete`` says whether it got there.
+        (default ``self.chunk``); ``complete`` says whether it got there. ``interrupt`` (preemptible
+        prefills only): asked between two layers of a piece, True when a request waits (module docstring).
         """
         if not ids:
             raise ValueError("empty prompt")
@@ -186,17 +211,26 @@ class StateCache:
         for stop in stops:
             while pos < stop and not yielded:
                 piece = stop if should_yield is None else min(stop, pos + size)
-                logits = self._run(target[pos:piece])
+                if should_yield is not None and interrupt is not None:
+                    out = self._piece(target[pos:piece], interrupt)
+                    if out is None:  # abandoned: the state is back at ``pos``, where it yields
+                        yielded = True
+                        break
+                    logits = out
+                else:
+                    logits = self._run(target[pos:piece])
                 pos = piece
                 if self.enabled and pos == stop:
                     self._checkpoint(doc, end=stop not in structural)
                 yielded = pos < len(ids) and should_yield is not None and should_yield()
             if yielded:
-                if self.enabled and pos != stop:
+                if self.enabled and pos != stop and pos > 0:
                     self._checkpoint(doc, resume=True)  # where it stopped: the next prefill resumes here
                 self.stats.yields += 1
                 break
-        assert logits is not None
+        if logits is None:  # abandoned its first piece from the empty state: no position reached
+            assert pos == 0
+            logits = torch.empty(0)
         if pos - start >= RELEASE_AFTER_TOKENS:
             memory.release()  # a long prefill's activations
         ms = (time.perf_counter() - t0) * 1000.0
@@ -347,9 +381,43 @@ class StateCache:
         self.live_tokens = tokens
         self.live_logits = logits
 
-    def _run(self, ids: np.ndarray, all_logits: bool = False) -> torch.Tensor:
+    def _piece(self, ids: np.ndarray, interrupt: Callable[[], bool]) -> torch.Tensor | None:
+        """One piece of a preemptible prefill that looks at ``interrupt`` between two layers: its logits,
+        or None when it was abandoned (the live state is then back at the piece's start; module
+        docstring). A snapshot of the Mamba states is taken first, to go back to (a copy, ~1% of a
+        piece's time on the real shape: bench/piece_cost.py)."""
+        with small_ops_single_threaded():
+            before = self.live.snapshot()
+        tokens, logits = list(self.live_tokens), self.live_logits
+        t0 = time.perf_counter()
+        asked = [False]
+
+        def stop(done: int, layers: int) -> bool:
+            if not interrupt():
+                return False
+            left_ms = (time.perf_counter() - t0) * 1000.0 * (layers - done) / done
+            if left_ms <= self.finish_ms:
+                asked[0] = True  # finishes: it will be asked again, and the estimate only shrinks
+                return False
+            return True
+
         try:
-            logits = self.model.forward(torch.from_numpy(ids), self.live, all_logits=all_logits)
+            out = self._run(ids, interrupt=stop)
+        except Interrupted:
+            self._restore(before, None, tokens, logits)
+            self.stats.pieces_abandoned += 1
+            self.stats.abandoned_tokens += len(ids)
+            return None
+        self.stats.pieces_finished += asked[0]
+        return out
+
+    def _run(
+        self, ids: np.ndarray, all_logits: bool = False, interrupt: Callable[[int, int], bool] | None = None
+    ) -> torch.Tensor:
+        try:
+            logits = self.model.forward(torch.from_numpy(ids), self.live, all_logits=all_logits, interrupt=interrupt)
+        except Interrupted:
+            raise  # a preemptible piece's: its caller goes back to the snapshot it took (_piece)
         except BaseException:
             # The live state is updated in place, layer by layer and piece by piece: after a failure
             # (out of memory, ...) it matches no token list. Start over from empty, never from it.

@@ -97,6 +97,117 @@ def test_a_requests_prefill_looks_whether_it_is_wanted_every_interval(make_servi
     assert sum(pieces) == len(prompt.ids) and max(pieces) <= 64 and len(at) >= (len(prompt.ids) - 1) // 64
 
 
+def _interrupt_after(n: int):
+    """An interrupt that says a request waits from its ``n``-th look on (between two layers)."""
+    looks = [0]
+
+    def interrupt() -> bool:
+        looks[0] += 1
+        return looks[0] >= n
+
+    return interrupt, looks
+
+
+def _mamba_state(cache: StateCache) -> list[torch.Tensor]:
+    return [t.clone() for t in (*cache.live.conv, *cache.live.ssm)]
+
+
+def test_a_piece_interrupted_between_layers_is_abandoned_to_its_start(make_service) -> None:
+    """A request comes while a piece runs (finish_ms 0: abandon whatever is left; pieces of more than
+    GEMV_MAX_ROWS tokens, which run layer by layer, not in one call): the prefill stops
+    within a layer, the live state is exactly the one of a prefill told to yield before that piece (same
+    Mamba states bit for bit, same position and tokens), a checkpoint is kept there, and the next
+    prefill resumes from it to the logits of a prefill never interrupted."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    model = svc.loaded.model
+    layers = len(model.blocks)
+    assert layers > 2
+    cache = StateCache(model, chunk=32, max_bytes=1 << 40, finish_ms=0.0)
+    interrupt, looks = _interrupt_after(2 * (layers - 1) + 3)  # two pieces whole, the third cut at a layer
+    pre = cache.prefill("d", prompt.ids, should_yield=lambda: False, interrupt=interrupt)
+    assert not pre.complete and pre.processed_tokens == 64 and pre.reused_tokens == 0
+    assert looks[0] == 2 * (layers - 1) + 3  # it stopped at the first look that said so
+    assert cache.stats.pieces_abandoned == 1 and cache.stats.abandoned_tokens == 32
+    assert cache.stats.pieces_finished == 0 and cache.stats.yields == 1
+    assert cache.live.pos == 64 and cache.live_tokens == prompt.ids[:64]
+    assert [c.pos for c in cache.checkpoints if c.resume] == [64]
+    # the same pieces, told to yield after the second one (no interrupt): the same state bit for bit
+    plain = StateCache(model, chunk=32, max_bytes=1 << 40)
+    should_yield, _ = _yield_after(2)
+    ref = plain.prefill("d", prompt.ids, should_yield=should_yield)
+    assert ref.processed_tokens == 64
+    assert all(torch.equal(a, b) for a, b in zip(_mamba_state(cache), _mamba_state(plain), strict=True))
+    assert torch.equal(pre.logits, ref.logits)
+    # resumed to the end: reuses the 32 tokens, and matches the uninterrupted prefill
+    after = cache.prefill("d", prompt.ids)
+    assert after.reused_tokens == 64 and after.complete
+    assert not any(c.resume for c in cache.checkpoints)
+    whole = StateCache(model).prefill("d", prompt.ids)
+    assert torch.allclose(after.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    assert int(after.logits.argmax()) == int(whole.logits.argmax())
+
+
+def test_a_piece_interrupted_near_its_end_finishes(make_service) -> None:
+    """With what is left of a piece within finish_ms (here: any), a piece asked to stop finishes and
+    the prefill yields right after it, keeping its work."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    cache = StateCache(svc.loaded.model, chunk=32, max_bytes=1 << 40, finish_ms=float("inf"))
+    interrupt, _ = _interrupt_after(1)  # as work ahead passes them: one signal, a request waits
+    pre = cache.prefill("d", prompt.ids, should_yield=interrupt, interrupt=interrupt)
+    assert not pre.complete and len(prompt.ids) > 32
+    assert pre.processed_tokens == 32 and cache.stats.pieces_finished == 1 and cache.stats.yields == 1
+    assert cache.stats.pieces_abandoned == 0
+
+
+def test_a_first_piece_abandoned_from_the_empty_state_leaves_nothing(make_service) -> None:
+    """Abandoned in its first piece from no tokens at all: nothing processed, no logits, no checkpoint,
+    and the next prefill starts from zero and gets the uninterrupted logits exactly."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    cache = StateCache(svc.loaded.model, chunk=32, max_bytes=1 << 40, finish_ms=0.0)
+    interrupt, _ = _interrupt_after(1)
+    pre = cache.prefill("d", prompt.ids, should_yield=lambda: False, interrupt=interrupt)
+    assert not pre.complete and pre.processed_tokens == 0 and pre.logits.numel() == 0
+    assert cache.checkpoints == [] and cache.live.pos == 0 and cache.live_tokens == []
+    after = cache.prefill("d", prompt.ids)
+    whole = StateCache(svc.loaded.model).prefill("d", prompt.ids)
+    assert after.reused_tokens == 0 and torch.equal(after.logits, whole.logits)
+
+
+@pytest.mark.parametrize("finish_ms", [0.0, float("inf")])
+def test_work_ahead_interrupted_between_layers_never_changes_a_suggestion(make_service, finish_ms: float) -> None:
+    """Before every request of a typing trace, work ahead on its prompt is interrupted between two
+    layers after a random number of looks (seeded), its piece abandoned (finish_ms 0) or finished (inf);
+    the suggestion is the one computed from scratch, every step."""
+    trace = [json.loads(line) for line in (TRACES / "type_short.jsonl").read_text().splitlines()]
+    ahead = make_service(**BUDGET)
+    ahead.cache.chunk, ahead.cache.finish_ms = 24, finish_ms
+    scratch = make_service(**BUDGET, reuse=False)
+    layers = len(ahead.loaded.model.blocks)
+    rng = random.Random(151)
+    mismatches: list[int] = []
+    steps = [0]
+
+    def check(uri: str, text: str, cursor: int) -> None:
+        steps[0] += 1
+        prompt = ahead.document(uri).builder.build(text, cursor)
+        interrupt, _ = _interrupt_after(rng.randint(1, 3 * layers))
+        ahead.engine.prefill_ahead(uri, prompt, lambda: False, interrupt)
+        a = ahead.complete(uri, text, cursor)
+        b = scratch.complete(uri, text, cursor)
+        if a.generation.token_ids != b.generation.token_ids:
+            mismatches.append(steps[0])
+
+    replay(trace, check)
+    assert steps[0] > 50
+    assert mismatches == [], f"work ahead changed the completion at steps {mismatches}"
+    stats = ahead.cache.stats
+    assert (stats.pieces_abandoned if finish_ms == 0.0 else stats.pieces_finished) > 0
+    assert (stats.pieces_finished if finish_ms == 0.0 else stats.pieces_abandoned) == 0
+
+
 @pytest.mark.parametrize("trace_name", ["type_short.jsonl"])
 def test_interrupted_work_ahead_never_changes_a_suggestion(make_service, trace_name: str) -> None:
     """Before every request of a typing trace, work ahead on its prompt is interrupted after a random

@@ -4,7 +4,7 @@ See ``model.HybridModel`` for the forward contract and ``state`` for KV caches a
 """
 
 from .config import HybridConfig
-from .model import HybridModel
+from .model import HybridModel, Interrupted
 from .state import KVCache, KVHold, MambaSnapshot, ModelState
 
-__all__ = ["HybridConfig", "HybridModel", "KVCache", "KVHold", "MambaSnapshot", "ModelState"]
+__all__ = ["HybridConfig", "HybridModel", "Interrupted", "KVCache", "KVHold", "MambaSnapshot", "ModelState"]

@@ -9,7 +9,7 @@ chunked SSD scan, and logits are only computed where they are returned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,16 @@ DEFAULT_PREFILL_PIECE = 512
 # prefill with 2 threads took 8.2-10.4 s this way against 22-37 s with torch's default threading
 # of the elementwise/scan ops (1 thread throughout: ~6 s). Turn off only on an idle many-core box.
 DEFAULT_SINGLE_THREAD_SMALL_OPS = True
+
+
+class Interrupted(Exception):
+    """A forward stopped between two layers because its ``interrupt`` said so (a request came while
+    background work ran it). Like any exception out of a forward it leaves the state inconsistent: some
+    layers have advanced over the new tokens and the others have not. The caller restores a snapshot
+    taken before the forward (state_cache.StateCache does)."""
+
+
+Interrupt = Callable[[int, int], bool]  # (layers done, layers) -> stop the forward here?
 
 
 class HybridModel:
@@ -197,11 +207,15 @@ class HybridModel:
         return MambaSnapshot(conv, tuple(ssm_zero.expand(ssm_shape) for _ in range(n_mamba)), 0)
 
     # -- compute -------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, state: ModelState, all_logits: bool = False) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, state: ModelState, all_logits: bool = False, interrupt: Interrupt | None = None
+    ) -> Tensor:
         """Process T >= 1 new tokens after ``state`` (advanced in place by T).
 
         Returns float32 logits [vocab] of the last new position, or [T, vocab] if ``all_logits``.
         If this raises midway the state is inconsistent; restore a snapshot before reusing it.
+        ``interrupt`` is asked between two layers (not before the first, nor inside a one-call forward of
+        up to GEMV_MAX_ROWS tokens: that is as short as a decode step): True raises ``Interrupted`` there.
         """
         if input_ids.dim() != 1 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(input_ids.shape)}")
@@ -217,23 +231,27 @@ class HybridModel:
                 raise ValueError(f"a journaled forward takes at most {self.prefill_piece} tokens, got {T}")
             if self.single_thread_small_ops:
                 with small_ops_single_threaded():
-                    return self._forward_pieces(input_ids, state, all_logits)
-            return self._forward_pieces(input_ids, state, all_logits)
+                    return self._forward_pieces(input_ids, state, all_logits, interrupt)
+            return self._forward_pieces(input_ids, state, all_logits, interrupt)
 
     __call__ = forward
 
-    def _forward_pieces(self, input_ids: Tensor, state: ModelState, all_logits: bool) -> Tensor:
+    def _forward_pieces(
+        self, input_ids: Tensor, state: ModelState, all_logits: bool, interrupt: Interrupt | None = None
+    ) -> Tensor:
         """Long inputs in pieces of ``prefill_piece`` tokens: continuing from the state is exact,
         and the activations of a whole 8k-token file (~100 MB per [T, 3352] projection, plus the
         scan's decay blocks) would otherwise set the server's peak memory."""
         piece = self.prefill_piece
         T = input_ids.shape[0]
         if T <= piece:
-            return self._forward(input_ids, state, all_logits)
-        outs = [self._forward(input_ids[a : a + piece], state, all_logits) for a in range(0, T, piece)]
+            return self._forward(input_ids, state, all_logits, interrupt)
+        outs = [self._forward(input_ids[a : a + piece], state, all_logits, interrupt) for a in range(0, T, piece)]
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def _forward(self, input_ids: Tensor, state: ModelState, all_logits: bool) -> Tensor:
+    def _forward(
+        self, input_ids: Tensor, state: ModelState, all_logits: bool, interrupt: Interrupt | None = None
+    ) -> Tensor:
         cfg = self.config
         T, pos = input_ids.shape[0], state.pos
         x = self.embed_rows(input_ids.to(self.device))
@@ -260,6 +278,8 @@ class HybridModel:
         for i, blk in enumerate(self.blocks):
             if i == half and failpoints.fire("forward-midway"):
                 raise failpoints.InjectedFault("failpoint forward-midway")  # half the layers have advanced
+            if i and interrupt is not None and interrupt(i, len(self.blocks)):
+                raise Interrupted(f"interrupted after {i} of {len(self.blocks)} layers")
             # The last layer's outputs feed nothing but the logits: when only the last row's are
             # wanted, its mixer still advances the state over every row, but its output
             # projection and MLP run on that row alone (llama.cpp does the same).
