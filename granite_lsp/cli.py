@@ -64,9 +64,14 @@ def serve_main(argv: list[str]) -> int:
         p.error(str(e))
     if not 0 < args.max_message_mb <= 4096:
         p.error(f"--max-message-mb must be between 0 and 4096, got {args.max_message_mb:g}")
+    from .memory import LEDGER
+
+    LEDGER.mark("started")
     from .protocol import GraniteProtocol
     from .server import build_server
     from .transport import PortInUse, serve_stdio, serve_tcp
+
+    LEDGER.mark("imported")  # the interpreter, torch and the server's modules: no model yet
 
     server = build_server(settings)
     protocol = server.protocol

@@ -20,6 +20,7 @@ from .ahead import FOCUS, WorkAhead
 from .completions import ACCEPTED
 from .context import ContextRing, workspace_roots
 from .documents import UTF16, DocumentStore
+from .memory import LEDGER
 from .protocol import STATS, STREAMING_CAPABILITY, GraniteProtocol
 from .remote_engine import RemoteEngine
 from .scheduler import Job, Scheduler
@@ -213,6 +214,7 @@ class GraniteServer(LanguageServer):
                 out["remote"] = {**asdict(service.engine.stats), "down": service.engine.health.down}
             out["typed_through"] = service.typed_through
         out["background"] = self.ahead.stats.as_dict()
+        out["memory"] = LEDGER.as_dict()  # resident memory by stage, the load's peak, the serving peak
         out["documents"] = len(self.documents)
         out["model_loaded"] = service is not None
         out["load_error"] = self.load_error

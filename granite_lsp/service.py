@@ -19,6 +19,7 @@ from . import failpoints, memory
 from .candidates import generate_candidates
 from .engine import Engine, Generation, GenerationStats
 from .fim import FimPrompt, PromptBuilder
+from .memory import LEDGER
 from .model_files import resolve_model_dir, resolve_tokenizer_dir
 from .postprocess import CursorContext, Shaper, Suggestion
 from .progressive import short_budget, use_short
@@ -107,6 +108,7 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
         from . import kernels
 
         kernels.load(lambda message: report(message, 5))
+        LEDGER.mark("kernels")
     dtype = pick_dtype(settings.dtype, device, HybridConfig.load(settings.random_weights or path).raw)
     quantize = None if settings.quantize == "none" else settings.quantize
     if quantize and device != "cpu":
@@ -114,11 +116,13 @@ def load(settings: Settings, progress: Callable[[str, int], None] | None = None)
     report("Loading tokenizer", 10)
     tokenizer = TextTokenizer.from_dir(path)
     tokenizer.prepare()
+    LEDGER.mark("tokenizer")
     report(f"Loading weights ({device}, {str(dtype).removeprefix('torch.')})", 20)
     model, reference = _load_weights(settings, path, dtype, device, quantize)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise RuntimeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     memory.release()  # conversion buffers
+    LEDGER.ready()  # the weights are in: from here on the peak is the serving peak
     report("Ready", 100)
     return LoadedModel(model, tokenizer, path, device, model.weight_dtype, time.perf_counter() - t0, reference)
 
@@ -407,6 +411,7 @@ class CompletionService:
             )  # fmt: skip
         else:
             gen = self.engine.generate(doc, prompt, budget, ignore_eos=ignore_eos, cancelled=cancelled, on_text=on_text)
+        LEDGER.mark("first completion", once=True)  # the first prefill's buffers and state included
         self.decoded_tokens += gen.stats.generated_tokens + sum(g.stats.generated_tokens for g in others)
         shaped = [_shaped(shaper, g.text) for g in [gen, *others]]
         suggestion, *alternatives = remembered + shaped

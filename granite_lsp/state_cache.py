@@ -124,6 +124,17 @@ class CacheStats:
     pieces_abandoned: int = 0
     abandoned_tokens: int = 0
     forks_refused: int = 0  # candidates' state copies not made: they would not fit under max_bytes
+    peak_bytes: int = 0  # the most ``nbytes()`` (+ forks) has been once an eviction made room (see _evict)
+
+
+def _mamba_nbytes(state: ModelState) -> int:
+    """What a snapshot of ``state`` holds: its Mamba conv and SSM states."""
+    return sum(t.numel() * t.element_size() for t in (*state.conv, *state.ssm))
+
+
+def _live_extra(state: ModelState) -> int:
+    """What the live state holds besides its KV buffer: Mamba states and a verify's journal buffers."""
+    return state.nbytes - state.kv.nbytes
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -320,10 +331,18 @@ class StateCache:
         self.checkpoints = [c for c in self.checkpoints if c.doc != doc]
 
     def nbytes(self) -> int:
+        """Every byte the cache holds, what ``max_bytes`` caps: the checkpoints' Mamba snapshots, each KV
+        buffer a checkpoint or the live state is on (once), the live state's own Mamba states and
+        journal buffers (~23 MB and ~22 MB on the real shape, left out until issue 15's accounting),
+        and the logits kept (by their storage: a row of a verify's logits keeps all its rows)."""
         kvs = {id(c.hold.kv): c.hold.kv for c in self.checkpoints}
         kvs[id(self.live.kv)] = self.live.kv
-        per_checkpoint = sum(c.snap.nbytes + c.logits.numel() * 4 for c in self.checkpoints)
-        return per_checkpoint + sum(kv.nbytes for kv in kvs.values())
+        logits = [c.logits for c in self.checkpoints] + [self._verified]
+        if self.live_logits is not None:
+            logits.append(self.live_logits)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in logits}
+        snapshots = sum(c.snap.nbytes for c in self.checkpoints)
+        return snapshots + sum(kv.nbytes for kv in kvs.values()) + _live_extra(self.live) + sum(storages.values())
 
     # ---- internals ----------------------------------------------------------------------------------
 
@@ -443,6 +462,9 @@ class StateCache:
                 c.end = c.end and end  # a layout mark stays one
                 c.resume = c.resume and resume
                 return
+        # Room first: the new snapshot (the live Mamba states' size; its KV hold is on the live buffer,
+        # already counted) never takes the cache above its cap, not even until the prefill ends.
+        self._evict(protect=doc, extra=_mamba_nbytes(self.live))
         with small_ops_single_threaded():
             snap = self.live.snapshot()
         assert self.live_logits is not None  # a checkpoint is taken after a forward
@@ -491,3 +513,4 @@ class StateCache:
                 break
             self.checkpoints.remove(min(victims, key=lambda c: c.last_used))
             self.stats.evictions += 1
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes() + extra)

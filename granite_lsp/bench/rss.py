@@ -2,7 +2,8 @@
 
 The checkpoint (random weights, bf16 like Granite's) and a tokenizer of Granite's size are written
 once into the bench's work directory; the server is started on them over stdio, answers one
-completion, and its peak RSS (VmHWM) is read from /proc.
+completion, and its peak RSS (VmHWM from /proc, or the load's peak where that was higher: the server
+restarts VmHWM once its model is loaded, ``memory.Ledger``) is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..runtime.config import HybridConfig
 from ..runtime.weights import random_state_dict
 from ..tokens import CONTROL_TOKENS
 from .client import RpcClient
+from .rss_watch import lifetime_peak_mb
 from .shape import PRECISIONS, REPO, real_config
 
 # Granite's control tokens have the ids 100257.. in tokens.CONTROL_TOKENS' order (BOS = EOS).
@@ -103,6 +105,6 @@ def server_peak_rss_mb(precision: str, threads: int, workdir: Path, device: str 
             {"textDocument": {"uri": doc["uri"]}, "position": pos, "context": {"triggerKind": 1}},
             timeout=1800.0,
         )
-        return server.peak_rss_mb()
+        return lifetime_peak_mb(server.peak_rss_mb(), server.call("granite/stats", None))
     finally:
         server.close()

@@ -35,7 +35,7 @@ from ..protocol import STREAMING_CAPABILITY
 from ..timeline import percentiles
 from .client import RpcClient
 from .latency import phase_summary, print_latency, row_fields, wait_summary
-from .rss_watch import RssSampler, report_line, rss_bound, runtime_baseline_mb
+from .rss_watch import RssSampler, lifetime_peak_mb, report_line, rss_bound, runtime_baseline_mb, split
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO / "bench" / "traces" / "type_function.jsonl"
@@ -192,8 +192,9 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
                     file=sys.stderr,
                 )
     replay_rss = {**rss.stop(), **rss_bound(server.call("granite/stats", None)), "runtime_mb": runtime_baseline_mb()}
+    replay_rss.update(split(replay_rss))
     stats = server.call("granite/stats", None)
-    peak = server.peak_rss_mb()
+    peak = lifetime_peak_mb(server.peak_rss_mb(), stats)
     server.close()
     out = {"mode": mode, "load_s": load_s, "rows": rows, "server_stats": stats, "peak_rss_mb": peak}
     return {**out, "replay_rss": replay_rss}
@@ -399,7 +400,7 @@ def together(every: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         rows = [r for res in runs for r in res["rows"]]
         ran = [r for r in rows if r.get("stop_reason") != "typed_through"]
         rss: list[dict[str, float]] = [res["replay_rss"] for res in runs if res.get("replay_rss", {}).get("samples")]
-        worst: dict[str, float] = max(rss, key=lambda x: x["peak_mb"] - x["bound_mb"], default={})
+        worst: dict[str, float] = max(rss, key=lambda x: x["over_bound_mb"], default={})
         client = percentiles([r["first_visible_ms"] for r in ran if r.get("first_visible_ms") is not None])
         out[mode] = {
             "first_visible_ms": client, "phases": phase_summary(ran), "waits": wait_summary(rows),
