@@ -333,6 +333,33 @@ def test_gemm_is_bit_identical_across_fp32_levels(mode: str) -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_16bit_streaming_kernels_on_avx512_change_only_the_summation_order(mode: str) -> None:
+    """At avx512 the streaming kernels widen fp16 / bf16 weights on 16 lanes (linear_avx512.cpp's
+    wide_rows): the same products as the avx2 kernels' 8 lanes, summed in another order, so every
+    result is within fp32 summation error of avx2's (each within K * 2^-24 of sum |x * w| of the
+    exact sum, plus the bias's rounding), and some differ (it is another kernel). x keeps all its
+    bits: the level's only rounding is the sum's."""
+    if "avx512" not in isa.levels():
+        pytest.skip("CPU without AVX-512")
+    moved = False
+    # K % 16 != 0 (the masked tail), K < 16, 1-16 rows (every row block of the streaming kernels)
+    for k, n, t in [(769, 203, 1), (7, 5, 3), (1536, 77, 16), (100, 37, 9)]:
+        layer, _, _ = _layer(mode, n, k, bias=True, seed=k)
+        x = torch.randn(t, k)
+        with isa.at_level("avx2"):
+            want = layer(x, threads=2)
+        with isa.at_level("avx512"):
+            got = layer(x, threads=2)
+            assert torch.equal(layer(x[-1:], threads=1), got[-1:]), "a row alone or batched: the same bits"
+        magnitude = x.double().abs() @ layer.dequantize().double().abs().T
+        bound = 2 * k * 2**-24 * magnitude + 2**-23 * want.double().abs()
+        assert torch.all((got.double() - want.double()).abs() <= bound)
+        moved |= not torch.equal(got, want)
+    assert moved, "the avx512 level ran the avx2 kernels"
+
+
+@needs_ext
 def test_bf16_products_round_activations_only() -> None:
     """At avx512_bf16 bf16 products (vdpbf16ps: the GEMM and the streaming kernels) compute the exact
     product of bf16-rounded x, summed in fp32; the rounding moves each result by at most ~2^-8 of

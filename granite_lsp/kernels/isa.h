@@ -5,7 +5,9 @@
 //
 // The levels, each including the ones before it:
 //   avx2         AVX2 + FMA + F16C: every kernel (the reference the others are tested against)
-//   avx512       AVX-512 F/BW/VL/DQ: the prefill GEMM on 16-lane registers, bit-identical to avx2
+//   avx512       AVX-512 F/BW/VL/DQ: the prefill GEMM on 16-lane registers, bit-identical to avx2;
+//                decode's streaming kernels for fp16 / bf16 weights on 16 lanes (summed in another
+//                order than avx2's 8 lanes: fp32 rounding only)
 //   avx512_vnni  + AVX512_VNNI: int8 weights' products (prefill GEMM and decode's streaming kernels)
 //                on vpdpbusd, with the activations quantized to int8 per row (results move, within
 //                the tolerances tests/test_kernels.py and tests/test_precisions.py state)

@@ -232,6 +232,9 @@ void product(bool blocked, const float* x, const typename W::Elem* w, const floa
   if constexpr (std::is_same_v<W, BF16>) {
     if (level >= Isa::kAvx512Bf16 && !s) return blocked ? gemm_bf16_avx512(p, threads) : stream_bf16_avx512(p, threads);
   }
+  if constexpr (std::is_same_v<W, BF16> || std::is_same_v<W, F16>) {
+    if (level >= Isa::kAvx512 && !blocked) return stream_avx512(p, threads);
+  }
   if constexpr (std::is_same_v<W, I8>) {
     if (level >= Isa::kAvx512Vnni) return blocked ? gemm_i8_vnni(p, threads) : stream_i8_vnni(p, threads);
   }

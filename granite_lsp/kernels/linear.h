@@ -83,6 +83,10 @@ void pack_panel(const Problem<W>& g, int64_t n0, int64_t k0, int64_t kc, float* 
 template <class W>
 void gemm_avx512(const Problem<W>& g, int threads);
 void gemm_bf16_avx512(const Problem<BF16>& g, int threads);
+// The streaming kernels (a few rows of x) for fp16 or bf16 weights widened to fp32 on 16 lanes (any
+// avx512 level; bf16 weights take it below avx512_bf16, or with a scale).
+template <class W>
+void stream_avx512(const Problem<W>& p, int threads);
 // The streaming kernels (a few rows of x) for bf16 weights on vdpbf16ps, x rounded to bf16 like the
 // GEMM's: each row's result is the same alone or batched.
 void stream_bf16_avx512(const Problem<BF16>& p, int threads);

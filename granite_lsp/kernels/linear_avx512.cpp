@@ -1,6 +1,6 @@
-// The products of linear.cpp for AVX-512 CPUs (the prefill GEMM; for bf16 weights the decode's
-// streaming kernels too), compiled for these functions only (`#pragma GCC target` regions below)
-// and called only where isa.h's level allows.
+// The products of linear.cpp for AVX-512 CPUs (the prefill GEMM; for fp16 and bf16 weights the
+// decode's streaming kernels too), compiled for these functions only (`#pragma GCC target` regions
+// below) and called only where isa.h's level allows.
 //
 // AVX-512F: the avx2 GEMM's algorithm on 16-lane registers and twice the registers: a 12 x 32
 // tile of y (24 accumulators) per micro-kernel call, one broadcast of x per row and two FMAs per
@@ -17,6 +17,8 @@
 // paths keep 7 (the tolerance tests/test_kernels.py checks against the exact product of the
 // rounded x, and the greedy tokens tests/test_precisions.py compares with fp32's).
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "isa.h"
 #include "linear.h"
@@ -130,6 +132,92 @@ void block_f32(const void* problem, int64_t c) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Streaming kernels (decode) for 16-bit weights widened to fp32 on 16 lanes: fp16 (vcvtph2ps zmm)
+// at avx512 and above, bf16 (a zero-extend and a shift) at avx512 and avx512_vnni. Per 16 weights
+// one load, one widening, one FMA: half the instructions of the avx2 kernels' 8-lane loop, which
+// for 2-byte weights spent as many instructions per byte as the memory allowed. Each y element is
+// an fp32 sum over 16 lanes (the avx2 kernels': 8), in the same order whatever T is, so a row's
+// result is the same alone or batched; against the avx2 kernels only the summation order differs.
+
+struct Wide16F16 {
+  static __m512 load(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m512 load(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+
+struct Wide16BF16 {
+  static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static __m512 load(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static __m512 load(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+};
+
+// y[t, n + r * stride] for T rows of x and R rows of W, as linear.cpp's rows().
+template <class Wide, class W, int T, int R>
+inline void wide_rows(const Problem<W>& p, const float* x, float* y, int64_t n, int64_t stride) {
+  const int64_t K = p.K;
+  const uint16_t* w[R];
+  for (int r = 0; r < R; ++r) w[r] = p.w + (n + r * stride) * K;
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = Wide::load(w[r] + k);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
+    }
+  }
+  if (k < K) {  // the K % 16 tail: zeros in both operands past K
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    __m512 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(m, x + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = Wide::load(w[r] + k, m);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = n + r * stride;
+      float s = _mm512_reduce_add_ps(acc[t][r]);
+      if (p.scale) s *= p.scale[row];
+      if (p.bias) s += p.bias[row];
+      y[t * p.N + row] = s;
+    }
+}
+
+// W rows [begin, end) in R side-by-side runs (linear.cpp's row_range).
+template <class Wide, class W, int T, int R>
+void wide_range(const Problem<W>& p, int64_t t0, int64_t begin, int64_t end) {
+  const float* x = p.x + t0 * p.K;
+  float* y = p.y + t0 * p.N;
+  const int64_t run = (end - begin) / R;
+  for (int64_t i = 0; i < run; ++i) wide_rows<Wide, W, T, R>(p, x, y, begin + i, run);
+  for (int64_t n = begin + R * run; n < end; ++n) wide_rows<Wide, W, T, 1>(p, x, y, n, 0);
+}
+
+template <class Wide, class W>
+void wide_chunk(const void* problem, int64_t c) {
+  const auto& p = *static_cast<const Problem<W>*>(problem);
+  const int64_t begin = c * p.block, end = std::min(p.N, begin + p.block);
+  for (int64_t t0 = 0; t0 < p.T; t0 += 8) {
+    switch (std::min<int64_t>(p.T - t0, 8)) {
+      case 1: wide_range<Wide, W, 1, 8>(p, t0, begin, end); break;
+      case 2: wide_range<Wide, W, 2, 6>(p, t0, begin, end); break;
+      case 3: wide_range<Wide, W, 3, 4>(p, t0, begin, end); break;
+      case 4: wide_range<Wide, W, 4, 3>(p, t0, begin, end); break;
+      case 5: wide_range<Wide, W, 5, 2>(p, t0, begin, end); break;
+      case 6: wide_range<Wide, W, 6, 2>(p, t0, begin, end); break;
+      case 7: wide_range<Wide, W, 7, 1>(p, t0, begin, end); break;
+      default: wide_range<Wide, W, 8, 1>(p, t0, begin, end); break;
+    }
+  }
+}
+
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------
@@ -183,6 +271,19 @@ void pack_pairs_tile(const void* ctx, int64_t tile) {
     const int64_t qn = std::min<int64_t>(16, p.K2 - q0);
     for (int64_t q = 0; q < qn; ++q)
       for (int i = 0; i < kMR; ++i) dst[(q0 + q) * kMR + i] = words[i][q];
+  }
+}
+
+// One row of x [K] as Q bf16 pairs (Q a multiple of 16, zero past K): bf16_bits16's bits, the
+// scalar bf16_bits' (a decode step rounds ~155 K activations: scalar, that was ~0.5 ms a step).
+void round_pairs(const float* x, int64_t K, int64_t Q, uint32_t* out) {
+  for (int64_t q0 = 0; q0 < Q; q0 += 16) {
+    const int64_t k = 2 * q0, left = K - k;
+    const __mmask16 ma = __mmask16(left >= 16 ? 0xffff : left > 0 ? (1u << left) - 1 : 0);
+    const __mmask16 mb = __mmask16(left >= 32 ? 0xffff : left > 16 ? (1u << (left - 16)) - 1 : 0);
+    const __m256i a = bf16_bits16(_mm512_maskz_loadu_ps(ma, x + k));
+    const __m256i b = bf16_bits16(_mm512_maskz_loadu_ps(mb, x + k + 16));
+    _mm512_storeu_si512(out + q0, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
   }
 }
 
@@ -406,19 +507,28 @@ void gemm_bf16_avx512(const Problem<BF16>& problem, int threads) {
   pool().run(&block_bf16, &pp, (g.N + g.block - 1) / g.block, threads - 1);
 }
 
+template <class W>
+void stream_avx512(const Problem<W>& problem, int threads) {
+  static_assert(std::is_same_v<W, F16> || std::is_same_v<W, BF16>, "16-bit weights");
+  using Wide = std::conditional_t<std::is_same_v<W, F16>, Wide16F16, Wide16BF16>;
+  Problem<W> p = problem;
+  p.block = streaming_block(p.K * 2, p.N, threads);
+  pool().run(&wide_chunk<Wide, W>, &p, (p.N + p.block - 1) / p.block, threads - 1);
+}
+
+template void stream_avx512<F16>(const Problem<F16>&, int);
+template void stream_avx512<BF16>(const Problem<BF16>&, int);
+
 void stream_bf16_avx512(const Problem<BF16>& problem, int threads) {
   Problem<BF16> p = problem;
   const int64_t Q = (p.K + 31) / 32 * 16;  // pairs, padded to whole 64-byte loads
-  std::unique_ptr<uint32_t[]> xq(new uint32_t[size_t(p.T * Q)]);
-  for (int64_t t = 0; t < p.T; ++t) {
-    const float* x = p.x + t * p.K;
-    for (int64_t q = 0; q < Q; ++q) {
-      const uint32_t lo = 2 * q < p.K ? bf16_bits(x[2 * q]) : 0, hi = 2 * q + 1 < p.K ? bf16_bits(x[2 * q + 1]) : 0;
-      xq[t * Q + q] = lo | hi << 16;
-    }
-  }
+  // The caller's buffer, kept between calls: a decode step makes ~130 of these products, and the
+  // pool's tasks only read it while this call waits for them.
+  thread_local std::vector<uint32_t> xq;
+  if (xq.size() < size_t(p.T * Q)) xq.resize(size_t(p.T * Q));
+  for (int64_t t = 0; t < p.T; ++t) round_pairs(p.x + t * p.K, p.K, Q, xq.data() + t * Q);
   p.block = streaming_block(p.K * 2, p.N, threads);
-  const StreamProblem sp{&p, xq.get(), Q};
+  const StreamProblem sp{&p, xq.data(), Q};
   pool().run(&stream_chunk, &sp, (p.N + p.block - 1) / p.block, threads - 1);
 }
 
