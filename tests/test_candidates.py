@@ -28,18 +28,24 @@ def _prompt_ids(tokenizer, fixture: dict) -> list[int]:
 
 
 @pytest.mark.usefixtures("isa_level")
+@pytest.mark.parametrize("one_call", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_batched_step_rows_equal_each_row_alone(tiny_loaded, dtype: str) -> None:
-    """Three sequences forked from one prompt, each fed a different token and then its own greedy
-    choice for 12 steps: batched and alone give the same tokens (and, with the kernels, logits)."""
+def test_batched_step_rows_equal_each_row_alone(tiny_loaded, dtype: str, one_call: bool) -> None:
+    """Three sequences forked from one prompt (the second one token further on), each fed a different
+    token and then its own greedy choice for 12 steps: batched and alone give the same tokens (and, with
+    the kernels, logits and states), the batch in one kernels.decode_layers call (``one_call``, with one
+    position per row) or layer by layer."""
     weights = torch.float32 if dtype == "int8" else getattr(torch, dtype)
     model = HybridModel.from_pretrained(TINY, dtype=weights, quantize="int8" if dtype == "int8" else None)
+    model.fused_step = one_call
     ids = _prompt_ids(tiny_loaded.tokenizer, load_fixtures()[0])
     base = model.new_state()
     logits = model.forward(torch.tensor(ids), base)
     firsts = torch.topk(logits, 3).indices.tolist()
     batched = [base.fork() for _ in firsts]
     alone = [base.fork() for _ in firsts]
+    for s in (batched[1], alone[1]):
+        model.forward(torch.tensor([firsts[0]]), s)
     tokens_b, tokens_a = list(firsts), list(firsts)
     exact = model.packed and kernels.available()
     for _ in range(12):
@@ -53,7 +59,13 @@ def test_batched_step_rows_equal_each_row_alone(tiny_loaded, dtype: str) -> None
         tokens_b = rows.argmax(-1).tolist()
         tokens_a = [int(s.argmax()) for s in singles]
         assert tokens_b == tokens_a
-    assert all(s.pos == len(ids) + 12 for s in batched + alone)
+    assert [s.pos for s in batched] == [s.pos for s in alone] == [len(ids) + 12, len(ids) + 13, len(ids) + 12]
+    if exact:
+        for b, a in zip(batched, alone, strict=True):
+            for x, y in zip((*b.conv, *b.ssm), (*a.conv, *a.ssm), strict=True):
+                assert torch.equal(x, y)
+            for x, y in zip((*b.kv.k, *b.kv.v), (*a.kv.k, *a.kv.v), strict=True):
+                assert torch.equal(x[:, : a.pos], y[:, : a.pos])
 
 
 def test_step_rows_refuses_states_sharing_a_kv_cache(tiny_loaded) -> None:

@@ -26,7 +26,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
       &mamba_mixer);
   m.def(
       "decode_layers(Tensor(a!) x, Tensor?[] weights, int[] ints, float[] floats, Tensor(b!)[] conv, "
-      "Tensor(c!)[] ssm, Tensor(d!)[] k, Tensor(e!)[] v, int pos, int threads, Tensor(f!)[] conv_saved, "
+      "Tensor(c!)[] ssm, Tensor(d!)[] k, Tensor(e!)[] v, int[] pos, int threads, Tensor(f!)[] conv_saved, "
       "Tensor(g!)[] ssm_saved) -> Tensor[]",
       &decode_layers);
 }

@@ -37,7 +37,7 @@ at::Tensor swiglu(const at::Tensor& gu, int64_t threads);
 // step.cpp: every layer of a decode step (or a verify of up to 16 rows) in one call
 std::vector<at::Tensor> decode_layers(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
                                       at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv,
-                                      at::TensorList ssm, at::TensorList k, at::TensorList v, int64_t pos,
+                                      at::TensorList ssm, at::TensorList k, at::TensorList v, at::IntArrayRef pos,
                                       int64_t threads, at::TensorList conv_saved, at::TensorList ssm_saved);
 
 }  // namespace granite

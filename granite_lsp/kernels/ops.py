@@ -92,14 +92,16 @@ class CpuKernels:
         ssm: list[Tensor],
         k: list[Tensor],
         v: list[Tensor],
-        pos: int,
+        pos: list[int],
         threads: int,
         conv_saved: list[Tensor] | None = None,
         ssm_saved: list[Tensor] | None = None,
     ) -> list[Tensor]:
-        """Every decoder layer of a decode step, or of up to GEMV_MAX_ROWS consecutive tokens (a
-        verify's rows), in one call (step.cpp documents the layout of ``weights``, ``ints`` and
-        ``floats``); updates ``x``, the states and the KV buffers in place. Returns [the residual
+        """Every decoder layer of up to GEMV_MAX_ROWS rows in one call: consecutive tokens of one
+        sequence from ``pos[0]`` (a decode step, a verify's rows), or one token for each of several
+        sequences at ``pos[i]`` (runtime/rows.py), their states and KV buffers listed layer by layer,
+        sequence by sequence (step.cpp documents that and the layout of ``weights``, ``ints`` and
+        ``floats``). Updates ``x``, the states and the KV buffers in place. Returns [the residual
         stream after the last layer], followed, when ``conv_saved`` / ``ssm_saved`` are given (a
         journaled forward: they receive each Mamba layer's states after the first row), by each
         Mamba layer's in_proj rows after the first."""

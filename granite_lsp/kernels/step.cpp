@@ -6,11 +6,13 @@
 // same data, so the results are bit-identical to the layer-by-layer path in runtime/layers.py,
 // which stays the reference (and the path for long prefills, RoPE models and the torch fallback).
 //
-// T rows (T <= 16, what the streaming linear kernels take with one read of the weights): the rows
-// are consecutive tokens of one sequence at positions pos .. pos + T - 1 (speculative decoding's
-// verify: the fed token and its drafts; or a short prefill). Attention appends T KV entries and
-// attends row i over the positions up to pos + i (causal). The Mamba layers advance their states
-// over the rows in order. A journaled call (conv_saved / ssm_saved given: runtime/state.py's
+// T rows (T <= 16, what the streaming linear kernels take with one read of the weights), either
+// - consecutive tokens of one sequence at positions pos .. pos + T - 1 (one `pos`: speculative
+//   decoding's verify, the fed token and its drafts; or a short prefill). Attention appends T KV
+//   entries and attends row i over the positions up to pos + i (causal); the Mamba layers advance
+//   their states over the rows in order. Or
+// - one token for each of T sequences (T `pos`, one per row: runtime/rows.py's candidates), each
+//   with its own Mamba states and KV buffers: only those parts run row by row. A journaled call (conv_saved / ssm_saved given: runtime/state.py's
 // Journal) runs each Mamba layer's first row alone, copies the states after it into those
 // preallocated buffers, then runs the other rows, and returns those rows' in_proj outputs: exactly
 // what the layer-by-layer journaled forward records, so the rollback (ModelState.keep) is the same.
@@ -35,13 +37,14 @@ constexpr int64_t kDecodeMaxRows = 16;
 // ints: n_groups, n_q, n_kv, head_dim, then each layer's kind (0 Mamba, 1 attention).
 // floats: eps, residual multiplier, dt_min, dt_max, attention scale.
 // conv, ssm: the Mamba layers' states; k, v: the attention layers' KV buffers [nkv, cap, hd] with
-// room for positions pos .. pos + T - 1. conv_saved, ssm_saved: empty, or one buffer per Mamba layer
-// shaped like its states (a journaled call, see above).
+// room for the new positions; with S sequences (S = pos.size(), 1 or T) layer j's state or buffer of
+// sequence s is entry j * S + s. conv_saved, ssm_saved: empty, or (one sequence) one buffer per Mamba
+// layer shaped like its states (a journaled call, see above).
 // Returns [the residual stream after the last layer (before the final norm)], followed in a
 // journaled call with T > 1 by each Mamba layer's in_proj rows 1 .. T - 1.
 std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
                                       at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv,
-                                      at::TensorList ssm, at::TensorList k, at::TensorList v, int64_t pos,
+                                      at::TensorList ssm, at::TensorList k, at::TensorList v, at::IntArrayRef pos,
                                       int64_t threads, at::TensorList conv_saved, at::TensorList ssm_saved) {
   TORCH_CHECK(x_in.is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(0) >= 1 &&
                   x_in.size(0) <= kDecodeMaxRows,
@@ -51,6 +54,14 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
   const int64_t G = ints[0], nq = ints[1], nkv = ints[2], hd = ints[3], L = int64_t(ints.size()) - 4;
   const double eps = floats[0], rm = floats[1], dt_min = floats[2], dt_max = floats[3], scale = floats[4];
   const bool journaled = !conv_saved.empty() || !ssm_saved.empty();
+  const int64_t S = int64_t(pos.size());
+  TORCH_CHECK(S == 1 || S == T, "decode_layers: one position, or one per row");
+  TORCH_CHECK(!journaled || S == 1, "decode_layers: a journaled call has one sequence");
+  int64_t n_mamba = 0;
+  for (int64_t i = 0; i < L; ++i) n_mamba += ints[4 + i] == 0;
+  TORCH_CHECK(conv.size() == size_t(n_mamba * S) && ssm.size() == conv.size() &&
+                  k.size() == size_t((L - n_mamba) * S) && v.size() == k.size(),
+              "decode_layers: one state per Mamba layer and sequence, one KV buffer per attention layer and sequence");
   size_t at_w = 0;
   auto next = [&]() -> std::optional<at::Tensor> {
     TORCH_CHECK(at_w < weights.size(), "decode_layers: too few weights");
@@ -67,22 +78,21 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
     const auto s = next(), b = next();
     return linear(in, w, s, b, threads);
   };
-  TORCH_CHECK(pos >= 0, "decode_layers: pos >= 0");
+  for (const int64_t p : pos) TORCH_CHECK(p >= 0, "decode_layers: pos >= 0");
   // Every state checked before any is touched: a bad one must not leave the others advanced.
   for (at::TensorList states : {conv, ssm, k, v, conv_saved, ssm_saved})
     for (const at::Tensor& t : states)
       TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
                   "decode_layers: states, journal and KV buffers must be contiguous fp32 CPU tensors");
   for (size_t j = 0; j < k.size(); ++j)
-    TORCH_CHECK(j < v.size() && k[j].dim() == 3 && k[j].sizes() == v[j].sizes() && k[j].size(0) == nkv &&
-                    k[j].size(2) == hd && pos + T <= k[j].size(1),
-                "decode_layers: KV buffers [nkv, cap >= pos + T, hd]");
+    TORCH_CHECK(k[j].dim() == 3 && k[j].sizes() == v[j].sizes() && k[j].size(0) == nkv && k[j].size(2) == hd &&
+                    pos[j % S] + T / S <= k[j].size(1),
+                "decode_layers: KV buffers [nkv, cap >= pos + new positions, hd]");
   if (journaled) {
     TORCH_CHECK(conv_saved.size() == conv.size() && ssm_saved.size() == ssm.size(),
                 "decode_layers: one journal buffer per Mamba state");
     for (size_t j = 0; j < conv.size(); ++j)
-      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && j < ssm.size() &&
-                      ssm_saved[j].sizes() == ssm[j].sizes(),
+      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && ssm_saved[j].sizes() == ssm[j].sizes(),
                   "decode_layers: journal buffers shaped like the states");
   }
   std::vector<at::Tensor> out(1);
@@ -104,17 +114,20 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
     const auto mlp_out_s = next();
     if (i == 0) h = rms_norm(x, ln_in, eps, threads);  // later layers' input norm ends the layer before
     if (ints[4 + i] == 0) {
-      TORCH_CHECK(m < conv.size() && m < ssm.size(), "decode_layers: fewer Mamba states than layers");
       const at::Tensor zxbcdt = linear3(h);
       const at::Tensor conv_w = need();
       const auto conv_b = next();
       const at::Tensor dt_bias = need(), A = need(), D = need(), norm_w = need();
-      auto mix = [&](const at::Tensor& rows) {
-        return mamba_mixer(rows, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min, dt_max,
-                           threads);
+      auto mix = [&](const at::Tensor& rows, int64_t seq = 0) {
+        return mamba_mixer(rows, conv[m * S + seq], conv_w, conv_b, dt_bias, A, D, ssm[m * S + seq], norm_w, G, eps,
+                           dt_min, dt_max, threads);
       };
       at::Tensor y;
-      if (journaled && T > 1) {
+      if (S > 1) {  // each row its own sequence (runtime/rows.py)
+        std::vector<at::Tensor> ys;
+        for (int64_t t = 0; t < T; ++t) ys.push_back(mix(zxbcdt.narrow(0, t, 1), t));
+        y = at::cat(ys);
+      } else if (journaled && T > 1) {
         // as MambaMixer.forward with a record: the first row, the journal, then the other rows
         const at::Tensor first = mix(zxbcdt.narrow(0, 0, 1));
         copy_state(conv_saved[m], conv[m]);
@@ -128,17 +141,18 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
       h = linear3(y);
       ++m;
     } else {
-      TORCH_CHECK(a < k.size() && a < v.size(), "decode_layers: fewer KV buffers than attention layers");
-      const at::Tensor& kb = k[a];
-      const at::Tensor& vb = v[a];
       const at::Tensor qkv = linear3(h);
       TORCH_CHECK(qkv.size(1) == (nq + 2 * nkv) * hd, "decode_layers: qkv width");
-      const int64_t cap = kb.size(1);
+      // row t: its sequence's buffers and position (one sequence: consecutive positions)
+      auto kv_of = [&](int64_t t) { return a * S + (S > 1 ? t : 0); };
+      auto pos_of = [&](int64_t t) { return S > 1 ? pos[t] : pos[0] + t; };
       for (int64_t t = 0; t < T; ++t) {
+        const at::Tensor &kb = k[kv_of(t)], &vb = v[kv_of(t)];
+        const int64_t cap = kb.size(1), at_pos = pos_of(t);
         const float* src = qkv.data_ptr<float>() + t * qkv.size(1);
         for (int64_t j = 0; j < nkv; ++j) {
-          std::memcpy(kb.data_ptr<float>() + (j * cap + pos + t) * hd, src + (nq + j) * hd, sizeof(float) * hd);
-          std::memcpy(vb.data_ptr<float>() + (j * cap + pos + t) * hd, src + (nq + nkv + j) * hd,
+          std::memcpy(kb.data_ptr<float>() + (j * cap + at_pos) * hd, src + (nq + j) * hd, sizeof(float) * hd);
+          std::memcpy(vb.data_ptr<float>() + (j * cap + at_pos) * hd, src + (nq + nkv + j) * hd,
                       sizeof(float) * hd);
         }
       }
@@ -146,7 +160,8 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
       std::vector<at::Tensor> rows;
       rows.reserve(size_t(T));
       for (int64_t t = 0; t < T; ++t)
-        rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), kb, vb, pos + t + 1, scale, threads));
+        rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), k[kv_of(t)], v[kv_of(t)],
+                                        pos_of(t) + 1, scale, threads));
       h = linear3(T == 1 ? rows[0] : at::cat(rows));
       ++a;
     }
@@ -161,8 +176,7 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
       x = at::add(x, h, rm);
     }
   }
-  TORCH_CHECK(at_w == weights.size() && m == conv.size() && a == k.size(),
-              "decode_layers: weights or states left over");
+  TORCH_CHECK(at_w == weights.size(), "decode_layers: weights left over");
   out[0] = x;
   return out;
 }

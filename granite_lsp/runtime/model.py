@@ -264,7 +264,7 @@ class HybridModel:
             # a journaled verify: the kernel copies the states after the first row into the journal
             saved = state.journal_buffers() if journaled and T > 1 else ([], [])
             out = self.kernels.decode_layers(
-                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, pos, matmul_threads(), *saved
+                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, [pos], matmul_threads(), *saved
             )
             if journaled and T > 1:
                 state.recorded(out[1:])

@@ -9,7 +9,9 @@ Mamba conv + scan, attention over its KV) runs row by row.
 Each row's result is the one a single-sequence step (``HybridModel.forward`` with one token) gives that
 sequence: the kernels sum every output element in the same order whatever the number of rows
 (kernels/linear.cpp), and the fused one-call step is bit-identical to the layer-by-layer path it
-mirrors (kernels/step.cpp). tests/test_candidates.py checks it at every ISA level. The torch-ops path
+mirrors (kernels/step.cpp). On the packed kernels all the rows go through that one call too (each row
+on its own sequence's states: ``decode_layers`` with one position per row), the path below otherwise.
+tests/test_candidates.py checks it at every ISA level. The torch-ops path
 (no kernels) may round a row differently than alone (its matmuls pick algorithms by shape).
 """
 
@@ -20,8 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels import GEMV_MAX_ROWS
 from .layers import MambaMixer, add_rms_norm, rms_norm, rope_tables
-from .matmul import linear, small_ops_single_threaded
+from .matmul import linear, matmul_threads, small_ops_single_threaded
 from .model import HybridModel
 from .state import MambaSnapshot, ModelState
 
@@ -63,6 +66,22 @@ def _step(model: HybridModel, tokens: Sequence[int], states: Sequence[ModelState
     if cfg.embedding_multiplier != 1.0:
         x = x * cfg.embedding_multiplier
     x = x.contiguous()
+    if len(states) <= GEMV_MAX_ROWS and model._one_call_step_applies():
+        assert model.kernels is not None  # every layer in one call, each row on its own sequence's states
+        slots = range(len(states[0].conv))
+        x = model.kernels.decode_layers(
+            x,
+            *model._decode_plan(),
+            [s.conv[m] for m in slots for s in states],
+            [s.ssm[m] for m in slots for s in states],
+            [s.kv.k[a] for a in range(len(states[0].kv.k)) for s in states],
+            [s.kv.v[a] for a in range(len(states[0].kv.v)) for s in states],
+            [s.pos for s in states],
+            matmul_threads(),
+        )[0]
+        for s in states:
+            s.advance(1)
+        return model.lm_head_logits(x)
     ropes = [rope_tables(cfg, s.pos, 1, model.dtype, model.device) if cfg.uses_rope else None for s in states]
     rm, eps, k = cfg.residual_multiplier, cfg.rms_norm_eps, model.kernels
     h = rms_norm(x, model.blocks[0].ln_in, eps, k) if model.blocks else x
