@@ -218,6 +218,7 @@ def _final(server: GraniteServer, completion: Completion | None, watch: _Watcher
         "phases": timeline.phases(),
         "behind": timeline.behind,
         "steps_to_visible": timeline.steps_to_visible,
+        "forwards_to_visible": timeline.forwards_to_visible,
         "window": completion.window,
     }
     if completion.alternatives:

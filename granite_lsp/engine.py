@@ -2,24 +2,68 @@
 
 Greedy, because a completion server must be deterministic: the same buffer and cursor give the same
 suggestion, which is what makes typing-through, caching and the exactness tests possible.
+
+The trail: what a generation decoded from a state (its tokens and the logits after each) holds again
+the next time decoding starts from that same state. Typing inside a word sends the same prompt ids
+every keystroke (fim.py withholds the word being typed, the heal), so the next request restores the
+same end-of-prompt checkpoint and its first choices re-run the healing the previous request already
+ran: with a longer heal, the allowed tokens are a subset of the previous ones, so each choice is the
+previous one whenever that is still allowed. On the typing traces those healing tokens were most of the
+time to the first visible text: a median of 2 tokens until one shows text, up to 8, each a decode
+forward (~24 ms bf16) before anything shows. Along the trail the logits are known, so the choices need
+no forward, and the first visible text goes out before any; the tokens taken from the trail are fed
+with the first forward that leaves it (one verify with them in front: the same logits as steps, bit for
+bit, on the packed kernels, ``StateCache.exact_rows``; one step each elsewhere). Exact: the same state
+and the same tokens give the same logits, which the trail only remembers (``StateCache.origin`` says
+when the live state is the trail's start, bit for bit). One trail is kept (the last generation's, at
+most ``TRAIL_ROWS`` rows of vocabulary logits, ~0.4 MB each on the real shape: <= 6.4 MB, outside the
+state cache's ``max_bytes``).
 """
 
 from __future__ import annotations
 
 import codecs
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .fim import FimPrompt
 from .speculate import DraftBudget, DraftSource, PromptLookup, VerifyCost
-from .state_cache import PrefillResult, StateCache
+from .state_cache import Checkpoint, PrefillResult, StateCache
 from .tokens import TextTokenizer
 
 TextSink = Callable[[str], bool]
 """Sees the whole text generated so far after every token; returns False to stop generating."""
+
+# Rows of logits a trail keeps (module docstring): healing takes the first few tokens; a longer path
+# serves a generation that follows the previous one further.
+TRAIL_ROWS = 16
+
+
+@dataclass
+class _Trail:
+    """The last generation's path from a checkpoint's state: the tokens fed after it, in order, and the
+    logits after each (rows[i]: after tokens[: i + 1])."""
+
+    origin: weakref.ref[Checkpoint]
+    tokens: list[int]
+    rows: list[torch.Tensor]
+
+
+@dataclass
+class _Path:
+    tokens: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, tokens: list[int], rows: list[torch.Tensor]) -> None:
+        """The first ``TRAIL_ROWS`` only (a long generation must not hold a row per token)."""
+        room = max(0, TRAIL_ROWS - len(self.tokens))
+        self.tokens += tokens[:room]
+        # A verify's row keeps all of its rows' storage: kept alone, so that a trail holds its rows only.
+        self.rows += [r.clone() if r.untyped_storage().nbytes() > r.nbytes else r for r in rows[: len(tokens)][:room]]
 
 
 @dataclass
@@ -39,6 +83,8 @@ class GenerationStats:
     decode_forwards: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    # Tokens chosen from the trail's logits (module docstring): no forward ran to choose them.
+    trail_tokens: int = 0
 
     @property
     def total_ms(self) -> float:
@@ -65,6 +111,8 @@ class Engine:
         self.drafts: DraftSource = PromptLookup  # where drafts come from (tests force their own)
         self.costs = VerifyCost()  # how many drafts pay on this model and machine
         self._stop_ids = torch.tensor(sorted(tokenizer.control.stop_ids), dtype=torch.long)
+        self.trail = True  # choose along the last generation's trail where it applies (module docstring)
+        self._trail: _Trail | None = None  # the last generation's
 
     def generate(
         self,
@@ -106,6 +154,15 @@ class Engine:
         drafts: list[int] = []
         j, verify_ms = 0, 0.0
         reason = "max_tokens"
+        # The trail (class docstring): while the choices follow it, its rows are the logits and no forward
+        # runs; the tokens taken from it are fed (``unfed``) with the first forward off it.
+        origin = self.cache.origin() if self.trail and isinstance(self.cache, StateCache) else None
+        trail = self._trail if origin is not None and self._trail is not None else None
+        trail = trail if trail is not None and trail.origin() is origin else None
+        on_trail = trail is not None
+        unfed: list[int] = []
+        walked = _Path()  # this generation's tokens after the start state and the logits after each
+        fed_with: tuple[int, list[int], torch.Tensor] | None = None  # a verify's offset, tokens, rows
         while len(ids) < max_tokens:
             if cancelled():
                 reason = "cancelled"
@@ -134,37 +191,71 @@ class Engine:
                 stats.accepted_tokens += 1
                 continue
             if drafts:
-                self._keep(drafts, j, budget, verify_ms)  # the fed token and the drafts the model agreed with
+                assert fed_with is not None
+                self._keep(drafts, j, budget, verify_ms, fed_with, walked)  # the fed token and the drafts kept
+            n = len(ids)
+            if on_trail and trail is not None and n <= len(trail.rows) and trail.tokens[n - 1] == token:
+                row = trail.rows[n - 1]  # what feeding ``token`` would give: no forward
+                unfed.append(token)
+                walked.add([token], [row])
+                rows, drafts, j = [row], [], 0
+                stats.trail_tokens += 1
+                continue
+            on_trail = False
             # Drafts only for tokens that could still be generated (each fed token precedes one).
             limit = min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1) if drafter else 0
             drafts = drafter.propose(limit) if drafter and limit > 0 else []
             j = 0
             stats.decode_forwards += 1
             t_fed = time.perf_counter()
-            if drafts:
+            fed, offset, unfed = [*unfed, token, *drafts], len(unfed), []
+            if drafts or (offset and self.cache.exact_rows):
                 stats.draft_tokens += len(drafts)
-                rows = list(self.cache.verify([token, *drafts]))
+                every = self.cache.verify(fed)
+                rows = list(every[offset:])
                 verify_ms = (time.perf_counter() - t_fed) * 1000.0  # the forward alone, as a step is timed
+                fed_with = (offset, fed, every)
+                if not drafts:  # only tokens taken from the trail in front of ``token``: all stay
+                    self.cache.keep(len(fed))
+                    walked.add([token], rows)
             else:
+                for earlier in fed[:offset]:  # (not on the packed kernels: one step each, as they were made)
+                    self.cache.step(earlier)
                 rows = [self.cache.step(token)]
-                if drafter is not None:
+                walked.add([token], rows)
+                if drafter is not None and not offset:
                     self.costs.observe_step((time.perf_counter() - t_fed) * 1000.0)
         if drafts:
-            self._keep(drafts, j, budget, verify_ms)  # the state has consumed exactly what plain decoding would have
+            assert fed_with is not None
+            self._keep(drafts, j, budget, verify_ms, fed_with, walked)  # as plain decoding would have left it
+        if origin is not None and not (on_trail and trail is not None):
+            self._trail = _Trail(weakref.ref(origin), walked.tokens, walked.rows)
         text += decoder.decode(b"", final=True)
         stats.generated_tokens = len(ids)
         stats.decode_ms = (time.perf_counter() - t0) * 1000.0
         return Generation(text, ids, reason, stats)
 
-    def _keep(self, drafts: list[int], accepted: int, budget: DraftBudget, verify_ms: float) -> None:
-        """After a verify (its forward took ``verify_ms``): keep the fed token and the ``accepted`` drafts,
-        and learn from it. The cost is the forward plus this rollback only, like a plain step's bare
-        forward: choosing the tokens and ``on_text`` (shaping, partials) cost the same either way."""
+    def _keep(
+        self,
+        drafts: list[int],
+        accepted: int,
+        budget: DraftBudget,
+        verify_ms: float,
+        fed_with: tuple[int, list[int], torch.Tensor],
+        walked: _Path,
+    ) -> None:
+        """After a verify (its forward took ``verify_ms``): keep the tokens taken from the trail in front
+        of it, the fed token and the ``accepted`` drafts, and learn from it. The cost is the forward plus
+        this rollback only, like a plain step's bare forward: choosing the tokens and ``on_text``
+        (shaping, partials) cost the same either way (not learnt when trail tokens rode along)."""
+        offset, fed, every = fed_with
         t0 = time.perf_counter()
-        self.cache.keep(accepted + 1)
+        self.cache.keep(offset + accepted + 1)
         keep_ms = (time.perf_counter() - t0) * 1000.0
+        walked.add(fed[offset : offset + accepted + 1], list(every[offset : offset + accepted + 1]))
         budget.update(len(drafts), accepted)
-        self.costs.observe_verify(len(drafts), accepted, verify_ms + keep_ms)
+        if not offset:
+            self.costs.observe_verify(len(drafts), accepted, verify_ms + keep_ms)
 
     def prefill_request(self, doc: str, prompt: FimPrompt, cancelled: Callable[[], bool]) -> PrefillResult:
         """A request's prefill: it stops at the next piece (``StateCache.request_chunk``) once ``cancelled()`` (the

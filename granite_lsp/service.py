@@ -383,6 +383,8 @@ class CompletionService:
         ctx = CursorContext.at(text, cursor, tab_size, insert_spaces)
         shaper = Shaper(ctx, max_lines=max_lines or settings.max_lines) if shape else None
         tokens = [0]
+        cache = self.cache if isinstance(self.cache, StateCache) else None  # counts its decode forwards
+        forwards_before = cache.stats.decode_forwards if cache is not None else 0
 
         def on_text(so_far: str) -> bool:
             if failpoints.fire("slow-token"):
@@ -392,6 +394,8 @@ class CompletionService:
             shown = shaper.preview(so_far) if shaper else so_far
             if shown and moments.steps_to_visible is None:
                 moments.steps_to_visible = tokens[0]
+                if cache is not None:
+                    moments.forwards_to_visible = cache.stats.decode_forwards - forwards_before
                 moments.mark("visible")
             elif moments.steps_to_visible is not None:
                 moments.mark("decoded_on")  # the token after it: its partial was handed over before

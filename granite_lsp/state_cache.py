@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,6 +126,7 @@ class CacheStats:
     abandoned_tokens: int = 0
     forks_refused: int = 0  # candidates' state copies not made: they would not fit under max_bytes
     peak_bytes: int = 0  # the most ``nbytes()`` (+ forks) has been once an eviction made room (see _evict)
+    decode_forwards: int = 0  # step, verify and step_rows calls (the service counts those before the first text)
 
 
 def _mamba_nbytes(state: ModelState) -> int:
@@ -174,6 +176,9 @@ class StateCache:
         self.live_tokens: list[int] = []
         self.live_logits: torch.Tensor | None = None
         self._verified = torch.empty(0)  # the last verify's logits (keep picks the row that stays)
+        # The checkpoint the live state is bit for bit (restored from it, or just taken of it); None once
+        # a forward moved on. Weak: an evicted checkpoint's memory must not stay held through it.
+        self._origin: weakref.ref[Checkpoint] | None = None
         self.checkpoints: list[Checkpoint] = []
         self._tick = itertools.count(1)
 
@@ -251,6 +256,12 @@ class StateCache:
         self._evict(protect=doc)
         return PrefillResult(logits, len(ids), start, pos - start, ms, complete=pos == len(ids))
 
+    def origin(self) -> Checkpoint | None:
+        """The checkpoint whose state the live state is exactly (restored from it or just taken of it), or
+        None. What was decoded from a state holds again from the same state (engine.py's trail)."""
+        origin = self._origin() if self._origin is not None else None
+        return origin if origin is not None and origin in self.checkpoints else None
+
     def remaining(self, ids: list[int]) -> int:
         """Tokens of ``ids`` a prefill would process now: those after the longest prefix held by the live
         state or a checkpoint (what ``prefill`` would restore). Changes nothing."""
@@ -261,12 +272,14 @@ class StateCache:
 
     def step(self, token: int) -> torch.Tensor:
         """Feed one generated token to the live state (decode)."""
+        self.stats.decode_forwards += 1
         return self._run(np.asarray([token], dtype=np.int64))
 
     def verify(self, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` (a generated token, then draft tokens after it) in one journaled forward and
         return every row's logits [len(ids), vocab]; ``keep`` then says how many stay consumed
         (speculative decoding: speculate.py)."""
+        self.stats.decode_forwards += 1
         self.live.journal_next()
         self._verified = self._run(np.asarray(ids, dtype=np.int64), all_logits=True)
         return self._verified
@@ -282,6 +295,7 @@ class StateCache:
             raise
         del self.live_tokens[len(self.live_tokens) - rows + n :]
         self.live_logits = self._verified[n - 1]
+        self._origin = None
 
     @property
     def exact_rows(self) -> bool:
@@ -316,6 +330,7 @@ class StateCache:
         """One decode step for several states at once (runtime/rows.py), ``None`` standing for the live
         state; logits [rows, vocab]. A failure leaves the live state empty, as ``_run`` does."""
         rows = [self.live if s is None else s for s in states]
+        self.stats.decode_forwards += 1
         try:
             logits = step_rows(self.model, tokens, rows)
         except BaseException:
@@ -323,6 +338,7 @@ class StateCache:
             raise
         for token, s, row_logits in zip(tokens, states, logits, strict=True):
             if s is None:
+                self._origin = None
                 self.live_tokens.append(token)
                 self.live_logits = row_logits
         return logits
@@ -368,9 +384,11 @@ class StateCache:
         below = [c for c in self.checkpoints if c.pos < best_pos and _common_prefix(c.tokens, target) == c.pos]
         for c in sorted(below, key=lambda c: c.pos):
             c.last_used = next(self._tick)
+        used = best if best is not None else self.origin() if best_pos else None  # the live state's own counts
+        if used is not None:
+            used.last_used = next(self._tick)
         if best is not None:
-            best.last_used = next(self._tick)
-            self._restore(best.snap, best.hold, best.tokens.tolist(), best.logits)
+            self._restore(best.snap, best.hold, best.tokens.tolist(), best.logits, origin=best)
             logits = best.logits
         elif best_pos == 0 and len(self.live_tokens):
             self._restore(self._zero, None, [], None)
@@ -389,7 +407,12 @@ class StateCache:
         return best_pos, best
 
     def _restore(
-        self, snap: MambaSnapshot, hold: KVHold | None, tokens: list[int], logits: torch.Tensor | None
+        self,
+        snap: MambaSnapshot,
+        hold: KVHold | None,
+        tokens: list[int],
+        logits: torch.Tensor | None,
+        origin: Checkpoint | None = None,
     ) -> None:
         """Continue from ``snap`` on the KV buffer a checkpoint holds (None: the live one)."""
         # A restore or a snapshot copies the Mamba states (~21 MB on the real shape): memory-bound, and on
@@ -399,6 +422,7 @@ class StateCache:
             self.live.restore(snap, hold)
         self.live_tokens = tokens
         self.live_logits = logits
+        self._origin = weakref.ref(origin) if origin is not None else None
 
     def _piece(self, ids: np.ndarray, interrupt: Callable[[], bool]) -> torch.Tensor | None:
         """One piece of a preemptible prefill that looks at ``interrupt`` between two layers: its logits,
@@ -444,6 +468,7 @@ class StateCache:
             raise
         self.live_tokens.extend(ids.tolist())
         self.live_logits = logits[-1] if all_logits else logits
+        self._origin = None
         return logits
 
     def _checkpoint(self, doc: str, end: bool = False, resume: bool = False) -> None:
@@ -470,6 +495,7 @@ class StateCache:
         assert self.live_logits is not None  # a checkpoint is taken after a forward
         new = Checkpoint(doc, tokens, snap, self.live.kv.hold(), self.live_logits, next(self._tick), end, resume)
         self.checkpoints.append(new)
+        self._origin = weakref.ref(new)  # the live state is this snapshot
         self.stats.checkpoints_taken += 1
         if end:
             self._thin_ends(new)

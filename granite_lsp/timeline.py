@@ -45,6 +45,9 @@ class Timeline:
     at: dict[str, float] = field(default_factory=dict)
     behind: str | None = None  # what held the model thread when the request became ready
     steps_to_visible: int | None = None  # tokens generated until the first that showed text
+    # Decode forwards run before that token was chosen (steps_to_visible - 1 without the engine's trail:
+    # each healing token that shows nothing costs one; the trail's tokens none). None: not counted.
+    forwards_to_visible: int | None = None
 
     @classmethod
     def starting_now(cls) -> Timeline:

@@ -88,6 +88,8 @@ def test_the_phases_of_a_streamed_request_add_up_and_its_first_text_goes_out_bef
     assert set(PHASES.values()) <= set(phases), phases  # every moment up to the partial written out
     assert abs(sum(phases[p] for p in PHASES.values()) - phases["first_visible"]) < 1e-3
     assert last["steps_to_visible"] >= 1 and last["processed_tokens"] > 0
+    # The document's first request has no trail to take tokens from (engine.py): a forward per token before.
+    assert last["forwards_to_visible"] == last["steps_to_visible"] - 1
     # The first partial with text was written out before the model chose the token after it.
     assert last["generated_tokens"] > last["steps_to_visible"]
     assert phases["sent_before_next_token"] >= 0

@@ -8,7 +8,9 @@ Two clocks, said apart in the report:
   they add up to it. ``transport`` is the client's figure less the server's, per request: framing,
   parsing and the pipes both ways. ``restore``: the engine's prefill of the requests that had nothing
   left to process (the checkpoint restore alone, part of ``prefill``); ``tokens to text``: tokens
-  generated until one showed text (token healing: healed bytes show nothing, each extra one is a step).
+  generated until one showed text (token healing: healed bytes show nothing), ``forwards to text``: the
+  decode forwards run before it (each healing token costs one, except those taken from the engine's
+  trail: engine.py).
 
 The queue wait (``queue``: ready after the debounce -> the model thread starts it) is also reported by
 what held the model thread when the request became ready (idle, another request, a prefetch, background
@@ -30,7 +32,12 @@ def row_fields(last: dict[str, Any], client_first_visible_ms: float | None) -> d
     server = phases.get("first_visible")
     if client_first_visible_ms is not None and server is not None:
         phases["transport"] = client_first_visible_ms - server
-    return {"phases": phases, "behind": last.get("behind"), "steps_to_visible": last.get("steps_to_visible")}
+    return {
+        "phases": phases,
+        "behind": last.get("behind"),
+        "steps_to_visible": last.get("steps_to_visible"),
+        "forwards_to_visible": last.get("forwards_to_visible"),
+    }
 
 
 def phase_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -43,9 +50,10 @@ def phase_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     restores = [r["prefill_ms"] for r in rows if r.get("processed_tokens") == 0 and r.get("prefill_ms") is not None]
     if restores:  # the engine's prefill when nothing was left to process: the checkpoint restore alone
         out["restore"] = percentiles(restores)
-    steps = [float(r["steps_to_visible"]) for r in rows if r.get("steps_to_visible") is not None]
-    if steps:
-        out["steps_to_visible"] = {k.removesuffix("_ms"): v for k, v in percentiles(steps).items()}
+    for key in ("steps_to_visible", "forwards_to_visible"):
+        counts = [float(r[key]) for r in rows if r.get(key) is not None]
+        if counts:
+            out[key] = {k.removesuffix("_ms"): v for k, v in percentiles(counts).items()}
     return out
 
 
@@ -69,8 +77,9 @@ def print_latency(phases: dict[str, dict[str, float]], waits: dict[str, dict[str
         for name, v in phases.items():
             if name == "restore":
                 print(f"  {'(restore only)':<16}{v['count']:>5}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}")
-            elif name == "steps_to_visible":
-                print(f"  {'tokens to text':<16}{v['count']:>5}{v['median']:>11.1f}{v['p95']:>9.1f}")
+            elif name in ("steps_to_visible", "forwards_to_visible"):
+                label = "tokens to text" if name == "steps_to_visible" else "forwards to text"
+                print(f"  {label:<16}{v['count']:>5}{v['median']:>11.1f}{v['p95']:>9.1f}")
             else:
                 print(f"  {name:<16}{v['count']:>5}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}")
     if waits:
