@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from . import failpoints
+from . import failpoints, memory
 from .timeline import Timeline, WaitStats
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,10 @@ class Scheduler:
             if crashed:
                 self._restart()  # this thread is done for; a fresh one takes over the queue at once
                 return
+            if self._queue.empty():
+                # Idle: the heap's free pages back to the OS (memory.py; ~1 ms). Short prefills, background
+                # pieces and their piece-start snapshots leave freed buffers the long-prefill trim never sees.
+                memory.release()
 
     def _run_one(self, job: Job) -> bool:
         """Run ``job`` and answer it (or queue it again if it was preempted and can resume); True if the
