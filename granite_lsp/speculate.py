@@ -12,6 +12,24 @@ draft: the step is a plain one-token step.
 
 Nothing here decides what is generated; a wrong draft only costs the extra rows of one forward and
 its rollback (runtime/state.py's Journal; bench/verify_cost.py measures it).
+
+A verify runs as one C++ call through every layer, like a plain step (kernels/step.cpp, up to 16 rows;
+it was ~300 Python-dispatched kernel calls), so what a rejected draft costs is its row's arithmetic in
+the matmuls, its scan and the journal's state copy. Measured (bench/verify_cost.py --layered, real
+shape, random weights, 2 threads, depth 512, 11 alternating rounds, medians, on a machine shared by ~6
+engineers at load ~13 on 2 cores: noisy, ratios of the same run), verify + rollback of k rejected drafts
+against a plain step, bf16: k = 1: 1.07x (layer by layer: 1.45x), 2: 1.41x (1.60x), 4: 1.69x (2.21x),
+8: 3.34x (3.67x); int8: 1.26x (1.65x), 1.36x (1.73x), 1.69x (2.17x), 3.02x (3.60x). An earlier bf16 run
+(load ~7) gave 1.14x / 1.58x / 2.37x / 3.74x. So a rejected draft costs ~7-26% of a step for one draft
+and ~17-29% per draft for more, not the issue's < 10%: in process CPU time (not wall) a second row
+costs ~+19% of a one-row call without the journal and ~+23% with it, so the rest is the streaming
+matmuls' per-row arithmetic (kernels/linear*.cpp), which on this loaded machine does not hide behind
+the weights' memory traffic. Past 8 rows the streaming kernels take the rows in a second group (k = 8
+is 9 rows), hence the jump from k = 4 to 8. VerifyCost therefore decides from measured costs, and
+speculation stays on by default: with the model/tiny fixtures' files as context (bench/spec_fixtures.py
+--context) it decodes in 0.59x plain's time (3.43 tokens per forward), and where drafts are refused
+(the fixtures alone: 2 drafts fed in 14 completions) it costs at most a draft's price now and then
+(EXPLORE_COST).
 """
 
 from __future__ import annotations
@@ -45,7 +63,7 @@ class DraftBudget:
     """How many drafts the next verify may feed, from how the request's earlier verifies went.
 
     A verify's extra rows cost arithmetic in every matmul and a rollback when rejected (on 2 busy
-    cores ~0.2-0.4 of a step per row: bench/verify_cost.py), and with weights that do not copy the
+    cores ~0.1-0.3 of a step per row: bench/verify_cost.py), and with weights that do not copy the
     prompt (random ones, or text unlike anything above) nearly every draft is rejected. So: start at
     START_DRAFT, double after a verify whose drafts were all accepted (up to MAX_DRAFT), fall back to
     one more than were accepted otherwise, and after a verify that accepted nothing leave out the
@@ -81,11 +99,11 @@ class DraftBudget:
 class VerifyCost:
     """How many drafts pay on this model and machine, from what the engine measured (across requests).
 
-    A verify of 1 + k rows (its rollback included) costs ``ratio[k]`` plain steps, measured: a fixed
-    part (the verify runs layer by layer, not as the one-call decode step of kernels/step.cpp, and
-    journals the Mamba states) and a part per row (arithmetic in every matmul, the scan). On the real
-    shape that is ~1.4 steps for one draft and ~4 for eight on 2 busy cores (bench/verify_cost.py);
-    on model/tiny, where a step is mostly per-layer overhead, ~3.4 and ~7.5. With ``accept`` the
+    A verify of 1 + k rows (its rollback included) costs ``ratio[k]`` plain steps, measured: a small
+    fixed part (the journal's copy of the Mamba states; the verify is one call like a step,
+    kernels/step.cpp) and a part per row (arithmetic in every matmul, the scan). On the real shape
+    that is ~1.1-1.3 steps for one draft and ~3-3.4 for eight on 2 busy cores (bench/verify_cost.py).
+    With ``accept`` the
     chance that the model agrees with a draft (counted over verifies), k drafts yield
     1 + accept + accept^2 + ... + accept^k tokens for ``ratio[k]`` steps' time: the k with the most
     tokens per step's time is fed, none when no k beats a plain step (1 token per step). Then one

@@ -422,6 +422,30 @@ def test_one_call_rows_and_verify_are_bit_identical(cfg, weights):
     assert torch.equal(one.forward(ids[at : at + 1], s1), layered.forward(ids[at : at + 1], s2))
 
 
+def test_one_call_rejects_malformed_rows_before_touching_a_state():
+    """decode_layers refuses a call it cannot run (rows without a position each, more than 16 rows, a
+    journal for several sequences) with a clear error, and leaves the states as they were."""
+    conf, one, _ = _one_call_and_layered("tiny", "float32")
+    state = one.new_state(64)
+    one.forward(torch.tensor([1, 2, 3]), state)
+    before = [t.clone() for t in (*state.conv, *state.ssm)]
+    plan = one._decode_plan()
+    k, pos = one.kernels, state.pos
+    assert k is not None
+    x = one.embed_rows(torch.tensor([4, 5, 6])).contiguous()
+    lists = (state.conv, state.ssm, state.kv.k, state.kv.v)
+    with pytest.raises(RuntimeError, match="one position, or one per row"):
+        k.decode_layers(x, *plan, *lists, [pos, pos], 1)
+    with pytest.raises(RuntimeError, match="1 <= T <= 16"):
+        k.decode_layers(one.embed_rows(torch.arange(17)).contiguous(), *plan, *lists, [pos], 1)
+    with pytest.raises(RuntimeError, match="one state per Mamba layer and sequence"):
+        k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1)
+    with pytest.raises(RuntimeError, match="a journaled call has one sequence"):
+        k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1, list(state.conv), list(state.ssm))
+    for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_variant_config_matches_transformers():
     hf = _hf_model(VARIANT_CONFIG, seed=3)
     model = _ours(hf, VARIANT_CONFIG, chunk_size=16)
