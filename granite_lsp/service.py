@@ -138,7 +138,12 @@ def _load_weights(
     if settings.random_weights:
         cfg = HybridConfig.load(settings.random_weights)
         weights = random_state_dict(cfg)
-        model = HybridModel.from_state_dict(cfg, weights, dtype=dtype, device=device, quantize=quantize)
+        # Converted tensors leave the dict (their fp32 originals freed one by one) unless the twin needs them:
+        # the real shape's bf16 load peaked at fp32 + bf16 (2.2 GB) with both kept.
+        twin = settings.backend == "transformers"
+        model = HybridModel.from_state_dict(
+            cfg, weights, dtype=dtype, device=device, quantize=quantize, consume=not twin
+        )
     else:
         model = HybridModel.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
     if settings.backend != "transformers":

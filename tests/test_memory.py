@@ -93,10 +93,9 @@ def test_the_cache_never_holds_more_than_its_cap(tiny_loaded) -> None:
     assert 0 < max(peaks) <= cache.max_bytes, peaks
 
 
-def test_the_packed_model_holds_one_copy_of_each_weight() -> None:
+def _assert_one_copy_of_each_weight(model: HybridModel) -> None:
     """bf16 packed: every matrix once in bf16 (the tied embedding is the lm_head's rows, not a copy),
     norms and SSM parameters in fp32, nothing else; no original or converted copy left behind."""
-    model = HybridModel.from_pretrained(TINY, dtype=torch.bfloat16)
     assert model.packed and model.embed is None and model.config.tie_word_embeddings
     want = 0
     for name, shape in expected_shapes(model.config).items():
@@ -105,6 +104,40 @@ def test_the_packed_model_holds_one_copy_of_each_weight() -> None:
     assert model.weight_bytes() == want
     held = reachable_storages(model)
     assert sum(held.values()) == want, (sum(held.values()) - want, len(held))
+
+
+def test_the_packed_model_holds_one_copy_of_each_weight() -> None:
+    _assert_one_copy_of_each_weight(HybridModel.from_pretrained(TINY, dtype=torch.bfloat16))
+
+
+def test_random_weights_are_converted_out_of_their_dict_into_the_same_model() -> None:
+    """The server's random-weights load (the bench's real shape) consumes the fp32 dict as it converts
+    (the originals freed one by one, not all kept until the end: a lower load peak, measured in the
+    commit): the model it builds holds one copy of each weight, bit for bit those of a conversion that
+    keeps the dict."""
+    from granite_lsp.runtime.weights import random_state_dict
+    from granite_lsp.service import load
+    from granite_lsp.settings import Settings
+
+    config = TINY / "config.json"
+    loaded = load(Settings().updated({"model": str(TINY), "randomWeights": str(config), "dtype": "bfloat16"}))
+    _assert_one_copy_of_each_weight(loaded.model)
+    kept = HybridModel.from_state_dict(config, random_state_dict(loaded.model.config), dtype=torch.bfloat16)
+    ours = sorted(reachable_storages(loaded.model).values())
+    assert ours == sorted(reachable_storages(kept).values())
+    for a, b in zip(_tensors(loaded.model), _tensors(kept), strict=True):
+        assert torch.equal(a, b)
+
+
+def _tensors(model: HybridModel) -> list[torch.Tensor]:
+    """The model's weights in a fixed order (packed matrices by their weight)."""
+    out = [model.lm_head.weight, model.final_norm]
+    for block in model.blocks:
+        for part in (block.ln_in, block.ln_post, *vars(block.mixer).values(), *vars(block.mlp).values()):
+            t = getattr(part, "weight", part)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
 
 
 def test_the_server_reports_its_memory_by_stage_and_its_cache_stays_under_the_cap() -> None:
