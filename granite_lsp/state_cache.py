@@ -247,8 +247,11 @@ class StateCache:
         if logits is None:  # abandoned its first piece from the empty state: no position reached
             assert pos == 0
             logits = torch.empty(0)
-        if pos - start >= RELEASE_AFTER_TOKENS:
-            memory.release()  # a long prefill's activations
+        if pos - start >= RELEASE_AFTER_TOKENS and not yielded:
+            # A long prefill's activations. Not when it yielded: a request waits for this return (a trim
+            # walks the whole heap), a yielding prefill ran in pieces whose activations are small, and the
+            # prefill that completes later trims.
+            memory.release()
         ms = (time.perf_counter() - t0) * 1000.0
         self.stats.prefills += 1
         self.stats.tokens_reused += start
