@@ -413,3 +413,37 @@ def test_int8_products_quantize_activations_only() -> None:
         for rows in (x[:5], x):  # streaming, GEMM
             y = layer(rows, threads=2)
             assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(len(rows)) != 3]).any()
+
+
+@needs_ext
+@pytest.mark.parametrize("heads,head_dim,state,groups", [(48, 32, 128, 1), (8, 16, 32, 2), (4, 6, 16, 1)])
+def test_mamba_mixer_one_token_at_a_time_equals_a_batch(heads: int, head_dim: int, state: int, groups: int) -> None:
+    """A decode token (T = 1: mamba.cpp's decode_head, one pass per head on the pool, where
+    head_dim % 8 == 0) leaves the same bits in y, the conv state and the SSM state as the same
+    tokens inside one call of several (the general path): speculative decoding's verify and a
+    plain step must agree exactly. (4, 6, 16): a head dim the decode pass leaves to the general path."""
+    ops = _ops()
+    g = torch.Generator().manual_seed(heads)
+    E, K = heads * head_dim, 4
+    C = E + 2 * groups * state
+    conv_w, conv_b = torch.randn(K, C, generator=g) * 0.3, torch.randn(C, generator=g) * 0.1
+    dt_bias, A, D = (
+        torch.randn(heads, generator=g),
+        -torch.rand(heads, generator=g) - 0.1,
+        torch.randn(heads, generator=g),
+    )
+    norm_w = torch.rand(E, generator=g) + 0.5
+    rows = torch.randn(5, E + C + heads, generator=g)
+    conv0, ssm0 = torch.randn(K - 1, C, generator=g), torch.randn(heads, head_dim, state, generator=g) * 0.1
+
+    def mix(z: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+        args = (dt_bias, A, D, ssm, norm_w, groups, 1e-5, 1e-3, 0.5, 2)
+        return ops.mamba_mixer(z.contiguous(), conv, conv_w, conv_b, *args)
+
+    conv_b1, ssm_b1 = conv0.clone(), ssm0.clone()
+    batched = mix(rows, conv_b1, ssm_b1)
+    conv_s, ssm_s = conv0.clone(), ssm0.clone()
+    alone = torch.cat([mix(rows[t : t + 1], conv_s, ssm_s) for t in range(rows.shape[0])])
+    assert torch.equal(alone, batched)
+    assert torch.equal(conv_s, conv_b1) and torch.equal(ssm_s, ssm_b1)
+    assert not torch.equal(ssm_s, ssm0) and torch.equal(conv_s[-1], rows[-1, E : E + C])

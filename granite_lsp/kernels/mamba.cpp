@@ -14,7 +14,8 @@ namespace {
 // cost is ~2.5 FMAs per state element per token and nothing else. The chunked matmul ("SSD")
 // form that GPUs want does more arithmetic than that here (~10 K against ~8 K multiply-adds per
 // token and head for the real shape) plus [L, L] decay blocks, and in torch ops it spent more
-// time in small-op overhead than in math. Decode is the same code with T = 1.
+// time in small-op overhead than in math. Decode (T = 1) takes one pass per head
+// instead (decode_head below), with the same operations on every value.
 //
 // Tokens go in pairs: one load and one store of the state per pair halves the state's memory
 // traffic, which with the three FP operations per element bounds the loop. With each token's B
@@ -164,6 +165,90 @@ void mamba_head(const void* ctx, int64_t h) {
   }
 }
 
+// Causal depthwise conv + SiLU of channels [c0, c1) of one token, its window's K rows in src (the
+// oldest first), into o: 8 channels at a time on vectors, the rest with std::exp's SiLU. Every path
+// (any T, the decode token's heads) calls this one, so a channel's value never depends on the path.
+void conv_span(const float* const* src, const float* cw, const float* cb, int64_t C, int64_t K, int64_t c0, int64_t c1,
+               float* o) {
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8, o += 8) {
+    __m256 acc = cb ? _mm256_loadu_ps(cb + c) : _mm256_setzero_ps();
+    for (int64_t j = 0; j < K; ++j)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(src[j] + c), _mm256_loadu_ps(cw + j * C + c), acc);
+    _mm256_storeu_ps(o, silu8(acc));
+  }
+  for (; c < c1; ++c, ++o) {
+    float acc = cb ? cb[c] : 0.0f;
+    for (int64_t j = 0; j < K; ++j) acc += src[j][c] * cw[j * C + c];
+    *o = silu(acc);
+  }
+}
+
+// dt = clamp(softplus(raw + bias)) and decay = exp(max(dt * A, -80)), as in runtime/ssm.py.
+inline void dt_decay(float raw, float bias, float A, float dt_min, float dt_max, float* dt, float* decay) {
+  const float v = raw + bias;
+  float sp = v > 20.0f ? v : std::log1p(std::exp(v));
+  sp = std::min<float>(std::max<float>(sp, dt_min), dt_max);
+  *dt = sp;
+  *decay = std::exp(std::max(sp * A, -80.0f));
+}
+
+// One head's y (its P channels, from the head's first one in y, x and z): the D skip, gated by silu(z).
+inline void gate_head(float* y, const float* x, const float* z, float Dh, int64_t P) {
+  const __m256 d = _mm256_set1_ps(Dh);
+  int64_t i = 0;
+  for (; i + 8 <= P; i += 8) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), d, _mm256_loadu_ps(y + i));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(v, silu8(_mm256_loadu_ps(z + i))));
+  }
+  for (; i < P; ++i) y[i] = (y[i] + x[i] * Dh) * silu(z[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One decode token (T = 1) in one pass per head, the heads shared between the threads: the head's
+// conv channels and SiLU, its conv-state channels shifted, its dt and decay, its state rows, its
+// gate. The general path ran the conv, dt and gate on one thread between three pool jobs, over
+// scratch buffers and a copy of the whole conv state; here only B and C's conv (shared by a group's
+// heads) and the group norm stay on the calling thread. Each value goes through the same functions
+// in the same order (conv_span over channels that start at a multiple of 8 with P % 8 == 0,
+// dt_decay, state_rows4 / state_row, gate_head), so the results are the general path's bits:
+// a token decoded alone equals the same token inside a batch (speculative decoding relies on it).
+
+struct DecodeToken {
+  float* ssm;       // [H, P, N]
+  float* cs;        // conv state [K - 1, C]
+  const float* in;  // the token's zxbcdt row [E + C + H]
+  const float* cw;  // [K, C]
+  const float* cb;  // [C] or null
+  const float* bc;  // the token's B and C after the conv [2 G N]
+  const float *db, *A, *D;
+  float* y;  // [E]
+  int64_t H, P, N, G, E, C, K;
+  float dt_min, dt_max;
+};
+
+void decode_head(const void* ctx, int64_t h) {
+  const auto& d = *static_cast<const DecodeToken*>(ctx);
+  const int64_t P = d.P, N = d.N, C = d.C, E = d.E, K = d.K, c0 = h * P;
+  const int64_t g = h / (d.H / d.G);
+  const float* src[kMaxConvWidth];
+  for (int64_t j = 0; j + 1 < K; ++j) src[j] = d.cs + j * C;
+  src[K - 1] = d.in + E;
+  float x[kMaxHeadDim], xdt[kMaxHeadDim];  // a pool task allocates nothing (so it cannot throw)
+  conv_span(src, d.cw, d.cb, C, K, c0, c0 + P, x);
+  // the conv state keeps the last K - 1 raw inputs: this head's channels move up a row
+  for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(d.cs + j * C + c0, src[j + 1] + c0, sizeof(float) * P);
+  float dt, decay;
+  dt_decay(d.in[E + C + h], d.db[h], d.A[h], d.dt_min, d.dt_max, &dt, &decay);
+  for (int64_t p = 0; p < P; ++p) xdt[p] = x[p] * dt;
+  const TokenRows tr{d.bc + g * N, d.bc + d.G * N + g * N, xdt, decay, d.y + c0};
+  float* state = d.ssm + h * P * N;
+  const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
+  for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, tr.from(p));
+  for (int64_t p = P4; p < P; ++p) tr.y[p] = state_row(state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
+  gate_head(d.y + c0, x, d.in + c0, d.D[h], P);
+}
+
 }  // namespace
 
 // zxbcdt [T, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
@@ -197,6 +282,41 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   float* cs = conv_state.data_ptr<float>();
   const float* cw = conv_w.data_ptr<float>();
   const float* cb = conv_b ? conv_b->data_ptr<float>() : nullptr;
+  const float* Dp = D.data_ptr<float>();
+  const float* nw = norm_w.data_ptr<float>();
+  const int64_t per = E / G;
+  if (T == 1 && P % 8 == 0) {            // decode_head's channels then start where the general path's vectors do
+    thread_local std::vector<float> bc;  // kept between calls: a step decodes ~30 of these
+    bc.resize(size_t(C - E));
+    const float* src[kMaxConvWidth];
+    for (int64_t j = 0; j + 1 < K; ++j) src[j] = cs + j * C;
+    src[K - 1] = in + E;
+    conv_span(src, cw, cb, C, K, E, C, bc.data());
+    for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(cs + j * C + E, src[j + 1] + E, sizeof(float) * (C - E));
+    float* y = out.data_ptr<float>();
+    const DecodeToken d{ssm_state.data_ptr<float>(),
+                        cs,
+                        in,
+                        cw,
+                        cb,
+                        bc.data(),
+                        dt_bias.data_ptr<float>(),
+                        A.data_ptr<float>(),
+                        Dp,
+                        y,
+                        H,
+                        P,
+                        N,
+                        G,
+                        E,
+                        C,
+                        K,
+                        float(dt_min),
+                        float(dt_max)};
+    pool().run(&decode_head, &d, H, n_threads - 1);
+    for (int64_t g = 0; g < G; ++g) rms_norm_row(y + g * per, nw + g * per, y + g * per, per, float(eps));
+    return out;
+  }
   // (1) causal depthwise conv over [state; inputs] and SiLU, rows in parallel. Row j of
   // [state; inputs] is state row j while j < K - 1, else raw input j - (K - 1); token t's window
   // is rows t .. t + K - 1.
@@ -206,27 +326,12 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   const int64_t BC = C - E;
   const auto x_buf = scratch(size_t(T * E)), bc_buf = scratch(size_t(T * BC));
   float *const xs = x_buf.get(), *const bcs = bc_buf.get();
-  // channels c0 .. c1 of token t (window src) into o
-  auto conv_span = [&](const float* const* src, int64_t c0, int64_t c1, float* o) {
-    int64_t c = c0;
-    for (; c + 8 <= c1; c += 8, o += 8) {
-      __m256 acc = cb ? _mm256_loadu_ps(cb + c) : _mm256_setzero_ps();
-      for (int64_t j = 0; j < K; ++j)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(src[j] + c), _mm256_loadu_ps(cw + j * C + c), acc);
-      _mm256_storeu_ps(o, silu8(acc));
-    }
-    for (; c < c1; ++c, ++o) {
-      float acc = cb ? cb[c] : 0.0f;
-      for (int64_t j = 0; j < K; ++j) acc += src[j][c] * cw[j * C + c];
-      *o = silu(acc);
-    }
-  };
   auto conv_rows = [&](int64_t t0, int64_t t1) {
     const float* src[kMaxConvWidth];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
-      conv_span(src, 0, E, xs + t * E);
-      conv_span(src, E, C, bcs + t * BC);
+      conv_span(src, cw, cb, C, K, 0, E, xs + t * E);
+      conv_span(src, cw, cb, C, K, E, C, bcs + t * BC);
     }
   };
   parallel_rows(T, 16, n_threads, conv_rows);
@@ -241,13 +346,8 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   const float* Ap = A.data_ptr<float>();
   parallel_rows(T, 64, n_threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float v = in[t * W + E + C + h] + db[h];
-        float sp = v > 20.0f ? v : std::log1p(std::exp(v));
-        sp = std::min<float>(std::max<float>(sp, float(dt_min)), float(dt_max));
-        dt[t * H + h] = sp;
-        decay[t * H + h] = std::exp(std::max(sp * Ap[h], -80.0f));
-      }
+      for (int64_t h = 0; h < H; ++h)
+        dt_decay(in[t * W + E + C + h], db[h], Ap[h], float(dt_min), float(dt_max), dt + t * H + h, decay + t * H + h);
     }
   });
   // (3) the scan, one head per task
@@ -255,23 +355,12 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E};
   pool().run(&mamba_head, &m, H, n_threads - 1);
   // (4) D skip, gate with silu(z), RMS-normalise within each group, scale
-  const float* Dp = D.data_ptr<float>();
-  const float* nw = norm_w.data_ptr<float>();
-  const int64_t per = E / G;
   auto gate_rows = [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* yt = y + t * E;
       const float* xt = xs + t * E;
       const float* zt = in + t * W;
-      for (int64_t h = 0; h < H; ++h) {
-        const __m256 d = _mm256_set1_ps(Dp[h]);
-        int64_t i = h * P;
-        for (; i + 8 <= (h + 1) * P; i += 8) {
-          const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(xt + i), d, _mm256_loadu_ps(yt + i));
-          _mm256_storeu_ps(yt + i, _mm256_mul_ps(v, silu8(_mm256_loadu_ps(zt + i))));
-        }
-        for (; i < (h + 1) * P; ++i) yt[i] = (yt[i] + xt[i] * Dp[h]) * silu(zt[i]);
-      }
+      for (int64_t h = 0; h < H; ++h) gate_head(yt + h * P, xt + h * P, zt + h * P, Dp[h], P);
       for (int64_t g = 0; g < G; ++g) rms_norm_row(yt + g * per, nw + g * per, yt + g * per, per, float(eps));
     }
   };
