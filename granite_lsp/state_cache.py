@@ -65,11 +65,13 @@ MIN_CHECKPOINT_GAP = 16
 # End-of-prompt checkpoints of a document's current token path kept as they are: backspace and a
 # fixed typo restore one of them exactly. Older ones are thinned to MIN_CHECKPOINT_GAP apart.
 RECENT_ENDS = 4
-# Tokens a preemptible prefill runs between two ``should_yield`` checks: a request that arrives while
-# background work runs waits for at most one such piece. Sized from issue 15's figures (real shape, bf16,
-# 2 idle cores: ~1,600 prompt tokens in ~5 s, ~3 ms a token): 32 tokens ~100 ms. On the shared machine
-# of this session (load ~20 on 2 cores) a piece measured 1-4 s (granite/stats background.piece_ms_*),
-# everything else there being as much slower. Smaller pieces cost the GEMMs their efficiency.
+# Tokens a preemptible prefill runs between two ``should_yield`` checks, and the checkpoint granularity
+# it resumes from. A request no longer waits for a whole piece (``interrupt``: one layer, or the rest of
+# a piece within FINISH_MS), so this trades what an abandoned piece loses against a piece's fixed cost
+# (a whole forward's weights streamed once): bench/piece_cost.py measured (real shape, bf16, 2 threads,
+# depth 1,500, a loaded shared machine) a piece at 235 ms + 13.4 ms a token: per token, a 32-token piece
+# cost 1.46x a 64-token one. Pieces of 32 measured 120-210 ms on a quiet machine. Larger pieces would
+# make work ahead faster (not measured on the traces yet: issue 15's report says so).
 PREEMPT_CHUNK = 32
 # A piece asked to stop between two layers (a request is waiting) finishes when what is left of it is
 # estimated (its time so far per layer, times the layers left) at no more than this, and is abandoned

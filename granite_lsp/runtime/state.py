@@ -225,6 +225,13 @@ class ModelState:
     fresh buffers (snapshots stay valid values, forward never mutates them), while ``kv`` is
     used in place, rewound to ``mamba.pos`` (positions of it that something ``hold``s are not
     overwritten: see ``prepare``); it must hold at least that many.
+
+    Consistent only between two forwards: a forward advances the layers one after another, in place, so
+    a forward that stops midway (an exception, ``model.Interrupted``) leaves the first layers' Mamba
+    states past tokens the others have not seen, which is the state of no token list. Restoring a
+    snapshot taken before that forward makes it consistent again: the Mamba states are copied back and
+    the KV rewound to the snapshot's position (what the forward wrote past it is overwritten later);
+    state_cache.StateCache takes one per piece of background work for that.
     """
 
     def __init__(self, kv: KVCache, mamba: MambaSnapshot) -> None:
