@@ -100,6 +100,8 @@ def split(rss: dict[str, float]) -> dict[str, float]:
     ``rest_mb``, what is left (kernels, tokenizer, activations, the allocator's free pages, forks of the
     state for alternatives). The cache's most and the RSS peak need not coincide, so ``rest_mb`` is a
     floor of the rest at the peak; ``rest_end_mb`` is the rest at the end, everything read together."""
+    if "peak_mb" not in rss:
+        return {}  # nothing sampled (no /proc)
     peak = max(rss.get("serving_peak_mb", 0.0), rss["peak_mb"])
     out = {"replay_peak_mb": peak, "over_bound_mb": peak - rss["bound_mb"]}
     if "baseline_mb" in rss:

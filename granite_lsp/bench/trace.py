@@ -191,8 +191,8 @@ def run_mode(mode: str, trace: list[dict[str, Any]], args: argparse.Namespace) -
                     f"decode {r['decode_ms']:.0f} ms, request {r['request_ms']:.0f} ms",
                     file=sys.stderr,
                 )
-    replay_rss = {**rss.stop(), **rss_bound(server.call("granite/stats", None)), "runtime_mb": runtime_baseline_mb()}
-    replay_rss.update(split(replay_rss))
+    measured = {**rss.stop(), **rss_bound(server.call("granite/stats", None))}
+    replay_rss = {**measured, **split(measured), "runtime_mb": runtime_baseline_mb()}
     stats = server.call("granite/stats", None)
     peak = lifetime_peak_mb(server.peak_rss_mb(), stats)
     server.close()
