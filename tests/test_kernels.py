@@ -447,3 +447,46 @@ def test_mamba_mixer_one_token_at_a_time_equals_a_batch(heads: int, head_dim: in
     assert torch.equal(alone, batched)
     assert torch.equal(conv_s, conv_b1) and torch.equal(ssm_s, ssm_b1)
     assert not torch.equal(ssm_s, ssm0) and torch.equal(conv_s[-1], rows[-1, E : E + C])
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "heads,head_dim,state,groups,tokens", [(6, 32, 128, 1, 53), (8, 24, 20, 2, 17), (4, 8, 12, 2, 40)]
+)
+def test_mamba_prefill_chunks_equal_the_recurrence(
+    heads: int, head_dim: int, state: int, groups: int, tokens: int
+) -> None:
+    """From 17 tokens on mamba.cpp scans in chunks (the matmul form, mamba_head_chunked); up to 16 it
+    runs the recurrence. The same tokens in one call and in pieces of at most 16 leave y and the SSM
+    state within rounding of each other (full chunks and a tail; head dims with 8-lane blocks left
+    over; a d_state not a multiple of 8; two groups), the conv state bit for bit; and a NaN in one
+    token's input reaches only the rows at and after it (no masked products over later tokens)."""
+    ops = _ops()
+    g = torch.Generator().manual_seed(tokens)
+    E, K = heads * head_dim, 4
+    C = E + 2 * groups * state
+    conv_w, conv_b = torch.randn(K, C, generator=g) * 0.3, torch.randn(C, generator=g) * 0.1
+    dt_bias, A, D = (
+        torch.randn(heads, generator=g),
+        -torch.rand(heads, generator=g) * 4 - 0.1,  # some heads forget within a chunk
+        torch.randn(heads, generator=g),
+    )
+    norm_w = torch.rand(E, generator=g) + 0.5
+    rows = torch.randn(tokens, E + C + heads, generator=g)
+    conv0, ssm0 = torch.randn(K - 1, C, generator=g), torch.randn(heads, head_dim, state, generator=g) * 0.1
+
+    def mix(z: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+        args = (dt_bias, A, D, ssm, norm_w, groups, 1e-5, 0.0, float("inf"), 2)
+        return ops.mamba_mixer(z.contiguous(), conv, conv_w, conv_b, *args)
+
+    conv_c, ssm_c = conv0.clone(), ssm0.clone()
+    chunked = mix(rows, conv_c, ssm_c)
+    conv_r, ssm_r = conv0.clone(), ssm0.clone()
+    pieces = torch.cat([mix(rows[t : t + 16], conv_r, ssm_r) for t in range(0, tokens, 16)])
+    assert (chunked - pieces).abs().max().item() <= 1e-4 * max(1.0, pieces.abs().max().item())
+    assert (ssm_c - ssm_r).abs().max().item() <= 1e-5 * max(1.0, ssm_r.abs().max().item())
+    assert not torch.equal(ssm_c, ssm0) and torch.equal(conv_c, conv_r)
+    bad = rows.clone()
+    bad[tokens - 3, E] = float("nan")  # x of the first head, three tokens before the end
+    y = mix(bad, conv0.clone(), ssm0.clone())
+    assert torch.isfinite(y[: tokens - 3]).all() and torch.isnan(y[tokens - 3 :]).any()
