@@ -248,6 +248,7 @@ class CompletionService:
                     raise RuntimeError("the local engine needs the model's weights")
                 self.cache = StateCache(loaded.model, max_bytes=settings.cache_mb << 20, enabled=settings.reuse)
             self.engine = Engine(loaded.tokenizer, self.cache, speculate=self._speculates(settings))
+            self.engine.trail = settings.trail
         self._documents: dict[str, DocumentMemory] = {}
         self.typed_through = 0  # answers served from a document's last suggestion
         self.decoded_tokens = 0  # tokens generated over all calls, cancelled ones included
@@ -260,6 +261,7 @@ class CompletionService:
             self.cache.enabled = settings.reuse
         if isinstance(self.engine, Engine):
             self.engine.speculate = self._speculates(settings)
+            self.engine.trail = settings.trail
 
     def _speculates(self, settings: Settings) -> bool:
         """Speculative decoding needs the runtime's state rollback (StateCache.verify/keep, not the

@@ -80,6 +80,7 @@ class Settings:
     early_first_line: bool = setting(True, "answer standard clients once the first line is complete")
     type_through: bool = setting(True, "answer keystrokes that match the shown suggestion from it")
     speculate: bool = setting(True, "speculative decoding: draft tokens from the prompt, verified several per forward")
+    trail: bool = setting(True, "healing tokens decoded from the same state before: chosen without a forward")
     # Benchmark-only knobs: a random-weight model of a given config, and transformers as the backend.
     random_weights: str = setting("", "config of a model to build with random weights", reload=True, allow_empty=True)
     backend: str = setting("native", "generation backend", choices=("native", "transformers"), reload=True)

@@ -35,8 +35,8 @@ OPTIONS = {
 
 def _service(tiny_loaded, model: HybridModel, trail: bool, speculate: bool) -> CompletionService:
     loaded = dataclasses.replace(tiny_loaded, model=model)
-    service = CompletionService(loaded, Settings().updated({**OPTIONS, "speculate": speculate}))
-    service.engine.trail = trail
+    service = CompletionService(loaded, Settings().updated({**OPTIONS, "speculate": speculate, "trail": trail}))
+    assert service.engine.trail == trail
     return service
 
 

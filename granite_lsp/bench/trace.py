@@ -76,6 +76,7 @@ def _start(mode: str, args: argparse.Namespace) -> tuple[RpcClient, float]:
         else (args.random_weights or ""),
         "debounceMs": 0,
         "progressive": getattr(args, "progressive", True),
+        "trail": getattr(args, "trail", True),
     }
     cmd = [sys.executable, "-m", "granite_lsp", "--stdio", "--model", str(args.model), "--device", args.device]
     cmd += ["--dtype", args.dtype]
@@ -361,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         dest="progressive",
         action="store_false",
         help="serve every request from the full window (no short window first; progressive.py)",
+    )
+    p.add_argument(
+        "--no-trail",
+        dest="trail",
+        action="store_false",
+        help="no choices from the previous generation's trail (engine.py): every healing token a forward",
     )
     p.add_argument("--limit", type=int, default=0, help="replay only the first N trace operations")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
