@@ -15,7 +15,13 @@ no forward, and the first visible text goes out before any; the tokens taken fro
 with the first forward that leaves it (one verify with them in front: the same logits as steps, bit for
 bit, on the packed kernels, ``StateCache.exact_rows``; one step each elsewhere). Exact: the same state
 and the same tokens give the same logits, which the trail only remembers (``StateCache.origin`` says
-when the live state is the trail's start, bit for bit). One trail is kept (the last generation's, at
+when the live state is the trail's start, bit for bit).
+
+A word typed to its end and followed by a boundary ("foo" then " ") puts the word into the prompt:
+when it is one token and the last generation's first (``Engine._lead``), the prompt is the trail's
+start plus that token, its logits are the trail's first row, and its one-token prefill (the same
+arithmetic as the step that made that row) runs after the first choices, exactly as it would have
+run before them. One trail is kept (the last generation's, at
 most ``TRAIL_ROWS`` rows of vocabulary logits, ~0.4 MB each on the real shape: <= 6.4 MB, outside the
 state cache's ``max_bytes``).
 """
@@ -28,6 +34,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .fim import FimPrompt
@@ -85,6 +92,8 @@ class GenerationStats:
     accepted_tokens: int = 0
     # Tokens chosen from the trail's logits (module docstring): no forward ran to choose them.
     trail_tokens: int = 0
+    # The prompt ended with the trail's first token: its one-token prefill ran after the first choices.
+    lead: bool = False
 
     @property
     def total_ms(self) -> float:
@@ -133,11 +142,23 @@ class Engine:
         stats = GenerationStats()
         if cancelled():
             return Generation("", [], "cancelled", stats)
-        pre = self.prefill_request(doc, prompt, cancelled)
-        stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
-        stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
-        if not pre.complete:
-            return Generation("", [], "cancelled", stats)
+        lead = self._lead(prompt)
+        if lead is None:
+            pre = self.prefill_request(doc, prompt, cancelled)
+            stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
+            stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
+            if not pre.complete:
+                return Generation("", [], "cancelled", stats)
+            first = pre.logits
+        else:
+            first = lead.rows[0]  # the prompt's last token is the trail's first: its prefill waits (_lead)
+
+        def settle() -> Checkpoint | None:
+            """The prefill ``_lead`` put off, as it would have run first: restore, one token, checkpoint."""
+            pre = self.prefill_request(doc, prompt, lambda: False)
+            stats.prompt_tokens, stats.reused_tokens = pre.prompt_tokens, pre.reused_tokens
+            stats.processed_tokens, stats.prefill_ms = pre.processed_tokens, pre.prefill_ms
+            return self.cache.origin() if isinstance(self.cache, StateCache) else None
 
         t0 = time.perf_counter()
         table = self.tokenizer.token_bytes
@@ -150,15 +171,18 @@ class Engine:
         budget = DraftBudget()
         # rows[j]: the logits after the last fed token and the first j of ``drafts`` (one verify
         # forward fed them all); row j + 1 counts only while the choices equal the drafts.
-        rows: list[torch.Tensor] = [pre.logits]
+        rows: list[torch.Tensor] = [first]
         drafts: list[int] = []
         j, verify_ms = 0, 0.0
         reason = "max_tokens"
         # The trail (class docstring): while the choices follow it, its rows are the logits and no forward
         # runs; the tokens taken from it are fed (``unfed``) with the first forward off it.
-        origin = self.cache.origin() if self.trail and isinstance(self.cache, StateCache) else None
-        trail = self._trail if origin is not None and self._trail is not None else None
-        trail = trail if trail is not None and trail.origin() is origin else None
+        # ``base``: trail tokens the prompt itself ends with (1 with a lead, whose prefill is put off).
+        deferred, base = lead is not None, int(lead is not None)
+        stats.lead = deferred
+        origin = None if deferred or not self.trail or not isinstance(self.cache, StateCache) else self.cache.origin()
+        trail = lead if deferred else self._trail if origin is not None else None
+        trail = trail if deferred or (trail is not None and trail.origin() is origin) else None
         on_trail = trail is not None
         unfed: list[int] = []
         walked = _Path()  # this generation's tokens after the start state and the logits after each
@@ -193,7 +217,7 @@ class Engine:
             if drafts:
                 assert fed_with is not None
                 self._keep(drafts, j, budget, verify_ms, fed_with, walked)  # the fed token and the drafts kept
-            n = len(ids)
+            n = len(ids) + base
             if on_trail and trail is not None and n <= len(trail.rows) and trail.tokens[n - 1] == token:
                 row = trail.rows[n - 1]  # what feeding ``token`` would give: no forward
                 unfed.append(token)
@@ -202,6 +226,8 @@ class Engine:
                 stats.trail_tokens += 1
                 continue
             on_trail = False
+            if deferred:
+                origin, deferred = settle(), False
             # Drafts only for tokens that could still be generated (each fed token precedes one).
             limit = min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1) if drafter else 0
             drafts = drafter.propose(limit) if drafter and limit > 0 else []
@@ -228,12 +254,31 @@ class Engine:
         if drafts:
             assert fed_with is not None
             self._keep(drafts, j, budget, verify_ms, fed_with, walked)  # as plain decoding would have left it
-        if origin is not None and not (on_trail and trail is not None):
+        if deferred:  # never left the trail: the prompt's checkpoint is taken all the same
+            origin = settle()
+        if origin is not None and not (on_trail and not base):
             self._trail = _Trail(weakref.ref(origin), walked.tokens, walked.rows)
         text += decoder.decode(b"", final=True)
         stats.generated_tokens = len(ids)
         stats.decode_ms = (time.perf_counter() - t0) * 1000.0
         return Generation(text, ids, reason, stats)
+
+    def _lead(self, prompt: FimPrompt) -> _Trail | None:
+        """The trail, when ``prompt`` is its start plus its first token (a word typed to its end and a
+        boundary after it, where that word was the token the last generation chose first) and a prefill
+        would start from that very state: that one-token prefill (a forward exactly like the step that
+        made the trail's first row) is then put off until a forward is needed anyway, after the first
+        visible text. Two or more new tokens are prefilled together (not a step's arithmetic): no lead."""
+        trail, cache = self._trail, self.cache
+        if not self.trail or trail is None or not isinstance(cache, StateCache) or not trail.rows:
+            return None
+        origin = trail.origin()
+        ids = prompt.ids
+        if origin is None or len(ids) != origin.pos + 1 or ids[-1] != trail.tokens[0]:
+            return None
+        if cache.starts_from(ids) is not origin or not np.array_equal(origin.tokens, ids[:-1]):
+            return None
+        return trail
 
     def _keep(
         self,

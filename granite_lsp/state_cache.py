@@ -267,6 +267,17 @@ class StateCache:
         origin = self._origin() if self._origin is not None else None
         return origin if origin is not None and origin in self.checkpoints else None
 
+    def starts_from(self, ids: list[int]) -> Checkpoint | None:
+        """The checkpoint whose state a prefill of ``ids`` would continue from now (restored, or the live
+        state's ``origin`` when the live state covers the most), or None. Changes nothing."""
+        if not self.enabled or not ids:
+            return None
+        pos, best = self._covered(np.asarray(ids, dtype=np.int64))
+        if best is not None:
+            return best
+        origin = self.origin()
+        return origin if pos and origin is not None and origin.pos == pos else None
+
     def remaining(self, ids: list[int]) -> int:
         """Tokens of ``ids`` a prefill would process now: those after the longest prefix held by the live
         state or a checkpoint (what ``prefill`` would restore). Changes nothing."""
