@@ -195,11 +195,10 @@ def _complete(svc, fx: dict, uri: str, **kw):
 
 
 def test_every_fixture_decodes_the_same_tokens_with_speculation(loaded) -> None:
-    on, off = _service(loaded), _service(loaded, speculate=False)
-    assert on.engine.speculate and not off.engine.speculate
     # Each fixture is asked twice from the same prompt: the second would take tokens from the first's
     # trail (engine.py; test_trail.py) with fewer forwards. Here: speculation against plain steps alone.
-    on.engine.trail = off.engine.trail = False
+    on, off = _service(loaded, trail=False), _service(loaded, speculate=False, trail=False)
+    assert on.engine.speculate and not off.engine.speculate
     on.engine.costs = AlwaysDraft()
     accepted = forwards = 0
     for i, fx in enumerate(load_fixtures()):
