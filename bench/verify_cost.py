@@ -9,6 +9,8 @@ prompt tokens, in alternating rounds (same machine state for every side), it tim
   one-call step of kernels/step.cpp up to 16 rows);
 - ``keep`` after it: the rollback when every draft is rejected (the state swapped back and the
   recurrence re-run over the one kept row; with every draft accepted there is nothing to do);
+- ``rows k``: the same 1 + k rows unjournaled (what the rows' arithmetic alone costs: a rejected
+  verify's cost beyond it is the journal, copying each Mamba layer's state after the first row);
 - with ``--layered``, the same verify and rollback through the layer-by-layer path (runtime/layers.py,
   ``fused_step`` off: how verifies ran before the one-call rows).
 A rejected verify costs ``verify + keep``: ``rejected`` below is that over ``step``, minus one, in
@@ -45,6 +47,7 @@ def measure(model: HybridModel, depth: int, drafts: list[int], rounds: int, laye
     step: list[float] = []
     verify: dict[tuple[int, bool], list[float]] = {(k, p): [] for k in drafts for p in paths}
     keep: dict[tuple[int, bool], list[float]] = {(k, p): [] for k in drafts for p in paths}
+    rows: dict[int, list[float]] = {k: [] for k in drafts}
     for r in range(rounds + 1):  # round 0 warms up (the journal's buffers are allocated there)
         state.restore(snap)
         settle()
@@ -53,6 +56,12 @@ def measure(model: HybridModel, depth: int, drafts: list[int], rounds: int, laye
         if r:
             step.append(time.perf_counter() - t0)
         for k in drafts:
+            state.restore(snap)
+            settle()
+            t0 = time.perf_counter()
+            model.forward(ids[depth : depth + 1 + k], state, all_logits=True)
+            if r:
+                rows[k].append(time.perf_counter() - t0)
             for one_call in paths:
                 model.fused_step = one_call
                 state.restore(snap)
@@ -79,6 +88,7 @@ def measure(model: HybridModel, depth: int, drafts: list[int], rounds: int, laye
                 "verify_over_step": v / s,
                 "rejected_over_step": (v + kp) / s,
                 "rejected_per_draft": ((v + kp) / s - 1) / k,
+                "rows_over_step": med(rows[k]) / s,
                 "all_accepted_speedup": (1 + k) * s / v,
             }
     return out
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"  k={k:2d}{' layer-by-layer' if key.endswith('layered') else ''}: verify {f['verify_ms']:.2f} ms"
                     f" ({f['verify_over_step']:.2f}x step), keep {f['keep_ms']:.2f} ms; all rejected {rejected:.2f}x"
-                    f" step (+{(rejected - 1) * 100:.0f}%, +{f['rejected_per_draft'] * 100:.1f}% per draft),"
+                    f" step (+{(rejected - 1) * 100:.0f}%, +{f['rejected_per_draft'] * 100:.1f}% per draft; rows"
+                    f" unjournaled {f['rows_over_step']:.2f}x),"
                     f" all accepted {f['all_accepted_speedup']:.2f}x tok/s"
                 )
         del model

@@ -103,8 +103,20 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
   at::Tensor x = x_in.contiguous();
   at::Tensor h;
   size_t m = 0, a = 0;  // Mamba and attention layers seen
+  // The journal copy with streaming stores (where aligned): a plain copy first reads the journal
+  // buffer's lines from memory to write them, and nothing reads them before a rollback. In process
+  // CPU time a journaled 2-row call cost +4.0-4.3% over an unjournaled one this way, +6.5-9.8% with
+  // memcpy (real shape bf16, 30 alternating rounds twice, both orders; load ~13 on 2 cores).
   auto copy_state = [](const at::Tensor& dst, const at::Tensor& src) {
-    std::memcpy(dst.data_ptr<float>(), src.data_ptr<float>(), sizeof(float) * size_t(src.numel()));
+    float* d = dst.data_ptr<float>();
+    const float* s = src.data_ptr<float>();
+    const int64_t n = src.numel();
+    if (reinterpret_cast<uintptr_t>(d) % 32 != 0 || n % 8 != 0) {
+      std::memcpy(d, s, sizeof(float) * size_t(n));
+      return;
+    }
+    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(d + i, _mm256_loadu_ps(s + i));
+    _mm_sfence();
   };
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor ln_in = need(), ln_post = need();
