@@ -12,7 +12,8 @@
 //   entries and attends row i over the positions up to pos + i (causal); the Mamba layers advance
 //   their states over the rows in order. Or
 // - one token for each of T sequences (T `pos`, one per row: runtime/rows.py's candidates), each
-//   with its own Mamba states and KV buffers: only those parts run row by row. A journaled call (conv_saved / ssm_saved given: runtime/state.py's
+//   with its own Mamba states and KV buffers: only those parts run row by row. A journaled call (conv_saved / ssm_saved
+//   given: runtime/state.py's
 // Journal) runs each Mamba layer's first row alone, copies the states after it into those
 // preallocated buffers, then runs the other rows, and returns those rows' in_proj outputs: exactly
 // what the layer-by-layer journaled forward records, so the rollback (ModelState.keep) is the same.
@@ -164,16 +165,15 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
         const float* src = qkv.data_ptr<float>() + t * qkv.size(1);
         for (int64_t j = 0; j < nkv; ++j) {
           std::memcpy(kb.data_ptr<float>() + (j * cap + at_pos) * hd, src + (nq + j) * hd, sizeof(float) * hd);
-          std::memcpy(vb.data_ptr<float>() + (j * cap + at_pos) * hd, src + (nq + nkv + j) * hd,
-                      sizeof(float) * hd);
+          std::memcpy(vb.data_ptr<float>() + (j * cap + at_pos) * hd, src + (nq + nkv + j) * hd, sizeof(float) * hd);
         }
       }
       // each row over the positions up to its own (Attention.attend's fused branch)
       std::vector<at::Tensor> rows;
       rows.reserve(size_t(T));
       for (int64_t t = 0; t < T; ++t)
-        rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), k[kv_of(t)], v[kv_of(t)],
-                                        pos_of(t) + 1, scale, threads));
+        rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), k[kv_of(t)], v[kv_of(t)], pos_of(t) + 1,
+                                        scale, threads));
       h = linear3(T == 1 ? rows[0] : at::cat(rows));
       ++a;
     }
