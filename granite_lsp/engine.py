@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .fim import FimPrompt
+from .kernels import GEMV_MAX_ROWS
 from .speculate import DraftBudget, DraftSource, PromptLookup, VerifyCost
 from .state_cache import Checkpoint, PrefillResult, StateCache
 from .tokens import TextTokenizer
@@ -48,6 +49,10 @@ TextSink = Callable[[str], bool]
 # Rows of logits a trail keeps (module docstring): healing takes the first few tokens; a longer path
 # serves a generation that follows the previous one further.
 TRAIL_ROWS = 16
+# The most tokens one forward may feed and stay bit-exact with steps: the one-call step's rows. The
+# tokens taken from the trail, the token after them and the drafts go in one forward; a longer one would
+# run the prefill path (blocked GEMM, chunked scan), whose rounding differs.
+FORWARD_ROWS = GEMV_MAX_ROWS
 
 
 @dataclass
@@ -218,7 +223,8 @@ class Engine:
                 assert fed_with is not None
                 self._keep(drafts, j, budget, verify_ms, fed_with, walked)  # the fed token and the drafts kept
             n = len(ids) + base
-            if on_trail and trail is not None and n <= len(trail.rows) and trail.tokens[n - 1] == token:
+            room = len(unfed) + 2 <= FORWARD_ROWS  # this token and the next one still fit in one forward
+            if on_trail and room and trail is not None and n <= len(trail.rows) and trail.tokens[n - 1] == token:
                 row = trail.rows[n - 1]  # what feeding ``token`` would give: no forward
                 unfed.append(token)
                 walked.add([token], [row])
@@ -229,7 +235,11 @@ class Engine:
             if deferred:
                 origin, deferred = settle(), False
             # Drafts only for tokens that could still be generated (each fed token precedes one).
-            limit = min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1) if drafter else 0
+            limit = (
+                min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1, FORWARD_ROWS - 1 - len(unfed))
+                if drafter
+                else 0
+            )
             drafts = drafter.propose(limit) if drafter and limit > 0 else []
             j = 0
             stats.decode_forwards += 1

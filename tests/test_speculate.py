@@ -214,6 +214,31 @@ def test_every_fixture_decodes_the_same_tokens_with_speculation(loaded) -> None:
     assert accepted > 0  # drafts were accepted somewhere: the verify path ran, not just plain steps
 
 
+def test_the_trail_and_drafts_together_decode_the_same_tokens_as_plain_steps(loaded) -> None:
+    """Asked twice from the same prompt, the second generation follows the first's trail (up to
+    TRAIL_ROWS tokens, no forward) and then feeds those tokens, the next one and the drafts in one
+    forward: more than the one-call step's 16 rows would run the prefill path (another rounding), so
+    that forward is capped. Every answer equals plain steps' without the trail, token for token."""
+    on, off = _service(loaded, trail=True), _service(loaded, speculate=False, trail=False)
+    on.engine.costs = AlwaysDraft()
+    verify, widths = on.cache.verify, []
+
+    def counted(ids: list[int]):  # the real verify, its width seen
+        widths.append(len(ids))
+        return verify(ids)
+
+    on.cache.verify = counted
+    trail = 0
+    for i, fx in enumerate(load_fixtures()):
+        b = _complete(off, fx, f"file:///{i}.py", max_tokens=96)
+        for _ in range(2):
+            a = _complete(on, fx, f"file:///{i}.py", max_tokens=96)
+            assert (a.token_ids, a.text, a.stop_reason) == (b.token_ids, b.text, b.stop_reason), i
+            trail += a.stats.trail_tokens
+    assert trail > 0  # the second asks walked the trail
+    assert max(widths) == kernels.GEMV_MAX_ROWS  # forwards filled to the one-call step's rows, never past them
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_the_service_speculates_and_batches_rows_only_where_exact(tiny_loaded, path: str) -> None:
     """Verified and batched rows equal single steps bit for bit only on the packed kernels; on the torch
