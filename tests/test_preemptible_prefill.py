@@ -148,6 +148,22 @@ def test_a_piece_interrupted_between_layers_is_abandoned_to_its_start(make_servi
     assert int(after.logits.argmax()) == int(whole.logits.argmax())
 
 
+def test_an_abandoned_piece_keeps_the_checkpoint_it_started_from(make_service) -> None:
+    """Abandoned, a piece leaves the live state exactly where it began: when that was a checkpoint's
+    state, the cache still says so (``origin``), as the engine's trail needs."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    assert len(prompt.ids) > 64 + 32
+    cache = StateCache(svc.loaded.model, chunk=32, max_bytes=1 << 40, finish_ms=0.0)
+    assert cache.prefill("d", prompt.ids[:64]).complete
+    origin = cache.origin()
+    assert origin is not None and origin.pos == 64
+    interrupt, _ = _interrupt_after(3)  # the first piece after it, cut at a layer
+    pre = cache.prefill("d", prompt.ids, should_yield=lambda: False, interrupt=interrupt)
+    assert not pre.complete and cache.stats.pieces_abandoned == 1 and cache.live.pos == 64
+    assert cache.origin() is origin
+
+
 def test_a_piece_interrupted_near_its_end_finishes(make_service) -> None:
     """With what is left of a piece within finish_ms (here: any), a piece asked to stop finishes and
     the prefill yields right after it, keeping its work."""

@@ -214,8 +214,8 @@ class HybridModel:
 
         Returns float32 logits [vocab] of the last new position, or [T, vocab] if ``all_logits``.
         If this raises midway the state is inconsistent; restore a snapshot before reusing it.
-        ``interrupt`` is asked between two layers (not before the first, nor inside a one-call forward of
-        up to GEMV_MAX_ROWS tokens: that is as short as a decode step): True raises ``Interrupted`` there.
+        ``interrupt`` is asked between two layers (not before the first, nor inside a one-call forward:
+        ``interruptible`` says which forwards can stop): True raises ``Interrupted`` there.
         """
         if input_ids.dim() != 1 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(input_ids.shape)}")
@@ -319,6 +319,13 @@ class HybridModel:
 
     def _mamba_mixers(self) -> dict[int, MambaMixer]:
         return {blk.slot: blk.mixer for blk in self.blocks if isinstance(blk.mixer, MambaMixer)}
+
+    def interruptible(self, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` asks its ``interrupt`` between layers. A one-call forward
+        (up to GEMV_MAX_ROWS tokens on the packed kernels) runs all layers in C++ and cannot stop: 16 rows
+        cost ~4-5 decode steps (speculate.py's verify figures), so callers that must answer quickly keep
+        such pieces short or avoid them."""
+        return not (tokens <= GEMV_MAX_ROWS and self._one_call_step_applies())
 
     def _one_call_step_applies(self) -> bool:
         """Whether a forward of up to GEMV_MAX_ROWS tokens (a decode step, a speculative verify, a short
