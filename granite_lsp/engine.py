@@ -270,7 +270,8 @@ class Engine:
             self._trail = _Trail(weakref.ref(origin), walked.tokens, walked.rows)
         text += decoder.decode(b"", final=True)
         stats.generated_tokens = len(ids)
-        stats.decode_ms = (time.perf_counter() - t0) * 1000.0
+        # a lead's prefill ran inside the decode loop (settle): counted once, as prefill
+        stats.decode_ms = (time.perf_counter() - t0) * 1000.0 - (stats.prefill_ms if lead is not None else 0.0)
         return Generation(text, ids, reason, stats)
 
     def _lead(self, prompt: FimPrompt) -> _Trail | None:
