@@ -1,4 +1,6 @@
 // A Mamba2 mixer between in_proj and out_proj (conv, selective scan, gated norm), fused, any T.
+#include <type_traits>
+
 #include "common.h"
 #include "ops.h"
 
@@ -392,28 +394,21 @@ void mamba_head_chunked(const void* ctx, int64_t h) {
       const int rows = int(std::min<int64_t>(6, len - t));
       const float *ct = c0 + t * ld, *sc = ea + t;
       float* yt = y0 + t * m.E;
+      // one tile of `rows` tokens by V vectors of head channels (rows and V fixed at compile time)
+      auto tile = [&](auto vecs, int64_t p) {
+        constexpr int V = decltype(vecs)::value;
+        switch (rows) {
+          case 6: readout_tile<6, V>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
+          case 5: readout_tile<5, V>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
+          case 4: readout_tile<4, V>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
+          case 3: readout_tile<3, V>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
+          case 2: readout_tile<2, V>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
+          default: readout_tile<1, V>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
+        }
+      };
       p_blocks(
-          P,
-          [&](int64_t p) {
-            switch (rows) {
-              case 6: readout_tile<6, 2>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 5: readout_tile<5, 2>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 4: readout_tile<4, 2>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 3: readout_tile<3, 2>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 2: readout_tile<2, 2>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              default: readout_tile<1, 2>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-            }
-          },
-          [&](int64_t p) {
-            switch (rows) {
-              case 6: readout_tile<6, 1>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 5: readout_tile<5, 1>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 4: readout_tile<4, 1>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 3: readout_tile<3, 1>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              case 2: readout_tile<2, 1>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-              default: readout_tile<1, 1>(ct, ld, st + p, P, N, sc, yt + p, m.E); break;
-            }
-          });
+          P, [&](int64_t p) { tile(std::integral_constant<int, 2>{}, p); },
+          [&](int64_t p) { tile(std::integral_constant<int, 1>{}, p); });
     }
     // (2): each token's row over the tokens up to it
     for (int64_t t = 0; t < len; ++t) {
