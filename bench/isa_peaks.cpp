@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (std::strcmp(what, "read") == 0) {
-    // 1 GiB in total, well past the L3; each thread reads its own half, twice (first pass faults the pages in)
+    // 512 MiB per thread, well past the L3; the memset faults the pages in, then the best of 3 reads
     const long per = 512L << 20;
     std::vector<float*> bufs(threads);
     for (int i = 0; i < threads; ++i) {

@@ -3,7 +3,7 @@
 Builds ``isa_peaks.cpp`` (g++, into a temporary directory) and prints, on 1 and on N threads: the
 peak rate of fp32 FMA on 8 lanes (AVX2) and 16 lanes (AVX-512F), of ``vdpbf16ps`` (AVX512_BF16: bf16
 pairs into fp32) and ``vpdpbusd`` (AVX512_VNNI: u8 x s8 quads into int32), each in G ops/s (a
-multiply-add counts 2), and the read bandwidth from memory (1 GiB, 8 sequential runs per thread,
+multiply-add counts 2), and the read bandwidth from memory (512 MiB per thread in 8 sequential runs,
 like the streaming kernels; best of 3). Loops the CPU lacks print "unsupported".
 
 ``--gemm`` also times our prefill GEMM (granite_lsp's kernels) on one prefill's matmuls of the
@@ -12,14 +12,19 @@ precision and per ISA level this CPU has, in alternation with medians of ``--rep
 rate and its fraction of the peak of the instruction that level runs on (avx2: 8-lane FMA; avx512:
 16-lane FMA; avx512_bf16 with bf16 weights: vdpbf16ps; avx512_vnni and above with int8 weights:
 vpdpbusd), the peaks measured in the same run.
-``--bench-json`` takes a ``granite-lsp bench --kernels --json`` file and prints each precision's
-decode weight bytes per step (median step, after the prompt) as a fraction of the measured
-bandwidth.
+``--bench-json`` takes a ``granite-lsp bench --kernels --json`` file and prints, per precision, the
+two bounds issue 14's closing note asks for, against the peaks this run measured at the bench's
+thread count (its JSON's ``machine.threads``): the prefill GEMM's rate (one prefill's matmuls on
+the bench's prefill rows, lm_head on the last row: the bench's "matmuls alone", and the same FLOPs
+over the whole prefill's median time) as a fraction of the peak of the instruction the bench's ISA
+level runs it on; and decode's bound, the weight bytes one step reads over the measured read
+bandwidth, as a fraction of the median step at the bench's depth.
 
-    python bench/isa_peaks.py [--threads 2] [--gemm] [--bench-json bench.json] [--json out.json]
+    granite-lsp bench --kernels --prefill 512 --decode 32 --repeat 3 --json bench.json
+    python bench/isa_peaks.py --bench-json bench.json [--threads 2] [--gemm] [--json out.json]
 
 On a shared machine the figures are lower bounds on the peaks: run it when the machine is quiet
-(``uptime``), or several times and keep the highest.
+(``uptime``), right after the bench, or several times and keep the highest peaks.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).with_name("isa_peaks.cpp")
 LOOPS = ["fma256", "fma512", "bf16", "vnni", "read"]
@@ -112,16 +118,71 @@ def gemm_rates(threads: int, precisions: list[str], reps: int, rows: int = 512) 
     return out
 
 
-def decode_fractions(bench: dict, bandwidth: float) -> dict[str, dict[str, float]]:
-    """Each precision's weight bytes per decode step (median step after the prompt) over its time,
-    against ``bandwidth`` (GB/s)."""
-    out = {}
+def matmul_flops(rows: int) -> int:
+    """FLOPs of one prefill's matmuls as the bench times them alone (``time_linears``): every
+    matrix on ``rows`` rows, lm_head on the last row only; a multiply-add counts 2."""
+    from granite_lsp.bench.shape import decode_matmuls, real_config
+    from granite_lsp.runtime.config import HybridConfig
+
+    shapes = decode_matmuls(HybridConfig.from_dict(real_config()))
+    return sum(2 * (1 if name == "lm_head" else rows) * n * k for name, n, k in shapes)
+
+
+def bench_bounds(bench: dict[str, Any], peaks: dict[str, dict[str, float | None]]) -> dict[str, dict[str, Any]]:
+    """Per precision of a ``bench --kernels`` JSON: the prefill GEMM's fraction of the peak of the
+    instruction the bench's level runs it on, and decode's bandwidth bound's fraction of its median
+    step, against ``peaks`` at the bench's thread count."""
+    machine = bench.get("machine") or {}
+    level, at = machine.get("isa_level", "avx2"), f"{machine.get('threads', 2)} threads"
+    if level not in ("avx2", "avx512", "avx512_vnni", "avx512_bf16"):
+        raise SystemExit(f"the bench ran without the kernels ({level}): no GEMM to hold against a peak")
+    bandwidth = peaks["read"].get(at)
+    out: dict[str, dict[str, Any]] = {}
     for precision, r in bench.items():
         if precision == "machine" or "weight_mb" not in r:
             continue
-        rate = r["weight_mb"] * 2**20 / (r["decode_ms"] / 1e3) / 1e9
-        out[precision] = {"weights_gb_s": rate, "fraction": rate / bandwidth}
+        rows = r.get("decode_depth") or round(r["prefill_tok_s"] * r["prefill_s"])
+        flops = matmul_flops(rows)
+        loop = _peak_loop(level, precision)
+        peak = peaks[loop].get(at)
+        gemm, whole = flops / r["prefill_linear_s"] / 1e9, flops / r["prefill_s"] / 1e9
+        step_bytes = r["weight_mb"] * 2**20
+        bound_ms = step_bytes / (bandwidth * 1e9) * 1e3 if bandwidth else None
+        out[precision] = {
+            "level": level,
+            "prefill_rows": rows,
+            "peak_loop": loop,
+            "peak_g_ops_s": peak,
+            "gemm_g_ops_s": gemm,
+            "gemm_fraction": gemm / peak if peak else None,
+            "prefill_g_ops_s": whole,
+            "prefill_fraction": whole / peak if peak else None,
+            "decode_depth": r.get("decode_depth"),
+            "decode_bytes_mb": step_bytes / 1e6,
+            "read_gb_s": bandwidth,
+            "decode_bound_ms": bound_ms,
+            "decode_ms": r["decode_ms"],
+            "decode_fraction": bound_ms / r["decode_ms"] if bound_ms else None,
+        }
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _print_bounds(bounds: dict[str, dict[str, Any]], at: str) -> None:
+    for precision, b in bounds.items():
+        peak = "unsupported" if b["peak_g_ops_s"] is None else f"{b['peak_g_ops_s']:.1f}"
+        bound = "n/a" if b["decode_bound_ms"] is None else f"{b['decode_bound_ms']:.1f} ms"
+        print(
+            f"  {precision:9s} prefill {b['prefill_rows']} rows at {b['level']}: GEMM alone {b['gemm_g_ops_s']:.1f}"
+            f" = {_pct(b['gemm_fraction'])} of {b['peak_loop']} {peak} ({at}), whole prefill's matmul rate"
+            f" {b['prefill_g_ops_s']:.1f} = {_pct(b['prefill_fraction'])}\n"
+            f"  {'':9s} decode at depth {b['decode_depth']}: {b['decode_bytes_mb']:.0f} MB of weights per step"
+            f" / {b['read_gb_s']:.1f} GB/s = {bound} bound, median step {b['decode_ms']:.1f} ms:"
+            f" {_pct(b['decode_fraction'])} of the bandwidth bound"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,17 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gemm", action="store_true", help="also time our prefill GEMM per precision and level")
     ap.add_argument("--precisions", default="bfloat16,float32,int8", help="for --gemm")
     ap.add_argument("--reps", type=int, default=5, help="for --gemm")
-    ap.add_argument("--bench-json", type=Path, help="a bench --kernels --json file: decode's fraction of bandwidth")
+    ap.add_argument(
+        "--bench-json",
+        type=Path,
+        help="a bench --kernels --json file: its prefill GEMM against the peaks, decode against bandwidth",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
-    counts = sorted({1, args.threads})
-    figures = measure(counts)
+    bench = json.loads(args.bench_json.read_text()) if args.bench_json else None
+    bench_threads = int((bench or {}).get("machine", {}).get("threads", args.threads))
+    figures = measure(sorted({1, args.threads, bench_threads}))
     report: dict[str, object] = {"cpu": cpu_model(), "peaks": figures}
     print(f"CPU: {cpu_model()}")
     for loop, rates in figures.items():
         unit = UNITS.get(loop, "G ops/s")
-        cells = ", ".join(f"{k}: {'unsupported' if v is None else f'{v:.1f} {unit}'}" for k, v in rates.items())
-        print(f"{loop:7s} {cells}")
+        line = ", ".join(f"{k}: {'unsupported' if v is None else f'{v:.1f} {unit}'}" for k, v in rates.items())
+        print(f"{loop:7s} {line}")
     at = f"{args.threads} threads"
     if args.gemm:
         gemm = gemm_rates(args.threads, args.precisions.split(","), args.reps)
@@ -149,18 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         for precision, by_level in gemm.items():
             cells = []
             for level, rate in by_level.items():
-                loop = _peak_loop(level, precision)
-                peak = figures[loop][at]
-                cells.append(f"{level} {rate:.1f} GF/s ({rate / peak:.0%} of {loop} {peak:.0f})" if peak else level)
+                peak_loop = _peak_loop(level, precision)
+                peak = figures[peak_loop][at]
+                cells.append(
+                    f"{level} {rate:.1f} GF/s ({rate / peak:.0%} of {peak_loop} {peak:.0f})" if peak else level
+                )
             print(f"  {precision:9s} " + "; ".join(cells))
-    if args.bench_json:
-        bandwidth = figures["read"][at]
-        assert bandwidth
-        fractions = decode_fractions(json.loads(args.bench_json.read_text()), bandwidth)
-        report["decode"] = fractions
-        print(f"decode weight bytes per median step against {bandwidth:.1f} GB/s ({at}):")
-        for precision, f in fractions.items():
-            print(f"  {precision:9s} {f['weights_gb_s']:.1f} GB/s = {f['fraction']:.0%}")
+    if bench is not None:
+        bounds = bench_bounds(bench, figures)
+        report["bounds"] = bounds
+        print(f"{args.bench_json} against these peaks (G ops/s; a multiply-add counts 2):")
+        _print_bounds(bounds, f"{bench_threads} threads")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
