@@ -194,7 +194,7 @@ def test_the_reader_sees_the_imports() -> None:
         i for m in modules["granite_lsp.service"].imports for i in modules[m].imports
     }
     assert "granite_lsp.kernels" in modules["granite_lsp.runtime.matmul"].imports
-    assert "granite_lsp.bench.client" in modules["granite_lsp.bench.trace"].imports  # relative import
+    assert "granite_lsp.bench.client" in modules["granite_lsp.bench.replay"].imports  # relative import
     assert "granite_lsp.bench" in modules["granite_lsp.cli"].imports  # an import inside a function
 
 

@@ -1,6 +1,7 @@
 """``granite-lsp bench``: the benchmarks, kept apart from the product (nothing that serves imports them).
 
-- ``trace``: replay an editing trace through the real server over stdio (``granite-lsp bench [TRACE]``).
+- ``trace``: replay an editing trace through the real server over stdio (``granite-lsp bench [TRACE]``);
+  ``replay`` runs one mode's server, ``trace_report`` summarizes and prints.
 - ``microbench``: runtime speed per precision on the real shape (``granite-lsp bench --kernels``).
 - ``matmuls``: one decode token's matmuls, torch vs our kernels (``python -m granite_lsp.bench.matmuls``).
 - ``llama_baseline`` / ``llama_peer``: llama.cpp timed in the same rounds (``--kernels --llama-cpp DIR``).
