@@ -49,6 +49,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 BASE_COMMIT = "3469b23"
 SIDES = ("base", "this")
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")  # bench/shape.py's names, in both trees
 
 
 # -- the timing child: runs inside one tree, imports only what both trees have ------------------
@@ -125,7 +126,10 @@ def base_tree(path: Path, commit: str) -> Path:
     if not path.exists():
         print(f"adding a worktree of {commit} at {path}", flush=True)
         _git("worktree", "add", "--detach", str(path), want)
-    head = _git("rev-parse", "HEAD", cwd=path)
+    try:
+        head = _git("rev-parse", "HEAD", cwd=path)
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"{path} exists and is not a git checkout: give --base another directory") from None
     if head != want:
         raise SystemExit(f"{path} is at {head[:9]}, not {commit} ({want[:9]}): give --base another directory")
     return path.resolve()
@@ -165,10 +169,17 @@ class Child:
         return self._read()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
+        """Asks the child to quit (it may have died already: the other side's failure ends both)."""
+        assert self.proc.stdin is not None
+        try:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
             self.proc.wait()
 
 
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=Path("/tmp/granite-lsp-floor-base"), help="the base checkout")
     ap.add_argument("--base-commit", default=BASE_COMMIT)
-    ap.add_argument("--precisions", default="float32,bfloat16,float16,int8")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--prefill", type=int, default=512, help="tokens of the timed prefill")
     ap.add_argument("--decode", type=int, default=32, help="decode steps per round")
     ap.add_argument("--depth", type=int, help="tokens before the decode steps (default: --prefill)")
@@ -287,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args)
         return 0
+    unknown = set(args.precisions.split(",")) - set(PRECISIONS)
+    if unknown:
+        ap.error(f"unknown precisions {', '.join(sorted(unknown))}: some of {', '.join(PRECISIONS)}")
     trees = {"base": base_tree(args.base, args.base_commit), "this": REPO}
     print(f"base {trees['base']} ({args.base_commit}), this {REPO} ({_git('rev-parse', '--short', 'HEAD')}), {_load()}")
     results: dict[str, dict[str, Any]] = {}
