@@ -49,10 +49,6 @@ TextSink = Callable[[str], bool]
 # Rows of logits a trail keeps (module docstring): healing takes the first few tokens; a longer path
 # serves a generation that follows the previous one further.
 TRAIL_ROWS = 16
-# The most tokens one forward may feed and stay bit-exact with steps: the one-call step's rows. The
-# tokens taken from the trail, the token after them and the drafts go in one forward; a longer one would
-# run the prefill path (blocked GEMM, chunked scan), whose rounding differs.
-FORWARD_ROWS = GEMV_MAX_ROWS
 
 
 @dataclass
@@ -223,7 +219,10 @@ class Engine:
                 assert fed_with is not None
                 self._keep(drafts, j, budget, verify_ms, fed_with, walked)  # the fed token and the drafts kept
             n = len(ids) + base
-            room = len(unfed) + 2 <= FORWARD_ROWS  # this token and the next one still fit in one forward
+            # The most tokens one forward may feed and stay bit-exact with steps is the one-call step's rows
+            # (GEMV_MAX_ROWS): trail tokens, the token after them and the drafts go in one forward; a
+            # longer one would run the prefill path (blocked GEMM, chunked scan), whose rounding differs.
+            room = len(unfed) + 2 <= GEMV_MAX_ROWS  # this token and the next one still fit in one forward
             if on_trail and room and trail is not None and n <= len(trail.rows) and trail.tokens[n - 1] == token:
                 row = trail.rows[n - 1]  # what feeding ``token`` would give: no forward
                 unfed.append(token)
@@ -236,7 +235,7 @@ class Engine:
                 origin, deferred = settle(), False
             # Drafts only for tokens that could still be generated (each fed token precedes one).
             limit = (
-                min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1, FORWARD_ROWS - 1 - len(unfed))
+                min(budget.next(), self.costs.limit(), max_tokens - len(ids) - 1, GEMV_MAX_ROWS - 1 - len(unfed))
                 if drafter
                 else 0
             )

@@ -436,8 +436,9 @@ def test_one_call_rejects_malformed_rows_before_touching_a_state():
     lists = (state.conv, state.ssm, state.kv.k, state.kv.v)
     with pytest.raises(RuntimeError, match="one position, or one per row"):
         k.decode_layers(x, *plan, *lists, [pos, pos], 1)
-    with pytest.raises(RuntimeError, match="1 <= T <= 16"):
-        k.decode_layers(one.embed_rows(torch.arange(17)).contiguous(), *plan, *lists, [pos], 1)
+    limit = kernels.GEMV_MAX_ROWS  # read from ops.h: the C++ side refuses one row more, not fewer
+    with pytest.raises(RuntimeError, match=f"1 <= T <= {limit}"):
+        k.decode_layers(one.embed_rows(torch.arange(limit + 1)).contiguous(), *plan, *lists, [pos], 1)
     with pytest.raises(RuntimeError, match="one state per Mamba layer and sequence"):
         k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1)
     with pytest.raises(RuntimeError, match="a journaled call has one sequence"):

@@ -54,6 +54,17 @@ DEFAULT_LOCK_TIMEOUT = 300.0
 Progress = Callable[[str], None]
 
 
+def header_constant(header: str, name: str) -> int:
+    """An integer the kernels' sources define (``constexpr int64_t NAME = VALUE;`` in ``header`` here),
+    read from the source text: Python knows it without building (or loading) the library, and the C++
+    and Python sides cannot disagree."""
+    text = (DIR / header).read_text()
+    found = re.search(rf"constexpr\s+int64_t\s+{re.escape(name)}\s*=\s*(\d+)\s*;", text)
+    if found is None:
+        raise RuntimeError(f"{header} defines no constexpr int64_t {name}")
+    return int(found.group(1))
+
+
 def cpu_supported() -> bool:
     """True on x86-64 when the CPU has avx2, fma and f16c (what the binary is compiled for): Linux reads
     /proc/cpuinfo, macOS (Intel Macs) sysctl's machdep.cpu feature lists."""

@@ -275,8 +275,8 @@ void decode_head(const void* ctx, int64_t h) {
 // verify rows) the recurrence above runs, so those rows keep the bits a decode step gives.
 
 constexpr int64_t kScanChunk = 16;
-constexpr int64_t kChunkedMinTokens = 17;            // GEMV_MAX_ROWS + 1: where the prefill GEMM starts too
-constexpr int64_t kChunkedMaxStateFloats = 1 << 15;  // the transposed state on a task's stack (128 KB)
+constexpr int64_t kChunkedMinTokens = kMaxStreamRows + 1;  // ops.h: where the prefill GEMM starts too
+constexpr int64_t kChunkedMaxStateFloats = 1 << 15;        // the transposed state on a task's stack (128 KB)
 
 struct ChunkedScan {
   const MambaScan* m;

@@ -11,6 +11,13 @@
 
 namespace granite {
 
+// The most rows of x the streaming kernels take (one read of the weights for all of them, each row's
+// result bit-identical alone or batched), and so the most rows of a one-call step (step.cpp: a decode
+// step, a verify) and of the Mamba recurrence (mamba.cpp); from one more on, the blocked GEMM and the
+// chunked scan run (another rounding). The one place this is decided: Python reads this line
+// (build.header_constant, ops.py's GEMV_MAX_ROWS).
+constexpr int64_t kMaxStreamRows = 16;
+
 // linear.cpp: x @ W^T (+ b) for fp32 / bf16 / fp16 / int8 W, streaming (few rows) or blocked (many)
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t threads);

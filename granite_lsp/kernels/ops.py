@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 # a batch), above it the blocked GEMM, which wins from ~16-24 rows (bf16 768x3376: 8 rows 0.78 vs
 # 1.19 ms, 24 rows 2.45 vs 2.29, 64 rows 7.29 vs 4.76). On the model's 512-row shapes it ran at
 # 0.8-1.3x MKL's fp32 sgemm (noisy machine) and 1.1-2.3x MKL on widened bf16/fp16/int8 copies.
-GEMV_MAX_ROWS = 16
+# Also the most rows of a one-call step (a decode step, a verify: step.cpp) and of the Mamba
+# recurrence. Defined once, in ops.h (kMaxStreamRows), and read from there.
+GEMV_MAX_ROWS = build.header_constant("ops.h", "kMaxStreamRows")
 # Largest Mamba head dim CpuKernels.mamba_mixer takes (mamba.cpp's per-head scratch, kMaxHeadDim).
 MAMBA_MAX_HEAD_DIM = 256
 

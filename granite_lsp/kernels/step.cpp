@@ -1,4 +1,4 @@
-// All decoder layers of a decode step, or of a verify of up to 16 rows, in one call.
+// All decoder layers of a decode step, or of a verify of up to kMaxStreamRows (16) rows, in one call.
 //
 // A decode step runs ~10 kernels per layer. From Python each call cost 5-15 us on top of its work
 // (the torch.ops dispatcher, the wrappers' checks, a tensor or two allocated), ~300 calls a step:
@@ -6,7 +6,7 @@
 // same data, so the results are bit-identical to the layer-by-layer path in runtime/layers.py,
 // which stays the reference (and the path for long prefills, RoPE models and the torch fallback).
 //
-// T rows (T <= 16, what the streaming linear kernels take with one read of the weights), either
+// T rows (T <= kMaxStreamRows, what the streaming linear kernels take with one read of the weights), either
 // - consecutive tokens of one sequence at positions pos .. pos + T - 1 (one `pos`: speculative
 //   decoding's verify, the fed token and its drafts; or a short prefill). Attention appends T KV
 //   entries and attends row i over the positions up to pos + i (causal); the Mamba layers advance
@@ -27,11 +27,7 @@
 
 namespace granite {
 
-// Rows a call takes: the streaming linear kernels' limit (ops.py's GEMV_MAX_ROWS), where the weights
-// are read once for all rows.
-constexpr int64_t kDecodeMaxRows = 16;
-
-// x [T, D] fp32, T <= 16, the embedded tokens (the residual stream, updated in place).
+// x [T, D] fp32, T <= kMaxStreamRows (ops.h), the embedded tokens (the residual stream, updated in place).
 // weights, per layer in order: ln_in, ln_post, mlp_in (w, scale), mlp_out (w, scale), then
 //   Mamba: in_proj (w, scale, bias), conv_w, conv_b, dt_bias, A, D, norm_w, out_proj (w, scale, bias)
 //   attention: qkv (w, scale, bias), o (w, scale, bias)
@@ -48,8 +44,8 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
                                       at::TensorList ssm, at::TensorList k, at::TensorList v, at::IntArrayRef pos,
                                       int64_t threads, at::TensorList conv_saved, at::TensorList ssm_saved) {
   TORCH_CHECK(x_in.is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(0) >= 1 &&
-                  x_in.size(0) <= kDecodeMaxRows,
-              "x: fp32 [T, D], 1 <= T <= 16");
+                  x_in.size(0) <= kMaxStreamRows,
+              "x: fp32 [T, D], 1 <= T <= ", kMaxStreamRows);
   TORCH_CHECK(ints.size() >= 4 && floats.size() == 5, "decode_layers: ints or floats malformed");
   const int64_t T = x_in.size(0);
   const int64_t G = ints[0], nq = ints[1], nkv = ints[2], hd = ints[3], L = int64_t(ints.size()) - 4;
