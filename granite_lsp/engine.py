@@ -246,12 +246,12 @@ class Engine:
             fed, offset, unfed = [*unfed, token, *drafts], len(unfed), []
             if drafts or (offset and self.cache.exact_rows):
                 stats.draft_tokens += len(drafts)
-                every = self.cache.verify(fed)
+                # Only tokens taken from the trail in front of ``token``: all stay, nothing to journal.
+                every = self.cache.verify(fed) if drafts else self.cache.feed(fed)
                 rows = list(every[offset:])
                 verify_ms = (time.perf_counter() - t_fed) * 1000.0  # the forward alone, as a step is timed
                 fed_with = (offset, fed, every)
-                if not drafts:  # only tokens taken from the trail in front of ``token``: all stay
-                    self.cache.keep(len(fed))
+                if not drafts:
                     walked.add([token], rows)
             else:
                 for earlier in fed[:offset]:  # (not on the packed kernels: one step each, as they were made)

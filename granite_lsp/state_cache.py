@@ -300,6 +300,13 @@ class StateCache:
         self._verified = self._run(np.asarray(ids, dtype=np.int64), all_logits=True)
         return self._verified
 
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` in one forward that stays whole (tokens taken from the engine's trail and the one
+        after them) and return every row's logits [len(ids), vocab]: the rows ``verify`` gives, without a
+        journal (nothing of it will be taken back)."""
+        self.stats.decode_forwards += 1
+        return self._run(np.asarray(ids, dtype=np.int64), all_logits=True)
+
     def keep(self, n: int) -> None:
         """Keep the first ``n`` >= 1 tokens of the last ``verify``: the live state (tokens, logits, model
         state) is then the one that feeding just those tokens would have left."""

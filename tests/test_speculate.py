@@ -221,13 +221,17 @@ def test_the_trail_and_drafts_together_decode_the_same_tokens_as_plain_steps(loa
     that forward is capped. Every answer equals plain steps' without the trail, token for token."""
     on, off = _service(loaded, trail=True), _service(loaded, speculate=False, trail=False)
     on.engine.costs = AlwaysDraft()
-    verify, widths = on.cache.verify, []
+    verify, feed, widths, fed = on.cache.verify, on.cache.feed, [], []
 
     def counted(ids: list[int]):  # the real verify, its width seen
         widths.append(len(ids))
         return verify(ids)
 
-    on.cache.verify = counted
+    def counted_feed(ids: list[int]):  # trail tokens and the next one, no drafts: unjournaled
+        fed.append(len(ids))
+        return feed(ids)
+
+    on.cache.verify, on.cache.feed = counted, counted_feed
     trail = 0
     for i, fx in enumerate(load_fixtures()):
         b = _complete(off, fx, f"file:///{i}.py", max_tokens=96)
@@ -235,8 +239,9 @@ def test_the_trail_and_drafts_together_decode_the_same_tokens_as_plain_steps(loa
             a = _complete(on, fx, f"file:///{i}.py", max_tokens=96)
             assert (a.token_ids, a.text, a.stop_reason) == (b.token_ids, b.text, b.stop_reason), i
             trail += a.stats.trail_tokens
-    assert trail > 0  # the second asks walked the trail
-    assert max(widths) == kernels.GEMV_MAX_ROWS  # forwards filled to the one-call step's rows, never past them
+    assert trail > 0 and fed  # the second asks walked the trail, and fed its tokens without a journal
+    # forwards filled to the one-call step's rows, never past them
+    assert max(widths + fed) == kernels.GEMV_MAX_ROWS
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -414,7 +414,11 @@ void stream_chunk(const void* problem, int64_t c) {
       case 5: stream_range<5, 2>(sp, t0, begin, end); break;
       case 6: stream_range<6, 2>(sp, t0, begin, end); break;
       case 7: stream_range<7, 1>(sp, t0, begin, end); break;
-      default: stream_range<8, 1>(sp, t0, begin, end); break;
+      // two rows of W per pass (16 accumulators): one x load now feeds two vdpbf16ps. In process CPU
+      // time, 1 thread, alternating rounds (load ~10 on 2 cores, noisy): 8 rows of x 0.89-0.96x and 9
+      // rows 0.89-0.92x the one-row-of-W pass; more rows of W for 2, 3 or 5 rows of x did not pay
+      // (1.00-1.10x). Each y element is summed as before: the same bits.
+      default: stream_range<8, 2>(sp, t0, begin, end); break;
     }
   }
 }

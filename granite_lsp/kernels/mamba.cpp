@@ -40,7 +40,19 @@ struct MambaScan {
   const float* decay;  // [T, H]
   float* y;            // [T, E]
   int64_t T, H, P, N, G, E;
+  float* saved = nullptr;  // [H, P, N] or null: receives the state after the first token (a journaled call)
 };
+
+// n floats from src to dst, with streaming stores where dst is 32-byte aligned and n % 8 == 0: nothing
+// reads the copy before a rollback, and a plain store would first read dst's lines from memory.
+inline void stream_copy(float* dst, const float* src, int64_t n) {
+  if (reinterpret_cast<uintptr_t>(dst) % 32 != 0 || n % 8 != 0) {
+    std::memcpy(dst, src, sizeof(float) * size_t(n));
+    return;
+  }
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  _mm_sfence();
+}
 
 // One state row (N values) for one token: decay, add xdt * B, read out through C.
 inline float state_row(float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
@@ -156,6 +168,13 @@ void mamba_head(const void* ctx, int64_t h) {
   };
   float xdt[2 * kMaxHeadDim];  // a pool task allocates nothing (so it cannot throw)
   int64_t t = 0;
+  if (m.saved) {  // journaled: the first token alone, then the head's state after it (in L1) to the journal
+    const TokenRows a = token(0, xdt);
+    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, a.from(p));
+    rest(a);
+    stream_copy(m.saved + h * P * N, state, P * N);
+    t = 1;
+  }
   for (; t + 2 <= m.T; t += 2) {
     const TokenRows a = token(t, xdt), b = token(t + 1, xdt + P);
     for (int64_t p = 0; p < P4; p += 4) state_rows4_pair(state + p * N, N, a.from(p), b.from(p));
@@ -457,12 +476,14 @@ void mamba_head_chunked(const void* ctx, int64_t h) {
 
 }  // namespace
 
-// zxbcdt [T, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
-// ssm_state [H, P, N] fp32 (updated). Returns the gated, normalised y [T, E] that out_proj takes.
-at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
-                       const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
-                       const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
-                       double eps, double dt_min, double dt_max, int64_t threads) {
+namespace {
+
+// mamba_mixer, and with conv_saved / ssm_saved (non-null: mamba_mixer_journaled) the states after the
+// first token written there on the way.
+at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                 const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                 const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
+                 double eps, double dt_min, double dt_max, int64_t threads, float* conv_saved, float* ssm_saved) {
   const int64_t H = ssm_state.size(0), P = ssm_state.size(1), N = ssm_state.size(2);
   const int64_t E = H * P, G = n_groups, C = E + 2 * G * N, K = conv_w.size(0), W = E + C + H;
   TORCH_CHECK(zxbcdt.is_cpu() && zxbcdt.scalar_type() == at::kFloat && zxbcdt.is_contiguous() && zxbcdt.dim() == 2 &&
@@ -491,8 +512,9 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   const float* Dp = D.data_ptr<float>();
   const float* nw = norm_w.data_ptr<float>();
   const int64_t per = E / G;
-  if (T == 1 && P % 8 == 0) {            // decode_head's channels then start where the general path's vectors do
-    thread_local std::vector<float> bc;  // kept between calls: a step decodes ~30 of these
+  TORCH_CHECK(!ssm_saved || T <= kMaxStreamRows, "mamba_mixer: a journaled call takes the recurrence's rows");
+  if (T == 1 && P % 8 == 0 && !ssm_saved) {  // decode_head's channels then start where the general path's do
+    thread_local std::vector<float> bc;      // kept between calls: a step decodes ~30 of these
     bc.resize(size_t(C - E));
     const float* src[kMaxConvWidth];
     for (int64_t j = 0; j + 1 < K; ++j) src[j] = cs + j * C;
@@ -544,6 +566,8 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
   std::vector<float> keep(size_t((K - 1) * C));
   for (int64_t r = 0; r < K - 1; ++r) std::memcpy(keep.data() + r * C, window_row(T + r), sizeof(float) * C);
+  if (conv_saved)  // the conv state after the first token: the K - 1 raw inputs that end with it
+    for (int64_t r = 0; r < K - 1; ++r) std::memcpy(conv_saved + r * C, window_row(1 + r), sizeof(float) * C);
   std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
   // (2) dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
   const auto dt_buf = scratch(size_t(2 * T * H));
@@ -558,7 +582,7 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   });
   // (3) the scan, one head per task: in chunks for a prefill (above), token by token for a few tokens
   float* y = out.data_ptr<float>();
-  MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E};
+  MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, ssm_saved};
   if (T >= kChunkedMinTokens && P % 8 == 0 && P * N <= kChunkedMaxStateFloats) {
     const int64_t chunks = (T + kScanChunk - 1) / kScanChunk;
     const auto cb = scratch(size_t(chunks * G * kScanChunk * kScanChunk));
@@ -592,6 +616,31 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
   };
   parallel_rows(T, 16, n_threads, gate_rows);
   return out;
+}
+
+}  // namespace
+
+// zxbcdt [T, E + C + H] fp32 (in_proj output); conv_state [K-1, C] fp32 (updated); conv_w [K, C];
+// ssm_state [H, P, N] fp32 (updated). Returns the gated, normalised y [T, E] that out_proj takes.
+at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                       const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                       const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
+                       double eps, double dt_min, double dt_max, int64_t threads) {
+  return mixer(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w, n_groups, eps, dt_min, dt_max,
+               threads, nullptr, nullptr);
+}
+
+at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                                 const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias,
+                                 const at::Tensor& A, const at::Tensor& D, const at::Tensor& ssm_state,
+                                 const at::Tensor& norm_w, int64_t n_groups, double eps, double dt_min, double dt_max,
+                                 int64_t threads, const at::Tensor& conv_saved, const at::Tensor& ssm_saved) {
+  TORCH_CHECK(conv_saved.sizes() == conv_state.sizes() && ssm_saved.sizes() == ssm_state.sizes() &&
+                  conv_saved.is_contiguous() && ssm_saved.is_contiguous() && conv_saved.scalar_type() == at::kFloat &&
+                  ssm_saved.scalar_type() == at::kFloat,
+              "mamba_mixer_journaled: journal buffers shaped like the states (contiguous fp32)");
+  return mixer(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w, n_groups, eps, dt_min, dt_max,
+               threads, conv_saved.data_ptr<float>(), ssm_saved.data_ptr<float>());
 }
 
 }  // namespace granite

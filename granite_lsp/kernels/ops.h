@@ -30,6 +30,13 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
                        const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
                        const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
                        double eps, double dt_min, double dt_max, int64_t threads);
+// ... for 2 <= T <= kMaxStreamRows rows, also writing the states after the first row into conv_saved and
+// ssm_saved (shaped like the states) while the scan holds them: a journaled verify (step.cpp)
+at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                                 const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias,
+                                 const at::Tensor& A, const at::Tensor& D, const at::Tensor& ssm_state,
+                                 const at::Tensor& norm_w, int64_t n_groups, double eps, double dt_min, double dt_max,
+                                 int64_t threads, const at::Tensor& conv_saved, const at::Tensor& ssm_saved);
 
 // attention.cpp
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,

@@ -12,11 +12,11 @@
 //   entries and attends row i over the positions up to pos + i (causal); the Mamba layers advance
 //   their states over the rows in order. Or
 // - one token for each of T sequences (T `pos`, one per row: runtime/rows.py's candidates), each
-//   with its own Mamba states and KV buffers: only those parts run row by row. A journaled call (conv_saved / ssm_saved
-//   given: runtime/state.py's
-// Journal) runs each Mamba layer's first row alone, copies the states after it into those
-// preallocated buffers, then runs the other rows, and returns those rows' in_proj outputs: exactly
-// what the layer-by-layer journaled forward records, so the rollback (ModelState.keep) is the same.
+//   with its own Mamba states and KV buffers: only those parts run row by row.
+// A journaled call (conv_saved / ssm_saved given: runtime/state.py's Journal) leaves each Mamba layer's
+// states after the first row in those preallocated buffers (the mixer writes them on its way) and
+// returns the other rows' in_proj outputs: exactly what the layer-by-layer journaled forward records,
+// so the rollback (ModelState.keep) is the same.
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
 
@@ -100,21 +100,6 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
   at::Tensor x = x_in.contiguous();
   at::Tensor h;
   size_t m = 0, a = 0;  // Mamba and attention layers seen
-  // The journal copy with streaming stores (where aligned): a plain copy first reads the journal
-  // buffer's lines from memory to write them, and nothing reads them before a rollback. In process
-  // CPU time a journaled 2-row call cost +4.0-4.3% over an unjournaled one this way, +6.5-9.8% with
-  // memcpy (real shape bf16, 30 alternating rounds twice, both orders; load ~13 on 2 cores).
-  auto copy_state = [](const at::Tensor& dst, const at::Tensor& src) {
-    float* d = dst.data_ptr<float>();
-    const float* s = src.data_ptr<float>();
-    const int64_t n = src.numel();
-    if (reinterpret_cast<uintptr_t>(d) % 32 != 0 || n % 8 != 0) {
-      std::memcpy(d, s, sizeof(float) * size_t(n));
-      return;
-    }
-    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(d + i, _mm256_loadu_ps(s + i));
-    _mm_sfence();
-  };
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor ln_in = need(), ln_post = need();
     const at::Tensor mlp_in = need();
@@ -137,13 +122,13 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
         for (int64_t t = 0; t < T; ++t) ys.push_back(mix(zxbcdt.narrow(0, t, 1), t));
         y = at::cat(ys);
       } else if (journaled && T > 1) {
-        // as MambaMixer.forward with a record: the first row, the journal, then the other rows
-        const at::Tensor first = mix(zxbcdt.narrow(0, 0, 1));
-        copy_state(conv_saved[m], conv[m]);
-        copy_state(ssm_saved[m], ssm[m]);
-        const at::Tensor rest_in = zxbcdt.narrow(0, 1, T - 1);
-        y = at::cat({first, mix(rest_in)});
-        out.push_back(rest_in);
+        // what MambaMixer.forward with a record leaves (the first row, the journal, then the other rows),
+        // in one mixer call: the scan writes each head's state after the first row to the journal while
+        // it holds it, with streaming stores (the copy of every state after a one-row call, its own pass,
+        // cost ~+4% of a 2-row call in CPU time)
+        y = mamba_mixer_journaled(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min,
+                                  dt_max, threads, conv_saved[m], ssm_saved[m]);
+        out.push_back(zxbcdt.narrow(0, 1, T - 1));
       } else {
         y = mix(zxbcdt);
       }

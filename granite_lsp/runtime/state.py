@@ -182,23 +182,26 @@ class MambaSnapshot:
 class Journal:
     """What a journaled forward leaves so that the state can keep only its first rows.
 
-    Speculative decoding verifies k draft tokens in one forward and keeps the first j + 1 rows (the
-    token it had to feed plus the j drafts the model agreed with). Attention KV just crops. A Mamba
-    state cannot be rewound, and writing each row's SSM state (~22 MB per token on the real shape)
-    would cost more than the whole forward saves. The first row (the token decoding had to feed
-    anyway) is always kept, so per Mamba layer the mixer runs that row first and the journal keeps:
-    - the conv and SSM states *after the first row*, copied into buffers kept from one verify to the
-      next (allocating 22 MB per step cost page faults), right before the mixer runs the other rows
-      (cache warm: it reads the same state right after);
+    Speculative decoding verifies k draft tokens in one forward and keeps the
+    first j + 1 rows (the token it had to feed plus the j drafts the model agreed with). Attention KV
+    just crops. A Mamba state cannot be rewound, and writing each row's SSM state (~22 MB per token on
+    the real shape) would cost more than the whole forward saves. The first row (the token decoding had
+    to feed anyway) is always kept, so per Mamba layer the journal keeps:
+    - the conv and SSM states *after the first row*, in buffers kept from one verify to the next
+      (allocating 22 MB per step cost page faults);
     - the other rows' inputs (the layer's in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on
       the real shape), which is all the recurrence reads.
     Keeping n < T rows swaps the copies back in (every draft rejected: nothing else) and re-runs only
     the layer's conv and scan over the n - 1 drafts kept (``replay``: no matmul, the same kernel and
     arithmetic as the forward). Keeping all rows costs nothing more. bench/verify_cost.py measures a
     verify and its rollback against a plain step.
-    The layer-by-layer forward journals through ``record`` (one layer at a time); the one-call step
-    (kernels/step.cpp) copies into ``journal_buffers()`` itself and hands the inputs to ``recorded``:
-    the same journal either way.
+    The layer-by-layer forward journals through ``record`` (one layer at a time: the mixer runs the
+    first row, the states are copied, then the other rows); in the one-call step (kernels/step.cpp) the
+    mixer's scan writes each head's state after the first row into ``journal_buffers()`` while it holds
+    it (streaming stores, no pass of its own) and the inputs go to ``recorded``: the same journal, bit
+    for bit, either way.
+    Whether a forward is journaled at all is the caller's: one whose rows all stay (the engine's trail
+    tokens and the one after them, no drafts) is not (``StateCache.feed``).
     """
 
     def __init__(self) -> None:
