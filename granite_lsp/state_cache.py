@@ -450,15 +450,14 @@ class StateCache:
     def _piece(self, ids: np.ndarray, interrupt: Callable[[], bool]) -> torch.Tensor | None:
         """One piece of a preemptible prefill that looks at ``interrupt`` between two layers: its logits,
         or None when it was abandoned (the live state is then back at the piece's start; module
-        docstring). A snapshot of the Mamba states is taken first, to go back to (a copy, ~1% of a
-        piece's time on the real shape: bench/piece_cost.py), unless the forward cannot stop (a one-call
-        forward: HybridModel.interruptible). Abandoned, the live state is exactly the piece's start
-        again, so the checkpoint it was (``origin``: the engine's trail) still holds."""
+        docstring). The forward is journaled whole (runtime/state.py's Journal: the Mamba states copied
+        first, ~1% of a piece's time on the real shape: bench/piece_cost.py), unless it cannot stop (a
+        one-call forward: HybridModel.interruptible). Abandoned, the live state is exactly the piece's
+        start again (tokens, logits and ``origin`` untouched: the forward raised before ``_run`` moved
+        them), so the checkpoint it was (``origin``: the engine's trail) still holds."""
         if not self.model.interruptible(len(ids)):
             return self._run(ids)
-        with small_ops_single_threaded():
-            before = self.live.snapshot()
-        tokens, logits, origin = list(self.live_tokens), self.live_logits, self.origin()
+        self.live.journal_next(whole=True)
         t0 = time.perf_counter()
         asked = [False]
 
@@ -474,7 +473,7 @@ class StateCache:
         try:
             out = self._run(ids, interrupt=stop)
         except Interrupted:
-            self._restore(before, None, tokens, logits, origin)
+            self.live.undo()
             self.stats.pieces_abandoned += 1
             self.stats.abandoned_tokens += len(ids)
             return None

@@ -14,7 +14,7 @@ from conftest import TINY, load_fixtures
 
 from granite_lsp import kernels
 from granite_lsp.documents import Document
-from granite_lsp.runtime import HybridModel
+from granite_lsp.runtime import HybridModel, Interrupted
 from granite_lsp.speculate import MAX_DRAFT, DraftBudget, PromptLookup, VerifyCost
 
 pytestmark = pytest.mark.usefixtures("isa_level")
@@ -170,6 +170,44 @@ def test_keep_needs_the_journaled_forward_just_before() -> None:
     assert state.pos == 4
     with pytest.raises(ValueError, match="journaled"):
         model.keep(state, 1)  # a journal applies once
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_forward_journaled_whole_is_undone_even_midway(path: str) -> None:
+    """A forward journaled whole (a piece of background work) is taken back by ``undo``, finished or
+    stopped between two layers: the Mamba states are bit for bit those before it, the KV continues from
+    its start, and decoding from there equals decoding from a state that never ran it."""
+    model = tiny_model(path)
+    gen = torch.Generator().manual_seed(11)
+    vocab = model.config.vocab_size
+    prompt, piece, after = (torch.randint(0, vocab, (n,), generator=gen) for n in (29, 20, 3))
+    state, plain = model.new_state(8), model.new_state(8)
+    model.forward(prompt, state)
+    model.forward(prompt, plain)
+    before = [t.clone() for t in (*state.conv, *state.ssm)]
+
+    def stop(done: int, layers: int) -> bool:
+        return done == 2  # after two of the four layers
+
+    for interrupt in (None, stop):
+        state.journal_next(whole=True)
+        if interrupt is None:
+            model.forward(piece, state)
+            assert state.pos == len(prompt) + len(piece)
+        else:
+            with pytest.raises(Interrupted):
+                model.forward(piece, state, interrupt=interrupt)  # 20 tokens: layer by layer, interruptible
+        with pytest.raises(ValueError, match="journaled by rows"):
+            model.keep(state, 1)
+        state.undo()
+        assert state.pos == state.kv.length == len(prompt)
+        for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
+            assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="journaled whole"):
+            state.undo()  # once
+    for t in after:
+        x, y = model.forward(t.view(1), state), model.forward(t.view(1), plain)
+        assert same(x, y, path)
 
 
 # -- the engine: same output with and without speculation ------------------------------------------

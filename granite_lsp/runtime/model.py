@@ -258,7 +258,7 @@ class HybridModel:
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         x = x.contiguous()
-        journaled = state.journal.active
+        journaled = state.journal.records
         if T <= GEMV_MAX_ROWS and self._one_call_step_applies():
             assert self.kernels is not None
             # a journaled verify: the kernel copies the states after the first row into the journal

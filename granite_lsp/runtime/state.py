@@ -11,9 +11,9 @@ checkpoint) is never overwritten: ``ModelState.prepare`` branches the cache (cop
 in use to fresh buffers) before a write that would. So several checkpoints of one token history
 share one buffer, and a branch costs a copy only when it is written.
 
-A forward can also be *journaled* (speculative decoding's verify step: ``ModelState.journal_next``):
-the state then keeps what it needs to go back to any of that forward's rows (``ModelState.keep``),
-see ``Journal``.
+A forward can also be *undoable* (``ModelState.journal_next``): the state then keeps what it needs to
+take it back, to any of its rows (speculative decoding's verify: ``ModelState.keep``) or whole (a piece
+of background work stopped between two layers: ``ModelState.undo``). One mechanism for both: ``Journal``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .matmul import small_ops_single_threaded
 
 
 def _nbytes(tensors: Sequence[Tensor]) -> int:
@@ -180,9 +182,15 @@ class MambaSnapshot:
 
 
 class Journal:
-    """What a journaled forward leaves so that the state can keep only its first rows.
+    """What an undoable forward leaves so that the state can keep only its first rows, or none of them.
 
-    Speculative decoding verifies k draft tokens in one forward and keeps the
+    Whole (``journal_next(whole=True)``): a forward that may be taken back entirely, also when it stops
+    between two layers (state_cache.py's pieces of background work: a request waits), when the first
+    layers' states have advanced over tokens the others have not seen. The Mamba states *before* it are
+    copied into the journal's buffers when it begins (a piece's few percent: bench/piece_cost.py), and
+    ``undo`` swaps them back in (nothing copied) and rewinds the KV.
+
+    By rows (the default): speculative decoding verifies k draft tokens in one forward and keeps the
     first j + 1 rows (the token it had to feed plus the j drafts the model agreed with). Attention KV
     just crops. A Mamba state cannot be rewound, and writing each row's SSM state (~22 MB per token on
     the real shape) would cost more than the whole forward saves. The first row (the token decoding had
@@ -207,13 +215,25 @@ class Journal:
     def __init__(self) -> None:
         self.start = -1  # the state's position when the journaled forward began; -1: none pending
         self.rows = 0
-        self.conv: dict[int, Tensor] = {}  # per Mamba slot: the states before the forward
+        self.whole = False  # taken back whole (the states before it kept) rather than by rows
+        # per Mamba slot, kept from one journaled forward to the next: the states before the forward
+        # (whole) or after its first row (by rows)
+        self.conv: dict[int, Tensor] = {}
         self.ssm: dict[int, Tensor] = {}
-        self.inputs: dict[int, Tensor] = {}  # per Mamba slot: the forward's in_proj rows
+        self.inputs: dict[int, Tensor] = {}  # per Mamba slot: the forward's in_proj rows after the first
 
     @property
     def active(self) -> bool:
         return self.start >= 0
+
+    @property
+    def records(self) -> bool:
+        """Whether the running forward records its rows (journaled by rows: ``ModelState.record``)."""
+        return self.active and not self.whole
+
+    def clear(self) -> None:
+        self.start, self.rows, self.whole = -1, 0, False
+        self.inputs.clear()
 
 
 # Re-runs one Mamba layer's conv and scan over in_proj rows, from and into the given states
@@ -247,7 +267,7 @@ class ModelState:
         self.ssm: list[Tensor] = [t.clone(memory_format=torch.contiguous_format) for t in mamba.ssm]
         self.pos = mamba.pos
         self.journal = Journal()
-        self._journal_next = False
+        self._journal_next: bool | None = None  # the next forward's journal: whole (True), by rows, none
 
     def snapshot(self) -> MambaSnapshot:
         """Copy of the Mamba states at the current position (the KV needs no copy, see restore)."""
@@ -279,21 +299,46 @@ class ModelState:
         kv.rewind_to(snap.pos)
         self.kv = kv
         self.pos = snap.pos
-        self.journal.start, self._journal_next = -1, False
+        self.journal.clear()
+        self._journal_next = None
 
-    # -- journaled forwards (speculative decoding; see Journal) ---------------------------------
-    def journal_next(self) -> None:
-        """Journal the next forward, so that ``keep`` can go back to any of its rows."""
-        self._journal_next = True
+    # -- undoable forwards (speculative decoding, pieces of background work; see Journal) --------
+    def journal_next(self, whole: bool = False) -> None:
+        """Journal the next forward, so that ``keep`` can go back to any of its rows from the first, or
+        (``whole``) so that ``undo`` can take it back entirely, even if it stops midway."""
+        self._journal_next = whole
 
     def begin_forward(self, n: int) -> bool:
-        """A forward of ``n`` tokens starts (after ``prepare``); whether it is journaled. Any older
-        journal is dropped: ``keep`` only ever applies to the last forward."""
+        """A forward of ``n`` tokens starts (after ``prepare``); whether it records its rows (journaled by
+        rows). Any older journal is dropped: ``keep`` and ``undo`` only ever apply to the last forward."""
         j = self.journal
-        j.start, j.rows = (self.pos, n) if self._journal_next else (-1, 0)
-        j.inputs.clear()
-        self._journal_next = False
-        return j.active
+        j.clear()
+        whole, self._journal_next = self._journal_next, None
+        if whole is None:
+            return False
+        j.start, j.rows, j.whole = self.pos, n, whole
+        if whole:
+            pairs = [self._journal_slot(slot) for slot in range(len(self.conv))]
+            # memory-bound copies, on one thread (see StateCache._restore)
+            with small_ops_single_threaded(), torch.inference_mode(self.is_inference):
+                for slot, (conv, ssm) in enumerate(pairs):
+                    conv.copy_(self.conv[slot])
+                    ssm.copy_(self.ssm[slot])
+        return j.records
+
+    def undo(self) -> None:
+        """Take back the last forward, journaled ``whole``, also one that stopped midway (an exception,
+        ``Interrupted``): the Mamba states before it are swapped back in (nothing is copied) and the KV
+        continues from its start again (what it wrote there is overwritten later)."""
+        j = self.journal
+        if not j.whole or self.pos not in (j.start, j.start + j.rows):
+            raise ValueError("undo() follows a forward journaled whole, before anything else moves the state")
+        for slot in range(len(self.conv)):
+            self.conv[slot], j.conv[slot] = j.conv[slot], self.conv[slot]
+            self.ssm[slot], j.ssm[slot] = j.ssm[slot], self.ssm[slot]
+        self.kv.crop(j.start)
+        self.pos = j.start
+        j.clear()
 
     def record(self, slot: int, inputs: Tensor) -> None:
         """A journaled forward's Mamba layer ``slot`` has advanced its states over the first row and is
@@ -336,8 +381,8 @@ class ModelState:
         """Keep the first ``n`` >= 1 rows of the last (journaled) forward: the state is then exactly as
         if only those tokens had been fed. ``replay`` re-runs a Mamba layer's recurrence."""
         j = self.journal
-        if not j.active or self.pos != j.start + j.rows:
-            raise ValueError("keep() follows a journaled forward, before anything else moves the state")
+        if not j.records or self.pos != j.start + j.rows:
+            raise ValueError("keep() follows a forward journaled by rows, before anything else moves the state")
         if not 1 <= n <= j.rows:
             raise ValueError(f"cannot keep {n} of a journaled forward's {j.rows} rows (the first is always kept)")
         if n < j.rows:
@@ -350,8 +395,7 @@ class ModelState:
                         replay(slot, inputs[: n - 1], self.conv[slot], self.ssm[slot])
             self.kv.crop(j.start + n)
             self.pos = j.start + n
-        j.start, j.rows = -1, 0
-        j.inputs.clear()
+        j.clear()
 
     def prepare(self, n: int) -> None:
         """Before a forward writes ``n`` positions: branch the KV cache if a holder still needs
