@@ -5,7 +5,7 @@ simply be cropped. So for each new prompt we find the longest already-processed 
 *checkpoint* for (a snapshot of all Mamba states at that position, plus the KV buffer it belongs to),
 restore it, and run the model over the rest only.
 
-Checkpoint policy (see ``docs`` in fim.py for the layout it is designed for):
+Checkpoint policy (checkpoints.py decides it; see ``docs`` in fim.py for the layout it is designed for):
 - at the end of every prompt: the next keystroke usually extends it (typing forward, Enter) or equals it
   (typing inside a healed word), and a few recent ones cover backspace and a typo fixed;
 - at ``<|fim_middle|>`` (the end of prefix + suffix): survives any edit inside the middle region (of
@@ -53,18 +53,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import checkpoints as policy
 from . import memory
+from .checkpoints import INTERVAL, MIN_CHECKPOINT_GAP, RECENT_ENDS, Checkpoint
 from .runtime import HybridModel, Interrupted, KVHold, MambaSnapshot, ModelState
 from .runtime.matmul import small_ops_single_threaded
 from .runtime.rows import fork_row, step_rows
 
 # Prefills of at least this many tokens hand their freed activations back to the OS (memory.py).
 RELEASE_AFTER_TOKENS = 256
-# Of two marks of the same prefill closer than this, only one gets a checkpoint (see prefill).
-MIN_CHECKPOINT_GAP = 16
-# End-of-prompt checkpoints of a document's current token path kept as they are: backspace and a
-# fixed typo restore one of them exactly. Older ones are thinned to MIN_CHECKPOINT_GAP apart.
-RECENT_ENDS = 4
 # Tokens a preemptible prefill runs between two ``should_yield`` checks, and the checkpoint granularity
 # it resumes from. A request no longer waits for a whole piece (``interrupt``: one layer, or the rest of
 # a piece within FINISH_MS), so this trades what an abandoned piece loses against a piece's fixed cost
@@ -77,26 +74,7 @@ PREEMPT_CHUNK = 32
 # estimated (its time so far per layer, times the layers left) at no more than this, and is abandoned
 # otherwise (module docstring): the request waits at most about this, or one layer plus a restore.
 FINISH_MS = 30.0
-# The interval checkpoints' spacing by default (StateCache.interval), ~0.8 s of the real shape on 2 idle
-# cores; also the most a request's prefill runs between two looks at whether it is still wanted
-# (StateCache.request_chunk).
-INTERVAL = 256
-
-
-@dataclass(eq=False)  # identity: list.remove must not compare token arrays (ambiguous, or a shape error)
-class Checkpoint:
-    doc: str
-    tokens: np.ndarray  # the token ids this state has consumed, in order
-    snap: MambaSnapshot
-    hold: KVHold  # its positions of the KV buffer they are in, kept while the checkpoint exists
-    logits: torch.Tensor  # of the last consumed position: an identical next prompt costs no forward at all
-    last_used: int = 0
-    end: bool = False  # taken at the end of a prompt (not at a layout mark or an interval)
-    resume: bool = False  # where a preemptible prefill yielded: dropped once a later one passes it
-
-    @property
-    def pos(self) -> int:
-        return len(self.tokens)
+__all__ = ["INTERVAL", "MIN_CHECKPOINT_GAP", "RECENT_ENDS", "CacheStats", "Checkpoint", "PrefillResult", "StateCache"]
 
 
 @dataclass
@@ -139,14 +117,6 @@ def _mamba_nbytes(state: ModelState) -> int:
 def _live_extra(state: ModelState) -> int:
     """What the live state holds besides its KV buffer: Mamba states and a verify's journal buffers."""
     return state.nbytes - state.kv.nbytes
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 @dataclass
@@ -206,27 +176,10 @@ class StateCache:
         t0 = time.perf_counter()
         target = np.asarray(ids, dtype=np.int64)
         start, logits = self._restore_best(doc, target)
-        structural = set(marks) | self._interval_marks(start, len(ids))
-        # A checkpoint a few tokens after another saves those few tokens and costs a whole state (~23 MB
-        # on the real shape): of two marks closer than MIN_CHECKPOINT_GAP only one gets a checkpoint,
-        # the earlier, unless the later is the last mark (the end of the prompt's head, where every
-        # keystroke on the cursor line starts again): e.g. prefix_len and static_len when the suffix
-        # is empty, or an interval mark just below static_len. The first mark (the end of the
-        # context in front of the file) keeps its own: every change of the file's text restarts
-        # there, and dropped it would send those to the interval mark below, up to 255 tokens back.
-        first_mark, last_mark = min(marks, default=-1), max(marks, default=-1)
-        stops: list[int] = []
-        for m in sorted(m for m in structural if start < m <= len(ids)):
-            if stops and m - stops[-1] < MIN_CHECKPOINT_GAP:
-                if m == last_mark and stops[-1] != first_mark:
-                    stops[-1] = m
-                continue
-            stops.append(m)
-        if start < len(ids) and (not stops or stops[-1] != len(ids)):
-            stops.append(len(ids))
+        structural = set(marks) | (policy.interval_marks(start, len(ids), self.interval) if self.enabled else set())
         pos, yielded = start, False
         size = max(1, self.chunk if chunk is None else chunk)
-        for stop in stops:
+        for stop in policy.stops(start, len(ids), marks, structural):
             while pos < stop and not yielded:
                 piece = stop if should_yield is None else min(stop, pos + size)
                 if should_yield is not None and interrupt is not None:
@@ -385,12 +338,6 @@ class StateCache:
 
     # ---- internals ----------------------------------------------------------------------------------
 
-    def _interval_marks(self, start: int, end: int) -> set[int]:
-        if not self.enabled or self.interval <= 0:
-            return set()
-        first = (start // self.interval + 1) * self.interval
-        return set(range(first, end, self.interval))
-
     def _restore_best(self, doc: str, target: np.ndarray) -> tuple[int, torch.Tensor | None]:
         """Restore the state that has consumed the longest prefix of ``target``.
 
@@ -401,11 +348,7 @@ class StateCache:
             return 0, None
         best_pos, best = self._covered(target)
         logits = self.live_logits if best_pos and best is None else None
-        # The checkpoints below this one on the prompt's path count as used too: they are the ones an
-        # edit higher up restores (the nearest below the edit), and least-recently-used eviction would
-        # otherwise take them first (restores use the deepest, so they are never used themselves).
-        below = [c for c in self.checkpoints if c.pos < best_pos and _common_prefix(c.tokens, target) == c.pos]
-        for c in sorted(below, key=lambda c: c.pos):
+        for c in policy.path_below(self.checkpoints, target, best_pos):  # count as used (path_below: why)
             c.last_used = next(self._tick)
         used = best if best is not None else self.origin() if best_pos else None  # the live state's own counts
         if used is not None:
@@ -419,15 +362,7 @@ class StateCache:
 
     def _covered(self, target: np.ndarray) -> tuple[int, Checkpoint | None]:
         """The longest prefix of ``target`` the live state (None) or a checkpoint has consumed."""
-        live = np.asarray(self.live_tokens, dtype=np.int64)
-        best_pos = 0
-        if 0 < len(live) <= len(target) and _common_prefix(live, target) == len(live):
-            best_pos = len(live)
-        best: Checkpoint | None = None
-        for c in self.checkpoints:
-            if best_pos < c.pos <= len(target) and _common_prefix(c.tokens, target) == c.pos:
-                best, best_pos = c, c.pos
-        return best_pos, best
+        return policy.covered(self.checkpoints, np.asarray(self.live_tokens, dtype=np.int64), target)
 
     def _restore(
         self,
@@ -500,13 +435,8 @@ class StateCache:
     def _checkpoint(self, doc: str, end: bool = False, resume: bool = False) -> None:
         pos = self.live.pos
         tokens = np.asarray(self.live_tokens, dtype=np.int64)
-        # Where background work yielded is only worth a whole state until it is resumed: a checkpoint
-        # further along the same path supersedes it (a long prefill preempted many times would
-        # otherwise leave one per preemption, evicting the layout's checkpoints).
-        passed = [c for c in self.checkpoints if c.resume and c.doc == doc and c.pos < pos]
-        for c in passed:
-            if _common_prefix(c.tokens, tokens) == c.pos:
-                self.checkpoints.remove(c)
+        for c in policy.superseded_resumes(self.checkpoints, doc, tokens):
+            self.checkpoints.remove(c)
         for c in self.checkpoints:
             if c.pos == pos and c.doc == doc and np.array_equal(c.tokens, tokens):
                 c.last_used = next(self._tick)
@@ -524,45 +454,22 @@ class StateCache:
         self._origin = weakref.ref(new)  # the live state is this snapshot
         self.stats.checkpoints_taken += 1
         if end:
-            self._thin_ends(new)
+            for c in policy.thin_ends(self.checkpoints, new):
+                self.checkpoints.remove(c)
+                self.stats.thinned += 1
         mine = [c for c in self.checkpoints if c.doc == doc]
         if len(mine) > self.max_per_doc:
             oldest = min(mine, key=lambda c: c.last_used)
             self.checkpoints.remove(oldest)
             self.stats.evictions += 1
 
-    def _thin_ends(self, newest: Checkpoint) -> None:
-        """Typing takes an end-of-prompt checkpoint per keystroke, a whole state (~23 MB on the real
-        shape) a token or so after the previous one: kept, they filled the cache within ~20
-        keystrokes. The newest RECENT_ENDS on ``newest``'s token path stay; older ones stay only at
-        least MIN_CHECKPOINT_GAP tokens above the checkpoint below them, so that returning to one
-        that was dropped re-processes fewer tokens than that."""
-        path = [
-            c
-            for c in self.checkpoints
-            if c.doc == newest.doc and c.pos <= newest.pos and _common_prefix(c.tokens, newest.tokens) == c.pos
-        ]
-        ends = sorted((c for c in path if c.end), key=lambda c: c.pos)
-        floors = sorted(c.pos for c in path if not c.end)
-        below, i = -MIN_CHECKPOINT_GAP, 0
-        for c in ends[:-RECENT_ENDS]:
-            while i < len(floors) and floors[i] < c.pos:
-                below = max(below, floors[i])
-                i += 1
-            if c.pos - below < MIN_CHECKPOINT_GAP:
-                self.checkpoints.remove(c)
-                self.stats.thinned += 1
-            else:
-                below = c.pos
-
     def _evict(self, protect: str, extra: int = 0) -> None:
         """Drop least recently used checkpoints until under the memory cap, ``extra`` bytes held besides
         (candidates' forks) included; the newest of ``protect`` stays."""
         while self.checkpoints and self.nbytes() + extra > self.max_bytes:
-            newest = max((c for c in self.checkpoints if c.doc == protect), key=lambda c: c.last_used, default=None)
-            victims = [c for c in self.checkpoints if c is not newest]
-            if not victims:
+            victim = policy.lru_victim(self.checkpoints, protect)
+            if victim is None:
                 break
-            self.checkpoints.remove(min(victims, key=lambda c: c.last_used))
+            self.checkpoints.remove(victim)
             self.stats.evictions += 1
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes() + extra)
