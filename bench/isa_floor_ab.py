@@ -15,10 +15,12 @@ shadow it), which must lie in that tree, and the ISA level its kernels run at (`
 base has no levels). Both build the model with the API the two trees share
 (``HybridModel.from_config``, ``new_state``, ``forward``, ``snapshot``/``restore``) and the same
 token ids (a seeded generator, checked by a hash). Then, round by round, the parent asks each child
-in turn (ABBA order: the side that goes first alternates) for one prefill of ``--prefill`` tokens
-from an empty state, and for ``--decode`` decode steps after ``--depth`` tokens (default: the
-prefill's length) from the same snapshot. A waiting child blocks on its pipe, so only one side
-runs at a time. The first round is warm-up.
+in turn for one prefill of ``--prefill`` tokens from an empty state (the side that goes first
+alternates), then restores both to a snapshot after ``--depth`` tokens (default: the prefill's
+length) and asks for ``--decode`` decode steps, one step at a time from each side in turn (ABBA):
+on this shared machine the load moves within seconds, and a step is tens of milliseconds. A
+waiting child blocks on its pipe (its kernels' pool sleeps after 0.5 ms), so only one side runs at
+a time. The first round is warm-up.
 
 It prints per precision the ratios this / base as speeds (above 1.00 this tree is faster: the
 ratio of the medians, and the range of the per-round ratios) and the raw medians (prefill tok/s,
@@ -43,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,15 +89,20 @@ def _child(args: argparse.Namespace) -> None:
     model.forward(ids[: args.depth], state)
     snap = state.snapshot()
 
-    def decode() -> dict[str, list[float]]:
+    at = [args.depth]  # the next decode step's position
+
+    def restore() -> dict[str, int]:
         state.restore(snap)
-        wall, cpu = [], []
-        for i in range(args.depth, args.depth + args.decode):
-            t0, c0 = time.perf_counter(), time.process_time()
-            model.forward(ids[i : i + 1], state)
-            wall.append((time.perf_counter() - t0) * 1e3)
-            cpu.append((time.process_time() - c0) * 1e3)
-        return {"wall_ms": wall, "cpu_ms": cpu}
+        at[0] = args.depth
+        return {"pos": at[0]}
+
+    def step() -> dict[str, float]:
+        if at[0] >= args.depth + args.decode:
+            raise SystemExit(f"more than --decode {args.decode} steps after a restore")
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.forward(ids[at[0] : at[0] + 1], state)
+        at[0] += 1
+        return {"wall_ms": (time.perf_counter() - t0) * 1e3, "cpu_ms": (time.process_time() - c0) * 1e3}
 
     ready = {
         "module": granite_lsp.__file__,
@@ -105,7 +113,7 @@ def _child(args: argparse.Namespace) -> None:
         "ids_sha1": hashlib.sha1(ids.numpy().tobytes()).hexdigest(),
     }
     print(json.dumps(ready), flush=True)
-    actions = {"prefill": prefill, "decode": decode}
+    actions: dict[str, Callable[[], dict[str, Any]]] = {"prefill": prefill, "restore": restore, "step": step}
     for line in sys.stdin:
         if line.strip() == "quit":
             break
@@ -200,18 +208,35 @@ def run_precision(precision: str, trees: dict[str, Path], args: argparse.Namespa
             raise SystemExit("the two sides drew different token ids")
         samples: dict[str, dict[str, list[Any]]] = {s: {"prefill": [], "decode": []} for s in SIDES}
         for r in range(args.repeat + 1):
-            order = SIDES if r % 2 else SIDES[::-1]
-            for what in ("prefill", "decode"):
-                for side in order:
-                    got = children[side].ask(what)
-                    if r:  # round 0 warms up
-                        samples[side][what].append(got)
+            for side in SIDES if r % 2 else SIDES[::-1]:
+                got = children[side].ask("prefill")
+                if r:  # round 0 warms up
+                    samples[side]["prefill"].append(got)
+            steps = decode_round(children, args.decode)
             if r:
+                for side in SIDES:
+                    samples[side]["decode"].append(steps[side])
                 print(f"  {precision} round {r}/{args.repeat}: {_round_line(samples)}", flush=True)
     finally:
         for c in children.values():
             c.close()
     return {"sides": info, "samples": samples, "summary": summarize(samples)}
+
+
+def decode_round(children: dict[str, Child], n: int) -> dict[str, dict[str, list[float]]]:
+    """Both sides restored to the snapshot, then ``n`` decode steps each, interleaved step by step
+    (ABBA): the two step series see the same seconds of the machine. (A step streams every weight,
+    far more than the caches hold, so the other side's step between two of one side's evicts
+    little that it would have kept.)"""
+    for c in children.values():
+        c.ask("restore")
+    out: dict[str, dict[str, list[float]]] = {side: {"wall_ms": [], "cpu_ms": []} for side in SIDES}
+    for i in range(n):
+        for side in SIDES if i % 2 else SIDES[::-1]:
+            got = children[side].ask("step")
+            out[side]["wall_ms"].append(got["wall_ms"])
+            out[side]["cpu_ms"].append(got["cpu_ms"])
+    return out
 
 
 def _round_line(samples: dict[str, dict[str, list[Any]]]) -> str:
