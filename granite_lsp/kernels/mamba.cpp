@@ -207,11 +207,16 @@ void conv_span(const float* const* src, const float* cw, const float* cb, int64_
   }
 }
 
-// dt = clamp(softplus(raw + bias)) and decay = exp(max(dt * A, -80)), as in runtime/ssm.py.
-inline void dt_decay(float raw, float bias, float A, float dt_min, float dt_max, float* dt, float* decay) {
+// dt = clamp(softplus(raw + bias)), as in runtime/ssm.py.
+inline float softplus_dt(float raw, float bias, float dt_min, float dt_max) {
   const float v = raw + bias;
-  float sp = v > 20.0f ? v : std::log1p(std::exp(v));
-  sp = std::min<float>(std::max<float>(sp, dt_min), dt_max);
+  const float sp = v > 20.0f ? v : std::log1p(std::exp(v));
+  return std::min<float>(std::max<float>(sp, dt_min), dt_max);
+}
+
+// dt as softplus_dt, and decay = exp(max(dt * A, -80)), as in runtime/ssm.py.
+inline void dt_decay(float raw, float bias, float A, float dt_min, float dt_max, float* dt, float* decay) {
+  const float sp = softplus_dt(raw, bias, dt_min, dt_max);
   *dt = sp;
   *decay = std::exp(std::max(sp * A, -80.0f));
 }
@@ -375,6 +380,12 @@ inline void p_blocks(int64_t P, const F16W& sixteen, const F8W& eight) {
   for (; p < P; p += 8) eight(p);
 }
 
+// exp(max(float(d), -80)) of 8 log-decays (two vectors of 4 doubles) through exp8: a NaN stays NaN.
+inline __m256 decay8(__m256d lo, __m256d hi) {
+  const __m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
+  return exp8(_mm256_max_ps(_mm256_set1_ps(-80.0f), d));  // max returns its second operand on a NaN
+}
+
 void mamba_head_chunked(const void* ctx, int64_t h) {
   const auto& cs = *static_cast<const ChunkedScan*>(ctx);
   const auto& m = *cs.m;
@@ -384,25 +395,38 @@ void mamba_head_chunked(const void* ctx, int64_t h) {
   for (int64_t p = 0; p < P; ++p)
     for (int64_t n = 0; n < N; ++n) st[n * P + p] = state[p * N + n];
   alignas(32) float w[kScanChunk * kMaxHeadDim], mix[kScanChunk * kScanChunk];
-  double a[kScanChunk];
-  float ea[kScanChunk];
+  alignas(32) double a[kScanChunk];
+  alignas(32) float ea[kScanChunk], tail[kScanChunk];
   const float Ah = cs.A[h];
   for (int64_t c = 0; c < cs.chunks; ++c) {
     const int64_t t0 = c * L, len = std::min(L, m.T - t0);
     const float* xdt = cs.xdt + (h * m.T + t0) * P;
     double run = 0.0;
-    for (int64_t t = 0; t < len; ++t) {
-      const float dt = m.dt[(t0 + t) * m.H + h];
-      run += double(std::max(dt * Ah, -80.0f));  // the recurrence's log-decay per token
+    for (int64_t t = 0; t < L; ++t) {  // past len: the last value repeated (read by no result)
+      if (t < len) run += double(std::max(m.dt[(t0 + t) * m.H + h] * Ah, -80.0f));  // the recurrence's log-decay
       a[t] = run;
-      ea[t] = std::exp(float(std::max(run, -80.0)));
     }
-    // decay-weighted C_t . B_j (j <= t), and each token's xdt weighted by its decay to the chunk's end
+    // The decay factors, 8 at a time through exp8 (a prefill takes ~170 of them per chunk and head;
+    // one std::exp call each was ~2% of the prefill): exp of a difference <= 0 taken in double, then
+    // rounded and clamped at -80 as before.
+    const __m256d last = _mm256_set1_pd(a[len - 1]);
+    for (int64_t j = 0; j < L; j += 8) {
+      const __m256d a0 = _mm256_load_pd(a + j), a1 = _mm256_load_pd(a + j + 4);
+      _mm256_store_ps(ea + j, decay8(a0, a1));
+      _mm256_store_ps(tail + j, decay8(_mm256_sub_pd(last, a0), _mm256_sub_pd(last, a1)));
+    }
+    // decay-weighted C_t . B_j (j <= t; the lanes past t are computed and never read), and each
+    // token's xdt weighted by its decay to the chunk's end
     const float* cb = cs.cb + (c * m.G + g) * L * L;
-    for (int64_t t = 0; t < len; ++t)
-      for (int64_t j = 0; j <= t; ++j) mix[t * L + j] = std::exp(float(std::max(a[t] - a[j], -80.0))) * cb[t * L + j];
+    for (int64_t t = 0; t < len; ++t) {
+      const __m256d at = _mm256_set1_pd(a[t]);
+      for (int64_t j = 0; j <= t; j += 8) {
+        const __m256 f = decay8(_mm256_sub_pd(at, _mm256_load_pd(a + j)), _mm256_sub_pd(at, _mm256_load_pd(a + j + 4)));
+        _mm256_storeu_ps(mix + t * L + j, _mm256_mul_ps(f, _mm256_loadu_ps(cb + t * L + j)));
+      }
+    }
     for (int64_t j = 0; j < len; ++j) {
-      const __m256 f = _mm256_set1_ps(std::exp(float(std::max(a[len - 1] - a[j], -80.0))));
+      const __m256 f = _mm256_set1_ps(tail[j]);
       for (int64_t p = 0; p < P; p += 8)
         _mm256_storeu_ps(w + j * P + p, _mm256_mul_ps(f, _mm256_loadu_ps(xdt + j * P + p)));
     }
@@ -569,21 +593,28 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   if (conv_saved)  // the conv state after the first token: the K - 1 raw inputs that end with it
     for (int64_t r = 0; r < K - 1; ++r) std::memcpy(conv_saved + r * C, window_row(1 + r), sizeof(float) * C);
   std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
-  // (2) dt = clamp(softplus(raw + bias)), decay = exp(max(dt * A, -80)) as in runtime/ssm.py
+  // (2) dt = clamp(softplus(raw + bias)), and for the recurrence decay = exp(max(dt * A, -80)) as in
+  // runtime/ssm.py (the chunked scan sums the log-decays dt * A itself)
+  const bool chunked = T >= kChunkedMinTokens && P % 8 == 0 && P * N <= kChunkedMaxStateFloats;
   const auto dt_buf = scratch(size_t(2 * T * H));
   float *const dt = dt_buf.get(), *const decay = dt + T * H;
   const float* db = dt_bias.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
   parallel_rows(T, 64, n_threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t h = 0; h < H; ++h)
-        dt_decay(in[t * W + E + C + h], db[h], Ap[h], float(dt_min), float(dt_max), dt + t * H + h, decay + t * H + h);
+      const float* raw = in + t * W + E + C;
+      if (chunked) {
+        for (int64_t h = 0; h < H; ++h) dt[t * H + h] = softplus_dt(raw[h], db[h], float(dt_min), float(dt_max));
+      } else {
+        for (int64_t h = 0; h < H; ++h)
+          dt_decay(raw[h], db[h], Ap[h], float(dt_min), float(dt_max), dt + t * H + h, decay + t * H + h);
+      }
     }
   });
   // (3) the scan, one head per task: in chunks for a prefill (above), token by token for a few tokens
   float* y = out.data_ptr<float>();
   MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, ssm_saved};
-  if (T >= kChunkedMinTokens && P % 8 == 0 && P * N <= kChunkedMaxStateFloats) {
+  if (chunked) {
     const int64_t chunks = (T + kScanChunk - 1) / kScanChunk;
     const auto cb = scratch(size_t(chunks * G * kScanChunk * kScanChunk));
     parallel_rows(chunks, 4, n_threads, [&](int64_t c0, int64_t c1) { chunk_cb(m, cb.get(), c0, c1); });
