@@ -251,6 +251,59 @@ def test_attention_decode_matches_softmax_attention(hd: int, length: int) -> Non
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def _causal_attention_reference(
+    qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, nq: int, scale: float
+) -> torch.Tensor:
+    """float64 softmax attention of T query rows (row i at position pos + i) over keys 0 .. pos + i."""
+    T, (nkv, _, hd) = qkv.shape[0], k.shape
+    q = qkv[:, : nq * hd].double().view(T, nkv, nq // nkv, hd).permute(1, 2, 0, 3)  # [nkv, per, T, hd]
+    keys, values = k[:, : pos + T].double(), v[:, : pos + T].double()
+    scores = torch.einsum("gptd,gld->gptl", q, keys) * scale
+    visible = torch.arange(pos + T).unsqueeze(0) <= (pos + torch.arange(T)).unsqueeze(1)  # [T, L]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("gptl,gld->tgpd", probs, values).reshape(T, nq * hd)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "T,pos,nq,nkv,hd",
+    [(512, 0, 12, 4, 64), (37, 0, 12, 4, 64), (17, 150, 12, 4, 64), (70, 3, 4, 4, 24), (33, 64, 8, 2, 128)],
+)
+def test_attention_prefill_matches_causal_softmax_attention(T: int, pos: int, nq: int, nkv: int, hd: int) -> None:
+    """Causal GQA attention of T new rows after pos cached ones: the real shape (12 query heads over 4
+    KV heads, head 64, 512 rows), a continuation (pos > 0, key blocks that straddle it), query blocks
+    left partly empty, one query head per KV head, head dims of 24 (no 32-wide value tiles) and 128."""
+    g = torch.Generator().manual_seed(T + pos + hd)
+    cap = pos + T + 5
+    qkv = torch.randn(T, (nq + 2 * nkv) * hd, generator=g) * 2
+    k = torch.randn(nkv, cap, hd, generator=g)
+    v = torch.randn(nkv, cap, hd, generator=g)
+    out = _ops().attention_prefill(qkv, k, v, pos, nq, 0.125, threads=2)
+    ref = _causal_attention_reference(qkv, k, v, pos, nq, 0.125)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+@needs_ext
+def test_attention_prefill_nan_reaches_only_rows_at_and_after_it() -> None:
+    """A NaN key (or value) at position j: only the rows at positions >= j of that KV head's query
+    heads get NaN (every dim for a key, the value's dim for a value); earlier rows and the other
+    heads are the attention without it."""
+    T, pos, nq, nkv, hd, j = 90, 20, 6, 2, 16, 71
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, (nq + 2 * nkv) * hd, generator=g)
+    for poisoned in ("k", "v"):
+        k = torch.randn(nkv, pos + T, hd, generator=g)
+        v = torch.randn(nkv, pos + T, hd, generator=g)
+        (k if poisoned == "k" else v)[1, j, 3] = float("nan")
+        out = _ops().attention_prefill(qkv, k, v, pos, nq, 0.25, threads=2).view(T, nkv, nq // nkv * hd)
+        first = j - pos  # the row at position j
+        heads = out[first:, 1].view(T - first, nq // nkv, hd)  # a NaN value poisons its own dim only
+        assert torch.isnan(heads).any(-1).all()
+        assert torch.isfinite(out[:first, 1]).all() and torch.isfinite(out[:, 0]).all()
+        ref = _causal_attention_reference(qkv[:first], k, v, pos, nq, 0.25).view(first, nkv, -1)
+        torch.testing.assert_close(out[:first, 1].double(), ref[:, 1], rtol=1e-5, atol=2e-6)
+
+
 @needs_ext
 def test_vectorized_silu_over_the_whole_float_range() -> None:
     """The AVX2 exp behind SiLU clamps its argument: huge, tiny and denormal-producing gates."""

@@ -20,6 +20,7 @@ knobs, which benchmark to run.
 """
 
 from .ops import (
+    ATTENTION_MAX_HEAD_DIM,
     GEMV_MAX_ROWS,
     MAMBA_MAX_HEAD_DIM,
     CpuKernels,
@@ -32,6 +33,7 @@ from .ops import (
 from .packed import PackedLinear
 
 __all__ = [
+    "ATTENTION_MAX_HEAD_DIM",
     "GEMV_MAX_ROWS",
     "MAMBA_MAX_HEAD_DIM",
     "CpuKernels",

@@ -18,6 +18,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
   m.def("swiglu(Tensor gu, int threads) -> Tensor", &swiglu);
   m.def("attention_decode(Tensor q, Tensor k, Tensor v, int length, float scale, int threads) -> Tensor",
         &attention_decode);
+  m.def("attention_prefill(Tensor qkv, Tensor k, Tensor v, int pos, int n_heads, float scale, int threads) -> Tensor",
+        &attention_prefill);
   m.def(
       "mamba_mixer(Tensor zxbcdt, Tensor(a!) conv_state, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, "
       "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor norm_w, int n_groups, float eps, float dt_min, float dt_max, "

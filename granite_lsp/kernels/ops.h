@@ -41,6 +41,8 @@ at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& con
 // attention.cpp
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
                             int64_t threads);
+at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& k, const at::Tensor& v, int64_t pos,
+                             int64_t n_heads, double scale, int64_t threads);
 
 // norms.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t threads);

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 GEMV_MAX_ROWS = build.header_constant("ops.h", "kMaxStreamRows")
 # Largest Mamba head dim CpuKernels.mamba_mixer takes (mamba.cpp's per-head scratch, kMaxHeadDim).
 MAMBA_MAX_HEAD_DIM = 256
+# Largest attention head dim CpuKernels.attention_prefill takes (attention.cpp's kMaxPrefillHeadDim).
+ATTENTION_MAX_HEAD_DIM = 128
 
 
 class CpuKernels:
@@ -58,6 +60,15 @@ class CpuKernels:
         """Attention of one token's query heads ``q`` [nq * hd] over the first ``length`` positions
         of the KV buffers [nkv, capacity, hd] (fp32, GQA groups of nq / nkv heads); [1, nq * hd]."""
         return cast(Tensor, self._ops.attention_decode(q, k, v, length, scale, threads))
+
+    def attention_prefill(
+        self, qkv: Tensor, k: Tensor, v: Tensor, pos: int, n_heads: int, scale: float, threads: int
+    ) -> Tensor:
+        """Causal attention of T new tokens (prefill): the ``n_heads`` query heads at the start of each
+        row of ``qkv`` [T, >= n_heads * hd], row i at position ``pos + i``, over the KV buffers
+        [nkv, capacity, hd] that already hold positions 0 .. pos + T - 1 (fp32, GQA); [T, n_heads * hd].
+        Head dims that are multiples of 8 up to ATTENTION_MAX_HEAD_DIM."""
+        return cast(Tensor, self._ops.attention_prefill(qkv, k, v, pos, n_heads, scale, threads))
 
     def mamba_mixer(
         self,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import MAMBA_MAX_HEAD_DIM, CpuKernels, PackedLinear
+from ..kernels import ATTENTION_MAX_HEAD_DIM, MAMBA_MAX_HEAD_DIM, CpuKernels, PackedLinear
 from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import big_op_threads, linear, matmul_threads
@@ -99,7 +99,8 @@ class Attention:
         self.scale = cfg.attention_multiplier
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
         self.kernels = kernels
-        # One-token steps through CpuKernels.attention_decode when there are kernels (False: torch ops).
+        # Through CpuKernels.attention_decode (up to DECODE_ATTENTION_ROWS rows) and attention_prefill
+        # (more) when there are kernels (False: torch ops).
         self.fused = kernels is not None
 
     def forward(
@@ -151,6 +152,17 @@ class Attention:
                 for i in rows
             ]
             return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if (
+            self.fused
+            and self.kernels is not None
+            and rope is None
+            and hd % 8 == 0
+            and hd <= ATTENTION_MAX_HEAD_DIM
+            and _fused(qkv, kbuf, vbuf)
+        ):
+            # prefill: causal attention in one kernel (attention.cpp) instead of SDPA with a mask
+            out = self.kernels.attention_prefill(qkv, kbuf, vbuf, pos, nq, self.scale, matmul_threads())
+            return out if out_rows is None else out[out_rows].contiguous()
         keys, values = kbuf[:, :end], vbuf[:, :end]
         if T == 1:
             out = _decode_attention(q, keys, values, self.scale)
