@@ -66,7 +66,7 @@ def _print_gpu(name: str, r: dict[str, Any], device: torch.device, prefill: int)
     print(
         f"\n{name} on {device} (weights {r['weight_mb']:.0f} MB)\n"
         f"  decode  {r['decode_tok_s']:7.1f} tok/s  "
-        f"({r['decode_ms']:.2f} ms/step, median {r['decode_median_ms']:.2f})\n"
+        f"({r['decode_ms']:.2f} ms/step median, best {r['decode_best_ms']:.2f})\n"
         f"  prefill {r['prefill_tok_s']:7.0f} tok/s  ({r['prefill_s'] * 1e3:.1f} ms)\n"
         f"  matmuls alone, 1 token: {r['linear_ms']:.2f} ms (torch F.linear {r['torch_linear_ms']:.2f} ms);"
         f" {prefill} tokens: {r['prefill_linear_s'] * 1e3:.1f} ms"
