@@ -255,6 +255,9 @@ struct DecodeToken {
   float dt_min, dt_max;
 };
 
+// Bytes of a head's state prefetched ahead of the rows being updated (decode_head).
+constexpr int64_t kStatePrefetch = 8192;
+
 void decode_head(const void* ctx, int64_t h) {
   const auto& d = *static_cast<const DecodeToken*>(ctx);
   const int64_t P = d.P, N = d.N, C = d.C, E = d.E, K = d.K, c0 = h * P;
@@ -272,7 +275,20 @@ void decode_head(const void* ctx, int64_t h) {
   const TokenRows tr{d.bc + g * N, d.bc + d.G * N + g * N, xdt, decay, d.y + c0};
   float* state = d.ssm + h * P * N;
   const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
-  for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, tr.from(p));
+  // The state is read from memory (the weights streamed since the last step have evicted it),
+  // and the hardware prefetcher does not run far enough ahead on a head's 16 KB: prefetched
+  // kStatePrefetch bytes ahead, 28 real-shape mixers took 0.67-0.78x the CPU time on one thread
+  // and 0.76x the wall time on two (same process, alternating rounds; bits unchanged).
+  const char* const base = reinterpret_cast<const char*>(state);
+  const int64_t row_bytes = N * int64_t(sizeof(float)), bytes = P * row_bytes;
+  auto prefetch = [&](int64_t from, int64_t to) {
+    for (int64_t b = from; b < std::min(to, bytes); b += 64) _mm_prefetch(base + b, _MM_HINT_T0);
+  };
+  prefetch(0, kStatePrefetch);
+  for (int64_t p = 0; p < P4; p += 4) {
+    prefetch(kStatePrefetch + p * row_bytes, kStatePrefetch + (p + 4) * row_bytes);
+    state_rows4(state + p * N, N, tr.from(p));
+  }
   for (int64_t p = P4; p < P; ++p) tr.y[p] = state_row(state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
   gate_head(d.y + c0, x, d.in + c0, d.D[h], P);
 }
