@@ -5,8 +5,8 @@ On the shared 2-core machine wall-clock timings swing several-fold with the load
 the one thread that runs everything (``--threads 1``: the kernels' pool then works in the caller)
 swings far less, so that is what it reports by default: the median of ``--reps`` rounds per level,
 the levels taking turns each round, and each level's ratio to the first one named. ``--ops`` also
-splits the first level's time by op family (our kernels' ops and torch's prefill attention, timed
-around each call; the rest is Python and torch glue).
+splits the first level's time by op family (our kernels' ops, the prefill attention among them, and
+torch's SDPA where a prefill still takes it, timed around each call; the rest is Python and torch glue).
 
     python bench/prefill_levels.py --precision int8 --levels avx2,avx512,avx512_vnni [--reps 3] [--ops]
 
@@ -34,7 +34,7 @@ from granite_lsp.runtime.config import HybridConfig
 from granite_lsp.runtime.model import HybridModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
-KERNEL_OPS = ("linear", "mamba_mixer", "swiglu", "add_rms_norm", "rms_norm")
+KERNEL_OPS = ("linear", "mamba_mixer", "attention_prefill", "swiglu", "add_rms_norm", "rms_norm")
 
 
 def _timed(fn: Callable[..., Any], label: str, acc: dict[str, float], clock: Callable[[], float]) -> Any:

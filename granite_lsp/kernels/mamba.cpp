@@ -585,38 +585,27 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
     for (int64_t g = 0; g < G; ++g) rms_norm_row(y + g * per, nw + g * per, y + g * per, per, float(eps));
     return out;
   }
-  // (1) causal depthwise conv over [state; inputs] and SiLU, rows in parallel. Row j of
-  // [state; inputs] is state row j while j < K - 1, else raw input j - (K - 1); token t's window
-  // is rows t .. t + K - 1.
+  // (1) One pass over the tokens, rows in parallel: dt = clamp(softplus(raw + bias)) (and for the
+  // recurrence decay = exp(max(dt * A, -80)), as in runtime/ssm.py; the chunked scan sums the
+  // log-decays dt * A itself), the causal depthwise conv over [state; inputs] and SiLU, and for the
+  // chunked scan dt * x head-major (a chunk's rows of a head contiguous: read by the heads at x's row
+  // stride, E floats, a page apart on the real shape, the loads missed and were ~20% of the scan).
+  // In one pass x is still in L1 when dt * x is taken (three passes and pool jobs before).
+  // Row j of [state; inputs] is state row j while j < K - 1, else raw input j - (K - 1); token t's
+  // window is rows t .. t + K - 1.
   auto window_row = [&](int64_t j) { return j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E; };
-  // Output split in two: x [T, E] and B, C [T, 2 G N], so that the scan reads each token's B and C
-  // from one short contiguous row rather than at the stride of a whole conv row.
+  // The conv's output split in two: x [T, E] and B, C [T, 2 G N], so that the scan reads each
+  // token's B and C from one short contiguous row rather than at the stride of a whole conv row.
   const int64_t BC = C - E;
-  const auto x_buf = scratch(size_t(T * E)), bc_buf = scratch(size_t(T * BC));
-  float *const xs = x_buf.get(), *const bcs = bc_buf.get();
-  auto conv_rows = [&](int64_t t0, int64_t t1) {
-    const float* src[kMaxConvWidth];
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
-      conv_span(src, cw, cb, C, K, 0, E, xs + t * E);
-      conv_span(src, cw, cb, C, K, E, C, bcs + t * BC);
-    }
-  };
-  parallel_rows(T, 16, n_threads, conv_rows);
-  // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
-  std::vector<float> keep(size_t((K - 1) * C));
-  for (int64_t r = 0; r < K - 1; ++r) std::memcpy(keep.data() + r * C, window_row(T + r), sizeof(float) * C);
-  if (conv_saved)  // the conv state after the first token: the K - 1 raw inputs that end with it
-    for (int64_t r = 0; r < K - 1; ++r) std::memcpy(conv_saved + r * C, window_row(1 + r), sizeof(float) * C);
-  std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
-  // (2) dt = clamp(softplus(raw + bias)), and for the recurrence decay = exp(max(dt * A, -80)) as in
-  // runtime/ssm.py (the chunked scan sums the log-decays dt * A itself)
   const bool chunked = T >= kChunkedMinTokens && P % 8 == 0 && P * N <= kChunkedMaxStateFloats;
-  const auto dt_buf = scratch(size_t(2 * T * H));
+  const auto x_buf = scratch(size_t(T * E)), bc_buf = scratch(size_t(T * BC));
+  const auto dt_buf = scratch(size_t(2 * T * H)), xdt_buf = scratch(chunked ? size_t(H * T * P) : 0);
+  float *const xs = x_buf.get(), *const bcs = bc_buf.get(), *const xdt = xdt_buf.get();
   float *const dt = dt_buf.get(), *const decay = dt + T * H;
   const float* db = dt_bias.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
-  parallel_rows(T, 64, n_threads, [&](int64_t t0, int64_t t1) {
+  auto token_rows = [&](int64_t t0, int64_t t1) {
+    const float* src[kMaxConvWidth];
     for (int64_t t = t0; t < t1; ++t) {
       const float* raw = in + t * W + E + C;
       if (chunked) {
@@ -625,8 +614,25 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
         for (int64_t h = 0; h < H; ++h)
           dt_decay(raw[h], db[h], Ap[h], float(dt_min), float(dt_max), dt + t * H + h, decay + t * H + h);
       }
+      for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
+      conv_span(src, cw, cb, C, K, 0, E, xs + t * E);
+      conv_span(src, cw, cb, C, K, E, C, bcs + t * BC);
+      if (!chunked) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        const __m256 d = _mm256_set1_ps(dt[t * H + h]);
+        const float* xt = xs + t * E + h * P;
+        float* o = xdt + (h * T + t) * P;
+        for (int64_t p = 0; p < P; p += 8) _mm256_storeu_ps(o + p, _mm256_mul_ps(_mm256_loadu_ps(xt + p), d));
+      }
     }
-  });
+  };
+  parallel_rows(T, 16, n_threads, token_rows);
+  // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
+  std::vector<float> keep(size_t((K - 1) * C));
+  for (int64_t r = 0; r < K - 1; ++r) std::memcpy(keep.data() + r * C, window_row(T + r), sizeof(float) * C);
+  if (conv_saved)  // the conv state after the first token: the K - 1 raw inputs that end with it
+    for (int64_t r = 0; r < K - 1; ++r) std::memcpy(conv_saved + r * C, window_row(1 + r), sizeof(float) * C);
+  std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
   // (3) the scan, one head per task: in chunks for a prefill (above), token by token for a few tokens
   float* y = out.data_ptr<float>();
   MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, ssm_saved};
@@ -634,19 +640,7 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
     const int64_t chunks = (T + kScanChunk - 1) / kScanChunk;
     const auto cb = scratch(size_t(chunks * G * kScanChunk * kScanChunk));
     parallel_rows(chunks, 4, n_threads, [&](int64_t c0, int64_t c1) { chunk_cb(m, cb.get(), c0, c1); });
-    // dt x head-major, in one sequential pass over x: read by the heads at x's row stride (E floats,
-    // a page apart on the real shape) the loads missed and were ~20% of the chunked scan
-    const auto xdt = scratch(size_t(H * T * P));
-    parallel_rows(T, 64, n_threads, [&](int64_t r0, int64_t r1) {
-      for (int64_t t = r0; t < r1; ++t)
-        for (int64_t h = 0; h < H; ++h) {
-          const __m256 d = _mm256_set1_ps(dt[t * H + h]);
-          const float* xt = xs + t * E + h * P;
-          float* o = xdt.get() + (h * T + t) * P;
-          for (int64_t p = 0; p < P; p += 8) _mm256_storeu_ps(o + p, _mm256_mul_ps(_mm256_loadu_ps(xt + p), d));
-        }
-    });
-    const ChunkedScan cs{&m, xdt.get(), cb.get(), Ap, chunks};
+    const ChunkedScan cs{&m, xdt, cb.get(), Ap, chunks};
     pool().run(&mamba_head_chunked, &cs, H, n_threads - 1);
   } else {
     pool().run(&mamba_head, &m, H, n_threads - 1);
