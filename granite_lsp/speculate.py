@@ -15,7 +15,8 @@ its rollback (runtime/state.py's Journal; bench/verify_cost.py measures it).
 
 A verify runs as one C++ call through every layer, like a plain step (kernels/step.cpp, up to 16 rows;
 it was ~300 Python-dispatched kernel calls), so what a rejected draft costs is its row's arithmetic in
-the matmuls, its scan and the journal's state copy. Measured (bench/verify_cost.py --layered, real
+the matmuls, its scan and the journal (the Mamba states after the first row, which the scan writes out as
+it goes: 22 MB on the real shape; kernels/mamba.cpp). Measured (bench/verify_cost.py --layered, real
 shape, random weights, 2 threads, depth 512, 11 alternating rounds, medians, on a machine shared by ~6
 engineers at load ~13 on 2 cores: noisy, ratios of the same run), verify + rollback of k rejected drafts
 against a plain step, bf16: k = 1: 1.07x (layer by layer: 1.45x), 2: 1.41x (1.60x), 4: 1.69x (2.21x),
@@ -29,7 +30,9 @@ is 9 rows), hence the jump from k = 4 to 8. VerifyCost therefore decides from me
 speculation stays on by default: with the model/tiny fixtures' files as context (bench/spec_fixtures.py
 --context) it decodes in 0.59x plain's time (3.43 tokens per forward), and where drafts are refused
 (the fixtures alone: 2 drafts fed in 14 completions) it costs at most a draft's price now and then
-(EXPLORE_COST).
+(EXPLORE_COST). (Those figures predate the journal written by the scan and the 8-row tiles on vdpbf16ps:
+in process CPU time, load 8-11, k = 1 went 1.171x -> 1.161x and k = 2 1.355x -> 1.336x of a step, the same
+rows unjournaled being 1.101x and 1.249x; bench/verify_cost.py on a quiet machine gives the figures.)
 """
 
 from __future__ import annotations
