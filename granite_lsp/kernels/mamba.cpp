@@ -277,8 +277,9 @@ void decode_head(const void* ctx, int64_t h) {
   const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
   // The state is read from memory (the weights streamed since the last step have evicted it),
   // and the hardware prefetcher does not run far enough ahead on a head's 16 KB: prefetched
-  // kStatePrefetch bytes ahead, 28 real-shape mixers took 0.67-0.78x the CPU time on one thread
-  // and 0.76x the wall time on two (same process, alternating rounds; bits unchanged).
+  // kStatePrefetch bytes ahead, 28 real-shape mixers took 0.67-0.84x the CPU time on one thread
+  // and 0.76-0.90x the wall time on two (same process, alternating rounds; three runs on one
+  // thread, two on two, loaded machine; bits unchanged).
   const char* const base = reinterpret_cast<const char*>(state);
   const int64_t row_bytes = N * int64_t(sizeof(float)), bytes = P * row_bytes;
   auto prefetch = [&](int64_t from, int64_t to) {
