@@ -30,9 +30,14 @@ is 9 rows), hence the jump from k = 4 to 8. VerifyCost therefore decides from me
 speculation stays on by default: with the model/tiny fixtures' files as context (bench/spec_fixtures.py
 --context) it decodes in 0.59x plain's time (3.43 tokens per forward), and where drafts are refused
 (the fixtures alone: 2 drafts fed in 14 completions) it costs at most a draft's price now and then
-(EXPLORE_COST). (Those figures predate the journal written by the scan and the 8-row tiles on vdpbf16ps:
-in process CPU time, load 8-11, k = 1 went 1.171x -> 1.161x and k = 2 1.355x -> 1.336x of a step, the same
-rows unjournaled being 1.101x and 1.249x; bench/verify_cost.py on a quiet machine gives the figures.)
+(EXPLORE_COST). Those figures predate the journal written by the scan and the streaming kernels' wider
+tiles and prefetch for 3+ rows. Then bench/verify_cost.py (bf16, depth 512, 9 rounds; this tree and
+00cb152 run alternately twice, load ~2 on 2 cores, step 24.3-26.0 ms both) gave, this tree / 00cb152,
+all rejected over a step: k = 1 1.15-1.18x / 1.17-1.22x, k = 2 1.18-1.20x / 1.34-1.46x, k = 4 1.48-1.49x
+/ 1.78-1.85x, k = 8 2.12-2.15x / 3.37-3.57x: per draft 15-18%, 9-10%, 12%, 14% (was 17-23%, 17-23%, 20-21%,
+30-32%). At k = 1 the journal is most of the excess (the same rows unjournaled: 1.07-1.09x): its 22 MB
+written per verify, which only a rollback that recomputes lazily (the rejected row re-run inside the next
+forward's scan, from the state before the verify) would avoid.
 """
 
 from __future__ import annotations
