@@ -390,9 +390,9 @@ inline void stream_rows(const StreamProblem& sp, int64_t t0, int64_t n, int64_t 
     const __mmask32 m = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);  // the K % 32 tail: zeros
     __m512bh xv[T];
     for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * sp.Q + k / 2);
-    if constexpr (kStreamAhead<T, R> > 0)
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kStreamAhead<T, R>), _MM_HINT_T0);
+    constexpr int64_t ahead = kStreamAhead<T, R>;
+    if constexpr (ahead > 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + ahead), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[r] + k);
       for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], wv);

@@ -128,9 +128,9 @@ inline void stream_rows(const StreamProblem& sp, int64_t t0, int64_t n, int64_t 
     const __mmask64 m = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;  // the tail meets x's zeros
     __m512i xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x + t * qx.Kp + k);
-    if constexpr (kStreamAhead<T, R> > 0)
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kStreamAhead<T, R>), _MM_HINT_T0);
+    constexpr int64_t ahead = kStreamAhead<T, R>;
+    if constexpr (ahead > 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + ahead), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + k), flip);  // w + 128, as u8
       for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], wv, xv[t]);
