@@ -159,7 +159,9 @@ class Child:
         assert out is not None
         line = out.readline()
         if not line:
-            raise SystemExit(f"the {self.side} child ({self.tree}) exited with {self.proc.wait()}")
+            code = self.proc.wait()
+            print(f"the {self.side} child ({self.tree}) exited with {code}", file=sys.stderr)
+            raise SystemExit(code or 1)
         return json.loads(line)
 
     def ready(self) -> dict[str, Any]:

@@ -128,12 +128,16 @@ def matmul_flops(rows: int) -> int:
     return sum(2 * (1 if name == "lm_head" else rows) * n * k for name, n, k in shapes)
 
 
-def bench_bounds(bench: dict[str, Any], peaks: dict[str, dict[str, float | None]]) -> dict[str, dict[str, Any]]:
+def bench_bounds(
+    bench: dict[str, Any], peaks: dict[str, dict[str, float | None]], threads: int
+) -> dict[str, dict[str, Any]]:
     """Per precision of a ``bench --kernels`` JSON: the prefill GEMM's fraction of the peak of the
     instruction the bench's level runs it on, and decode's bandwidth bound's fraction of its median
-    step, against ``peaks`` at the bench's thread count."""
+    step, against ``peaks`` at the bench's thread count (``threads``)."""
     machine = bench.get("machine") or {}
-    level, at = machine.get("isa_level", "avx2"), f"{machine.get('threads', 2)} threads"
+    level, at = machine.get("isa_level"), f"{threads} threads"
+    if level is None:
+        raise SystemExit("the bench JSON names no ISA level (machine.isa_level): rerun granite-lsp bench --kernels")
     if level not in ("avx2", "avx512", "avx512_vnni", "avx512_bf16"):
         raise SystemExit(f"the bench ran without the kernels ({level}): no GEMM to hold against a peak")
     bandwidth = peaks["read"].get(at)
@@ -141,7 +145,7 @@ def bench_bounds(bench: dict[str, Any], peaks: dict[str, dict[str, float | None]
     for precision, r in bench.items():
         if precision == "machine" or "weight_mb" not in r:
             continue
-        rows = r.get("decode_depth") or round(r["prefill_tok_s"] * r["prefill_s"])
+        rows = round(r["prefill_tok_s"] * r["prefill_s"])  # the prefill's length, whatever the decode depth
         flops = matmul_flops(rows)
         loop = _peak_loop(level, precision)
         peak = peaks[loop].get(at)
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"  {precision:9s} " + "; ".join(cells))
     if bench is not None:
-        bounds = bench_bounds(bench, figures)
+        bounds = bench_bounds(bench, figures, bench_threads)
         report["bounds"] = bounds
         print(f"{args.bench_json} against these peaks (G ops/s; a multiply-add counts 2):")
         _print_bounds(bounds, f"{bench_threads} threads")

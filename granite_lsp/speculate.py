@@ -34,7 +34,7 @@ speculation stays on by default: with the model/tiny fixtures' files as context 
 tiles and prefetch for 3+ rows. Then bench/verify_cost.py (bf16, depth 512, 9 rounds; this tree and
 00cb152 run alternately twice, load ~2 on 2 cores, step 24.3-26.0 ms both) gave, this tree / 00cb152,
 all rejected over a step: k = 1 1.15-1.18x / 1.17-1.22x, k = 2 1.18-1.20x / 1.34-1.46x, k = 4 1.48-1.49x
-/ 1.78-1.85x, k = 8 2.12-2.15x / 3.37-3.57x: per draft 15-18%, 9-10%, 12%, 14% (was 17-23%, 17-23%, 20-21%,
+/ 1.78-1.85x, k = 8 2.12-2.15x / 3.37-3.57x: per draft 15-18%, 9-10%, 12%, 14% (was 17-22%, 17-23%, 20-21%,
 30-32%). At k = 1 the journal is most of the excess (the same rows unjournaled: 1.07-1.09x): its 22 MB
 written per verify, which only a rollback that recomputes lazily (the rejected row re-run inside the next
 forward's scan, from the state before the verify) would avoid.

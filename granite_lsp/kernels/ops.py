@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 # Also the most rows of a one-call step (a decode step, a verify: step.cpp) and of the Mamba
 # recurrence. Defined once, in ops.h (kMaxStreamRows), and read from there.
 GEMV_MAX_ROWS = build.header_constant("ops.h", "kMaxStreamRows")
-# Largest Mamba head dim CpuKernels.mamba_mixer takes (mamba.cpp's per-head scratch, kMaxHeadDim).
-MAMBA_MAX_HEAD_DIM = 256
-# Largest attention head dim CpuKernels.attention_prefill takes (attention.cpp's kMaxPrefillHeadDim).
-ATTENTION_MAX_HEAD_DIM = 128
+# Largest Mamba head dim CpuKernels.mamba_mixer takes (mamba.cpp's per-head scratch), read from there.
+MAMBA_MAX_HEAD_DIM = build.header_constant("mamba.cpp", "kMaxHeadDim")
+# Largest attention head dim CpuKernels.attention_prefill takes, read from attention.cpp.
+ATTENTION_MAX_HEAD_DIM = build.header_constant("attention.cpp", "kMaxPrefillHeadDim")
 
 
 class CpuKernels:

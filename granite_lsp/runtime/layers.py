@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import ATTENTION_MAX_HEAD_DIM, MAMBA_MAX_HEAD_DIM, CpuKernels, PackedLinear
+from ..kernels import ATTENTION_MAX_HEAD_DIM, GEMV_MAX_ROWS, MAMBA_MAX_HEAD_DIM, CpuKernels, PackedLinear
 from . import cuda_kernels
 from .config import HybridConfig
 from .matmul import big_op_threads, linear, matmul_threads
@@ -27,7 +27,7 @@ from .ssm import ssm_chunked, ssm_recurrent
 # (1 + k rows) then costs about k more decode attentions, where SDPA with a causal mask took ~8 ms a
 # layer for 2 rows at depth 512 (2 busy cores; a decode step's attention is a fraction of a ms), and
 # each row's result is the one a plain decode step gives.
-DECODE_ATTENTION_ROWS = 16
+DECODE_ATTENTION_ROWS = GEMV_MAX_ROWS  # the one-call step's rows: a verify's rows keep a step's bits
 
 # A weight matrix as the layers hold it: a tensor, or packed for the CPU kernels.
 Matrix = Tensor | PackedLinear
