@@ -5,6 +5,25 @@
 namespace granite {
 namespace {
 
+// p[0..n) = exp(p - m) in place, 8 at a time through exp8 (a scalar tail); returns their sum. The one
+// softmax exponentiation that decode and prefill attention share, so both sum in the same order.
+inline float exp_shifted_sum(float* p, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 tot = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
+    _mm256_storeu_ps(p + j, e);
+    tot = _mm256_add_ps(tot, e);
+  }
+  float sum = hsum(tot);
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  return sum;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention of one new token over the KV cache (decode). In torch ops this is two batched
 // matmuls over a strided view of the cache plus a softmax, ~1 ms a layer at 1,400 keys on one
@@ -41,24 +60,11 @@ void attention_kv_head(const void* ctx, int64_t g) {
       p[l] = sc;
       best = std::max(best, sc);
     }
-    // softmax, 8 at a time through exp8
-    const __m256 m = _mm256_set1_ps(best);
-    __m256 tot = _mm256_setzero_ps();
-    int64_t l = 0;
-    for (; l + 8 <= L; l += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), m));
-      _mm256_storeu_ps(p + l, e);
-      tot = _mm256_add_ps(tot, e);
-    }
-    float sum = hsum(tot);
-    for (; l < L; ++l) {
-      p[l] = std::exp(p[l] - best);
-      sum += p[l];
-    }
+    const float sum = exp_shifted_sum(p, L, best);  // softmax
     const float inv = 1.0f / sum;
     float* o = a.out + h * hd;
     for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-    for (l = 0; l < L; ++l) {
+    for (int64_t l = 0; l < L; ++l) {
       const float w = p[l] * inv;
       const float* vr = V + l * hd;
       const __m256 wv = _mm256_set1_ps(w);
@@ -182,19 +188,7 @@ void attention_prefill_task(const void* ctx, int64_t task) {
         for (int64_t j = 0; j < n; ++j) m = std::max(m, sr[j]);  // a NaN score: the sums below carry it
         const float corr = std::exp(best[r] - m);                // 0 on the first block (best = -inf)
         best[r] = m;
-        const __m256 mv = _mm256_set1_ps(m);
-        __m256 tot = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
-          _mm256_storeu_ps(sr + j, e);
-          tot = _mm256_add_ps(tot, e);
-        }
-        float add = hsum(tot);
-        for (; j < n; ++j) {
-          sr[j] = std::exp(sr[j] - m);
-          add += sr[j];
-        }
+        const float add = exp_shifted_sum(sr, n, m);
         sum[r] = sum[r] * corr + add;
         float* orow = o + r * kMaxPrefillHeadDim;
         if (corr != 1.0f)
