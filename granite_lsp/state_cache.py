@@ -31,9 +31,10 @@ a piece. The invariant: the live state always matches ``live_tokens`` at a piece
 between two. A Mamba layer's state advanced over a piece's tokens while the layers above it have not is
 no state of any token list, so a piece asked to stop midway either finishes (when what is left of it is
 estimated at no more than ``finish_ms``, FINISH_MS by default: the wait stays bounded and its work is
-kept) or is abandoned: the live state goes back to the snapshot taken at the piece's start (the Mamba
-states copied back; the KV positions the piece wrote lie beyond the cache's length and are overwritten
-later) and the prefill yields there, as if it had been told to yield before that piece. Either way it
+kept) or is abandoned: the live state goes back to the piece's start (the piece's forward is journaled
+whole, runtime/state.py's Journal: the copies of the Mamba states taken at its start are swapped back
+in; the KV positions the piece wrote lie beyond the cache's length and are overwritten later) and the
+prefill yields there, as if it had been told to yield before that piece. Either way it
 stops at a piece boundary, so exactness is as above; an abandoned piece costs its work so far (< a piece).
 
 KV buffers are shared by the checkpoints of one branch of token history and copied on write: each
@@ -389,7 +390,8 @@ class StateCache:
         first, ~1% of a piece's time on the real shape: bench/piece_cost.py), unless it cannot stop (a
         one-call forward: HybridModel.interruptible). Abandoned, the live state is exactly the piece's
         start again (tokens, logits and ``origin`` untouched: the forward raised before ``_run`` moved
-        them), so the checkpoint it was (``origin``: the engine's trail) still holds."""
+        them), so the checkpoint it was (``origin``: the engine's trail) still holds. Should the undo fail
+        (a bug), the live state starts over from empty and the error propagates, as a failed ``_run``."""
         if not self.model.interruptible(len(ids)):
             return self._run(ids)
         self.live.journal_next(whole=True)
@@ -408,7 +410,13 @@ class StateCache:
         try:
             out = self._run(ids, interrupt=stop)
         except Interrupted:
-            self.live.undo()
+            try:
+                self.live.undo()
+            except BaseException:
+                # Not taken back: the Mamba layers are advanced to different tokens, the state of no
+                # token list. Start over from empty, as after a failed forward (_run).
+                self._restore(self._zero, None, [], None)
+                raise
             self.stats.pieces_abandoned += 1
             self.stats.abandoned_tokens += len(ids)
             return None
@@ -421,7 +429,7 @@ class StateCache:
         try:
             logits = self.model.forward(torch.from_numpy(ids), self.live, all_logits=all_logits, interrupt=interrupt)
         except Interrupted:
-            raise  # a preemptible piece's: its caller goes back to the snapshot it took (_piece)
+            raise  # a preemptible piece's: its caller takes the journaled forward back (_piece)
         except BaseException:
             # The live state is updated in place, layer by layer and piece by piece: after a failure
             # (out of memory, ...) it matches no token list. Start over from empty, never from it.

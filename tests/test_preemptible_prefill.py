@@ -148,6 +148,64 @@ def test_a_piece_interrupted_between_layers_is_abandoned_to_its_start(make_servi
     assert int(after.logits.argmax()) == int(whole.logits.argmax())
 
 
+def test_a_piece_longer_than_the_models_prefill_piece_is_abandoned_from_a_later_forward_piece(
+    make_service, monkeypatch
+) -> None:
+    """A prefill piece longer than the model's ``prefill_piece`` runs as several forward pieces
+    (HybridModel._forward_pieces), each moving the live position on: cut in a later one, the piece is
+    still taken back whole to its start (Mamba states bit for bit those of a prefill told to yield
+    there), and the prefill resumes from there to the uninterrupted logits."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    model = svc.loaded.model
+    layers = len(model.blocks)
+    assert layers > 2 and len(prompt.ids) > 2 * 96
+    monkeypatch.setattr(model, "prefill_piece", 32)  # > GEMV_MAX_ROWS: layer by layer, interruptible
+    cache = StateCache(model, chunk=96, max_bytes=1 << 40, finish_ms=0.0)
+    # the first piece whole (3 forward pieces), then the second's first forward piece, and its second
+    # forward piece cut at its second look: the live position is 96 + 32 when the piece is taken back
+    interrupt, looks = _interrupt_after(4 * (layers - 1) + 2)
+    pre = cache.prefill("d", prompt.ids, should_yield=lambda: False, interrupt=interrupt)
+    assert looks[0] == 4 * (layers - 1) + 2
+    assert not pre.complete and pre.processed_tokens == 96 and pre.reused_tokens == 0
+    assert cache.stats.pieces_abandoned == 1 and cache.stats.abandoned_tokens == 96
+    assert cache.live.pos == cache.live.kv.length == 96 and cache.live_tokens == prompt.ids[:96]
+    assert [c.pos for c in cache.checkpoints if c.resume] == [96]
+    plain = StateCache(model, chunk=96, max_bytes=1 << 40)
+    should_yield, _ = _yield_after(1)
+    ref = plain.prefill("d", prompt.ids, should_yield=should_yield)
+    assert ref.processed_tokens == 96
+    assert all(torch.equal(a, b) for a, b in zip(_mamba_state(cache), _mamba_state(plain), strict=True))
+    assert torch.equal(pre.logits, ref.logits)
+    after = cache.prefill("d", prompt.ids)
+    assert after.reused_tokens == 96 and after.complete
+    whole = StateCache(model).prefill("d", prompt.ids)
+    assert torch.allclose(after.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    assert int(after.logits.argmax()) == int(whole.logits.argmax())
+
+
+def test_a_piece_that_cannot_be_taken_back_leaves_the_empty_state(make_service, monkeypatch) -> None:
+    """Should ``undo`` fail after an interrupted piece, the Mamba layers would be advanced to different
+    tokens: the live state starts over from empty (as after a failed forward) and the error propagates."""
+    svc, text, cursor = _prompt(make_service)
+    prompt = svc.document("d").builder.build(text, cursor)
+    cache = StateCache(svc.loaded.model, chunk=32, max_bytes=1 << 40, finish_ms=0.0)
+    assert cache.prefill("d", prompt.ids[:64]).complete
+
+    def broken() -> None:
+        raise ValueError("undo failed")
+
+    monkeypatch.setattr(cache.live, "undo", broken)
+    interrupt, _ = _interrupt_after(3)
+    with pytest.raises(ValueError, match="undo failed"):
+        cache.prefill("d", prompt.ids, should_yield=lambda: False, interrupt=interrupt)
+    assert cache.live.pos == 0 and cache.live_tokens == [] and cache.origin() is None
+    monkeypatch.undo()
+    after = cache.prefill("d", prompt.ids)
+    whole = StateCache(svc.loaded.model).prefill("d", prompt.ids)
+    assert after.complete and torch.allclose(after.logits, whole.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_an_abandoned_piece_keeps_the_checkpoint_it_started_from(make_service) -> None:
     """Abandoned, a piece leaves the live state exactly where it began: when that was a checkpoint's
     state, the cache still says so (``origin``), as the engine's trail needs."""

@@ -210,6 +210,39 @@ def test_a_forward_journaled_whole_is_undone_even_midway(path: str) -> None:
         assert same(x, y, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_a_forward_journaled_whole_is_undone_from_a_later_piece(path: str) -> None:
+    """A forward journaled whole and longer than ``prefill_piece`` runs in pieces, each advancing the
+    position: stopped in its second piece it is undone all the same (states bit for bit those before
+    it, the KV back at its start), and decoding from there equals a state that never ran it."""
+    model = tiny_model(path)
+    model.prefill_piece = 20  # > GEMV_MAX_ROWS: a piece runs layer by layer and can stop
+    gen = torch.Generator().manual_seed(12)
+    vocab = model.config.vocab_size
+    prompt, piece, after = (torch.randint(0, vocab, (n,), generator=gen) for n in (29, 50, 3))
+    state, plain = model.new_state(8), model.new_state(8)
+    model.forward(prompt, state)
+    model.forward(prompt, plain)
+    before = [t.clone() for t in (*state.conv, *state.ssm)]
+    looks = []
+
+    def stop(done: int, layers: int) -> bool:
+        looks.append(state.pos)
+        return len(looks) == layers + 1  # the first piece whole, the second after two layers
+
+    state.journal_next(whole=True)
+    with pytest.raises(Interrupted):
+        model.forward(piece, state, interrupt=stop)
+    assert state.pos == len(prompt) + 20 and looks[-1] == state.pos
+    state.undo()
+    assert state.pos == state.kv.length == len(prompt)
+    for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
+        assert torch.equal(a, b)
+    for t in after:
+        x, y = model.forward(t.view(1), state), model.forward(t.view(1), plain)
+        assert same(x, y, path)
+
+
 # -- the engine: same output with and without speculation ------------------------------------------
 @pytest.fixture(scope="module")
 def loaded(tiny_loaded):

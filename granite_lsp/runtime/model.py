@@ -52,7 +52,8 @@ class Interrupted(Exception):
     """A forward stopped between two layers because its ``interrupt`` said so (a request came while
     background work ran it). Like any exception out of a forward it leaves the state inconsistent: some
     layers have advanced over the new tokens and the others have not. The caller restores a snapshot
-    taken before the forward (state_cache.StateCache does)."""
+    taken before the forward, or journals the forward whole and undoes it (``ModelState.undo``:
+    state_cache.StateCache does)."""
 
 
 Interrupt = Callable[[int, int], bool]  # (layers done, layers) -> stop the forward here?

@@ -253,8 +253,10 @@ class ModelState:
     a forward that stops midway (an exception, ``model.Interrupted``) leaves the first layers' Mamba
     states past tokens the others have not seen, which is the state of no token list. Restoring a
     snapshot taken before that forward makes it consistent again: the Mamba states are copied back and
-    the KV rewound to the snapshot's position (what the forward wrote past it is overwritten later);
-    state_cache.StateCache takes one per piece of background work for that.
+    the KV rewound to the snapshot's position (what the forward wrote past it is overwritten later).
+    A forward journaled whole (``journal_next(whole=True)``) can be taken back without a snapshot:
+    ``undo`` swaps the journal's copies of the states from its start back in. state_cache.StateCache
+    journals each piece of background work that can stop between layers that way (StateCache._piece).
     """
 
     def __init__(self, kv: KVCache, mamba: MambaSnapshot) -> None:
@@ -329,9 +331,12 @@ class ModelState:
     def undo(self) -> None:
         """Take back the last forward, journaled ``whole``, also one that stopped midway (an exception,
         ``Interrupted``): the Mamba states before it are swapped back in (nothing is copied) and the KV
-        continues from its start again (what it wrote there is overwritten later)."""
+        continues from its start again (what it wrote there is overwritten later). A forward longer than
+        the model's ``prefill_piece`` runs in several pieces (HybridModel._forward_pieces), each advancing
+        ``pos``: stopped in a later one it is anywhere from its start to its end, and the swap and crop
+        are right at any of those (the journal holds the states at its start; the KV up to it is intact)."""
         j = self.journal
-        if not j.whole or self.pos not in (j.start, j.start + j.rows):
+        if not j.whole or not j.start <= self.pos <= j.start + j.rows:
             raise ValueError("undo() follows a forward journaled whole, before anything else moves the state")
         for slot in range(len(self.conv)):
             self.conv[slot], j.conv[slot] = j.conv[slot], self.conv[slot]
