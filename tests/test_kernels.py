@@ -305,6 +305,18 @@ def test_attention_prefill_nan_reaches_only_rows_at_and_after_it() -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("nq,nkv", [(0, 2), (-4, 2), (4, 0), (6, 4)])
+def test_attention_prefill_refuses_bad_head_counts(nq: int, nkv: int) -> None:
+    """No query heads (which divided by zero), a negative count, no KV heads, or query heads that are
+    not a multiple of the KV heads: refused with an error that says so, before anything is computed."""
+    hd, T, cap = 16, 5, 8
+    qkv = torch.randn(T, (max(nq, 0) + 2 * max(nkv, 1)) * hd)
+    k, v = torch.randn(max(nkv, 0), cap, hd), torch.randn(max(nkv, 0), cap, hd)
+    with pytest.raises(RuntimeError, match="query heads: a positive multiple of KV heads"):
+        _ops().attention_prefill(qkv, k, v, 0, nq, 0.25, threads=2)
+
+
+@needs_ext
 def test_vectorized_silu_over_the_whole_float_range() -> None:
     """The AVX2 exp behind SiLU clamps its argument: huge, tiny and denormal-producing gates."""
     edges = [-88.7, -88.5, -88.0, -87.5, -87.2, -87.0, 87.0, 88.0, 88.5, 88.7]  # around exp's clamps
@@ -543,3 +555,53 @@ def test_mamba_prefill_chunks_equal_the_recurrence(
     bad[tokens - 3, E] = float("nan")  # x of the first head, three tokens before the end
     y = mix(bad, conv0.clone(), ssm0.clone())
     assert torch.isfinite(y[: tokens - 3]).all() and torch.isnan(y[tokens - 3 :]).any()
+
+
+@needs_ext
+@pytest.mark.parametrize("dt_min,dt_max", [(0.0, 100.0), (1e-3, 0.5)])
+def test_mamba_prefill_dt_special_values_as_the_recurrence(dt_min: float, dt_max: float) -> None:
+    """A chunked prefill takes dt = clamp(softplus(raw + bias)) 8 heads at a time (mamba.cpp's
+    softplus_dt8), the recurrence one value at a time (softplus_dt). Raw dt of NaN, +-inf, 0, 20 (where
+    softplus becomes the identity), 20.5 and far below exp's range, over 10 heads (a vector of 8 and a
+    scalar tail), with and without the clamps biting: y and the SSM state as the same tokens in pieces
+    of 16 (the recurrence) within rounding, and the NaN (one token of one head) in exactly the same
+    places: from its row on, in its group, and its head's state."""
+    ops = _ops()
+    heads, head_dim, state, groups, tokens = 10, 8, 16, 2, 40
+    g = torch.Generator().manual_seed(7)
+    E, K = heads * head_dim, 4
+    C = E + 2 * groups * state
+    conv_w, conv_b = torch.randn(K, C, generator=g) * 0.3, torch.randn(C, generator=g) * 0.1
+    dt_bias = torch.zeros(heads)  # raw + bias hits the special values exactly
+    A, D = -torch.rand(heads, generator=g) - 0.1, torch.randn(heads, generator=g)
+    norm_w = torch.rand(E, generator=g) + 0.5
+    rows = torch.randn(tokens, E + C + heads, generator=g)
+    special = [float("inf"), float("-inf"), 0.0, 20.0, 20.5, -90.0, -100.0, 19.99]
+    for t in range(4, 28):  # every special value in every head, the vector's lanes and the tail
+        for h in range(heads):
+            rows[t, E + C + h] = special[(t + h) % len(special)]
+    nan_row, nan_head = 30, 3
+    rows[nan_row, E + C + nan_head] = float("nan")
+    conv0, ssm0 = torch.randn(K - 1, C, generator=g), torch.randn(heads, head_dim, state, generator=g) * 0.1
+
+    def mix(z: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+        args = (dt_bias, A, D, ssm, norm_w, groups, 1e-5, dt_min, dt_max, 2)
+        return ops.mamba_mixer(z.contiguous(), conv, conv_w, conv_b, *args)
+
+    ssm_c = ssm0.clone()
+    chunked = mix(rows, conv0.clone(), ssm_c)
+    ssm_r = ssm0.clone()
+    conv_r = conv0.clone()
+    pieces = torch.cat([mix(rows[t : t + 16], conv_r, ssm_r) for t in range(0, tokens, 16)])
+    nan = torch.isnan(pieces)
+    assert torch.equal(torch.isnan(chunked), nan)
+    per = E // groups  # the gated norm spreads a head's NaN over its group
+    group = slice(nan_head * head_dim // per * per, (nan_head * head_dim // per + 1) * per)
+    assert not nan[:nan_row].any() and nan[nan_row:, group].all() and nan.sum() == (tokens - nan_row) * per
+    assert torch.isfinite(pieces[~nan]).all()
+    assert (chunked[~nan] - pieces[~nan]).abs().max().item() <= 1e-4 * max(1.0, pieces[~nan].abs().max().item())
+    state_nan = torch.isnan(ssm_r)
+    assert torch.equal(torch.isnan(ssm_c), state_nan) and state_nan[nan_head].all()
+    assert state_nan.sum() == state_nan[nan_head].numel()
+    ok = ~state_nan
+    assert (ssm_c[ok] - ssm_r[ok]).abs().max().item() <= 1e-5 * max(1.0, ssm_r[ok].abs().max().item())

@@ -232,7 +232,8 @@ at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& k, const a
                 "attention_prefill: fp32 contiguous");
   const int64_t nkv = k.size(0), cap = k.size(1), hd = k.size(2), nq = n_heads;
   TORCH_CHECK(hd > 0 && hd % 8 == 0 && hd <= kMaxPrefillHeadDim, "head dim: a multiple of 8 up to 128");
-  TORCH_CHECK(nkv > 0 && nq % nkv == 0 && nq / nkv <= kMaxVectors, "query heads: a multiple of KV heads (<= 48 per)");
+  TORCH_CHECK(nkv > 0 && nq > 0 && nq % nkv == 0 && nq / nkv <= kMaxVectors,
+              "query heads: a positive multiple of KV heads (<= 48 per)");
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) >= nq * hd, "qkv: [T, >= nq * hd]");
   const int64_t T = qkv.size(0);
   TORCH_CHECK(pos >= 0 && pos + T <= cap, "pos + T: within the capacity");

@@ -11,7 +11,7 @@ namespace {
 // A Mamba2 mixer between its two projections, for T >= 1 tokens: the causal conv, the selective
 // scan and the gated RMSNorm, continuing from (and updating) the conv and SSM states.
 //
-// Up to kChunkedMinTokens tokens (decode, small edits, speculative decoding's verify rows) the scan
+// Below kChunkedMinTokens tokens (decode, small edits, speculative decoding's verify rows) the scan
 // is the plain recurrence S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t, one head per
 // task: a head's state (P x N fp32, 16 KB) stays in L1 for all T tokens, a multiply and two FMAs
 // per state element per token. Decode (T = 1) takes one pass per head instead (decode_head below),
@@ -344,7 +344,7 @@ void decode_head(const void* ctx, int64_t h) {
 // clamped at -80 like the recurrence's (runtime/ssm.py's chunked scan does the same): nothing can
 // overflow, and a token only ever reaches the rows at and after it (no masked products: a NaN stays
 // causal). The results differ from the recurrence's by rounding (tests/test_runtime.py holds both
-// to the torch ops and to float64); up to kChunkedMinTokens tokens (decode, speculative decoding's
+// to the torch ops and to float64); below kChunkedMinTokens tokens (decode, speculative decoding's
 // verify rows) the recurrence above runs, so those rows keep the bits a decode step gives.
 
 constexpr int64_t kScanChunk = 16;
@@ -359,7 +359,8 @@ struct ChunkedScan {
   int64_t chunks;
 };
 
-// C_t . B_j of every chunk and group (j <= t), chunks in parallel.
+// C_t . B_j of every chunk and group (j <= t), chunks in parallel, and zeros above the diagonal (j > t):
+// mamba_head_chunked's 8-wide products of a token's row read those lanes too (and never use them).
 void chunk_cb(const MambaScan& m, float* cb, int64_t c0, int64_t c1) {
   const int64_t L = kScanChunk, N = m.N;
   for (int64_t c = c0; c < c1; ++c)
@@ -377,6 +378,7 @@ void chunk_cb(const MambaScan& m, float* cb, int64_t c0, int64_t c1) {
           for (; n < N; ++n) s += Ct[n] * Bj[n];
           out[t * L + j] = s;
         }
+        for (int64_t j = t + 1; j < L; ++j) out[t * L + j] = 0.0f;
       }
     }
 }
@@ -464,8 +466,9 @@ void mamba_head_chunked(const void* ctx, int64_t h) {
       _mm256_store_ps(ea + j, decay8(a0, a1));
       _mm256_store_ps(tail + j, decay8(_mm256_sub_pd(last, a0), _mm256_sub_pd(last, a1)));
     }
-    // decay-weighted C_t . B_j (j <= t; the lanes past t are computed and never read), and each
-    // token's xdt weighted by its decay to the chunk's end
+    // decay-weighted C_t . B_j (j <= t; the lanes past t are computed and never read: chunk_cb's zeros
+    // times factors that may be +inf there, so NaN at worst), and each token's xdt weighted by its
+    // decay to the chunk's end
     const float* cb = cs.cb + (c * m.G + g) * L * L;
     for (int64_t t = 0; t < len; ++t) {
       const __m256d at = _mm256_set1_pd(a[t]);
@@ -632,9 +635,10 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   const int64_t BC = C - E;
   const bool chunked = T >= kChunkedMinTokens && P % 8 == 0 && P * N <= kChunkedMaxStateFloats;
   const auto x_buf = scratch(size_t(T * E)), bc_buf = scratch(size_t(T * BC));
-  const auto dt_buf = scratch(size_t(2 * T * H)), xdt_buf = scratch(chunked ? size_t(H * T * P) : 0);
+  // dt [T, H], and for the recurrence decay [T, H] after it
+  const auto dt_buf = scratch(size_t((chunked ? 1 : 2) * T * H)), xdt_buf = scratch(chunked ? size_t(H * T * P) : 0);
   float *const xs = x_buf.get(), *const bcs = bc_buf.get(), *const xdt = xdt_buf.get();
-  float *const dt = dt_buf.get(), *const decay = dt + T * H;
+  float *const dt = dt_buf.get(), *const decay = chunked ? nullptr : dt + T * H;
   const float* db = dt_bias.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
   auto token_rows = [&](int64_t t0, int64_t t1) {
@@ -717,6 +721,8 @@ at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& con
                   conv_saved.is_contiguous() && ssm_saved.is_contiguous() && conv_saved.scalar_type() == at::kFloat &&
                   ssm_saved.scalar_type() == at::kFloat,
               "mamba_mixer_journaled: journal buffers shaped like the states (contiguous fp32)");
+  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(0) >= 2 && zxbcdt.size(0) <= kMaxStreamRows,
+              "mamba_mixer_journaled: 2 <= T <= 16 rows (one row needs no journal; more take the chunked scan)");
   return mixer(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w, n_groups, eps, dt_min, dt_max,
                threads, conv_saved.data_ptr<float>(), ssm_saved.data_ptr<float>());
 }
