@@ -132,18 +132,24 @@ def test_a_piece_interrupted_between_layers_is_abandoned_to_its_start(make_servi
     assert cache.stats.pieces_finished == 0 and cache.stats.yields == 1
     assert cache.live.pos == 64 and cache.live_tokens == prompt.ids[:64]
     assert [c.pos for c in cache.checkpoints if c.resume] == [64]
-    # the same pieces, told to yield after the second one (no interrupt): the same state bit for bit
-    plain = StateCache(model, chunk=32, max_bytes=1 << 40)
-    should_yield, _ = _yield_after(2)
-    ref = plain.prefill("d", prompt.ids, should_yield=should_yield)
-    assert ref.processed_tokens == 64
+    _assert_taken_back_and_resumed(cache, pre, prompt.ids, chunk=32, pieces=2)
+
+
+def _assert_taken_back_and_resumed(cache: StateCache, pre, ids: list[int], chunk: int, pieces: int) -> None:
+    """After a piece was abandoned: the state is bit for bit that of the same pieces told to yield after
+    ``pieces`` of them (no interrupt), and the prefill resumed to the end reuses those tokens, keeps no
+    resume checkpoint and matches the uninterrupted prefill."""
+    done = chunk * pieces
+    plain = StateCache(cache.model, chunk=chunk, max_bytes=1 << 40)
+    should_yield, _ = _yield_after(pieces)
+    ref = plain.prefill("d", ids, should_yield=should_yield)
+    assert ref.processed_tokens == done
     assert all(torch.equal(a, b) for a, b in zip(_mamba_state(cache), _mamba_state(plain), strict=True))
     assert torch.equal(pre.logits, ref.logits)
-    # resumed to the end: reuses the 32 tokens, and matches the uninterrupted prefill
-    after = cache.prefill("d", prompt.ids)
-    assert after.reused_tokens == 64 and after.complete
+    after = cache.prefill("d", ids)
+    assert after.reused_tokens == done and after.complete
     assert not any(c.resume for c in cache.checkpoints)
-    whole = StateCache(model).prefill("d", prompt.ids)
+    whole = StateCache(cache.model).prefill("d", ids)
     assert torch.allclose(after.logits, whole.logits, rtol=1e-4, atol=1e-4)
     assert int(after.logits.argmax()) == int(whole.logits.argmax())
 
@@ -171,17 +177,7 @@ def test_a_piece_longer_than_the_models_prefill_piece_is_abandoned_from_a_later_
     assert cache.stats.pieces_abandoned == 1 and cache.stats.abandoned_tokens == 96
     assert cache.live.pos == cache.live.kv.length == 96 and cache.live_tokens == prompt.ids[:96]
     assert [c.pos for c in cache.checkpoints if c.resume] == [96]
-    plain = StateCache(model, chunk=96, max_bytes=1 << 40)
-    should_yield, _ = _yield_after(1)
-    ref = plain.prefill("d", prompt.ids, should_yield=should_yield)
-    assert ref.processed_tokens == 96
-    assert all(torch.equal(a, b) for a, b in zip(_mamba_state(cache), _mamba_state(plain), strict=True))
-    assert torch.equal(pre.logits, ref.logits)
-    after = cache.prefill("d", prompt.ids)
-    assert after.reused_tokens == 96 and after.complete
-    whole = StateCache(model).prefill("d", prompt.ids)
-    assert torch.allclose(after.logits, whole.logits, rtol=1e-4, atol=1e-4)
-    assert int(after.logits.argmax()) == int(whole.logits.argmax())
+    _assert_taken_back_and_resumed(cache, pre, prompt.ids, chunk=96, pieces=1)
 
 
 def test_a_piece_that_cannot_be_taken_back_leaves_the_empty_state(make_service, monkeypatch) -> None:
