@@ -6,6 +6,7 @@ The first run compiles the extension (~30-60 s on 2 cores); later runs load it f
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -478,6 +479,40 @@ def test_int8_products_quantize_activations_only() -> None:
         for rows in (x[:5], x):  # streaming, GEMM
             y = layer(rows, threads=2)
             assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(len(rows)) != 3]).any()
+
+
+TINY = 1e-39  # a denormal float32 (below 2^-126 ~ 1.18e-38)
+
+
+@needs_ext
+@pytest.mark.parametrize("tokens", [1, 2, 40])  # decode_head, the recurrence, the chunked scan
+def test_kernels_flush_denormals_and_leave_the_caller_s_mode(tokens: int) -> None:
+    """Inside the kernels denormals are zero (common.h's DenormalsFlushed: on Intel cores each one
+    costs a microcode assist, and the Mamba scan makes them all the time), on the calling thread and
+    on the pool's helpers alike; outside, torch's own arithmetic keeps them. A Mamba state of 1e-4
+    decayed by exp(-80 / tokens) per token and fed nothing ends at 1.8e-39 in exact arithmetic (and
+    without the flush, in these kernels too): flushed, every head's state is exactly zero, whichever
+    thread ran it."""
+    ops = _ops()
+    torch.set_flush_denormal(False)
+    assert (torch.tensor([1e-30]) * 1e-9).item() != 0.0  # torch makes denormals here
+    heads, head_dim, state, K = 8, 16, 32, 4
+    E = heads * head_dim
+    C = E + 2 * state
+    rows = torch.zeros(tokens, E + C + heads)  # x, B, C and raw dt all zero: nothing is added
+    ssm = torch.full((heads, head_dim, state), 1e-4)
+    conv = torch.zeros(K - 1, C)
+    A = torch.full((heads,), -80.0 / tokens / math.log(2.0))  # dt = softplus(0) = log 2: dt * A = -80 / tokens
+    ops.mamba_mixer(
+        rows, conv, torch.ones(K, C), None, torch.zeros(heads), A, torch.ones(heads), ssm,
+        torch.ones(E), 1, 1e-5, 0.0, float("inf"), 2,
+    )  # fmt: skip
+    assert torch.count_nonzero(ssm) == 0
+    # DAZ: a denormal weight reads as zero; the caller's mode is back afterwards
+    x = torch.randn(3, 64)
+    assert torch.count_nonzero(ops.rms_norm(x, torch.full((64,), TINY), 1e-5, 2)) == 0
+    assert torch.count_nonzero(torch.nn.functional.rms_norm(x, (64,), torch.full((64,), TINY))) > 0
+    assert (torch.tensor([1e-30]) * 1e-9).item() != 0.0
 
 
 @needs_ext
