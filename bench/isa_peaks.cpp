@@ -1,15 +1,20 @@
 // The machine's physical bounds for the kernels' figures: the peak rate of each multiply-add
 // instruction the kernels use (fp32 FMA on 8 and 16 lanes, AVX512_BF16's vdpbf16ps, AVX512_VNNI's
-// vpdpbusd) and the read bandwidth from memory, on 1 and on N threads. bench/isa_peaks.py builds
+// vpdpbusd, AMX's tdpbf16ps and tdpbssd) and the read bandwidth from memory, on 1 and on N threads. bench/isa_peaks.py builds
 // and runs this and reports the figures; see its docstring.
 //
 // Each peak loop runs 24 independent accumulator chains (more than latency x throughput on any
 // current core), with operands in registers, so it measures issue rate alone. Every function has
 // its own target attribute: the binary runs on an AVX2-only machine and skips the loops it lacks.
 //
-// Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | read
+// The AMX loops run four independent tile products (tmm0-3 += tmm4-5 x tmm6-7: all eight tiles, as
+// linear_amx.cpp's block), operands loaded once; the process asks Linux for the tile state first.
+//
+// Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | amx_bf16 | amx_int8 | read
 // Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -101,6 +106,45 @@ __attribute__((target("avx512f,avx512vnni"))) float vnni(long iters) {
   return float(_mm512_reduce_add_epi32(s));
 }
 
+// ldtilecfg's operand: palette 1, tiles 0-7 of 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  unsigned char palette = 1, start_row = 0, reserved[14] = {};
+  unsigned short colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  unsigned char rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// AMX's tile data needs the OS's leave (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+bool amx_permitted() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+#define AMX_LOOP(name, DP)                                                   \
+  __attribute__((target("amx-tile,amx-int8,amx-bf16"))) float name(long iters) { \
+    static const TileConfig config;                                          \
+    alignas(64) static unsigned char ones[16 * 64];                          \
+    alignas(64) float out[16 * 16];                                          \
+    std::memset(ones, 0, sizeof ones);                                       \
+    _tile_loadconfig(&config);                                               \
+    _tile_loadd(4, ones, 64);                                                \
+    _tile_loadd(5, ones, 64);                                                \
+    _tile_loadd(6, ones, 64);                                                \
+    _tile_loadd(7, ones, 64);                                                \
+    _tile_zero(0);                                                           \
+    _tile_zero(1);                                                           \
+    _tile_zero(2);                                                           \
+    _tile_zero(3);                                                           \
+    for (long n = 0; n < iters; ++n) {                                       \
+      DP(0, 4, 6);                                                           \
+      DP(1, 4, 7);                                                           \
+      DP(2, 5, 6);                                                           \
+      DP(3, 5, 7);                                                           \
+    }                                                                        \
+    _tile_stored(0, out, 64);                                                \
+    _tile_release();                                                         \
+    return out[0];                                                           \
+  }
+AMX_LOOP(amx_bf16, _tile_dpbf16ps)
+AMX_LOOP(amx_int8, _tile_dpbssd)
+#undef AMX_LOOP
+
 // Reads `bytes` from p as 8 side-by-side sequential runs (like the streaming kernels), summing.
 __attribute__((target("avx2"))) float read(const float* p, long bytes) {
   const long run = bytes / 4 / 8;
@@ -143,12 +187,13 @@ volatile float sink;
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s <threads> fma256|fma512|bf16|vnni|read\n", argv[0]);
+    std::fprintf(stderr, "usage: %s <threads> fma256|fma512|bf16|vnni|amx_bf16|amx_int8|read\n", argv[0]);
     return 2;
   }
   const int threads = std::max(1, std::atoi(argv[1]));
   const char* what = argv[2];
   __builtin_cpu_init();
+  const bool amx = __builtin_cpu_supports("amx-tile") && amx_permitted();
   // ops per loop iteration and thread: 24 chains x lanes x (2 for a multiply-add) x pairs per lane
   struct Loop {
     const char* name;
@@ -160,6 +205,9 @@ int main(int argc, char** argv) {
       {"fma512", __builtin_cpu_supports("avx512f") != 0, fma512, 24 * 16 * 2},
       {"bf16", __builtin_cpu_supports("avx512bf16") != 0, bf16, 24 * 16 * 2 * 2},
       {"vnni", __builtin_cpu_supports("avx512vnni") != 0, vnni, 24 * 16 * 2 * 4},
+      // per iteration 4 tile products of 16 x 16 lanes x 16 pairs (bf16) or 16 quads (int8)
+      {"amx_bf16", amx && __builtin_cpu_supports("amx-bf16") != 0, amx_bf16, 4 * 16 * 16 * 16 * 2 * 2},
+      {"amx_int8", amx && __builtin_cpu_supports("amx-int8") != 0, amx_int8, 4 * 16 * 16 * 16 * 2 * 4},
   };
   for (const auto& l : loops) {
     if (std::strcmp(what, l.name) != 0) continue;
@@ -167,8 +215,9 @@ int main(int argc, char** argv) {
       std::printf("unsupported\n");
       return 0;
     }
-    const double s = timed(threads, [&](int) { sink = l.fn(kIters); });
-    std::printf("%.2f\n", l.ops * double(kIters) * threads / s / 1e9);
+    const long iters = std::strncmp(l.name, "amx", 3) == 0 ? kIters / 16 : kIters;  // ~16 cycles a tile product
+    const double s = timed(threads, [&](int) { sink = l.fn(iters); });
+    std::printf("%.2f\n", l.ops * double(iters) * threads / s / 1e9);
     return 0;
   }
   if (std::strcmp(what, "read") == 0) {

@@ -2,7 +2,8 @@
 
 Builds ``isa_peaks.cpp`` (g++, into a temporary directory) and prints, on 1 and on N threads: the
 peak rate of fp32 FMA on 8 lanes (AVX2) and 16 lanes (AVX-512F), of ``vdpbf16ps`` (AVX512_BF16: bf16
-pairs into fp32) and ``vpdpbusd`` (AVX512_VNNI: u8 x s8 quads into int32), each in G ops/s (a
+pairs into fp32), ``vpdpbusd`` (AVX512_VNNI: u8 x s8 quads into int32) and AMX's ``tdpbf16ps`` and
+``tdpbssd`` (tile products, bf16 pairs and s8 quads), each in G ops/s (a
 multiply-add counts 2), and the read bandwidth from memory (512 MiB per thread in 8 sequential runs,
 like the streaming kernels; best of 3). Loops the CPU lacks print "unsupported".
 
@@ -10,8 +11,8 @@ like the streaming kernels; best of 3). Loops the CPU lacks print "unsupported".
 real Granite-4.0-H-350M shape (T = 512 rows, lm_head left out as the prefill does), per weight
 precision and per ISA level this CPU has, in alternation with medians of ``--reps``, and prints its
 rate and its fraction of the peak of the instruction that level runs on (avx2: 8-lane FMA; avx512:
-16-lane FMA; avx512_bf16 with bf16 weights: vdpbf16ps; avx512_vnni and above with int8 weights:
-vpdpbusd), the peaks measured in the same run.
+16-lane FMA; avx512_bf16 with bf16 weights: vdpbf16ps; avx512_vnni and avx512_bf16 with int8 weights:
+vpdpbusd; amx: tdpbf16ps / tdpbssd for bf16 / int8 weights), the peaks measured in the same run.
 ``--bench-json`` takes a ``granite-lsp bench --kernels --json`` file and prints, per precision, the
 two bounds issue 14's closing note asks for, against the peaks this run measured at the bench's
 thread count (its JSON's ``machine.threads``): the prefill GEMM's rate (one prefill's matmuls on
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("isa_peaks.cpp")
-LOOPS = ["fma256", "fma512", "bf16", "vnni", "read"]
+LOOPS = ["fma256", "fma512", "bf16", "vnni", "amx_bf16", "amx_int8", "read"]
 UNITS = {"read": "GB/s"}
 
 
@@ -69,9 +70,11 @@ def measure(threads: list[int]) -> dict[str, dict[str, float | None]]:
 
 # The peak each level's GEMM runs against: (level, precision) -> loop.
 def _peak_loop(level: str, precision: str) -> str:
-    if level == "avx512_bf16" and precision == "bfloat16":
+    if level == "amx" and precision in ("bfloat16", "int8"):
+        return "amx_bf16" if precision == "bfloat16" else "amx_int8"
+    if level in ("avx512_bf16", "amx") and precision == "bfloat16":
         return "bf16"
-    if level in ("avx512_vnni", "avx512_bf16") and precision == "int8":
+    if level in ("avx512_vnni", "avx512_bf16", "amx") and precision == "int8":
         return "vnni"
     return "fma256" if level == "avx2" else "fma512"
 
@@ -138,7 +141,7 @@ def bench_bounds(
     level, at = machine.get("isa_level"), f"{threads} threads"
     if level is None:
         raise SystemExit("the bench JSON names no ISA level (machine.isa_level): rerun granite-lsp bench --kernels")
-    if level not in ("avx2", "avx512", "avx512_vnni", "avx512_bf16"):
+    if level not in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"):
         raise SystemExit(f"the bench ran without the kernels ({level}): no GEMM to hold against a peak")
     bandwidth = peaks["read"].get(at)
     out: dict[str, dict[str, Any]] = {}

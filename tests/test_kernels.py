@@ -6,6 +6,7 @@ The first run compiles the extension (~30-60 s on 2 cores); later runs load it f
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -427,16 +428,19 @@ def test_16bit_streaming_kernels_on_avx512_change_only_the_summation_order(mode:
 
 @needs_ext
 def test_bf16_products_round_activations_only() -> None:
-    """At avx512_bf16 bf16 products (vdpbf16ps: the GEMM and the streaming kernels) compute the exact
-    product of bf16-rounded x, summed in fp32; the rounding moves each result by at most ~2^-8 of
-    sum |x * w| (the bound a relative rounding error of 2^-9 per activation gives)."""
-    if "avx512_bf16" not in isa.levels():
+    """At avx512_bf16 and amx bf16 products (vdpbf16ps: the GEMM and the streaming kernels; amx: the
+    tile GEMM) compute the exact product of bf16-rounded x, summed in fp32; the rounding moves each
+    result by at most ~2^-8 of sum |x * w| (the bound a relative rounding error of 2^-9 per activation gives)."""
+    levels = [name for name in ("avx512_bf16", "amx") if name in isa.levels()]
+    if not levels:
         pytest.skip("CPU without AVX512_BF16")
-    # odd K: the last pair is half padding; 1-9 rows: the streaming kernels, K % 32 != 0 their masked tail
-    for k, n, t in [(700, 1100, 70), (7, 5, 17), (769, 65, 33), (769, 203, 1), (100, 37, 9), (2048, 300, 3)]:
+    # odd K: the last pair is half padding; 1-9 rows: the streaming kernels, K % 32 != 0 their masked tail;
+    # 2048 with 29 rows: the GEMM over four depth slices, a short last 16-row tile
+    cases = [(700, 1100, 70), (7, 5, 17), (769, 65, 33), (769, 203, 1), (100, 37, 9), (2048, 300, 3), (2048, 90, 29)]
+    for (k, n, t), level in itertools.product(cases, levels):
         layer, w, _ = _layer("bf16", n, k, bias=True, seed=k)
         x = torch.randn(t, k)
-        with isa.at_level("avx512_bf16"):
+        with isa.at_level(level):
             got = layer(x, threads=2)
         exact = x.double() @ layer.dequantize().double().T + layer.bias.double()
         rounded = x.bfloat16().double() @ layer.dequantize().double().T + layer.bias.double()
@@ -447,20 +451,21 @@ def test_bf16_products_round_activations_only() -> None:
 
 @needs_ext
 def test_int8_products_quantize_activations_only() -> None:
-    """At avx512_vnni and above int8 products (vpdpbusd: the GEMM and the streaming kernels) compute
-    the exact product of x quantized per row (int8_activations), with the weights' own scale; the
-    quantization moves each result by at most half a step per activation: max|x_row| / 254 *
-    sum |w|. A row's result is the same in the GEMM and the streaming kernels (K <= 1024, one depth
-    slice), and a row holding a NaN gives NaN without touching the other rows."""
-    if "avx512_vnni" not in isa.levels():
+    """At avx512_vnni and above int8 products (vpdpbusd: the GEMM and the streaming kernels; amx: the
+    tile GEMM) compute the exact product of x quantized per row (int8_activations), with the weights'
+    own scale; the quantization moves each result by at most half a step per activation:
+    max|x_row| / 254 * sum |w|. A row's result is the same in the GEMM and the streaming kernels
+    (K <= 1024, one depth slice), and a row holding a NaN gives NaN without touching the other rows."""
+    levels = [name for name in ("avx512_vnni", "amx") if name in isa.levels()]
+    if not levels:
         pytest.skip("CPU without AVX512_VNNI")
     # K % 64 != 0: the streaming kernels' masked tail; K % 4 != 0: the GEMM's padded quad; 2048: two
     # depth slices; 1-9 rows: streaming, 17+: the GEMM with short row tiles
     cases = [(700, 1100, 70), (7, 5, 17), (769, 65, 33), (769, 203, 1), (100, 37, 9), (2048, 300, 3), (2048, 90, 29)]
-    for k, n, t in cases:
+    for (k, n, t), level in itertools.product(cases, levels):
         layer, _, _ = _layer("int8", n, k, bias=True, seed=k)
         x = torch.randn(t, k) * torch.rand(t, 1) * 4  # rows of different ranges
-        with isa.at_level("avx512_vnni"):
+        with isa.at_level(level):
             got = layer(x, threads=2)
             alone = layer(x[-1:], threads=1)
         w = layer.dequantize().double()
@@ -475,10 +480,60 @@ def test_int8_products_quantize_activations_only() -> None:
     layer, _, _ = _layer("int8", 70, 300, bias=False)
     x = torch.randn(20, 300)
     x[3, 7] = float("nan")
-    with isa.at_level("avx512_vnni"):
-        for rows in (x[:5], x):  # streaming, GEMM
-            y = layer(rows, threads=2)
-            assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(len(rows)) != 3]).any()
+    for level in levels:
+        with isa.at_level(level):
+            for rows in (x[:5], x):  # streaming, GEMM
+                y = layer(rows, threads=2)
+                assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(len(rows)) != 3]).any()
+
+
+# K % 64 != 0 and K % 4 != 0 (a padded tile step and quad), K past one depth slice (int8: 1024, bf16:
+# 512), N not a multiple of 16 or 32 (masked columns), T not a multiple of 16 (a short or empty second
+# tile of rows), T just past GEMV_MAX_ROWS, 512 rows on a real width; one and two threads.
+AMX_SHAPES = [(700, 1100, 70), (7, 5, 17), (769, 65, 33), (2050, 90, 45), (1030, 203, 29), (768, 77, 512)]
+
+
+@needs_ext
+def test_amx_int8_gemm_is_bit_identical_to_vnni() -> None:
+    """amx's int8 GEMM (TDPBSSD, linear_amx.cpp) sums q * w exactly in int32 like vpdpbusd and finishes
+    each depth slice with the same fused multiply-add: every result bit-identical to avx512_vnni's,
+    with and without a bias, whatever the thread count; a NaN row stays NaN."""
+    if "amx" not in isa.levels():
+        pytest.skip("CPU (or OS) without AMX")
+    for (k, n, t), bias in itertools.product(AMX_SHAPES, (True, False)):
+        layer, _, _ = _layer("int8", n, k, bias=bias, seed=k + n)
+        x = torch.randn(t, k) * torch.rand(t, 1) * 4
+        x[t // 2, k // 3] = float("nan")
+        with isa.at_level("avx512_vnni"):
+            want = layer(x, threads=2)
+        with isa.at_level("amx"):
+            for threads in (1, 2):
+                assert torch.equal(layer(x, threads=threads).view(torch.int32), want.view(torch.int32))  # NaNs too
+        assert want[t // 2].isnan().all() and not want[torch.arange(t) != t // 2].isnan().any()
+
+
+@needs_ext
+def test_amx_bf16_gemm_sums_the_same_rounded_products() -> None:
+    """amx's bf16 GEMM (TDPBF16PS) multiplies the same bf16-rounded x as avx512_bf16's and sums in fp32,
+    in the tile unit's own order: each result within fp32 summation error of avx512_bf16's (both within
+    K * 2^-24 of sum |x_bf16 * w| of the exact sum, plus the bias's rounding), the same whatever the
+    thread count, and some differ (it is another kernel)."""
+    if "amx" not in isa.levels():
+        pytest.skip("CPU (or OS) without AMX")
+    moved = False
+    for k, n, t in AMX_SHAPES:
+        layer, _, _ = _layer("bf16", n, k, bias=True, seed=k + n)
+        x = torch.randn(t, k)
+        with isa.at_level("avx512_bf16"):
+            want = layer(x, threads=2)
+        with isa.at_level("amx"):
+            got = layer(x, threads=2)
+            assert torch.equal(layer(x, threads=1), got)
+        magnitude = x.bfloat16().double().abs() @ layer.dequantize().double().abs().T
+        bound = 2 * k * 2**-24 * magnitude + 2**-23 * want.double().abs()
+        assert torch.all((got.double() - want.double()).abs() <= bound)
+        moved |= not torch.equal(got, want)
+    assert moved, "the amx level ran the avx512_bf16 GEMM"
 
 
 TINY = 1e-39  # a denormal float32 (below 2^-126 ~ 1.18e-38)

@@ -9,11 +9,30 @@
 #include <cstdlib>
 #include <mutex>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace granite {
 namespace {
 
-const char* const kNames[] = {"avx2", "avx512", "avx512_vnni", "avx512_bf16"};
-constexpr int kCount = 4;
+const char* const kNames[] = {"avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"};
+constexpr int kCount = 5;
+
+// AMX's tile data (8 KB of state per thread) is off until the process asks the OS for it
+// (Linux >= 5.16: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); a tile instruction before
+// that faults. Asked once, here, for the whole process (threads started later inherit it). Where
+// it is refused (an older kernel, a hypervisor that hides XTILEDATA), the amx level is not offered;
+// isa.py's cpu_levels makes the same request, so Python and C++ agree on the levels.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 // The highest level the CPU (and the OS, which must save the ZMM registers: __builtin_cpu_supports
 // checks that through XGETBV) supports.
@@ -24,7 +43,10 @@ int cpu_max() {
     return int(Isa::kAvx2);
   if (!__builtin_cpu_supports("avx512vnni")) return int(Isa::kAvx512);
   if (!__builtin_cpu_supports("avx512bf16")) return int(Isa::kAvx512Vnni);
-  return int(Isa::kAvx512Bf16);
+  if (!(__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+        __builtin_cpu_supports("amx-bf16") && amx_permitted()))
+    return int(Isa::kAvx512Bf16);
+  return int(Isa::kAmx);
 }
 
 int index_of(const std::string& name) {
@@ -42,7 +64,8 @@ struct State {
     if (!env || !*env) return;
     const int i = index_of(env);
     if (i < 0)
-      note = std::string("GRANITE_LSP_ISA=") + env + " is not a level (avx2, avx512, avx512_vnni, avx512_bf16)";
+      note = std::string("GRANITE_LSP_ISA=") + env + " is not a level (" +
+             c10::Join(", ", std::vector<std::string>(kNames, kNames + kCount)) + ")";
     else if (i > max) note = std::string("GRANITE_LSP_ISA=") + env + ": this CPU's highest level is " + kNames[max];
     else level.store(i);
   }

@@ -14,6 +14,14 @@
 //   avx512_bf16  + AVX512_BF16: bf16 weights' products (prefill GEMM and decode's streaming
 //                kernels) on vdpbf16ps, which rounds the activations to bf16 (results move, within
 //                the tolerances tests/test_kernels.py and tests/test_precisions.py state)
+//   amx          + AMX-TILE, AMX-INT8, AMX-BF16 and the OS's leave to use the tile data (Linux:
+//                arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once per process; a CPU
+//                with AMX whose kernel refuses it stays at avx512_bf16): the prefill GEMM (more than
+//                kMaxStreamRows rows) for int8 and bf16 weights on tile matmuls (linear_amx.cpp).
+//                int8: bit-identical to avx512_vnni (the same quantized x, exact int32 sums, the same
+//                epilogue); bf16: the same bf16-rounded x summed in fp32 in another order than
+//                vdpbf16ps (linear_amx.cpp says how far apart). The streaming kernels (decode) and
+//                every other format run as at avx512_bf16.
 // GRANITE_LSP_ISA=<level> caps the level (a name above what the CPU has, or unknown, is ignored
 // with the reason in isa_note()); set_isa_level() changes it at run time, for the tests.
 #pragma once
@@ -25,7 +33,7 @@ namespace granite {
 
 // VNNI before BF16: every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has
 // AVX512_VNNI, while Cascade Lake and Ice Lake have VNNI without BF16.
-enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Vnni = 2, kAvx512Bf16 = 3 };
+enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Vnni = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 // The level the kernels use now (an atomic read: cheap enough for every product).
 Isa isa();

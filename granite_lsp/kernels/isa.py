@@ -1,8 +1,8 @@
 """The kernels' instruction-set level: which one runs, which ones this CPU has, and forcing a lower one.
 
 The extension is one build for every x86-64 CPU with AVX2/FMA/F16C; faster paths (AVX-512F,
-AVX512_VNNI, AVX512_BF16) are compiled per function and chosen at run time (``isa.h`` lists what
-each level changes). ``GRANITE_LSP_ISA=avx2|avx512|avx512_vnni|avx512_bf16`` caps the level for the
+AVX512_VNNI, AVX512_BF16, AMX) are compiled per function and chosen at run time (``isa.h`` lists
+what each level changes). ``GRANITE_LSP_ISA=avx2|avx512|avx512_vnni|avx512_bf16|amx`` caps the level for the
 process (a name the CPU lacks is ignored: ``note()`` says why); ``set_level`` changes it at run time,
 which the exactness tests use to run on every level this CPU has.
 """
@@ -10,6 +10,8 @@ which the exactness tests use to run on every level this CPU has.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,14 +20,17 @@ if TYPE_CHECKING:
     from .ops import CpuKernels
 
 # Lowest first; each level includes the ones before it (isa.h).
-LEVELS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16")
+LEVELS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
 # The /proc/cpuinfo flags each level needs on top of the previous one.
 _NEEDS = {
     "avx2": {"avx2", "fma", "f16c"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
     "avx512_vnni": {"avx512_vnni"},
     "avx512_bf16": {"avx512_bf16"},
+    "amx": {"amx_tile", "amx_int8", "amx_bf16"},
 }
+# Linux's arch_prctl request for AMX's tile data (isa.cpp's amx_permitted makes the same one).
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 # The flags worth printing in a report (what the kernels or llama.cpp could use).
 REPORTED_FLAGS = (
     *sorted(_NEEDS["avx2"]),
@@ -33,6 +38,8 @@ REPORTED_FLAGS = (
     "avx512_vnni",
     "avx512_bf16",
     "avx_vnni",
+    "amx_tile",
+    "amx_int8",
     "amx_bf16",
 )
 
@@ -58,10 +65,24 @@ def cpu_levels() -> list[str]:
     flags = cpu_info()[1]
     out: list[str] = []
     for name in LEVELS:
-        if not _NEEDS[name] <= flags:
+        if not _NEEDS[name] <= flags or (name == "amx" and not amx_permitted()):
             break
         out.append(name)
     return out
+
+
+def amx_permitted() -> bool:
+    """Whether the OS lets this process use AMX's tile data: the request isa.cpp makes before it
+    offers the amx level (granted once, for the whole process; asking again is harmless). A CPU
+    with the amx flags under a kernel that refuses (before Linux 5.16, or a hypervisor hiding the
+    state) has no amx level on either side."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_report() -> dict[str, object]:
@@ -123,18 +144,25 @@ def note() -> str:
 
 def rounds_activations_to_bf16(weight_dtype: object, scaled: bool = False) -> bool:
     """Whether a product with these weights rounds x to bf16 at the level in use: bf16 weights
-    without a scale at avx512_bf16, in the prefill GEMM and the streaming kernels alike
-    (linear.cpp's ``product`` decides; this mirrors it for the tests' references)."""
+    without a scale at avx512_bf16 and above (amx's tile GEMM rounds them the same way), in the
+    prefill GEMM and the streaming kernels alike (linear.cpp's ``product`` decides; this mirrors it
+    for the tests' references)."""
     import torch
 
-    return weight_dtype == torch.bfloat16 and not scaled and level() == "avx512_bf16"
+    current = level()
+    return (
+        weight_dtype == torch.bfloat16
+        and not scaled
+        and current is not None
+        and LEVELS.index(current) >= LEVELS.index("avx512_bf16")
+    )
 
 
 def quantizes_activations_to_int8(weight_dtype: object) -> bool:
     """Whether a product with these weights quantizes x to int8 per row at the level in use: int8
-    weights at avx512_vnni and above, in the prefill GEMM and the streaming kernels alike
-    (linear.cpp's ``product`` decides, linear_vnni.cpp says how; this mirrors it for the tests'
-    references and tolerances)."""
+    weights at avx512_vnni and above (amx's tile GEMM quantizes them the same way), in the prefill
+    GEMM and the streaming kernels alike (linear.cpp's ``product`` decides, linear_vnni.cpp says how;
+    this mirrors it for the tests' references and tolerances)."""
     import torch
 
     current = level()

@@ -90,10 +90,34 @@ void stream_avx512(const Problem<W>& p, int threads);
 // The streaming kernels (a few rows of x) for bf16 weights on vdpbf16ps, x rounded to bf16 like the
 // GEMM's: each row's result is the same alone or batched.
 void stream_bf16_avx512(const Problem<BF16>& p, int threads);
+// What the AMX GEMM (linear_amx.cpp) takes from the bf16 GEMM: one row of x [K] as Q bf16 pairs (Q a
+// multiple of 16, zero past K), rounded as every bf16 product rounds x; and W's columns
+// [n0, n0 + 32), pairs [q0, q0 + qc), as a panel [qc][32] of (k, k + 1) pairs (zero past N and K).
+void round_pairs(const float* x, int64_t K, int64_t Q, uint32_t* out);
+void pack_pairs_panel(const Problem<BF16>& g, int64_t n0, int64_t q0, int64_t qc, uint32_t* dst);
 
 // linear_vnni.cpp, called only at avx512_vnni and above: int8 weights (with their per-row scale)
 // against x quantized to int8 per row, on vpdpbusd; the streaming kernels (a few rows) and the GEMM.
 void stream_i8_vnni(const Problem<I8>& p, int threads);
 void gemm_i8_vnni(const Problem<I8>& p, int threads);
+
+// x quantized (linear_vnni.cpp's header says how): [rows][Kp] s8 (Kp = K rounded up to 64, zero past K
+// and in the rows past T), each of the T rows' scale and 128 * its sum.
+struct QuantX {
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> scale;
+  std::unique_ptr<int32_t[]> offset;  // 128 * sum(q[t])
+  int64_t Kp = 0;
+};
+// What the AMX GEMM takes from the vnni one: x quantized (rows >= T rows allocated, the extra ones
+// zero), and W's columns [n0, n0 + 32), quads [q0, q0 + qc), as a panel [qc][32] of s8 quads (zero
+// past N and K) with each column's 128 * sum of its weights over the slice.
+QuantX quantize(const Problem<I8>& p, int threads, int64_t rows);
+void pack_panel_i8(const Problem<I8>& g, int64_t n0, int64_t q0, int64_t qc, uint32_t* dst, int32_t* offset);
+
+// linear_amx.cpp, called only at amx: the prefill GEMM for int8 weights (bit-identical to
+// gemm_i8_vnni) and for bf16 weights without a scale (x rounded as gemm_bf16_avx512 rounds it).
+void gemm_i8_amx(const Problem<I8>& p, int threads);
+void gemm_bf16_amx(const Problem<BF16>& p, int threads);
 
 }  // namespace granite

@@ -274,6 +274,8 @@ void pack_pairs_tile(const void* ctx, int64_t tile) {
   }
 }
 
+}  // namespace
+
 // One row of x [K] as Q bf16 pairs (Q a multiple of 16, zero past K): bf16_bits16's bits, the
 // scalar bf16_bits' (a decode step rounds ~155 K activations: scalar, that was ~0.5 ms a step).
 void round_pairs(const float* x, int64_t K, int64_t Q, uint32_t* out) {
@@ -286,6 +288,8 @@ void round_pairs(const float* x, int64_t K, int64_t Q, uint32_t* out) {
     _mm512_storeu_si512(out + q0, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
   }
 }
+
+namespace {
 
 #pragma GCC pop_options
 
@@ -316,6 +320,8 @@ inline void transpose16(__m512 r[16]) {
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
 }
+
+}  // namespace
 
 // Columns [n0, n0 + 32) of W^T, pairs [q0, q0 + qc), as [qc][32] bf16 pairs (zero past N and K).
 // Full panels go 16 rows x 16 pairs at a time through transpose16 (the scalar copy was ~10% of the
@@ -348,6 +354,8 @@ void pack_pairs_panel(const Problem<BF16>& g, int64_t n0, int64_t q0, int64_t qc
     if (odd_tail) dst[whole * kNR + r] = row[2 * whole];
   }
 }
+
+namespace {
 
 #pragma GCC pop_options
 

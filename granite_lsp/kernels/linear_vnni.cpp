@@ -35,14 +35,6 @@ constexpr int64_t kRowBand = 96;            // rows of packed x swept per panel 
 constexpr int64_t kMaxBlockCols = 4 * kNR;  // columns of y per task
 constexpr int64_t kQuadsKC = 256;           // k quads per depth slice: a panel [256][32] x 4 B = 32 KB (L1)
 
-// x quantized: [T][Kp] s8 (Kp = K rounded up to 64, zero past K), each row's scale and 128 * its sum.
-struct QuantX {
-  std::unique_ptr<int8_t[]> q;
-  std::unique_ptr<float[]> scale;
-  std::unique_ptr<int32_t[]> offset;  // 128 * sum(q[t])
-  int64_t Kp = 0;
-};
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
@@ -196,6 +188,8 @@ void pack_x_tile(const void* ctx, int64_t tile) {
     for (int i = 0; i < kMR; ++i) dst[q * kMR + i] = rows[i][q] ^ 0x80808080u;  // s8 + 128 = u8
 }
 
+}  // namespace
+
 // Columns [n0, n0 + 32) of W^T, quads [q0, q0 + qc), as [qc][32] (zero past N and K), and each
 // column's sum of its weights over the slice, times 128 (what the x offset adds).
 void pack_panel_i8(const Problem<I8>& g, int64_t n0, int64_t q0, int64_t qc, uint32_t* dst, int32_t* offset) {
@@ -224,6 +218,8 @@ void pack_panel_i8(const Problem<I8>& g, int64_t n0, int64_t q0, int64_t qc, uin
     offset[r] = 128 * sum;
   }
 }
+
+namespace {
 
 #define GRANITE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
@@ -314,23 +310,24 @@ void block_i8(const void* problem, int64_t c) {
 
 #pragma GCC pop_options
 
+}  // namespace
+
 // x's rows quantized (on the pool: a prefill's 512 rows are worth sharing).
-QuantX quantize(const Problem<I8>& p, int threads) {
+QuantX quantize(const Problem<I8>& p, int threads, int64_t rows) {
   QuantX qx;
   qx.Kp = (p.K + 63) / 64 * 64;
-  qx.q.reset(new int8_t[size_t(p.T * qx.Kp)]);
+  qx.q.reset(new int8_t[size_t(rows * qx.Kp)]);
   qx.scale.reset(new float[size_t(p.T)]);
   qx.offset.reset(new int32_t[size_t(p.T)]);
   const QuantTask task{p.x, &qx, p.K};
   pool().run(&quantize_rows, &task, p.T, p.T >= 32 ? threads - 1 : 0);
+  if (rows > p.T) std::memset(qx.q.get() + p.T * qx.Kp, 0, size_t((rows - p.T) * qx.Kp));
   return qx;
 }
 
-}  // namespace
-
 void stream_i8_vnni(const Problem<I8>& problem, int threads) {
   Problem<I8> p = problem;
-  const QuantX qx = quantize(p, threads);
+  const QuantX qx = quantize(p, threads, p.T);
   p.block = streaming_block(p.K, p.N, threads);
   const StreamProblem sp{&p, &qx};
   pool().run(&stream_chunk, &sp, (p.N + p.block - 1) / p.block, threads - 1);
@@ -338,7 +335,7 @@ void stream_i8_vnni(const Problem<I8>& problem, int threads) {
 
 void gemm_i8_vnni(const Problem<I8>& problem, int threads) {
   Problem<I8> g = problem;
-  const QuantX qx = quantize(g, threads);
+  const QuantX qx = quantize(g, threads, g.T);
   const int64_t tiles = (g.T + kMR - 1) / kMR, K4 = (g.K + 3) / 4;
   std::unique_ptr<uint32_t[]> xp(new uint32_t[size_t(tiles * K4 * kMR)]);
   PackTiles px{&qx, xp.get(), g.T, K4};

@@ -1,0 +1,247 @@
+// The prefill GEMM (more rows of x than the streaming kernels take) for int8 and bf16 weights on AMX's
+// tile matmuls, for CPUs at level amx (isa.h), compiled for these functions only (`#pragma GCC target`).
+//
+// A tile register holds up to 16 rows of 64 bytes; one TDPBSSD (int8) or TDPBF16PS (bf16) multiplies
+// a 16 x 64-byte tile of x by a 16 x 64-byte tile of W's (k-quads or k-pairs) x 16 columns and adds
+// the 16 x 16 products into an int32 / fp32 tile: 16 * 16 * 64 int8 products per instruction (the
+// vpdpbusd: 64), 16 * 16 * 32 for bf16 (vdpbf16ps: 32). Per 64 bytes of depth a 32 x 32 block of y
+// takes two tiles of x (rows t..t+15, t+16..t+31), two of W (columns n..n+15, n+16..n+31) and four
+// products into four accumulator tiles: all eight tile registers.
+//
+// The operands are the ones the avx512 GEMMs build, in the layouts the tiles want:
+//   - x: a tile is 16 rows of x's own row-major storage, so x needs no packing into row tiles: int8
+//     reads linear_vnni.cpp's quantized rows ([T][Kp] s8, the same q and per-row scale), bf16 the
+//     rows rounded by linear_avx512.cpp's round_pairs ([T][Q] bf16 pairs, the same bits). The rows
+//     are allocated to a multiple of 32, zero past T; those products are never stored.
+//   - W: the W tile's rows are k-quads (k-pairs), each row 16 columns of 4 bytes: a 16-column slice
+//     of linear_vnni.cpp's / linear_avx512.cpp's panels [q][32] (128 bytes a row), loaded with that
+//     stride. The panels of a slice are padded with zero quads (pairs) to a multiple of 16.
+//   - int8 takes TDPBSSD (s8 x s8) on q itself rather than vpdpbusd's u8 = q + 128 and the subtracted
+//     128 * sum(w): both give the exact sum of q * w in int32, so the offset's work is not needed.
+//
+// Depth slices as the avx512 GEMMs': 256 words (quads: K 1024; pairs: K 512) a slice, the first
+// slice's sums finished with the bias, later ones added onto y in fp32 in order, so each element's
+// result is the same whatever the threads and the blocks.
+//   - int8: the same int32 sums, the same epilogue (fma(float(sum) * sx, sw, bias or y)): every
+//     result is bit-identical to gemm_i8_vnni's (tests/test_kernels.py checks it).
+//   - bf16: the same products of bf16-rounded x summed in fp32, but the tile unit's order within a
+//     64-byte step is its own (the SDM: k pair by k pair, even before odd element; vdpbf16ps adds
+//     the odd product first), so results differ from gemm_bf16_avx512's in the last bits: within
+//     fp32 summation error of the exact product of the rounded x, the avx512_bf16 level's tolerance.
+//
+// Tile state is per thread: each pool task loads the configuration (ldtilecfg) before its first
+// tile instruction and releases the tiles (tilerelease) when done, so nothing is left configured on
+// the caller's thread or a helper for whatever code runs there next.
+//
+// Measured on an Intel Xeon (Granite Rapids class, KVM, 2 cores shared with other users, load ~2-4),
+// process CPU time of one thread, levels alternating in one process:
+//   - bench/prefill_levels.py --reps 3 --ops (512 tokens, real shape, random weights), the `linear`
+//     line (every product of the prefill), median (range): int8 avx512_vnni 987 ms (980-1002), amx
+//     436 ms (431-447): 2.26x; bf16 avx512_bf16 2628 ms (2589-2631), amx 505 ms (501-522): 5.2x.
+//   - the GEMM alone, 512 rows, medians of 5: int8 3376x768 10.0 -> 2.83 ms, 768x2048 5.49 -> 1.91,
+//     4096x768 12.1 -> 5.09, 768x1536 3.90 -> 1.07 (2.4-3.6x); bf16 26.9 -> 4.47, 15.8 -> 3.39,
+//     31.2 -> 6.28, 11.7 -> 1.90 (4.7-6.2x). Rounds differed by a few % at most.
+//   - bench/isa_peaks's tile loops at a quiet moment: amx_int8 6542, amx_bf16 3385 G ops/s: these
+//     GEMMs run at ~15-30% of them (the avx512 ones at ~60-90% of vpdpbusd's / vdpbf16ps').
+#include <cstring>
+#include <type_traits>
+
+#include "isa.h"
+#include "linear.h"
+
+namespace granite {
+namespace {
+
+constexpr int kTileRows = 16;               // rows of x (and of y) per tile
+constexpr int kMR = 2 * kTileRows;          // rows of y per block: two x tiles
+constexpr int kNR = 32;                     // columns of y per block: two W tiles; the panels' width
+constexpr int64_t kStep = 16;               // words (4 bytes: a quad or a pair) of depth per tile
+constexpr int64_t kSliceWords = 256;        // the avx512 GEMMs' depth slice (kQuadsKC, kPairsKC)
+constexpr int64_t kRowBand = 128;           // rows of x swept per panel (4 blocks; a slice of them: L2)
+constexpr int64_t kMaxBlockCols = 4 * kNR;  // columns of y per task
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Blocks of 32-128 columns, at least ~4 per thread so that a preempted thread holds up little.
+int64_t block_cols(int64_t N, int threads) {
+  const int64_t want = (N + 4 * threads - 1) / (4 * threads);
+  return std::clamp<int64_t>(round_up(want, kNR), kNR, kMaxBlockCols);
+}
+
+// ldtilecfg's 64-byte operand: palette 1, tiles 0-7 all 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = 64;
+      rows[i] = kTileRows;
+    }
+  }
+};
+static_assert(sizeof(TileConfig) == 64);
+
+// What both formats' tasks read: the problem (y, bias, N, T), x's rows as 4-byte words ([rows][xw]),
+// the depth in words (kw) and, for int8, the quantized x's scales.
+template <class W>
+struct AmxProblem {
+  const Problem<W>* g;
+  const uint32_t* x;
+  int64_t xw, kw;
+  const float* sx = nullptr;  // int8: each row's scale
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8,amx-bf16")
+
+// The 32 x 32 block's sums (buf [32][32], int32 or fp32) into y: rows x cols of it, as the avx512
+// GEMMs' epilogues do it per element.
+inline void finish_i8(const int32_t* buf, const float* sx, const float* sw, const float* bias, float* y, int64_t ldy,
+                      int rows, int cols, bool accumulate) {
+  for (int h = 0; h < kNR; h += 16) {
+    const int left = cols - h;
+    if (left <= 0) break;
+    const __mmask16 m = __mmask16(left >= 16 ? 0xffff : (1u << left) - 1);
+    const __m512 w = _mm512_maskz_loadu_ps(m, sw + h);
+    const __m512 z = bias ? _mm512_maskz_loadu_ps(m, bias + h) : _mm512_setzero_ps();
+    for (int i = 0; i < rows; ++i) {
+      float* yr = y + i * ldy + h;
+      // linear_vnni.cpp's micro_i8: fma(float(sum) * sx, sw, y (later slices) or bias), or the product
+      const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(buf + i * kNR + h)), _mm512_set1_ps(sx[i]));
+      __m512 v;
+      if (accumulate) v = _mm512_fmadd_ps(s, w, _mm512_maskz_loadu_ps(m, yr));
+      else if (bias) v = _mm512_fmadd_ps(s, w, z);
+      else v = _mm512_mul_ps(s, w);
+      _mm512_mask_storeu_ps(yr, m, v);
+    }
+  }
+}
+
+inline void finish_bf16(const float* buf, const float* bias, float* y, int64_t ldy, int rows, int cols,
+                        bool accumulate) {
+  for (int h = 0; h < kNR; h += 16) {
+    const int left = cols - h;
+    if (left <= 0) break;
+    const __mmask16 m = __mmask16(left >= 16 ? 0xffff : (1u << left) - 1);
+    const __m512 z = bias ? _mm512_maskz_loadu_ps(m, bias + h) : _mm512_setzero_ps();
+    for (int i = 0; i < rows; ++i) {
+      float* yr = y + i * ldy + h;
+      // linear_avx512.cpp's GRANITE_STORE: y + sum (later slices), sum + bias, or the sum
+      __m512 v = _mm512_loadu_ps(buf + i * kNR + h);
+      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, yr), v);
+      else if (bias) v = _mm512_add_ps(v, z);
+      _mm512_mask_storeu_ps(yr, m, v);
+    }
+  }
+}
+
+// The 32 x 32 block of sums over `steps` tile steps: a = x's rows t.. at the slice's first word
+// (row stride xw words), b = the panel ([steps * 16][32] words), into buf [32][32].
+template <bool kInt8>
+inline void block_sums(const uint32_t* a, int64_t xw, const uint32_t* b, int64_t steps, void* buf) {
+  const int64_t sa = xw * 4, sb = kNR * 4;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s, a += kStep, b += kStep * kNR) {
+    _tile_loadd(4, a, sa);
+    _tile_loadd(5, a + kTileRows * xw, sa);
+    _tile_loadd(6, b, sb);
+    _tile_loadd(7, b + 16, sb);
+    if constexpr (kInt8) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  auto* c = static_cast<char*>(buf);
+  _tile_stored(0, c, kNR * 4);
+  _tile_stored(1, c + 64, kNR * 4);
+  _tile_stored(2, c + kTileRows * kNR * 4, kNR * 4);
+  _tile_stored(3, c + kTileRows * kNR * 4 + 64, kNR * 4);
+}
+
+// One block of columns of y, all rows (one pool task): for each depth slice, W's panels packed
+// (~128 KB: L2), then per band of rows each panel (<= 32 KB: L1) against the band's 32-row blocks.
+template <class W>
+void block(const void* problem, int64_t c) {
+  constexpr bool kInt8 = std::is_same_v<W, I8>;
+  const auto& pp = *static_cast<const AmxProblem<W>*>(problem);
+  const auto& g = *pp.g;
+  const int64_t n0 = c * g.block, cols = std::min(g.block, g.N - n0);
+  const int64_t panels = (cols + kNR - 1) / kNR;
+  alignas(64) uint32_t packed[kMaxBlockCols * kSliceWords];  // 128 KB on the stack: nothing to allocate
+  alignas(64) int32_t unused_offsets[kNR];                   // the u8 offset's column sums (TDPBSSD needs none)
+  alignas(64) uint32_t sums[kMR * kNR];                      // a block's int32 or fp32 sums
+  const TileConfig config;
+  _tile_loadconfig(&config);
+  for (int64_t q0 = 0; q0 < pp.kw; q0 += kSliceWords) {
+    const int64_t qc = std::min<int64_t>(kSliceWords, pp.kw - q0), steps = (qc + kStep - 1) / kStep;
+    const int64_t qp = steps * kStep;  // words per panel row block, zero-padded
+    for (int64_t j = 0; j < panels; ++j) {
+      uint32_t* dst = packed + j * kNR * qp;
+      if constexpr (kInt8) {
+        pack_panel_i8(g, n0 + j * kNR, q0, qp, dst, unused_offsets);  // zero past K (and N)
+      } else {
+        pack_pairs_panel(g, n0 + j * kNR, q0, qc, dst);
+        std::memset(dst + qc * kNR, 0, size_t((qp - qc) * kNR) * sizeof(uint32_t));
+      }
+    }
+    for (int64_t band = 0; band < g.T; band += kRowBand) {
+      const int64_t band_end = std::min(g.T, band + kRowBand);
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t n = n0 + j * kNR;
+        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
+        for (int64_t t = band; t < band_end; t += kMR) {
+          const int rows = int(std::min<int64_t>(kMR, g.T - t));
+          block_sums<kInt8>(pp.x + t * pp.xw + q0, pp.xw, packed + j * kNR * qp, steps, sums);
+          float* y = g.y + t * g.N + n;
+          const float* bias = g.bias ? g.bias + n : nullptr;
+          if constexpr (kInt8)
+            finish_i8(reinterpret_cast<const int32_t*>(sums), pp.sx + t, g.scale + n, bias, y, g.N, rows, ncols,
+                      q0 > 0);
+          else finish_bf16(reinterpret_cast<const float*>(sums), bias, y, g.N, rows, ncols, q0 > 0);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+#pragma GCC pop_options
+
+template <class W>
+void run_blocks(Problem<W> g, AmxProblem<W> pp, int threads) {
+  g.block = block_cols(g.N, threads);
+  pp.g = &g;
+  pool().run(&block<W>, &pp, (g.N + g.block - 1) / g.block, threads - 1);
+}
+
+}  // namespace
+
+void gemm_i8_amx(const Problem<I8>& g, int threads) {
+  const QuantX qx = quantize(g, threads, round_up(g.T, kMR));
+  const AmxProblem<I8> pp{&g, reinterpret_cast<const uint32_t*>(qx.q.get()), qx.Kp / 4, (g.K + 3) / 4, qx.scale.get()};
+  run_blocks(g, pp, threads);
+}
+
+void gemm_bf16_amx(const Problem<BF16>& g, int threads) {
+  const int64_t Q = (g.K + 31) / 32 * 16, rows = round_up(g.T, kMR);  // pairs, padded to whole tile rows
+  std::unique_ptr<uint32_t[]> xq(new uint32_t[size_t(rows * Q)]);
+  parallel_rows(g.T, 16, g.T >= 32 ? threads : 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) round_pairs(g.x + t * g.K, g.K, Q, xq.get() + t * Q);
+  });
+  std::memset(xq.get() + g.T * Q, 0, size_t((rows - g.T) * Q) * sizeof(uint32_t));
+  const AmxProblem<BF16> pp{&g, xq.get(), Q, (g.K + 1) / 2};
+  run_blocks(g, pp, threads);
+}
+
+}  // namespace granite
