@@ -4,8 +4,8 @@ Builds ``isa_peaks.cpp`` (g++, into a temporary directory) and prints, on 1 and 
 peak rate of fp32 FMA on 8 lanes (AVX2) and 16 lanes (AVX-512F), of ``vdpbf16ps`` (AVX512_BF16: bf16
 pairs into fp32), ``vpdpbusd`` (AVX512_VNNI: u8 x s8 quads into int32) and AMX's ``tdpbf16ps`` and
 ``tdpbssd`` (tile products, bf16 pairs and s8 quads), each in G ops/s (a
-multiply-add counts 2), and the read bandwidth from memory (512 MiB per thread in 8 sequential runs,
-like the streaming kernels; best of 3). Loops the CPU lacks print "unsupported".
+multiply-add counts 2), and the read bandwidth from memory (512 MiB per thread; the best of three
+access patterns, 3 rounds: isa_peaks.cpp says which). Loops the CPU lacks print "unsupported".
 
 ``--gemm`` also times our prefill GEMM (granite_lsp's kernels) on one prefill's matmuls of the
 real Granite-4.0-H-350M shape (T = 512 rows, lm_head left out as the prefill does), per weight
@@ -19,7 +19,10 @@ thread count (its JSON's ``machine.threads``): the prefill GEMM's rate (one pref
 the bench's prefill rows, lm_head on the last row: the bench's "matmuls alone", and the same FLOPs
 over the whole prefill's median time) as a fraction of the peak of the instruction the bench's ISA
 level runs it on; and decode's bound, the weight bytes one step reads over the measured read
-bandwidth, as a fraction of the median step at the bench's depth.
+bandwidth, as a fraction of the median step at the bench's depth. That bandwidth is measured re-reading
+a buffer of the step's size (``read <precision>``): where the L3 is large (480 MB on the Xeon of
+2026-12-06) it holds part of the weights from one step to the next, and memory's bandwidth alone
+(``read``, also printed) would make a "bound" the steps beat.
 
     granite-lsp bench --kernels --prefill 512 --decode 32 --repeat 3 --json bench.json
     python bench/isa_peaks.py --bench-json bench.json [--threads 2] [--gemm] [--json out.json]
@@ -55,16 +58,24 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def measure(threads: list[int]) -> dict[str, dict[str, float | None]]:
-    """{loop: {"<n> threads": rate or None when the CPU lacks it}}."""
+def measure(threads: list[int], working_sets: dict[str, int] | None = None) -> dict[str, dict[str, float | None]]:
+    """{loop: {"<n> threads": rate or None when the CPU lacks it}}. ``working_sets`` (name -> bytes) adds
+    a ``read <name>`` entry per set: the bandwidth of re-reading that many bytes (isa_peaks.cpp's read with
+    a size), measured on the largest thread count only."""
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "isa_peaks"
         subprocess.run(["g++", "-O2", "-std=c++17", "-pthread", str(SOURCE), "-o", str(exe)], check=True)
+
+        def run(*args: str) -> float | None:
+            text = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
+            return None if text.strip() == "unsupported" else float(text)
+
         out: dict[str, dict[str, float | None]] = {}
         for loop in LOOPS:
             for n in threads:
-                text = subprocess.run([str(exe), str(n), loop], check=True, capture_output=True, text=True).stdout
-                out.setdefault(loop, {})[f"{n} threads"] = None if text.strip() == "unsupported" else float(text)
+                out.setdefault(loop, {})[f"{n} threads"] = run(str(n), loop)
+        for name, nbytes in (working_sets or {}).items():
+            out[f"read {name}"] = {f"{max(threads)} threads": run(str(max(threads)), "read", str(nbytes))}
         return out
 
 
@@ -143,11 +154,14 @@ def bench_bounds(
         raise SystemExit("the bench JSON names no ISA level (machine.isa_level): rerun granite-lsp bench --kernels")
     if level not in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"):
         raise SystemExit(f"the bench ran without the kernels ({level}): no GEMM to hold against a peak")
-    bandwidth = peaks["read"].get(at)
+    memory = peaks["read"].get(at)
     out: dict[str, dict[str, Any]] = {}
     for precision, r in bench.items():
         if precision == "machine" or "weight_mb" not in r:
             continue
+        # the bandwidth of re-reading a working set of the step's size where it was measured (a large L3
+        # holds part of it from one step to the next, as it holds part of the weights), else memory's
+        bandwidth = (peaks.get(f"read {precision}") or {}).get(at) or memory
         rows = round(r["prefill_tok_s"] * r["prefill_s"])  # the prefill's length, whatever the decode depth
         flops = matmul_flops(rows)
         loop = _peak_loop(level, precision)
@@ -167,6 +181,7 @@ def bench_bounds(
             "decode_depth": r.get("decode_depth"),
             "decode_bytes_mb": step_bytes / 1e6,
             "read_gb_s": bandwidth,
+            "memory_read_gb_s": memory,
             "decode_bound_ms": bound_ms,
             "decode_ms": r["decode_ms"],
             "decode_fraction": bound_ms / r["decode_ms"] if bound_ms else None,
@@ -187,7 +202,8 @@ def _print_bounds(bounds: dict[str, dict[str, Any]], at: str) -> None:
             f" = {_pct(b['gemm_fraction'])} of {b['peak_loop']} {peak} ({at}), whole prefill's matmul rate"
             f" {b['prefill_g_ops_s']:.1f} = {_pct(b['prefill_fraction'])}\n"
             f"  {'':9s} decode at depth {b['decode_depth']}: {b['decode_bytes_mb']:.0f} MB of weights per step"
-            f" / {b['read_gb_s']:.1f} GB/s = {bound} bound, median step {b['decode_ms']:.1f} ms:"
+            f" / {b['read_gb_s']:.1f} GB/s (re-reading that many bytes; memory alone"
+            f" {b['memory_read_gb_s']:.1f}) = {bound} bound, median step {b['decode_ms']:.1f} ms:"
             f" {_pct(b['decode_fraction'])} of the bandwidth bound"
         )
 
@@ -207,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     bench = json.loads(args.bench_json.read_text()) if args.bench_json else None
     bench_threads = int((bench or {}).get("machine", {}).get("threads", args.threads))
-    figures = measure(sorted({1, args.threads, bench_threads}))
+    sets = {p: int(r["weight_mb"] * 2**20) for p, r in (bench or {}).items() if p != "machine" and "weight_mb" in r}
+    figures = measure(sorted({1, args.threads, bench_threads}), sets)
     report: dict[str, object] = {"cpu": cpu_model(), "peaks": figures}
     print(f"CPU: {cpu_model()}")
     for loop, rates in figures.items():
