@@ -78,6 +78,36 @@ void pack_panel(const Problem<W>& g, int64_t n0, int64_t k0, int64_t kc, float* 
     for (int r = 0; r < NR; ++r) dst[k * NR + r] = row[r] ? W::one(row[r] + k) * s[r] : 0.0f;
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+// r[i] = row i of a 16 x 16 block of 32-bit values -> r[j] = column j (unpack, shuffle, two lane
+// shuffles: 64 register moves for 256 values, which the scalar copy took one load and store each).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+#pragma GCC pop_options
+
 // linear_avx512.cpp, called only where isa() allows: the GEMM on AVX-512F (every weight format,
 // bit-identical to the avx2 GEMM) and on AVX512_BF16 (bf16 weights; activations rounded to bf16).
 template <class W>
@@ -109,11 +139,8 @@ struct QuantX {
   std::unique_ptr<int32_t[]> offset;  // 128 * sum(q[t])
   int64_t Kp = 0;
 };
-// What the AMX GEMM takes from the vnni one: x quantized (rows >= T rows allocated, the extra ones
-// zero), and W's columns [n0, n0 + 32), quads [q0, q0 + qc), as a panel [qc][32] of s8 quads (zero
-// past N and K) with each column's 128 * sum of its weights over the slice.
+// What the AMX GEMM takes from the vnni one: x quantized (rows >= T rows allocated, the extra ones zero).
 QuantX quantize(const Problem<I8>& p, int threads, int64_t rows);
-void pack_panel_i8(const Problem<I8>& g, int64_t n0, int64_t q0, int64_t qc, uint32_t* dst, int32_t* offset);
 
 // linear_amx.cpp, called only at amx: the prefill GEMM for int8 weights (bit-identical to
 // gemm_i8_vnni) and for bf16 weights without a scale (x rounded as gemm_bf16_avx512 rounds it).

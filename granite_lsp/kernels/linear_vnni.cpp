@@ -188,8 +188,6 @@ void pack_x_tile(const void* ctx, int64_t tile) {
     for (int i = 0; i < kMR; ++i) dst[q * kMR + i] = rows[i][q] ^ 0x80808080u;  // s8 + 128 = u8
 }
 
-}  // namespace
-
 // Columns [n0, n0 + 32) of W^T, quads [q0, q0 + qc), as [qc][32] (zero past N and K), and each
 // column's sum of its weights over the slice, times 128 (what the x offset adds).
 void pack_panel_i8(const Problem<I8>& g, int64_t n0, int64_t q0, int64_t qc, uint32_t* dst, int32_t* offset) {
@@ -218,8 +216,6 @@ void pack_panel_i8(const Problem<I8>& g, int64_t n0, int64_t q0, int64_t qc, uin
     offset[r] = 128 * sum;
   }
 }
-
-namespace {
 
 #define GRANITE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
