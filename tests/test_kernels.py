@@ -368,6 +368,18 @@ def test_isa_levels_follow_the_cpu_and_can_be_forced() -> None:
         isa.set_level("sse2")
 
 
+def test_isa_levels_stop_below_amx_without_the_os_permission(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMX's flags are not enough: where the OS refuses the tile state (isa.cpp's amx_permitted asks
+    Linux; a refusal cannot be arranged here, so it is stood in for), cpu_levels stops at
+    avx512_bf16, as the extension does; granted, amx is the top level."""
+    every_flag = set().union(*isa._NEEDS.values())
+    monkeypatch.setattr(isa, "cpu_info", lambda: ("a CPU with every flag", every_flag))
+    monkeypatch.setattr(isa, "amx_permitted", lambda: False)
+    assert isa.cpu_levels() == list(isa.LEVELS[: isa.LEVELS.index("amx")])
+    monkeypatch.setattr(isa, "amx_permitted", lambda: True)
+    assert isa.cpu_levels() == list(isa.LEVELS)
+
+
 def test_isa_environment_caps_the_level() -> None:
     """GRANITE_LSP_ISA in a fresh process: a level the CPU has is applied; an unknown name is
     ignored with the reason in note()."""
