@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,17 @@ from granite_lsp.runtime.config import HybridConfig
 
 gguf = pytest.importorskip("gguf")
 
-from granite_lsp.bench.llama_baseline import KINDS, LlamaPeer, PeerError, gguf_for, write_gguf  # noqa: E402
+from granite_lsp.bench.kernels_report import _print_cpu  # noqa: E402
+from granite_lsp.bench.llama_baseline import (  # noqa: E402
+    KINDS,
+    NO_EXTRA_BUFTS,
+    LlamaPeer,
+    PeerCrashed,
+    PeerError,
+    gguf_for,
+    start_paths,
+    write_gguf,
+)
 from granite_lsp.bench.microbench import LLAMA_CPP, PRECISIONS, bench_model  # noqa: E402
 from granite_lsp.runtime.model import HybridModel  # noqa: E402
 
@@ -134,6 +145,9 @@ def test_peer_times_llama_cpp_on_the_written_file(llama_cpp: tuple[str, Path]) -
     python, path = llama_cpp
     peer = LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"])
     try:
+        # it says where llama.cpp put the weights (its own "model buffer size" lines)
+        assert peer.extra_bufts and peer.buffers and all(mib > 0 for mib in peer.buffers.values())
+        assert peer.describe().startswith("extra buffer types on: weights ")
         assert peer.prefill(list(range(1, 40))) > 0
         steps = peer.decode(list(range(1, 20)), [5, 6, 7])
         assert len(steps) == 3 and all(s > 0 for s in steps)
@@ -171,6 +185,76 @@ def test_peer_with_another_vocabulary_is_refused(llama_cpp: tuple[str, Path]) ->
     python, path = llama_cpp
     with pytest.raises(PeerError, match="tokens"):
         LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"] + 1)
+
+
+def test_peer_that_cannot_load_its_file_says_so(llama_cpp: tuple[str, Path], tmp_path: Path) -> None:
+    # a file cut short: llama.cpp refuses it at load (an error answer, not a crash), and
+    # start_paths passes that on rather than trying other configurations on a broken file
+    python, path = llama_cpp
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PeerError, match="could not start") as e:
+        start_paths(python, cut, "f16", threads=1, ctx=64, vocab_size=TINY["vocab_size"], probe=8)
+    assert not isinstance(e.value, PeerCrashed)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "f16"])
+def test_start_paths_runs_what_works_and_names_what_crashed(
+    llama_cpp: tuple[str, Path], tmp_path: Path, kind: str
+) -> None:
+    # On a CPU with AMX, llama.cpp's AMX buffer type takes the Q8_0 (and F16) matrices and its
+    # Q8_0 batch kernel crashes (upstream #20824): there the default crashes at its probe and the
+    # path without extra buffer types is what runs. Elsewhere the default runs. Either way at
+    # least one path works, and each failure carries the status the process died with.
+    python, _ = llama_cpp
+    path = tmp_path / f"tiny-{kind}.gguf"
+    write_gguf(TINY, path, kind)
+    peers, failed = start_paths(python, path, kind, threads=1, ctx=64, vocab_size=TINY["vocab_size"], probe=40)
+    try:
+        assert peers and set(peers) | set(failed) <= {kind, kind + NO_EXTRA_BUFTS} and not set(peers) & set(failed)
+        for label, f in failed.items():
+            assert f["config"] == f"extra buffer types {'off' if label.endswith(NO_EXTRA_BUFTS) else 'on'}"
+            status = int(f["failed"].removeprefix("crashed (status ").split(")")[0])
+            assert status != 0 and f["failed"].endswith("on its 40-token probe"), f
+        if kind in peers and not peers[kind].repacked:
+            assert set(peers) == {kind}  # the same kernels without extra buffer types: not run twice
+        else:
+            assert kind + NO_EXTRA_BUFTS in peers  # the default crashed or repacked: the plain path too
+        plain = peers.get(kind + NO_EXTRA_BUFTS)
+        if plain is not None:
+            assert not plain.extra_bufts and not plain.repacked and set(plain.buffers) <= {"CPU", "CPU_Mapped"}
+        for peer in peers.values():
+            assert peer.prefill(list(range(1, 40))) > 0
+    finally:
+        for peer in peers.values():
+            peer.close()
+
+
+def test_bench_goes_on_past_a_peer_that_crashes(llama_cpp: tuple[str, Path], tmp_path: Path) -> None:
+    # Real peers: one killed by SIGSEGV before the rounds (as a crash inside llama.cpp ends it), and
+    # on Q8_0 with llama.cpp's default configuration and no probe, which on a CPU with AMX crashes
+    # in the first prefill of the rounds by itself. The bench records each crash with its status
+    # and times the others.
+    python, path = llama_cpp
+    q8 = tmp_path / "tiny-q8_0.gguf"
+    write_gguf(TINY, q8, "q8_0")
+    peers = {
+        "f16": LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"]),
+        "killed": LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"]),
+        "q8_0": LlamaPeer(python, q8, threads=1, ctx=64, vocab_size=TINY["vocab_size"]),
+    }
+    try:
+        os.kill(peers["killed"].proc.pid, signal.SIGSEGV)
+        peers["killed"].proc.wait()
+        r = bench_model(HybridModel.from_config(TINY), prefill=20, decode=3, repeat=1, peers=peers)  # type: ignore[arg-type]
+    finally:
+        for peer in peers.values():
+            peer.close()
+    assert r["llama"]["killed"] == {"failed": f"crashed (status {-signal.SIGSEGV}) during the rounds"}
+    assert 0 < r["llama"]["f16"]["prefill_tok_s"] < float("inf") and r["llama"]["f16"]["decode0_ms"] > 0
+    q = r["llama"]["q8_0"]
+    assert q.get("failed", "").startswith("crashed (status -") or q["decode_ms"] > 0, q
+    assert r["prefill_tok_s"] > 0 and r["decode_ms"] > 0  # ours, all the same
 
 
 class _RecordingPeer:
@@ -211,3 +295,17 @@ def test_bench_rounds_give_the_peers_the_same_tokens_and_report_medians() -> Non
         assert t["decode0_ms"] == pytest.approx(1e3 * statistics.median(counted))
         assert t["decode_best_ms"] == pytest.approx(600)
     assert r["decode_depth"] == 12 and r["decode_ms"] >= r["decode_best_ms"] > 0 and r["decode0_ms"] > 0
+
+
+def test_report_names_a_crashed_path_and_the_fastest_that_ran(capsys: pytest.CaptureFixture[str]) -> None:
+    model = HybridModel.from_config(TINY)
+    r = bench_model(model, prefill=12, decode=4, repeat=1, peers={"q8_0" + NO_EXTRA_BUFTS: _RecordingPeer()})  # type: ignore[dict-item]
+    r["llama"]["q8_0" + NO_EXTRA_BUFTS]["config"] = "extra buffer types off: weights CPU_Mapped 346 MiB"
+    r["llama"]["q8_0"] = {"config": "extra buffer types on", "failed": "crashed (status -11) on its 12-token probe"}
+    r["weight_mb"] = model.weight_bytes() / 2**20
+    _print_cpu("int8", r, model.packed, 12)
+    out = capsys.readouterr().out
+    assert "llama.cpp Q8_0 (extra buffer types on): crashed (status -11) on its 12-token probe" in out
+    assert "llama.cpp Q8_0/NO-EXTRA-BUFTS same rounds:" in out and "extra buffer types off: weights CPU_Mapped" in out
+    assert "vs llama.cpp's fastest path here: decode x" in out and "(q8_0/no-extra-bufts)" in out
+    assert "issue #4" not in out  # llama.cpp ran in this bench: no figures from another day

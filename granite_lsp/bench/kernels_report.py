@@ -15,8 +15,10 @@ LLAMA_BENCH_ISSUE4 = {"f32": (13.8, 130.0), "f16": (26.4, 215.0), "q8_0": (35.9,
 
 
 def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None:
-    """One precision's CPU figures (medians), and llama.cpp's from the same rounds per GGUF kind
-    (or, without it, issue #4's llama-bench figures), with ours / theirs."""
+    """One precision's CPU figures (medians), and llama.cpp's from the same rounds per path (GGUF
+    kind, and its configuration: see ``llama_baseline.start_paths``; a path that crashed is named
+    with its status), or without llama.cpp in the run issue #4's llama-bench figures, with ours /
+    theirs."""
     layered = r["decode_layered_ms"]
     print(
         f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if packed else 'torch matmuls'}), medians\n"
@@ -36,22 +38,30 @@ def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None
         f"  matmuls alone, {prefill} tokens: {r['prefill_linear_s']:.2f} s"
         f"  ->  prefill / matmuls {r['prefill_s'] / r['prefill_linear_s']:.2f}x"
     )
-    for kind, t in r["llama"].items():
+    ran = {label: t for label, t in r["llama"].items() if "failed" not in t}
+    for label, t in r["llama"].items():
+        config = t.get("config")
+        if label not in ran:
+            print(f"  llama.cpp {label.upper()}{f' ({config})' if config else ''}: {t['failed']}")
+            continue
         print(
-            f"  llama.cpp {kind.upper():5s} same rounds: decode depth {r['decode_depth']}"
+            f"  llama.cpp {label.upper()} same rounds: decode depth {r['decode_depth']}"
             f" {t['decode_tok_s']:6.2f} tok/s"
             f" ({t['decode_ms']:.1f} ms): ours x{r['decode_tok_s'] / t['decode_tok_s']:.2f};"
             f"  depth 0 {t['decode0_tok_s']:6.2f}: ours x{r['decode0_tok_s'] / t['decode0_tok_s']:.2f};"
             f"  prefill {t['prefill_tok_s']:6.1f} tok/s: ours x{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}"
+            + (f"\n    {config}" if config else "")
+        )
+    if ran:
+        keys = ("decode_tok_s", "decode0_tok_s", "prefill_tok_s")
+        fastest = {k: max((t[k], label) for label, t in ran.items())[1] for k in keys}
+        ratio = {k: r[k] / ran[fastest[k]][k] for k in keys}
+        print(
+            f"  vs llama.cpp's fastest path here: decode x{ratio['decode_tok_s']:.2f} ({fastest['decode_tok_s']})"
+            f" (depth 0 x{ratio['decode0_tok_s']:.2f}, {fastest['decode0_tok_s']}),"
+            f" prefill x{ratio['prefill_tok_s']:.2f} ({fastest['prefill_tok_s']})"
         )
     if r["llama"]:
-        keys = ("decode_tok_s", "decode0_tok_s", "prefill_tok_s")
-        fastest = {k: max(t[k] for t in r["llama"].values()) for k in keys}
-        print(
-            f"  vs llama.cpp's fastest path here: decode x{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}"
-            f" (depth 0 x{r['decode0_tok_s'] / fastest['decode0_tok_s']:.2f}),"
-            f" prefill x{r['prefill_tok_s'] / fastest['prefill_tok_s']:.2f}"
-        )
         return
     for kind in LLAMA_CPP[name]:
         if kind in LLAMA_BENCH_ISSUE4:

@@ -165,12 +165,36 @@ class PeerError(RuntimeError):
     """The llama.cpp process failed, answered with an error or went away."""
 
 
-class LlamaPeer:
-    """llama.cpp in a child process (``llama_peer.py``) that times what it is asked to run."""
+class PeerCrashed(PeerError):
+    """The llama.cpp process died without answering (``status``: its exit status, negative for a
+    signal: -11 is a segmentation fault)."""
 
-    def __init__(self, python: str, gguf: Path, threads: int, ctx: int, vocab_size: int | None = None) -> None:
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LlamaPeer:
+    """llama.cpp in a child process (``llama_peer.py``) that times what it is asked to run.
+
+    ``extra_bufts`` False loads the weights without llama.cpp's extra buffer types (AMX,
+    CPU_REPACK); ``probe`` tokens are evaluated (and a decode step) before the peer counts as
+    started, so that a configuration that crashes llama.cpp raises ``PeerCrashed`` here."""
+
+    def __init__(
+        self,
+        python: str,
+        gguf: Path,
+        threads: int,
+        ctx: int,
+        vocab_size: int | None = None,
+        extra_bufts: bool = True,
+        probe: int = 0,
+    ) -> None:
         script = Path(__file__).with_name("llama_peer.py")
-        cmd = [python, str(script), str(gguf), "--threads", str(threads), "--ctx", str(ctx)]
+        cmd = [python, str(script), str(gguf), "--threads", str(threads), "--ctx", str(ctx), "--probe", str(probe)]
+        if not extra_bufts:
+            cmd.append("--no-extra-bufts")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             hello = self._read()
@@ -181,6 +205,19 @@ class LlamaPeer:
         except BaseException:
             self.close()
             raise
+        self.extra_bufts: bool = hello["extra_bufts"]
+        self.buffers: dict[str, float] = hello["buffers"]  # MiB of weights by llama.cpp buffer type
+
+    @property
+    def repacked(self) -> bool:
+        """Whether some weights went to an extra buffer type (anything but llama.cpp's plain CPU
+        buffers): only then does turning extra buffer types off run other kernels."""
+        return any(name not in ("CPU", "CPU_Mapped") for name in self.buffers)
+
+    def describe(self) -> str:
+        """Its configuration, e.g. "extra buffer types on: weights AMX 303 MiB + CPU_Mapped 346 MiB"."""
+        where = " + ".join(f"{name} {mib:.0f} MiB" for name, mib in self.buffers.items())
+        return f"extra buffer types {'on' if self.extra_bufts else 'off'}: weights {where}"
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -190,8 +227,9 @@ class LlamaPeer:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def _gone(self) -> PeerError:
-        return PeerError(f"llama.cpp peer exited (status {self.proc.wait()}); its stderr is above")
+    def _gone(self) -> PeerCrashed:
+        status = self.proc.wait()
+        return PeerCrashed(f"llama.cpp peer exited (status {status}); its stderr is above", status)
 
     def ask(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -226,6 +264,45 @@ class LlamaPeer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+# Label of a kind's path with extra buffer types off, beside the kind's own (llama.cpp's default).
+NO_EXTRA_BUFTS = "/no-extra-bufts"
+
+
+def start_paths(
+    python: str, gguf: Path, kind: str, threads: int, ctx: int, vocab_size: int, probe: int
+) -> tuple[dict[str, LlamaPeer], dict[str, dict[str, str]]]:
+    """llama.cpp's working configurations on ``gguf``, started and probed on ``probe`` tokens, by
+    label (``kind``: llama.cpp's default, extra buffer types on; ``kind + NO_EXTRA_BUFTS``), and
+    those that failed, by label: ``{"config": ..., "failed": "crashed (status -11) ..."}``.
+
+    Which of llama.cpp's paths is fastest depends on the CPU and on the weight kind, and some of
+    them crash (on Intel CPUs with AMX, llama.cpp's AMX buffer type crashes at the first batch of
+    more than one token, in ggml_backend_amx_mul_mat: upstream issues #20824 and #19184, fix
+    proposed in PR #26954), so nothing here is decided per CPU: the default runs; the
+    configuration without extra buffer types runs too where the default put weights in one (its
+    kernels then differ) or failed; the bench times whichever work in the same rounds and reports
+    the fastest per figure. The default failing otherwise than by a crash (llama-cpp-python
+    missing, a file it cannot load, another vocabulary) raises PeerError.
+    """
+    peers: dict[str, LlamaPeer] = {}
+    failed: dict[str, dict[str, str]] = {}
+    for extra_bufts, label in ((True, kind), (False, kind + NO_EXTRA_BUFTS)):
+        if not extra_bufts and kind in peers and not peers[kind].repacked:
+            break  # the same kernels as the default's
+        config = f"extra buffer types {'on' if extra_bufts else 'off'}"
+        try:
+            peers[label] = LlamaPeer(python, gguf, threads, ctx, vocab_size, extra_bufts=extra_bufts, probe=probe)
+        except PeerCrashed as e:
+            failed[label] = {"config": config, "failed": f"crashed (status {e.status}) on its {probe}-token probe"}
+        except PeerError as e:
+            if extra_bufts:
+                raise
+            failed[label] = {"config": config, "failed": str(e)}
+        if label in failed:
+            print(f"  llama.cpp {label.upper()} ({config}) {failed[label]['failed']}", flush=True)
+    return peers, failed
 
 
 def settle() -> None:

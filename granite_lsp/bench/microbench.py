@@ -13,8 +13,11 @@ directory of that shape (written once, bf16 like Granite's) and reports its peak
 completion. ``--sweep`` times the scan chunk sizes and the recurrent/scan threshold that the
 defaults in ``model.py`` were chosen from. With ``--llama-cpp DIR`` llama.cpp runs in this bench,
 alternating with ours round by round on the same tokens, on each GGUF kind ``LLAMA_CPP`` pairs with
-the precision (its fastest paths: bf16 beside both F16 and BF16), and each of our figures gets a
-ratio to each kind's from the same rounds and to the fastest of them (``llama_baseline.py``);
+the precision (its fastest paths: bf16 beside both F16 and BF16), each in the configurations of
+llama.cpp that work on this CPU (``llama_baseline.start_paths``: its default, and without its
+extra buffer types where the default repacks weights or crashes), and each of our figures gets a
+ratio to each path's from the same rounds and to the fastest of them (``llama_baseline.py``); a
+path that crashes is reported with its exit status and the bench goes on with the others;
 without it, issue #4's llama-bench figures (another machine, another day) are printed for
 orientation only. ``--device cuda`` builds the model on the GPU instead (timings
 synchronize the device; it says whether the Mamba layers ran mamba_ssm / causal_conv1d kernels or
@@ -40,7 +43,7 @@ from ..runtime import cuda_kernels
 from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
 from ..runtime.model import HybridModel
 from .kernels_report import _print_cpu, _print_gpu
-from .llama_baseline import LlamaPeer, gguf_for, settle
+from .llama_baseline import LlamaPeer, PeerCrashed, PeerError, gguf_for, settle, start_paths
 from .rss import server_peak_rss_mb
 from .shape import LLAMA_CPP, PRECISIONS, real_config
 from .sweeps import sweep_chunk_sizes, sweep_threshold
@@ -87,14 +90,25 @@ def time_linears(model: HybridModel, T: int, repeat: int, fn: Callable[..., torc
     return _time(run, repeat)
 
 
-Peers = dict[str, LlamaPeer]  # llama.cpp processes by GGUF kind, timed beside ours
+Peers = dict[str, LlamaPeer]  # llama.cpp processes by path label (GGUF kind[/config]), timed beside ours
+
+
+def _live(peers: Peers, dead: dict[str, str]) -> list[tuple[str, LlamaPeer]]:
+    """The peers still answering: one that crashed or failed in an earlier round is left out."""
+    return [(label, peer) for label, peer in peers.items() if label not in dead]
+
+
+def _drop(label: str, e: PeerError, dead: dict[str, str]) -> None:
+    """Record why a peer stopped (``dead[label]``): the bench goes on with the others."""
+    dead[label] = f"crashed (status {e.status}) during the rounds" if isinstance(e, PeerCrashed) else f"failed: {e}"
+    print(f"  llama.cpp {label.upper()} {dead[label]}: left out of the figures", flush=True)
 
 
 def _time_prefill(
-    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peers: Peers
+    model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peers: Peers, dead: dict[str, str]
 ) -> tuple[list[float], dict[str, list[float]]]:
-    """Our prefill times and each llama.cpp peer's. Each round times ours, then every peer's on the
-    same tokens; the first round is warm-up for all."""
+    """Our prefill times and each llama.cpp peer's. Each round times ours, then every live peer's on
+    the same tokens; the first round is warm-up for all."""
     id_list = ids.tolist()
     ours: list[float] = []
     theirs: dict[str, list[float]] = {kind: [] for kind in peers}
@@ -107,15 +121,26 @@ def _time_prefill(
         _sync()
         if r:
             ours.append(time.perf_counter() - t0)
-        for kind, peer in peers.items():
-            t = peer.prefill(id_list[:prefill])
+        for kind, peer in _live(peers, dead):
+            try:
+                t = peer.prefill(id_list[:prefill])
+            except PeerError as e:
+                _drop(kind, e, dead)
+                continue
             if r:
                 theirs[kind].append(t)
     return ours, theirs
 
 
 def _time_decode(
-    model: HybridModel, ids: torch.Tensor, depth: int, decode: int, repeat: int, peers: Peers, matmuls: bool
+    model: HybridModel,
+    ids: torch.Tensor,
+    depth: int,
+    decode: int,
+    repeat: int,
+    peers: Peers,
+    dead: dict[str, str],
+    matmuls: bool,
 ) -> tuple[list[float], list[float], list[float], dict[str, list[float]]]:
     """Seconds of: decode steps after ``depth`` tokens, the same steps layer by layer, the matmuls
     alone (when ``matmuls``), each llama.cpp peer's steps on the same tokens.
@@ -152,8 +177,12 @@ def _time_decode(
         if matmuls:
             with small_ops_single_threaded():
                 lin1.append(time_linears(model, 1, 2, _kernel_linear))  # the runtime's own matmuls
-        for kind, peer in peers.items():
-            got = peer.decode(id_list[:depth], id_list[depth : depth + decode])
+        for kind, peer in _live(peers, dead):
+            try:
+                got = peer.decode(id_list[:depth], id_list[depth : depth + decode])
+            except PeerError as e:
+                _drop(kind, e, dead)
+                continue
             theirs[kind] += got if r else got[1:]  # the same warm-up step as ours left out
     model.fused_step = fused_step
     return steps, layered, lin1, theirs
@@ -166,12 +195,15 @@ def bench_model(
 
     Decode is timed at two depths, as llama-bench's tg (depth 0: the first steps of an empty
     context) and after a ``prefill``-token prompt (the editor's case); ``decode_layered_ms`` is None
-    where there is no one-call step. ``llama`` holds each peer's figures by GGUF kind."""
+    where there is no one-call step. ``llama`` holds each peer's figures by label, or for one that
+    crashed or failed in the rounds ``{"failed": "crashed (status -11) during the rounds"}``: the
+    others' figures and ours still come."""
     peers = peers or {}
+    dead: dict[str, str] = {}
     ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
-    pf, peer_pf = _time_prefill(model, ids, prefill, decode, repeat, peers)
-    steps, layered, lin1, peer_steps = _time_decode(model, ids, prefill, decode, repeat, peers, True)
-    steps0, _, _, peer_steps0 = _time_decode(model, ids, 0, decode, repeat, peers, False)
+    pf, peer_pf = _time_prefill(model, ids, prefill, decode, repeat, peers, dead)
+    steps, layered, lin1, peer_steps = _time_decode(model, ids, prefill, decode, repeat, peers, dead, True)
+    steps0, _, _, peer_steps0 = _time_decode(model, ids, 0, decode, repeat, peers, dead, False)
     with small_ops_single_threaded():
         t_oursp = time_linears(model, prefill, repeat, _kernel_linear)
     t_torch1 = time_linears(model, 1, max(5, repeat * 3))
@@ -191,14 +223,18 @@ def bench_model(
         "linear_ms": min(lin1) * 1e3,
         "torch_linear_ms": t_torch1 * 1e3,
         "llama": {
-            kind: {
-                "prefill_tok_s": prefill / med(peer_pf[kind]),
-                "decode_ms": med(peer_steps[kind]) * 1e3,
-                "decode_tok_s": 1.0 / med(peer_steps[kind]),
-                "decode_best_ms": min(peer_steps[kind]) * 1e3,
-                "decode0_ms": med(peer_steps0[kind]) * 1e3,
-                "decode0_tok_s": 1.0 / med(peer_steps0[kind]),
-            }
+            kind: (
+                {"failed": dead[kind]}
+                if kind in dead
+                else {
+                    "prefill_tok_s": prefill / med(peer_pf[kind]),
+                    "decode_ms": med(peer_steps[kind]) * 1e3,
+                    "decode_tok_s": 1.0 / med(peer_steps[kind]),
+                    "decode_best_ms": min(peer_steps[kind]) * 1e3,
+                    "decode0_ms": med(peer_steps0[kind]) * 1e3,
+                    "decode0_tok_s": 1.0 / med(peer_steps0[kind]),
+                }
+            )
             for kind in peers
         },
     }
@@ -282,14 +318,26 @@ def main(argv: list[str] | None = None) -> None:
         ggufs = {kind: gguf_for(args.llama_cpp, cfg, kind) for kind in LLAMA_CPP[name]} if args.llama_cpp else {}
         model = HybridModel.from_config(cfg, dtype=dtype, quantize=quantize, device=device)
         peers: Peers = {}
+        failed: dict[str, dict[str, str]] = {}
         try:
             ctx = args.prefill + args.decode + 8
             for kind, gguf in ggufs.items():
-                peers[kind] = LlamaPeer(args.llama_cpp_python, gguf, args.threads, ctx, model.config.vocab_size)
+                try:
+                    started, failed_here = start_paths(
+                        args.llama_cpp_python, gguf, kind, args.threads, ctx, model.config.vocab_size, args.prefill
+                    )
+                except PeerError as e:
+                    started, failed_here = {}, {kind: {"config": "extra buffer types on", "failed": str(e)}}
+                    print(f"  llama.cpp {kind.upper()}: {e}", flush=True)
+                peers.update(started)
+                failed.update(failed_here)
             r = bench_model(model, args.prefill, args.decode, args.repeat, peers)
         finally:
             for peer in peers.values():
                 peer.close()
+        for label, peer in peers.items():
+            r["llama"][label]["config"] = peer.describe()
+        r["llama"].update(failed)
         r["weight_mb"] = model.weight_bytes() / 2**20
         if on_cpu:
             _print_cpu(name, r, model.packed, args.prefill)
