@@ -307,5 +307,5 @@ def test_report_names_a_crashed_path_and_the_fastest_that_ran(capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "llama.cpp Q8_0 (extra buffer types on): crashed (status -11) on its 12-token probe" in out
     assert "llama.cpp Q8_0/NO-EXTRA-BUFTS same rounds:" in out and "extra buffer types off: weights CPU_Mapped" in out
-    assert "vs llama.cpp's fastest path here: decode x" in out and "(q8_0/no-extra-bufts)" in out
+    assert "vs llama.cpp's fastest path here: decode x" in out and "prefill x" in out and "(Q8_0/NO-EXTRA-BUFTS)" in out
     assert "issue #4" not in out  # llama.cpp ran in this bench: no figures from another day

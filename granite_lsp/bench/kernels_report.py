@@ -57,9 +57,10 @@ def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None
         fastest = {k: max((t[k], label) for label, t in ran.items())[1] for k in keys}
         ratio = {k: r[k] / ran[fastest[k]][k] for k in keys}
         print(
-            f"  vs llama.cpp's fastest path here: decode x{ratio['decode_tok_s']:.2f} ({fastest['decode_tok_s']})"
-            f" (depth 0 x{ratio['decode0_tok_s']:.2f}, {fastest['decode0_tok_s']}),"
-            f" prefill x{ratio['prefill_tok_s']:.2f} ({fastest['prefill_tok_s']})"
+            f"  vs llama.cpp's fastest path here: decode x{ratio['decode_tok_s']:.2f}"
+            f" ({fastest['decode_tok_s'].upper()}), depth 0 x{ratio['decode0_tok_s']:.2f}"
+            f" ({fastest['decode0_tok_s'].upper()}), prefill x{ratio['prefill_tok_s']:.2f}"
+            f" ({fastest['prefill_tok_s'].upper()})"
         )
     if r["llama"]:
         return

@@ -43,7 +43,7 @@ from ..runtime import cuda_kernels
 from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
 from ..runtime.model import HybridModel
 from .kernels_report import _print_cpu, _print_gpu
-from .llama_baseline import LlamaPeer, PeerCrashed, PeerError, gguf_for, settle, start_paths
+from .llama_baseline import NO_EXTRA_BUFTS, LlamaPeer, PeerCrashed, PeerError, gguf_for, settle, start_paths
 from .rss import server_peak_rss_mb
 from .shape import LLAMA_CPP, PRECISIONS, real_config
 from .sweeps import sweep_chunk_sizes, sweep_threshold
@@ -337,7 +337,13 @@ def main(argv: list[str] | None = None) -> None:
                 peer.close()
         for label, peer in peers.items():
             r["llama"][label]["config"] = peer.describe()
-        r["llama"].update(failed)
+        # each kind's paths in start_paths' order (its default first), those that failed included
+        r["llama"] = {
+            label: r["llama"].get(label) or failed[label]
+            for kind in ggufs
+            for label in (kind, kind + NO_EXTRA_BUFTS)
+            if label in peers or label in failed
+        }
         r["weight_mb"] = model.weight_bytes() / 2**20
         if on_cpu:
             _print_cpu(name, r, model.packed, args.prefill)
