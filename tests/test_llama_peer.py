@@ -212,10 +212,10 @@ def test_start_paths_runs_what_works_and_names_what_crashed(
     peers, failed = start_paths(python, path, kind, threads=1, ctx=64, vocab_size=TINY["vocab_size"], probe=40)
     try:
         assert peers and set(peers) | set(failed) <= {kind, kind + NO_EXTRA_BUFTS} and not set(peers) & set(failed)
-        for label, f in failed.items():
+        for label, f in failed.items():  # crashed on the probe's batch and on a one-token probe
             assert f["config"] == f"extra buffer types {'off' if label.endswith(NO_EXTRA_BUFTS) else 'on'}"
             status = int(f["failed"].removeprefix("crashed (status ").split(")")[0])
-            assert status != 0 and f["failed"].endswith("on its 40-token probe"), f
+            assert status != 0 and "on its 40-token probe and " in f["failed"], f
         if kind in peers and not peers[kind].repacked:
             assert set(peers) == {kind}  # the same kernels without extra buffer types: not run twice
         else:
@@ -224,10 +224,78 @@ def test_start_paths_runs_what_works_and_names_what_crashed(
         if plain is not None:
             assert not plain.extra_bufts and not plain.repacked and set(plain.buffers) <= {"CPU", "CPU_Mapped"}
         for peer in peers.values():
-            assert peer.prefill(list(range(1, 40))) > 0
+            if peer.batch_failed:  # crashed on the batch, runs one-token steps: decode alone
+                assert peer.batch_failed.startswith("crashed (status -") and "on a 40-token batch" in peer.batch_failed
+                assert len(peer.decode(list(range(1, 40)), [5, 6])) == 2
+            else:
+                assert peer.prefill(list(range(1, 40))) > 0
     finally:
         for peer in peers.values():
             peer.close()
+
+
+def test_context_fed_one_token_at_a_time_is_kept_and_matches_a_batch(llama_cpp: tuple[str, Path]) -> None:
+    # On the F16 file (batches run on any CPU), a peer told its batches crash feeds a decode's
+    # context one token at a time: the steps after it see the state a batch leaves (logit sums
+    # within rounding of the batch's), a second request on the same context starts from the kept
+    # copy (the same bits), and another context gives other logits.
+    python, path = llama_cpp
+    peer = LlamaPeer(python, path, threads=1, ctx=64, vocab_size=TINY["vocab_size"], probe=1, batch_failed="x")
+    try:
+        ids, steps = list(range(1, 30)), [5, 6, 7]
+
+        def sums(fill: str, context: list[int]) -> list[float]:
+            return [
+                float(x) for x in peer.ask({"op": "decode", "tokens": context, "steps": steps, "fill": fill})["sums"]
+            ]
+
+        batch, fed, kept = sums("batch", ids), sums("one_token", ids), sums("one_token", ids)
+        assert fed == pytest.approx(batch, rel=1e-3, abs=1e-3) and kept == fed
+        assert sums("one_token", []) != fed  # depth 0: nothing to feed, the kept context stays
+        assert sums("one_token", ids) == fed
+        assert sums("one_token", ids[:-1]) != fed
+        assert len(peer.decode(ids, steps)) == 3  # LlamaPeer.decode asks for that fill itself
+        assert peer.describe().endswith("; prefill x; decode with the context fed one token at a time")
+    finally:
+        peer.close()
+    assert peer.proc.returncode == 0
+
+
+def test_path_whose_batches_crash_is_timed_on_decode_alone(
+    llama_cpp: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Real llama.cpp on the tiny Q8_0 file: on a CPU with AMX its default configuration crashes on
+    # any batch of more than one token (upstream #20824) but runs one-token steps. start_paths then
+    # keeps it for decode, the bench feeds its context one token at a time and reports its prefill
+    # as crashed, and its decode figures compete for the fastest path's.
+    python, _ = llama_cpp
+    q8 = tmp_path / "tiny-q8_0.gguf"
+    write_gguf(TINY, q8, "q8_0")
+    peers, failed = start_paths(python, q8, "q8_0", threads=1, ctx=64, vocab_size=TINY["vocab_size"], probe=20)
+    try:
+        if "q8_0" not in peers or not peers["q8_0"].batch_failed:
+            pytest.skip(f"llama.cpp's default Q8_0 path runs batches on this CPU (or fails outright: {failed})")
+        model = HybridModel.from_config(TINY)
+        r = bench_model(model, prefill=20, decode=3, repeat=1, peers=peers)
+        for label, peer in peers.items():
+            r["llama"][label]["config"] = peer.describe()
+    finally:
+        for peer in peers.values():
+            peer.close()
+    q = r["llama"]["q8_0"]
+    assert "failed" not in q and "prefill_tok_s" not in q, q
+    assert q["prefill_failed"].startswith("crashed (status -") and q["prefill_failed"].endswith("on a 20-token batch")
+    assert q["decode_fill"] == "one token at a time"
+    assert 0 < q["decode_ms"] < float("inf") and 0 < q["decode0_ms"] < float("inf")
+    assert q["config"].startswith("extra buffer types on: weights ") and "one token at a time" in q["config"]
+    plain = r["llama"]["q8_0" + NO_EXTRA_BUFTS]  # the same kind without AMX runs batches
+    assert plain["prefill_tok_s"] > 0 and plain["decode_fill"] == "one batch"
+    r["weight_mb"] = model.weight_bytes() / 2**20
+    _print_cpu("int8", r, model.packed, 20)
+    out = capsys.readouterr().out
+    assert f"prefill {q['prefill_failed']}" in out and "llama.cpp Q8_0 same rounds: decode depth 20" in out
+    fastest = out.split("vs llama.cpp's fastest path here: ")[1]
+    assert fastest.startswith("decode x") and "prefill x" in fastest and "(Q8_0/NO-EXTRA-BUFTS)\n" in fastest
 
 
 def test_bench_goes_on_past_a_peer_that_crashes(llama_cpp: tuple[str, Path], tmp_path: Path) -> None:
@@ -260,6 +328,8 @@ def test_bench_goes_on_past_a_peer_that_crashes(llama_cpp: tuple[str, Path], tmp
 class _RecordingPeer:
     """Stands in for llama.cpp where it is not installed (CI), to check the bench's rounds: what it
     is asked, and which of its answers become the figures. It answers set times."""
+
+    batch_failed = None  # runs batches
 
     def __init__(self) -> None:
         self.prefills: list[list[int]] = []

@@ -14,11 +14,15 @@ from .shape import LLAMA_CPP
 LLAMA_BENCH_ISSUE4 = {"f32": (13.8, 130.0), "f16": (26.4, 215.0), "q8_0": (35.9, 161.0)}
 
 
+# The report's name of each figure compared with llama.cpp's fastest path.
+_FIGURE = {"decode_tok_s": "decode", "decode0_tok_s": "depth 0", "prefill_tok_s": "prefill"}
+
+
 def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None:
     """One precision's CPU figures (medians), and llama.cpp's from the same rounds per path (GGUF
     kind, and its configuration: see ``llama_baseline.start_paths``; a path that crashed is named
-    with its status), or without llama.cpp in the run issue #4's llama-bench figures, with ours /
-    theirs."""
+    with its status, one whose batches crash has its decode figures and its prefill named crashed),
+    or without llama.cpp in the run issue #4's llama-bench figures, with ours / theirs."""
     layered = r["decode_layered_ms"]
     print(
         f"\n{name} (weights {r['weight_mb']:.0f} MB, {'packed kernels' if packed else 'torch matmuls'}), medians\n"
@@ -44,23 +48,25 @@ def _print_cpu(name: str, r: dict[str, Any], packed: bool, prefill: int) -> None
         if label not in ran:
             print(f"  llama.cpp {label.upper()}{f' ({config})' if config else ''}: {t['failed']}")
             continue
+        prefill_figure = (
+            f"prefill {t['prefill_failed']}"
+            if "prefill_failed" in t
+            else f"prefill {t['prefill_tok_s']:6.1f} tok/s: ours x{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}"
+        )
         print(
             f"  llama.cpp {label.upper()} same rounds: decode depth {r['decode_depth']}"
             f" {t['decode_tok_s']:6.2f} tok/s"
             f" ({t['decode_ms']:.1f} ms): ours x{r['decode_tok_s'] / t['decode_tok_s']:.2f};"
             f"  depth 0 {t['decode0_tok_s']:6.2f}: ours x{r['decode0_tok_s'] / t['decode0_tok_s']:.2f};"
-            f"  prefill {t['prefill_tok_s']:6.1f} tok/s: ours x{r['prefill_tok_s'] / t['prefill_tok_s']:.2f}"
-            + (f"\n    {config}" if config else "")
+            f"  {prefill_figure}" + (f"\n    {config}" if config else "")
         )
-    if ran:
-        keys = ("decode_tok_s", "decode0_tok_s", "prefill_tok_s")
-        fastest = {k: max((t[k], label) for label, t in ran.items())[1] for k in keys}
-        ratio = {k: r[k] / ran[fastest[k]][k] for k in keys}
+    # per figure, among the paths that have it (one whose batches crash has decode figures alone)
+    keys = [k for k in ("decode_tok_s", "decode0_tok_s", "prefill_tok_s") if any(k in t for t in ran.values())]
+    fastest = {k: max((t[k], label) for label, t in ran.items() if k in t)[1] for k in keys}
+    if fastest:
         print(
-            f"  vs llama.cpp's fastest path here: decode x{ratio['decode_tok_s']:.2f}"
-            f" ({fastest['decode_tok_s'].upper()}), depth 0 x{ratio['decode0_tok_s']:.2f}"
-            f" ({fastest['decode0_tok_s'].upper()}), prefill x{ratio['prefill_tok_s']:.2f}"
-            f" ({fastest['prefill_tok_s'].upper()})"
+            "  vs llama.cpp's fastest path here: "
+            + ", ".join(f"{_FIGURE[k]} x{r[k] / ran[fastest[k]][k]:.2f} ({fastest[k].upper()})" for k in keys)
         )
     if r["llama"]:
         return

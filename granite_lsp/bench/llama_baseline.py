@@ -179,7 +179,10 @@ class LlamaPeer:
 
     ``extra_bufts`` False loads the weights without llama.cpp's extra buffer types (AMX,
     CPU_REPACK); ``probe`` tokens are evaluated (and a decode step) before the peer counts as
-    started, so that a configuration that crashes llama.cpp raises ``PeerCrashed`` here."""
+    started, so that a configuration that crashes llama.cpp raises ``PeerCrashed`` here.
+    ``batch_failed`` says why this configuration runs no multi-token batch (e.g. "crashed (status
+    -11) on a 512-token batch"): its prefill is not timed, and its decode context is fed one token
+    at a time (``start_paths`` sets it, with a one-token probe)."""
 
     def __init__(
         self,
@@ -190,6 +193,7 @@ class LlamaPeer:
         vocab_size: int | None = None,
         extra_bufts: bool = True,
         probe: int = 0,
+        batch_failed: str | None = None,
     ) -> None:
         script = Path(__file__).with_name("llama_peer.py")
         cmd = [python, str(script), str(gguf), "--threads", str(threads), "--ctx", str(ctx), "--probe", str(probe)]
@@ -207,6 +211,7 @@ class LlamaPeer:
             raise
         self.extra_bufts: bool = hello["extra_bufts"]
         self.buffers: dict[str, float] = hello["buffers"]  # MiB of weights by llama.cpp buffer type
+        self.batch_failed = batch_failed
 
     @property
     def repacked(self) -> bool:
@@ -215,9 +220,14 @@ class LlamaPeer:
         return any(name not in ("CPU", "CPU_Mapped") for name in self.buffers)
 
     def describe(self) -> str:
-        """Its configuration, e.g. "extra buffer types on: weights AMX 303 MiB + CPU_Mapped 346 MiB"."""
+        """Its configuration, e.g. "extra buffer types on: weights AMX 303 MiB + CPU_Mapped 346 MiB",
+        and for one that runs no batch "...; prefill crashed (status -11) on a 512-token batch;
+        decode with the context fed one token at a time"."""
         where = " + ".join(f"{name} {mib:.0f} MiB" for name, mib in self.buffers.items())
-        return f"extra buffer types {'on' if self.extra_bufts else 'off'}: weights {where}"
+        config = f"extra buffer types {'on' if self.extra_bufts else 'off'}: weights {where}"
+        if self.batch_failed:
+            config += f"; prefill {self.batch_failed}; decode with the context fed {ONE_TOKEN_FILL}"
+        return config
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -249,9 +259,12 @@ class LlamaPeer:
         return float(self.ask({"op": "prefill", "tokens": ids})["s"])
 
     def decode(self, ids: list[int], steps: list[int]) -> list[float]:
-        """Seconds of each one-token step after ``ids`` (evaluated untimed first)."""
+        """Seconds of each one-token step after ``ids`` (evaluated untimed first: in one batch, or
+        one token at a time where batches crash, the peer then keeping that context for the next
+        request on the same ``ids``)."""
         settle()
-        return [float(s) for s in self.ask({"op": "decode", "tokens": ids, "steps": steps})["s"]]
+        fill = "one_token" if self.batch_failed else "batch"
+        return [float(s) for s in self.ask({"op": "decode", "tokens": ids, "steps": steps, "fill": fill})["s"]]
 
     def close(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -268,6 +281,8 @@ class LlamaPeer:
 
 # Label of a kind's path with extra buffer types off, beside the kind's own (llama.cpp's default).
 NO_EXTRA_BUFTS = "/no-extra-bufts"
+# How a path whose batches crash gets its decode context (the report's and the JSON's words).
+ONE_TOKEN_FILL = "one token at a time"
 
 
 def start_paths(
@@ -275,7 +290,10 @@ def start_paths(
 ) -> tuple[dict[str, LlamaPeer], dict[str, dict[str, str]]]:
     """llama.cpp's working configurations on ``gguf``, started and probed on ``probe`` tokens, by
     label (``kind``: llama.cpp's default, extra buffer types on; ``kind + NO_EXTRA_BUFTS``), and
-    those that failed, by label: ``{"config": ..., "failed": "crashed (status -11) ..."}``.
+    those that failed, by label: ``{"config": ..., "failed": "crashed (status -11) ..."}``. A
+    configuration that crashes on the probe's batch but runs a one-token probe is started for its
+    decode alone (``LlamaPeer.batch_failed``): its one-token steps may be llama.cpp's fastest decode
+    (AMX Q8_0: 20.2 ms a step at depth 0 against 30.9 ms without extra buffer types, on this Xeon).
 
     Which of llama.cpp's paths is fastest depends on the CPU and on the weight kind, and some of
     them crash (on Intel CPUs with AMX, llama.cpp's AMX buffer type crashes at the first batch of
@@ -295,7 +313,17 @@ def start_paths(
         try:
             peers[label] = LlamaPeer(python, gguf, threads, ctx, vocab_size, extra_bufts=extra_bufts, probe=probe)
         except PeerCrashed as e:
-            failed[label] = {"config": config, "failed": f"crashed (status {e.status}) on its {probe}-token probe"}
+            batch_failed = f"crashed (status {e.status}) on a {probe}-token batch"
+            try:  # its one-token steps may still run: decode alone, the context fed token by token
+                peers[label] = LlamaPeer(
+                    python, gguf, threads, ctx, vocab_size, extra_bufts=extra_bufts, probe=1, batch_failed=batch_failed
+                )
+                fed = f"decode alone, the context fed {ONE_TOKEN_FILL}"
+                print(f"  llama.cpp {label.upper()} ({config}) {batch_failed}: {fed}", flush=True)
+            except PeerError as e1:
+                then = f"(status {e1.status}) on a one-token probe" if isinstance(e1, PeerCrashed) else f"then {e1}"
+                crashed = f"crashed (status {e.status}) on its {probe}-token probe and {then}"
+                failed[label] = {"config": config, "failed": crashed}
         except PeerError as e:
             if extra_bufts:
                 raise

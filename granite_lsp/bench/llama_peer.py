@@ -5,16 +5,21 @@ llama-cpp-python. Protocol: one JSON object a line on stdin, one answer a line o
 it answers ``{"ready": true, "n_vocab": V, "extra_bufts": bool, "buffers": {name: MiB}}`` (or
 ``{"error": ...}`` if the model does not load), then to ``{"op": "prefill", "tokens": [...]}``
 with ``{"s": seconds}`` (from an empty context), and to ``{"op": "decode", "tokens": [...],
-"steps": [...]}`` with ``{"s": [seconds per step]}`` (the tokens evaluated untimed first, then each
-step token alone, as a decode step). A request that fails is answered with ``{"error": ...}`` and
-the next one is served.
+"steps": [...]}`` with ``{"s": [seconds per step], "sums": [the sum of the logits after each
+step]}`` (the tokens evaluated untimed first, then each step token alone, as a decode step). With
+``"fill": "one_token"`` the decode request's context is evaluated one token at a time, for a
+configuration whose multi-token batches crash llama.cpp but whose one-token steps run (its AMX
+Q8_0 path: see llama_baseline.start_paths); that costs one step per token (~10 s for 512), so the
+context is kept (llama.cpp's state, copied out once) and a later request on the same tokens starts
+from a copy of it, as the bench's own side restores a snapshot per round. A request that fails is
+answered with ``{"error": ...}`` and the next one is served.
 
 ``--no-extra-bufts`` loads the weights without llama.cpp's extra buffer types (the CPU backend's
 repacked layouts: AMX on Intel CPUs that have it, CPU_REPACK elsewhere), as llama-bench's
 ``--no-repack``/``-nr`` does; ``buffers`` says where the weights went (llama.cpp's own "model
 buffer size" lines, e.g. ``{"AMX": 302.8, "CPU_Mapped": 345.8}``). ``--probe N`` evaluates N tokens
 and one decode step before answering ready: a configuration that crashes llama.cpp (its process
-dies) then does so before the bench counts on it.
+dies) then does so before the bench counts on it (``--probe 1``: one-token steps only).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 # "load_tensors:          AMX model buffer size =   302.81 MiB"
 _BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
@@ -76,6 +83,7 @@ def main() -> None:
         answer({"error": f"{type(e).__name__}: {e}"})
         return
     answer({"ready": True, "n_vocab": llm.n_vocab(), "extra_bufts": not args.no_extra_bufts, "buffers": buffers})
+    filled: _Filled | None = None  # the last context fed one token at a time, kept
     for line in sys.stdin:
         try:
             req = json.loads(line)
@@ -87,13 +95,18 @@ def main() -> None:
                 llm.eval(req["tokens"])
                 answer({"s": time.perf_counter() - t0})
             elif req["op"] == "decode":
-                llm.eval(req["tokens"])
-                steps = []
+                if req.get("fill", "batch") == "one_token":
+                    filled = _fill_one_token_at_a_time(llama_cpp, llm, req["tokens"], filled)
+                else:
+                    llm.eval(req["tokens"])
+                steps: list[float] = []
+                sums: list[float] = []
                 for tok in req["steps"]:
                     t0 = time.perf_counter()
                     llm.eval([tok])
                     steps.append(time.perf_counter() - t0)
-                answer({"s": steps})
+                    sums.append(_logit_sum(llama_cpp, llm))  # untimed
+                answer({"s": steps, "sums": sums})
             else:
                 answer({"error": f"unknown op {req['op']!r}"})
         except Exception as e:  # noqa: BLE001 - a bad request must not end the peer
@@ -101,6 +114,43 @@ def main() -> None:
     # Freed here, while the log callback lives: at interpreter exit llama.cpp would log its
     # teardown through a callback Python may have collected already.
     llm.close()
+
+
+class _Filled:
+    """A context fed one token at a time: its tokens and llama.cpp's state after them (the KV cache,
+    the recurrent states and the last logits, as ``llama_state_get_data`` writes them)."""
+
+    def __init__(self, llama_cpp: Any, llm: Any, tokens: list[int]) -> None:
+        size = llama_cpp.llama_state_get_size(llm._ctx.ctx)
+        self.data = (ctypes.c_uint8 * size)()
+        self.size = llama_cpp.llama_state_get_data(llm._ctx.ctx, self.data, size)
+        self.tokens = list(tokens)
+
+
+def _fill_one_token_at_a_time(llama_cpp: Any, llm: Any, tokens: list[int], kept: _Filled | None) -> _Filled | None:
+    """``tokens`` in the (just emptied) context of ``llm``, each evaluated alone: from ``kept``'s
+    copy when it holds the same tokens, else step by step (then kept). Returns what is kept (an
+    empty context, as at depth 0, needs nothing and leaves the kept one in place)."""
+    if not tokens:
+        return kept
+    if kept is None or kept.tokens != tokens:
+        for tok in tokens:
+            llm.eval([tok])
+        return _Filled(llama_cpp, llm, tokens)
+    if llama_cpp.llama_state_set_data(llm._ctx.ctx, kept.data, kept.size) != kept.size:
+        raise RuntimeError("llama.cpp did not take back the state of the context it was fed")
+    # the high-level object's own count: the next eval goes on at this position
+    llm.input_ids[: len(tokens)] = tokens
+    llm.n_tokens = len(tokens)
+    return kept
+
+
+def _logit_sum(llama_cpp: Any, llm: Any) -> float:
+    """The sum of the logits after the last evaluation, a fingerprint of the state it ran on: the
+    same kernels on the same state give the same bits, so two ways of reaching one context (a
+    fill, its kept copy) can be told apart from a state that differs."""
+    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return float(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).astype(np.float64).sum())
 
 
 @contextmanager

@@ -15,9 +15,10 @@ defaults in ``model.py`` were chosen from. With ``--llama-cpp DIR`` llama.cpp ru
 alternating with ours round by round on the same tokens, on each GGUF kind ``LLAMA_CPP`` pairs with
 the precision (its fastest paths: bf16 beside both F16 and BF16), each in the configurations of
 llama.cpp that work on this CPU (``llama_baseline.start_paths``: its default, and without its
-extra buffer types where the default repacks weights or crashes), and each of our figures gets a
-ratio to each path's from the same rounds and to the fastest of them (``llama_baseline.py``); a
-path that crashes is reported with its exit status and the bench goes on with the others;
+extra buffer types where the default repacks weights or crashes; one whose batches crash but
+whose one-token steps run is timed on decode alone, its context fed one token at a time), and
+each of our figures gets a ratio to each path's from the same rounds and to the fastest of them
+(``llama_baseline.py``); a path that crashes is reported with its exit status and the bench goes on with the others;
 without it, issue #4's llama-bench figures (another machine, another day) are printed for
 orientation only. ``--device cuda`` builds the model on the GPU instead (timings
 synchronize the device; it says whether the Mamba layers ran mamba_ssm / causal_conv1d kernels or
@@ -43,7 +44,16 @@ from ..runtime import cuda_kernels
 from ..runtime.matmul import linear, matmul_threads, small_ops_single_threaded
 from ..runtime.model import HybridModel
 from .kernels_report import _print_cpu, _print_gpu
-from .llama_baseline import NO_EXTRA_BUFTS, LlamaPeer, PeerCrashed, PeerError, gguf_for, settle, start_paths
+from .llama_baseline import (
+    NO_EXTRA_BUFTS,
+    ONE_TOKEN_FILL,
+    LlamaPeer,
+    PeerCrashed,
+    PeerError,
+    gguf_for,
+    settle,
+    start_paths,
+)
 from .rss import server_peak_rss_mb
 from .shape import LLAMA_CPP, PRECISIONS, real_config
 from .sweeps import sweep_chunk_sizes, sweep_threshold
@@ -108,7 +118,8 @@ def _time_prefill(
     model: HybridModel, ids: torch.Tensor, prefill: int, decode: int, repeat: int, peers: Peers, dead: dict[str, str]
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Our prefill times and each llama.cpp peer's. Each round times ours, then every live peer's on
-    the same tokens; the first round is warm-up for all."""
+    the same tokens; the first round is warm-up for all. A peer whose batches crash
+    (``batch_failed``) runs no prefill: its decode alone is timed."""
     id_list = ids.tolist()
     ours: list[float] = []
     theirs: dict[str, list[float]] = {kind: [] for kind in peers}
@@ -122,6 +133,8 @@ def _time_prefill(
         if r:
             ours.append(time.perf_counter() - t0)
         for kind, peer in _live(peers, dead):
+            if peer.batch_failed:
+                continue
             try:
                 t = peer.prefill(id_list[:prefill])
             except PeerError as e:
@@ -197,7 +210,9 @@ def bench_model(
     context) and after a ``prefill``-token prompt (the editor's case); ``decode_layered_ms`` is None
     where there is no one-call step. ``llama`` holds each peer's figures by label, or for one that
     crashed or failed in the rounds ``{"failed": "crashed (status -11) during the rounds"}``: the
-    others' figures and ours still come."""
+    others' figures and ours still come. A peer whose batches crash has no ``prefill_tok_s`` but
+    ``prefill_failed`` (why), and its decode figures; ``decode_fill`` says how each peer's decode
+    context was evaluated ("one batch", or "one token at a time")."""
     peers = peers or {}
     dead: dict[str, str] = {}
     ids = torch.randint(0, model.config.vocab_size, (prefill + decode,))
@@ -227,7 +242,11 @@ def bench_model(
                 {"failed": dead[kind]}
                 if kind in dead
                 else {
-                    "prefill_tok_s": prefill / med(peer_pf[kind]),
+                    **(
+                        {"prefill_failed": peers[kind].batch_failed, "decode_fill": ONE_TOKEN_FILL}
+                        if peers[kind].batch_failed
+                        else {"prefill_tok_s": prefill / med(peer_pf[kind]), "decode_fill": "one batch"}
+                    ),
                     "decode_ms": med(peer_steps[kind]) * 1e3,
                     "decode_tok_s": 1.0 / med(peer_steps[kind]),
                     "decode_best_ms": min(peer_steps[kind]) * 1e3,
