@@ -556,14 +556,15 @@ TINY = 1e-39  # a denormal float32 (below 2^-126 ~ 1.18e-38)
 def test_kernels_flush_denormals_and_leave_the_caller_s_mode(tokens: int) -> None:
     """Inside the kernels denormals are zero (common.h's DenormalsFlushed: on Intel cores each one
     costs a microcode assist, and the Mamba scan makes them all the time), on the calling thread and
-    on the pool's helpers alike; outside, torch's own arithmetic keeps them. A Mamba state of 1e-4
-    decayed by exp(-80 / tokens) per token and fed nothing ends at 1.8e-39 in exact arithmetic (and
-    without the flush, in these kernels too): flushed, every head's state is exactly zero, whichever
-    thread ran it."""
+    on the pool's helpers alike; outside, torch's own arithmetic keeps them, also after an op that
+    failed. A Mamba state of 1e-4 decayed by exp(-80 / tokens) per token and fed nothing ends at
+    1.8e-39 in exact arithmetic (and without the flush, in these kernels too): flushed, every head's
+    state is exactly zero (48 heads on 2 threads: the helper takes heads where it is awake in time,
+    which no test can force)."""
     ops = _ops()
     torch.set_flush_denormal(False)
     assert (torch.tensor([1e-30]) * 1e-9).item() != 0.0  # torch makes denormals here
-    heads, head_dim, state, K = 8, 16, 32, 4
+    heads, head_dim, state, K = 48, 16, 32, 4
     E = heads * head_dim
     C = E + 2 * state
     rows = torch.zeros(tokens, E + C + heads)  # x, B, C and raw dt all zero: nothing is added
@@ -575,10 +576,17 @@ def test_kernels_flush_denormals_and_leave_the_caller_s_mode(tokens: int) -> Non
         torch.ones(E), 1, 1e-5, 0.0, float("inf"), 2,
     )  # fmt: skip
     assert torch.count_nonzero(ssm) == 0
-    # DAZ: a denormal weight reads as zero; the caller's mode is back afterwards
-    x = torch.randn(3, 64)
-    assert torch.count_nonzero(ops.rms_norm(x, torch.full((64,), TINY), 1e-5, 2)) == 0
-    assert torch.count_nonzero(torch.nn.functional.rms_norm(x, (64,), torch.full((64,), TINY))) > 0
+    # DAZ: a denormal weight reads as zero. A one-hot row of 256 normalises to 16 there, and 16 * TINY is
+    # a normal float (1.6e-38), so FTZ alone would keep it: only DAZ makes it zero.
+    x = torch.zeros(3, 256)
+    x[:, 0] = 1.0
+    w = torch.full((256,), TINY)
+    assert torch.count_nonzero(ops.rms_norm(x, w, 1e-5, 2)) == 0
+    assert torch.nn.functional.rms_norm(x, (256,), w)[0, 0].item() > 1.17549435e-38  # normal outside
+    # the caller's mode is back after an op, and after one that raised
+    assert (torch.tensor([1e-30]) * 1e-9).item() != 0.0
+    with pytest.raises(RuntimeError):
+        ops.rms_norm(x, torch.ones(7), 1e-5, 2)  # a weight of the wrong width
     assert (torch.tensor([1e-30]) * 1e-9).item() != 0.0
 
 
