@@ -8,7 +8,9 @@
 // its own target attribute: the binary runs on an AVX2-only machine and skips the loops it lacks.
 //
 // The AMX loops run four independent tile products (tmm0-3 += tmm4-5 x tmm6-7: all eight tiles, as
-// linear_amx.cpp's block), operands loaded once; the process asks Linux for the tile state first.
+// linear_amx.cpp's block), operands loaded once and nonzero (bf16 1.0, the same bytes as int8 for the
+// int8 loop: all-zero operands may draw less power and clock higher); the process asks Linux for the
+// tile state first.
 //
 // Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | amx_bf16 | amx_int8 | read [bytes]
 // Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
@@ -29,9 +31,10 @@ namespace {
 
 constexpr long kIters = 20'000'000;
 
-#define CHAINS(X)                                                                                                      \
-  X(0)                                                                                                                 \
-  X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) \
+#define CHAINS(X)                                                                                                 \
+  X(0)                                                                                                            \
+  X(1)                                                                                                            \
+  X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) \
       X(22) X(23)
 
 __attribute__((target("avx2,fma"))) float fma256(long iters) {
@@ -121,14 +124,14 @@ bool amx_permitted() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 #define AMX_LOOP(name, DP)                                                       \
   __attribute__((target("amx-tile,amx-int8,amx-bf16"))) float name(long iters) { \
     static const TileConfig config;                                              \
-    alignas(64) static unsigned char ones[16 * 64];                              \
+    alignas(64) unsigned short data[16 * 32]; /* bf16 1.0 */                     \
     alignas(64) float out[16 * 16];                                              \
-    std::memset(ones, 0, sizeof ones);                                           \
+    for (auto& v : data) v = 0x3f80;                                             \
     _tile_loadconfig(&config);                                                   \
-    _tile_loadd(4, ones, 64);                                                    \
-    _tile_loadd(5, ones, 64);                                                    \
-    _tile_loadd(6, ones, 64);                                                    \
-    _tile_loadd(7, ones, 64);                                                    \
+    _tile_loadd(4, data, 64);                                                    \
+    _tile_loadd(5, data, 64);                                                    \
+    _tile_loadd(6, data, 64);                                                    \
+    _tile_loadd(7, data, 64);                                                    \
     _tile_zero(0);                                                               \
     _tile_zero(1);                                                               \
     _tile_zero(2);                                                               \
