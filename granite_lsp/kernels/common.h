@@ -103,6 +103,8 @@ inline void rms_norm_row(const float* x, const float* w, float* out, int64_t D, 
 // values: what it changes is only results below 2^-126, which are zero for every purpose here (the
 // activations and states that matter are ~1e-3 .. 1e3), and every path (decode, verify, prefill, the
 // journal's replay) computes under the same mode, so the bit-for-bit equalities between them hold.
+// (One exception, harmless: the layer-by-layer path adds the last layer's residual with torch, under
+// the caller's mode, where the one-call step adds it flushed: the two agree except on a denormal sum.)
 // `vdpbf16ps` flushes denormals whatever MXCSR says; the int8 paths' sums are integers.
 class DenormalsFlushed {
  public:

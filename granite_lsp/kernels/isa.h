@@ -29,6 +29,15 @@
 #include <string>
 #include <vector>
 
+// Whether this compiler builds the amx level: AMX's intrinsics and `#pragma GCC target("amx-tile,...")`
+// need GCC >= 11 or clang >= 12 (and binutils >= 2.36). Older compilers build every other level, and
+// the amx sources compile to nothing (isa.cpp then never offers amx, and says why).
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define GRANITE_HAVE_AMX 1
+#else
+#define GRANITE_HAVE_AMX 0
+#endif
+
 namespace granite {
 
 // VNNI before BF16: every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has

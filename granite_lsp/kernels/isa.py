@@ -29,7 +29,7 @@ _NEEDS = {
     "avx512_bf16": {"avx512_bf16"},
     "amx": {"amx_tile", "amx_int8", "amx_bf16"},
 }
-# Linux's arch_prctl request for AMX's tile data (isa.cpp's amx_permitted makes the same one).
+# Linux's arch_prctl request for AMX's tile data (isa.cpp's amx_refusal makes the same one).
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 # The flags worth printing in a report (what the kernels or llama.cpp could use).
 REPORTED_FLAGS = (
