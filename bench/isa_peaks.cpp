@@ -12,8 +12,8 @@
 // int8 loop: all-zero operands may draw less power and clock higher); the process asks Linux for the
 // tile state first.
 //
-// Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | amx_bf16 | amx_int8 | read [bytes]
-// Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
+// Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | amx_bf16 | amx_int8 | amx_bf16_loads
+// | read [bytes] Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -31,11 +31,11 @@ namespace {
 
 constexpr long kIters = 20'000'000;
 
-#define CHAINS(X)                                                                                                 \
-  X(0)                                                                                                            \
-  X(1)                                                                                                            \
-  X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) \
-      X(22) X(23)
+#define CHAINS(X) \
+  X(0)            \
+  X(1)            \
+  X(2)            \
+  X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 
 __attribute__((target("avx2,fma"))) float fma256(long iters) {
   __m256 a = _mm256_set1_ps(1.0001f), b = _mm256_set1_ps(0.9999f);
@@ -121,22 +121,34 @@ struct alignas(64) TileConfig {
 // AMX's tile data needs the OS's leave (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
 bool amx_permitted() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
-#define AMX_LOOP(name, DP)                                                       \
+// RELOAD: four operand tiles loaded before each iteration's four products, walking a 256 KB buffer (in
+// L2, past L1: a tile GEMM's x tiles and W panels come from there): what a 2 x 2 block of a tile GEMM
+// does per 64-byte depth step (linear_amx.cpp), so the two loops together show what the loads cost
+// beside the products.
+#define AMX_LOOP(name, DP, RELOAD)                                               \
   __attribute__((target("amx-tile,amx-int8,amx-bf16"))) float name(long iters) { \
     static const TileConfig config;                                              \
-    alignas(64) unsigned short data[16 * 32]; /* bf16 1.0 */                     \
+    static thread_local unsigned short data[256][16 * 32]; /* bf16 1.0 */        \
     alignas(64) float out[16 * 16];                                              \
-    for (auto& v : data) v = 0x3f80;                                             \
+    for (auto& tile : data)                                                      \
+      for (auto& v : tile) v = 0x3f80;                                           \
     _tile_loadconfig(&config);                                                   \
-    _tile_loadd(4, data, 64);                                                    \
-    _tile_loadd(5, data, 64);                                                    \
-    _tile_loadd(6, data, 64);                                                    \
-    _tile_loadd(7, data, 64);                                                    \
+    _tile_loadd(4, data[0], 64);                                                 \
+    _tile_loadd(5, data[1], 64);                                                 \
+    _tile_loadd(6, data[2], 64);                                                 \
+    _tile_loadd(7, data[3], 64);                                                 \
     _tile_zero(0);                                                               \
     _tile_zero(1);                                                               \
     _tile_zero(2);                                                               \
     _tile_zero(3);                                                               \
     for (long n = 0; n < iters; ++n) {                                           \
+      if (RELOAD) {                                                              \
+        const long at = (n * 4) % 256;                                           \
+        _tile_loadd(4, data[at], 64);                                            \
+        _tile_loadd(5, data[at + 1], 64);                                        \
+        _tile_loadd(6, data[at + 2], 64);                                        \
+        _tile_loadd(7, data[at + 3], 64);                                        \
+      }                                                                          \
       DP(0, 4, 6);                                                               \
       DP(1, 4, 7);                                                               \
       DP(2, 5, 6);                                                               \
@@ -146,8 +158,9 @@ bool amx_permitted() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
     _tile_release();                                                             \
     return out[0];                                                               \
   }
-AMX_LOOP(amx_bf16, _tile_dpbf16ps)
-AMX_LOOP(amx_int8, _tile_dpbssd)
+AMX_LOOP(amx_bf16, _tile_dpbf16ps, false)
+AMX_LOOP(amx_int8, _tile_dpbssd, false)
+AMX_LOOP(amx_bf16_loads, _tile_dpbf16ps, true)
 #undef AMX_LOOP
 
 // Three ways to read `bytes` from p, summing (the read bandwidth is the best of them: a probe that reads
@@ -231,7 +244,8 @@ volatile float sink;
 
 int main(int argc, char** argv) {
   if (argc != 3 && !(argc == 4 && std::strcmp(argv[2], "read") == 0)) {
-    std::fprintf(stderr, "usage: %s <threads> fma256|fma512|bf16|vnni|amx_bf16|amx_int8|read\n", argv[0]);
+    std::fprintf(stderr, "usage: %s <threads> fma256|fma512|bf16|vnni|amx_bf16|amx_int8|amx_bf16_loads|read\n",
+                 argv[0]);
     return 2;
   }
   const int threads = std::max(1, std::atoi(argv[1]));
@@ -252,6 +266,7 @@ int main(int argc, char** argv) {
       // per iteration 4 tile products of 16 x 16 lanes x 16 pairs (bf16) or 16 quads (int8)
       {"amx_bf16", amx && __builtin_cpu_supports("amx-bf16") != 0, amx_bf16, 4 * 16 * 16 * 16 * 2 * 2},
       {"amx_int8", amx && __builtin_cpu_supports("amx-int8") != 0, amx_int8, 4 * 16 * 16 * 16 * 2 * 4},
+      {"amx_bf16_loads", amx && __builtin_cpu_supports("amx-bf16") != 0, amx_bf16_loads, 4 * 16 * 16 * 16 * 2 * 2},
   };
   for (const auto& l : loops) {
     if (std::strcmp(what, l.name) != 0) continue;

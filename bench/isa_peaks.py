@@ -3,7 +3,8 @@
 Builds ``isa_peaks.cpp`` (g++, into a temporary directory) and prints, on 1 and on N threads: the
 peak rate of fp32 FMA on 8 lanes (AVX2) and 16 lanes (AVX-512F), of ``vdpbf16ps`` (AVX512_BF16: bf16
 pairs into fp32), ``vpdpbusd`` (AVX512_VNNI: u8 x s8 quads into int32) and AMX's ``tdpbf16ps`` and
-``tdpbssd`` (tile products, bf16 pairs and s8 quads), each in G ops/s (a
+``tdpbssd`` (tile products, bf16 pairs and s8 quads; ``amx_bf16_loads`` the bf16 one with its four
+operand tiles loaded again from L1 before each four products, as a tile GEMM's 2 x 2 block does), each in G ops/s (a
 multiply-add counts 2), and the read bandwidth from memory (512 MiB per thread; the best of three
 access patterns, 3 rounds: isa_peaks.cpp says which). Loops the CPU lacks print "unsupported".
 
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("isa_peaks.cpp")
-LOOPS = ["fma256", "fma512", "bf16", "vnni", "amx_bf16", "amx_int8", "read"]
+LOOPS = ["fma256", "fma512", "bf16", "vnni", "amx_bf16", "amx_int8", "amx_bf16_loads", "read"]
 UNITS = {"read": "GB/s"}
 
 
