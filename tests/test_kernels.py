@@ -440,8 +440,8 @@ def test_16bit_streaming_kernels_on_avx512_change_only_the_summation_order(mode:
 
 @needs_ext
 def test_bf16_products_round_activations_only() -> None:
-    """At avx512_bf16 and amx bf16 products (vdpbf16ps: the GEMM and the streaming kernels; amx: the
-    tile GEMM) compute the exact product of bf16-rounded x, summed in fp32; the rounding moves each
+    """At avx512_bf16 and amx bf16 products (vdpbf16ps: the GEMM and the streaming kernels; amx: tile
+    matmuls, both) compute the exact product of bf16-rounded x, summed in fp32; the rounding moves each
     result by at most ~2^-8 of sum |x * w| (the bound a relative rounding error of 2^-9 per activation gives)."""
     levels = [name for name in ("avx512_bf16", "amx") if name in isa.levels()]
     if not levels:
@@ -463,8 +463,8 @@ def test_bf16_products_round_activations_only() -> None:
 
 @needs_ext
 def test_int8_products_quantize_activations_only() -> None:
-    """At avx512_vnni and above int8 products (vpdpbusd: the GEMM and the streaming kernels; amx: the
-    tile GEMM) compute the exact product of x quantized per row (int8_activations), with the weights'
+    """At avx512_vnni and above int8 products (vpdpbusd: the GEMM and the streaming kernels; amx: tile
+    matmuls, both) compute the exact product of x quantized per row (int8_activations), with the weights'
     own scale; the quantization moves each result by at most half a step per activation:
     max|x_row| / 254 * sum |w|. A row's result is the same in the GEMM and the streaming kernels
     (K <= 1024, one depth slice), and a row holding a NaN gives NaN without touching the other rows."""
@@ -546,6 +546,69 @@ def test_amx_bf16_gemm_sums_the_same_rounded_products() -> None:
         assert torch.all((got.double() - want.double()).abs() <= bound)
         moved |= not torch.equal(got, want)
     assert moved, "the amx level ran the avx512_bf16 GEMM"
+
+
+# The streaming kernels at amx (linear_amx_stream.cpp), (K, N): K % 64 != 0 and odd (a zero-padded last
+# tile step, half a pair), K past one bf16 depth slice (512) and past one int8 slice (1024), N not a
+# multiple of 16 (the last rows under a second tile configuration), N < 16 and N = 16, a real shape.
+AMX_STREAM_SHAPES = [(769, 203), (7, 5), (2050, 90), (1030, 37), (768, 3376), (100, 16)]
+
+
+@needs_ext
+def test_amx_int8_streaming_is_bit_identical_to_vnni() -> None:
+    """amx's int8 streaming kernels (TDPBSSD on W's own rows against x's quantized rows as the tile's
+    columns) sum q * w over all of K exactly in int32 like vpdpbusd and finish with the same fused
+    multiply-add: for every row count 1..GEMV_MAX_ROWS, with and without a bias, on 1 or 2 threads,
+    every result bit-identical to avx512_vnni's streaming kernels, and to the GEMM's row where K fits
+    one depth slice (K <= 1024); a NaN row stays NaN."""
+    if "amx" not in isa.levels():
+        pytest.skip("CPU (or OS) without AMX")
+    rows = kernels.GEMV_MAX_ROWS
+    for (k, n), bias in itertools.product(AMX_STREAM_SHAPES, (True, False)):
+        layer, _, _ = _layer("int8", n, k, bias=bias, seed=k + n)
+        x = torch.randn(rows + 8, k) * torch.rand(rows + 8, 1) * 4
+        x[5, k // 3] = float("nan")
+        with isa.at_level("avx512_vnni"):
+            want = layer(x[:rows], threads=2).view(torch.int32)  # NaNs compared too
+        with isa.at_level("amx"):
+            for t in range(1, rows + 1):
+                assert torch.equal(layer(x[:t], threads=1 + t % 2).view(torch.int32), want[:t])
+            gemm = layer(x, threads=2).view(torch.int32)  # past GEMV_MAX_ROWS: the GEMM
+        if k <= 1024:
+            assert torch.equal(gemm[:rows], want)
+        assert want.view(torch.float32)[5].isnan().all()
+        assert not want.view(torch.float32)[torch.arange(rows) != 5].isnan().any()
+
+
+@needs_ext
+def test_amx_bf16_streaming_rows_are_bit_identical_whatever_the_row_count_and_to_the_gemm() -> None:
+    """amx's bf16 streaming kernels (TDPBF16PS on W's own rows against x's bf16-rounded rows as the tile's
+    columns) take the same arithmetic for every row count: each row of a T-row product, T = 1..GEMV_MAX_ROWS,
+    is bit-identical to that row alone (a token decoded alone gets the logits it gets inside a verify)
+    and to that row in amx's prefill GEMM (per element the same products in the same k order, the same
+    depth slices added in fp32 in order, the bias with the first). Against avx512_bf16's streaming
+    kernels (vdpbf16ps) only the fp32 summation order differs: within K * 2^-24 of sum |x_bf16 * w| each
+    (plus the bias's rounding), and some differ (it is another kernel)."""
+    if "amx" not in isa.levels():
+        pytest.skip("CPU (or OS) without AMX")
+    rows = kernels.GEMV_MAX_ROWS
+    moved = False
+    for (k, n), bias in itertools.product(AMX_STREAM_SHAPES, (True, False)):
+        layer, _, _ = _layer("bf16", n, k, bias=bias, seed=k + n)
+        x = torch.randn(rows + 8, k)
+        with isa.at_level("amx"):
+            alone = torch.cat([layer(x[i : i + 1], threads=1) for i in range(rows)])
+            for t in range(1, rows + 1):
+                assert torch.equal(layer(x[:t], threads=1 + t % 2), alone[:t])
+            gemm = layer(x, threads=2)  # past GEMV_MAX_ROWS: the GEMM
+        assert torch.equal(gemm[:rows], alone)
+        with isa.at_level("avx512_bf16"):
+            want = layer(x[:rows], threads=2)
+        magnitude = x[:rows].bfloat16().double().abs() @ layer.dequantize().double().abs().T
+        bound = 2 * k * 2**-24 * magnitude + 2**-23 * want.double().abs()
+        assert torch.all((alone.double() - want.double()).abs() <= bound)
+        moved |= not torch.equal(alone, want)
+    assert moved, "the amx level ran the avx512_bf16 streaming kernels"
 
 
 TINY = 1e-39  # a denormal float32 (below 2^-126 ~ 1.18e-38)

@@ -69,7 +69,7 @@ BF16_ACTIVATION_LOGIT_TOLERANCE = 0.1
 
 
 def test_bf16_activation_rounding_stays_within_tolerance(isa_level):
-    """At avx512_bf16 and amx (vdpbf16ps, and amx's tile GEMM, in bf16 products) every fixture's prompt
+    """At avx512_bf16 and amx (vdpbf16ps, and amx's tile matmuls, in bf16 products) every fixture's prompt
     logits, on every row, stay within BF16_ACTIVATION_LOGIT_TOLERANCE of the fp32 model's."""
     from granite_lsp.runtime import HybridModel
     from granite_lsp.tokens import TextTokenizer

@@ -16,12 +16,13 @@
 //                the tolerances tests/test_kernels.py and tests/test_precisions.py state)
 //   amx          + AMX-TILE, AMX-INT8, AMX-BF16 and the OS's leave to use the tile data (Linux:
 //                arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once per process; a CPU
-//                with AMX whose kernel refuses it stays at avx512_bf16): the prefill GEMM (more than
-//                kMaxStreamRows rows) for int8 and bf16 weights on tile matmuls (linear_amx.cpp).
-//                int8: bit-identical to avx512_vnni (the same quantized x, exact int32 sums, the same
-//                epilogue); bf16: the same bf16-rounded x summed in fp32 in another order than
-//                vdpbf16ps (linear_amx.cpp says how far apart). The streaming kernels (decode) and
-//                every other format run as at avx512_bf16.
+//                with AMX whose kernel refuses it stays at avx512_bf16): int8 and bf16 weights'
+//                products on tile matmuls, the prefill GEMM (linear_amx.cpp) and the streaming kernels
+//                (1..kMaxStreamRows rows: decode, verify; linear_amx_stream.cpp). int8: bit-identical
+//                to avx512_vnni (the same quantized x, exact int32 sums, the same epilogue); bf16: the
+//                same bf16-rounded x summed in fp32 in another order than vdpbf16ps (linear_amx.cpp
+//                says how far apart), a row's bits the same in the streaming kernels (any row count)
+//                and the GEMM. Every other format runs as at avx512_bf16.
 // GRANITE_LSP_ISA=<level> caps the level (a name above what the CPU has, or unknown, is ignored
 // with the reason in isa_note()); set_isa_level() changes it at run time, for the tests.
 #pragma once

@@ -144,7 +144,7 @@ def note() -> str:
 
 def rounds_activations_to_bf16(weight_dtype: object, scaled: bool = False) -> bool:
     """Whether a product with these weights rounds x to bf16 at the level in use: bf16 weights
-    without a scale at avx512_bf16 and above (amx's tile GEMM rounds them the same way), in the
+    without a scale at avx512_bf16 and above (amx's tile matmuls round them the same way), in the
     prefill GEMM and the streaming kernels alike (linear.cpp's ``product`` decides; this mirrors it
     for the tests' references)."""
     import torch
@@ -160,7 +160,7 @@ def rounds_activations_to_bf16(weight_dtype: object, scaled: bool = False) -> bo
 
 def quantizes_activations_to_int8(weight_dtype: object) -> bool:
     """Whether a product with these weights quantizes x to int8 per row at the level in use: int8
-    weights at avx512_vnni and above (amx's tile GEMM quantizes them the same way), in the prefill
+    weights at avx512_vnni and above (amx's tile matmuls quantize them the same way), in the prefill
     GEMM and the streaming kernels alike (linear.cpp's ``product`` decides, linear_vnni.cpp says how;
     this mirrors it for the tests' references and tolerances)."""
     import torch

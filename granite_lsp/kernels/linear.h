@@ -146,5 +146,9 @@ QuantX quantize(const Problem<I8>& p, int threads, int64_t rows);
 // gemm_i8_vnni) and for bf16 weights without a scale (x rounded as gemm_bf16_avx512 rounds it).
 void gemm_i8_amx(const Problem<I8>& p, int threads);
 void gemm_bf16_amx(const Problem<BF16>& p, int threads);
+// linear_amx_stream.cpp, called only at amx: the streaming kernels (a few rows of x) on tile matmuls,
+// y^T = W x^T: int8 bit-identical to stream_i8_vnni; bf16 (no scale) to gemm_bf16_amx, row by row.
+void stream_i8_amx(const Problem<I8>& p, int threads);
+void stream_bf16_amx(const Problem<BF16>& p, int threads);
 
 }  // namespace granite
