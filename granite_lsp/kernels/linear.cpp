@@ -230,14 +230,18 @@ void product(bool blocked, const float* x, const typename W::Elem* w, const floa
   // the kernels of the level in use (isa.h); the avx2 ones here are the floor
   const Isa level = isa();
   if constexpr (std::is_same_v<W, BF16>) {
+#if GRANITE_HAVE_AMX
     if (level >= Isa::kAmx && !s) return blocked ? gemm_bf16_amx(p, threads) : stream_bf16_amx(p, threads);
+#endif
     if (level >= Isa::kAvx512Bf16 && !s) return blocked ? gemm_bf16_avx512(p, threads) : stream_bf16_avx512(p, threads);
   }
   if constexpr (std::is_same_v<W, BF16> || std::is_same_v<W, F16>) {
     if (level >= Isa::kAvx512 && !blocked) return stream_avx512(p, threads);
   }
   if constexpr (std::is_same_v<W, I8>) {
+#if GRANITE_HAVE_AMX
     if (level >= Isa::kAmx) return blocked ? gemm_i8_amx(p, threads) : stream_i8_amx(p, threads);
+#endif
     if (level >= Isa::kAvx512Vnni) return blocked ? gemm_i8_vnni(p, threads) : stream_i8_vnni(p, threads);
   }
   if (!blocked) return run(p, threads);

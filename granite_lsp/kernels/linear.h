@@ -1,8 +1,10 @@
-// What the GEMM's instruction-set variants share (linear.cpp, linear_avx512.cpp): the problem's
-// description and the packing of W into panels of widened fp32 columns.
+// What the products' instruction-set variants share (linear.cpp, linear_avx512.cpp, linear_vnni.cpp,
+// linear_amx.cpp, linear_amx_stream.cpp): the problem's description, the packing of W into panels, and
+// the functions each variant's file defines for the others and for linear.cpp's dispatch.
 #pragma once
 
 #include "common.h"
+#include "isa.h"  // GRANITE_HAVE_AMX
 
 namespace granite {
 
@@ -142,6 +144,7 @@ struct QuantX {
 // What the AMX GEMM takes from the vnni one: x quantized (rows >= T rows allocated, the extra ones zero).
 QuantX quantize(const Problem<I8>& p, int threads, int64_t rows);
 
+#if GRANITE_HAVE_AMX  // (isa.h: the compiler knows AMX)
 // linear_amx.cpp, called only at amx: the prefill GEMM for int8 weights (bit-identical to
 // gemm_i8_vnni) and for bf16 weights without a scale (x rounded as gemm_bf16_avx512 rounds it).
 void gemm_i8_amx(const Problem<I8>& p, int threads);
@@ -150,5 +153,15 @@ void gemm_bf16_amx(const Problem<BF16>& p, int threads);
 // y^T = W x^T: int8 bit-identical to stream_i8_vnni; bf16 (no scale) to gemm_bf16_amx, row by row.
 void stream_i8_amx(const Problem<I8>& p, int threads);
 void stream_bf16_amx(const Problem<BF16>& p, int threads);
+
+// ldtilecfg with the whole 64-byte configuration as its operand: GCC's _tile_loadconfig names only its
+// first 8 bytes to the compiler, which may then leave the rest of a configuration built just before it
+// unwritten (the crash upstream llama.cpp's PR #26954 traces to a tile configuration on the stack).
+template <class Config>
+inline void load_tile_config(const Config& config) {
+  static_assert(sizeof(Config) == 64, "ldtilecfg reads 64 bytes");
+  __asm__ volatile("ldtilecfg %0" : : "m"(config));
+}
+#endif
 
 }  // namespace granite

@@ -38,14 +38,14 @@
 // tile instruction and releases the tiles (tilerelease) when done, so nothing is left configured on
 // the caller's thread or a helper for whatever code runs there next.
 //
-// What bounds it. A tile load costs about as much as a tile product here and they do not overlap:
-// a microbenchmark (tile products on four accumulators, bf16) ran at 3040 G flop/s without loads,
-// 1960 with two 1 KB loads into spare tiles per four products, ~900-1100 with the 2 x 2 block's four
-// loads per four products, all from L1 (other orders, a 2 x 1 block with double-buffered operands:
-// 650). So the 2 x 2 block is ~1/3 of the tile peak at best; with the per-call rounding /
-// quantization and packing the GEMM runs at ~15-27% of it (int8 ~1.0-1.3 T ops/s of 6.5, bf16
-// ~0.55-0.9 T flop/s of 3.4). Splitting each slice into parts that fit L1 (partial sums through
-// memory) and loading x with the streaming hint (tileloaddt1) gained nothing measurable.
+// What bounds it. The tile loads do not come free: bench/isa_peaks.py's amx_bf16_loads (the 2 x 2
+// block's four operand tiles loaded from L2 before each four products) ran at ~62% of its products-only
+// loop amx_bf16 (2000 against 3120-3250 G ops/s, 1 thread, one run at load ~3). With the per-call
+// rounding / quantization of x and packing of W's panels, and the epilogue, the GEMM runs at ~15-27% of
+// the tile peak (int8 ~1.0-1.3 T ops/s of 6.5, bf16 ~0.55-0.9 T flop/s of 3.4). Splitting each slice
+// into parts that fit L1 (partial sums through memory) and loading x with the streaming hint
+// (tileloaddt1) gained nothing measurable. W's panels are packed again on every call (caching them
+// would keep a second copy of the weights).
 //
 // Measured on an Intel Xeon (Granite Rapids class, KVM, 2 cores shared with other users, load ~2-4),
 // process CPU time of one thread, levels alternating in one process (rounds of the same level
@@ -63,6 +63,7 @@
 #include "isa.h"
 #include "linear.h"
 
+#if GRANITE_HAVE_AMX  // (isa.h: older compilers build the other levels; this file is then empty)
 namespace granite {
 namespace {
 
@@ -223,7 +224,7 @@ void block(const void* problem, int64_t c) {
   alignas(64) uint32_t packed[kMaxBlockCols * kSliceWords];  // 128 KB on the stack: nothing to allocate
   alignas(64) uint32_t sums[kMR * kNR];                      // a block's int32 or fp32 sums
   const TileConfig config;
-  _tile_loadconfig(&config);
+  load_tile_config(config);
   for (int64_t q0 = 0; q0 < pp.kw; q0 += kSliceWords) {
     const int64_t qc = std::min<int64_t>(kSliceWords, pp.kw - q0), steps = (qc + kStep - 1) / kStep;
     const int64_t qp = steps * kStep;  // words per panel row block, zero-padded
@@ -314,3 +315,4 @@ void gemm_bf16_amx(const Problem<BF16>& g, int threads) {
 }
 
 }  // namespace granite
+#endif  // GRANITE_HAVE_AMX

@@ -55,6 +55,7 @@
 #include "isa.h"
 #include "linear.h"
 
+#if GRANITE_HAVE_AMX  // (isa.h: older compilers build the other levels; this file is then empty)
 namespace granite {
 namespace {
 
@@ -182,13 +183,13 @@ void chunk(const void* ctx, int64_t c) {
   const auto& p = *s.p;
   const int64_t begin = c * p.block, end = std::min(p.N, begin + p.block);
   const TileConfig full(kTileRows, p.T);
-  _tile_loadconfig(&full);
+  load_tile_config(full);
   const int64_t run = (end - begin) / kTileRows;
   for (int64_t j = 0; j < run; ++j) Group<W>{s, begin + j, run, kTileRows}.run();
   int64_t n = begin + kTileRows * run;
   if (n < end) {
     const TileConfig last(int(end - n), p.T);
-    _tile_loadconfig(&last);
+    load_tile_config(last);
     Group<W>{s, n, 1, int(end - n)}.run();
   }
   _tile_release();
@@ -257,3 +258,4 @@ void stream_i8_amx(const Problem<I8>& p, int threads) {
 }
 
 }  // namespace granite
+#endif  // GRANITE_HAVE_AMX
