@@ -12,8 +12,8 @@
 // int8 loop: all-zero operands may draw less power and clock higher); the process asks Linux for the
 // tile state first.
 //
-// Usage: isa_peaks <threads> <what> where what is fma256 | fma512 | bf16 | vnni | amx_bf16 | amx_int8 | amx_bf16_loads
-// | read [bytes] Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
+// Usage: isa_peaks <threads> <what> [bytes], what: fma256 fma512 bf16 vnni amx_bf16 amx_int8 amx_bf16_loads read.
+// Prints one line: the rate in G ops/s (a multiply-add counts 2: flops, or int8 ops) or GB/s.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>

@@ -3,10 +3,10 @@
 Builds ``isa_peaks.cpp`` (g++, into a temporary directory) and prints, on 1 and on N threads: the
 peak rate of fp32 FMA on 8 lanes (AVX2) and 16 lanes (AVX-512F), of ``vdpbf16ps`` (AVX512_BF16: bf16
 pairs into fp32), ``vpdpbusd`` (AVX512_VNNI: u8 x s8 quads into int32) and AMX's ``tdpbf16ps`` and
-``tdpbssd`` (tile products, bf16 pairs and s8 quads; ``amx_bf16_loads`` the bf16 one with its four
-operand tiles loaded again from L1 before each four products, as a tile GEMM's 2 x 2 block does), each in G ops/s (a
-multiply-add counts 2), and the read bandwidth from memory (512 MiB per thread; the best of three
-access patterns, 3 rounds: isa_peaks.cpp says which). Loops the CPU lacks print "unsupported".
+``tdpbssd`` (tile products, bf16 pairs and s8 quads; ``amx_bf16_loads`` the bf16 one with its
+four operand tiles loaded again from L2 before each four products, as a tile GEMM's 2 x 2 block
+does), each in G ops/s (a multiply-add counts 2), and the read bandwidth from memory (512 MiB per
+thread; the best of three access patterns, 3 rounds: isa_peaks.cpp says which). Loops the CPU lacks print "unsupported".
 
 ``--gemm`` also times our prefill GEMM (granite_lsp's kernels) on one prefill's matmuls of the
 real Granite-4.0-H-350M shape (T = 512 rows, lm_head left out as the prefill does), per weight
@@ -45,7 +45,7 @@ from typing import Any
 
 SOURCE = Path(__file__).with_name("isa_peaks.cpp")
 LOOPS = ["fma256", "fma512", "bf16", "vnni", "amx_bf16", "amx_int8", "amx_bf16_loads", "read"]
-UNITS = {"read": "GB/s"}
+UNITS = {"read": "GB/s"}  # and every "read <precision>" line
 
 
 def cpu_model() -> str:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {"cpu": cpu_model(), "peaks": figures}
     print(f"CPU: {cpu_model()}")
     for loop, rates in figures.items():
-        unit = UNITS.get(loop, "G ops/s")
+        unit = "GB/s" if loop.startswith("read") else UNITS.get(loop, "G ops/s")
         line = ", ".join(f"{k}: {'unsupported' if v is None else f'{v:.1f} {unit}'}" for k, v in rates.items())
         print(f"{loop:7s} {line}")
     at = f"{args.threads} threads"

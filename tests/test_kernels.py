@@ -369,7 +369,7 @@ def test_isa_levels_follow_the_cpu_and_can_be_forced() -> None:
 
 
 def test_isa_levels_stop_below_amx_without_the_os_permission(monkeypatch: pytest.MonkeyPatch) -> None:
-    """AMX's flags are not enough: where the OS refuses the tile state (isa.cpp's amx_permitted asks
+    """AMX's flags are not enough: where the OS refuses the tile state (isa.cpp's amx_refusal asks
     Linux; a refusal cannot be arranged here, so it is stood in for), cpu_levels stops at
     avx512_bf16, as the extension does; granted, amx is the top level."""
     every_flag = set().union(*isa._NEEDS.values())
@@ -551,7 +551,9 @@ def test_amx_bf16_gemm_sums_the_same_rounded_products() -> None:
 # The streaming kernels at amx (linear_amx_stream.cpp), (K, N): K % 64 != 0 and odd (a zero-padded last
 # tile step, half a pair), K past one bf16 depth slice (512) and past one int8 slice (1024), N not a
 # multiple of 16 (the last rows under a second tile configuration), N < 16 and N = 16, a real shape.
-AMX_STREAM_SHAPES = [(769, 203), (7, 5), (2050, 90), (1030, 37), (768, 3376), (100, 16)]
+# (K, N): tails of K (not whole 64 bytes), several depth slices (K > 512 / 1024), N tails under a second
+# tile configuration, also after whole 16-row groups in the same pool task ((100, 45), (768, 3381)).
+AMX_STREAM_SHAPES = [(769, 203), (7, 5), (2050, 90), (1030, 37), (768, 3376), (100, 16), (100, 45), (768, 3381)]
 
 
 @needs_ext
@@ -596,12 +598,23 @@ def test_amx_bf16_streaming_rows_are_bit_identical_whatever_the_row_count_and_to
     for (k, n), bias in itertools.product(AMX_STREAM_SHAPES, (True, False)):
         layer, _, _ = _layer("bf16", n, k, bias=bias, seed=k + n)
         x = torch.randn(rows + 8, k)
+        x[3, k // 2] = float("nan")  # its row is NaN throughout, the others untouched
+
+        def bits(y: torch.Tensor) -> torch.Tensor:  # bit patterns (-0 is not +0), the NaN row left out
+            return y[torch.arange(len(y)) != 3].view(torch.int32)
+
         with isa.at_level("amx"):
             alone = torch.cat([layer(x[i : i + 1], threads=1) for i in range(rows)])
             for t in range(1, rows + 1):
-                assert torch.equal(layer(x[:t], threads=1 + t % 2), alone[:t])
+                assert torch.equal(bits(layer(x[:t], threads=1 + t % 2)), bits(alone[:t]))
             gemm = layer(x, threads=2)  # past GEMV_MAX_ROWS: the GEMM
-        assert torch.equal(gemm[:rows], alone)
+            # the C++ op itself with more rows than one streaming call takes: groups of GEMV_MAX_ROWS
+            ops_rows = _ops()._ops.linear(x[: rows + 8], layer.weight, layer.scale, layer.bias, 2)
+        assert torch.equal(bits(gemm[:rows]), bits(alone)) and torch.equal(bits(ops_rows[:rows]), bits(alone))
+        assert alone[3].isnan().all() and gemm[3].isnan().all()
+        x[3].nan_to_num_(0.0)
+        with isa.at_level("amx"):
+            alone[3] = layer(x[3:4], threads=1)
         with isa.at_level("avx512_bf16"):
             want = layer(x[:rows], threads=2)
         magnitude = x[:rows].bfloat16().double().abs() @ layer.dequantize().double().abs().T

@@ -162,6 +162,11 @@ inline void load_tile_config(const Config& config) {
   static_assert(sizeof(Config) == 64, "ldtilecfg reads 64 bytes");
   __asm__ volatile("ldtilecfg %0" : : "m"(config));
 }
+
+// GCC's _tile_loadd gives its asm the address alone (no memory operand, no clobber): the stores that
+// fill a buffer just before (a packed panel, a zero-padded tail) could legally sink past the tile load
+// that reads it. This compiler barrier (no instruction) keeps them before it.
+inline void tile_operands_written() { __asm__ volatile("" : : : "memory"); }
 #endif
 
 }  // namespace granite

@@ -237,6 +237,7 @@ void block(const void* problem, int64_t c) {
         std::memset(dst + qc * kNR, 0, size_t((qp - qc) * kNR) * sizeof(uint32_t));
       }
     }
+    tile_operands_written();
     for (int64_t band = 0; band < g.T; band += kRowBand) {
       const int64_t band_end = std::min(g.T, band + kRowBand);
       for (int64_t j = 0; j < panels; ++j) {

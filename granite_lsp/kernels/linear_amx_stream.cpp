@@ -130,6 +130,7 @@ struct Group {
           std::memcpy(tail[i], a + i * a_stride + off, size_t(left));
           std::memset(tail[i] + left, 0, size_t(64 - left));
         }
+        tile_operands_written();
         _tile_loadd(2, tail, 64);
       }
       if constexpr (kInt8) _tile_dpbssd(0, 2, 4);
