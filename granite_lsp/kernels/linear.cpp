@@ -217,8 +217,7 @@ void run_gemm(Problem<W> g, int threads) {
   PackX px{g.x, xp.get(), g.T, g.K};
   pool().run(&pack_x_tile, &px, tiles, threads - 1);
   g.xp = xp.get();
-  const int64_t want = (g.N + 4 * threads - 1) / (4 * threads);
-  g.block = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
+  g.block = gemm_block_cols(g.N, threads, kNR, kMaxBlockCols);
   const int64_t blocks = (g.N + g.block - 1) / g.block;
   pool().run(&gemm_block<W>, &g, blocks, threads - 1);
 }

@@ -29,6 +29,22 @@ inline int64_t streaming_block(int64_t row_bytes, int64_t N, int threads) {
   return std::max<int64_t>(1, bytes / row_bytes);
 }
 
+// The GEMMs' blocks of columns of y (one pool task each): whole multiples of their register tile's
+// width nr, at most max_cols, and at least ~4 per thread so that a preempted thread holds up little.
+inline int64_t gemm_block_cols(int64_t N, int threads, int64_t nr, int64_t max_cols) {
+  const int64_t want = (N + 4 * threads - 1) / (4 * threads);
+  return std::clamp<int64_t>((want + nr - 1) / nr * nr, nr, max_cols);
+}
+
+// The depth slice, in 4-byte words (bf16 pairs, int8 quads), of the GEMMs that take x as such words
+// (linear_avx512.cpp's bf16, linear_vnni.cpp's, linear_amx.cpp's) and of amx's streaming kernels: a
+// slice's sums are added into y in fp32, so int8 at amx is bit-identical to vnni, and amx's bf16
+// streaming rows to its GEMM's, because they all slice here.
+constexpr int64_t kSliceWords = 256;
+
+// bf16 pairs of a row of x rounded for vdpbf16ps / TDPBF16PS: K padded to whole 64-byte steps (round_pairs).
+inline int64_t bf16_pairs(int64_t K) { return (K + 31) / 32 * 16; }
+
 // The GEMM's depth slice: W is packed and y accumulated one slice of K at a time. Every
 // fp32 variant uses the same slices, so each y element is summed in the same order on every level.
 constexpr int kKC = 256;
@@ -154,14 +170,23 @@ void gemm_bf16_amx(const Problem<BF16>& p, int threads);
 void stream_i8_amx(const Problem<I8>& p, int threads);
 void stream_bf16_amx(const Problem<BF16>& p, int threads);
 
-// ldtilecfg with the whole 64-byte configuration as its operand: GCC's _tile_loadconfig names only its
-// first 8 bytes to the compiler, which may then leave the rest of a configuration built just before it
-// unwritten (the crash upstream llama.cpp's PR #26954 traces to a tile configuration on the stack).
-template <class Config>
-inline void load_tile_config(const Config& config) {
-  static_assert(sizeof(Config) == 64, "ldtilecfg reads 64 bytes");
-  __asm__ volatile("ldtilecfg %0" : : "m"(config));
-}
+// TileConfig::load is ldtilecfg with the whole 64-byte configuration as its operand: GCC's
+// _tile_loadconfig names only its first 8 bytes to the compiler, which may then leave the rest of a
+// configuration built just before it unwritten (the crash upstream llama.cpp's PR #26954 traces to a
+// tile configuration on the stack).
+// ldtilecfg's 64-byte operand (palette 1): each tile's rows and bytes per row (tiles not set: unused).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig& tile(int i, int n_rows, int64_t row_bytes) {
+    rows[i] = uint8_t(n_rows);
+    colsb[i] = uint16_t(row_bytes);
+    return *this;
+  }
+  void load() const { __asm__ volatile("ldtilecfg %0" : : "m"(*this)); }
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
 // GCC's _tile_loadd gives its asm the address alone (no memory operand, no clobber): the stores that
 // fill a buffer just before (a packed panel, a zero-padded tail) could legally sink past the tile load

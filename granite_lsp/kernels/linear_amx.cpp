@@ -71,31 +71,17 @@ constexpr int kTileRows = 16;               // rows of x (and of y) per tile
 constexpr int kMR = 2 * kTileRows;          // rows of y per block: two x tiles
 constexpr int kNR = 32;                     // columns of y per block: two W tiles; the panels' width
 constexpr int64_t kStep = 16;               // words (4 bytes: a quad or a pair) of depth per tile
-constexpr int64_t kSliceWords = 256;        // the avx512 GEMMs' depth slice (kQuadsKC, kPairsKC)
 constexpr int64_t kRowBand = 128;           // rows of x swept per panel (4 blocks; a slice of them: L2)
 constexpr int64_t kMaxBlockCols = 4 * kNR;  // columns of y per task
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Blocks of 32-128 columns, at least ~4 per thread so that a preempted thread holds up little.
-int64_t block_cols(int64_t N, int threads) {
-  const int64_t want = (N + 4 * threads - 1) / (4 * threads);
-  return std::clamp<int64_t>(round_up(want, kNR), kNR, kMaxBlockCols);
+// The tile configuration of a block: tiles 0-7 all 16 rows of 64 bytes.
+TileConfig block_tiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) config.tile(i, kTileRows, 64);
+  return config;
 }
-
-// ldtilecfg's 64-byte operand: palette 1, tiles 0-7 all 16 rows of 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int i = 0; i < 8; ++i) {
-      colsb[i] = 64;
-      rows[i] = kTileRows;
-    }
-  }
-};
-static_assert(sizeof(TileConfig) == 64);
 
 // What both formats' tasks read: the problem (y, bias, N, T), x in tiles (to_tiles: 32 rows of xw
 // 4-byte words each, [rows / 32][xw / 16][32][16]), the depth in words (kw) and, for int8, the
@@ -223,8 +209,8 @@ void block(const void* problem, int64_t c) {
   const int64_t panels = (cols + kNR - 1) / kNR;
   alignas(64) uint32_t packed[kMaxBlockCols * kSliceWords];  // 128 KB on the stack: nothing to allocate
   alignas(64) uint32_t sums[kMR * kNR];                      // a block's int32 or fp32 sums
-  const TileConfig config;
-  load_tile_config(config);
+  const TileConfig config = block_tiles();
+  config.load();
   for (int64_t q0 = 0; q0 < pp.kw; q0 += kSliceWords) {
     const int64_t qc = std::min<int64_t>(kSliceWords, pp.kw - q0), steps = (qc + kStep - 1) / kStep;
     const int64_t qp = steps * kStep;  // words per panel row block, zero-padded
@@ -288,7 +274,7 @@ std::unique_ptr<uint32_t[]> tiles_of(const uint32_t* x, int64_t rows, int64_t xw
 
 template <class W>
 void run_blocks(Problem<W> g, AmxProblem<W> pp, int threads) {
-  g.block = block_cols(g.N, threads);
+  g.block = gemm_block_cols(g.N, threads, kNR, kMaxBlockCols);
   pp.g = &g;
   pool().run(&block<W>, &pp, (g.N + g.block - 1) / g.block, threads - 1);
 }
@@ -304,7 +290,7 @@ void gemm_i8_amx(const Problem<I8>& g, int threads) {
 }
 
 void gemm_bf16_amx(const Problem<BF16>& g, int threads) {
-  const int64_t Q = (g.K + 31) / 32 * 16, rows = round_up(g.T, kMR);  // pairs, padded to whole tile rows
+  const int64_t Q = bf16_pairs(g.K), rows = round_up(g.T, kMR);  // rows padded to whole tile rows
   std::unique_ptr<uint32_t[]> xq(new uint32_t[size_t(rows * Q)]);
   parallel_rows(g.T, 16, g.T >= 32 ? threads : 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) round_pairs(g.x + t * g.K, g.K, Q, xq.get() + t * Q);

@@ -59,25 +59,14 @@
 namespace granite {
 namespace {
 
-constexpr int kTileRows = 16;         // rows of W per A tile (and per C tile)
-constexpr int64_t kStep = 16;         // 4-byte words of depth per tile step (64 bytes)
-constexpr int64_t kSliceWords = 256;  // bf16: linear_amx.cpp's depth slice (pairs)
+constexpr int kTileRows = 16;  // rows of W per A tile (and per C tile)
+constexpr int64_t kStep = 16;  // 4-byte words of depth per tile step (64 bytes)
 
 // Tiles: C 0 (w_rows x T words), A 2 (w_rows x 64 bytes), B 4 (16 words of depth x T words).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig(int w_rows, int64_t T) {
-    colsb[0] = uint16_t(4 * T);
-    rows[0] = uint8_t(w_rows);
-    colsb[2] = 64;
-    rows[2] = uint8_t(w_rows);
-    colsb[4] = uint16_t(4 * T);
-    rows[4] = kTileRows;
-  }
-};
-static_assert(sizeof(TileConfig) == 64);
+TileConfig group_tiles(int w_rows, int64_t T) {
+  TileConfig config;
+  return config.tile(0, w_rows, 4 * T).tile(2, w_rows, 64).tile(4, kTileRows, 4 * T);
+}
 
 // What a task reads: the problem, x's rows as columns ([kw][T] words, kw a multiple of 16, zero past
 // K) and, for int8, the rows' quantization scales.
@@ -183,14 +172,12 @@ void chunk(const void* ctx, int64_t c) {
   const auto& s = *static_cast<const Stream<W>*>(ctx);
   const auto& p = *s.p;
   const int64_t begin = c * p.block, end = std::min(p.N, begin + p.block);
-  const TileConfig full(kTileRows, p.T);
-  load_tile_config(full);
+  group_tiles(kTileRows, p.T).load();
   const int64_t run = (end - begin) / kTileRows;
   for (int64_t j = 0; j < run; ++j) Group<W>{s, begin + j, run, kTileRows}.run();
   int64_t n = begin + kTileRows * run;
   if (n < end) {
-    const TileConfig last(int(end - n), p.T);
-    load_tile_config(last);
+    group_tiles(int(end - n), p.T).load();
     Group<W>{s, n, 1, int(end - n)}.run();
   }
   _tile_release();
@@ -226,7 +213,7 @@ void by_16_rows(const Problem<W>& p, const F& f) {
 }
 
 void stream_bf16(const Problem<BF16>& p, int threads) {
-  const int64_t Q = (p.K + 31) / 32 * 16;  // pairs, padded to whole 64-byte steps
+  const int64_t Q = bf16_pairs(p.K);
   // The caller's buffers, kept between calls (a decode step makes ~130 of these products); the pool's
   // tasks only read them while this call waits for them.
   thread_local std::vector<uint32_t> rows, xb;

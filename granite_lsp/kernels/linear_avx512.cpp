@@ -29,13 +29,7 @@ namespace {
 constexpr int kMR = 12, kNR = 32;
 constexpr int64_t kRowBand = 96;            // rows of packed x swept per panel (8 tiles, ~96-192 KB: L2)
 constexpr int64_t kMaxBlockCols = 4 * kNR;  // columns of y per task
-constexpr int64_t kPairsKC = 256;           // bf16: k pairs per depth slice (panel [256][32] x 4 B)
-
-// Blocks of 32-128 columns, at least ~4 per thread so that a preempted thread holds up little.
-int64_t block_cols(int64_t N, int threads) {
-  const int64_t want = (N + 4 * threads - 1) / (4 * threads);
-  return std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
-}
+constexpr int64_t kPairsKC = kSliceWords;   // bf16: k pairs per depth slice (panel [256][32] x 4 B)
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
@@ -478,7 +472,7 @@ void gemm_avx512(const Problem<W>& problem, int threads) {
   PackX px{g.x, xp.get(), g.T, g.K};
   pool().run(&pack_x_tile, &px, tiles, threads - 1);
   g.xp = xp.get();
-  g.block = block_cols(g.N, threads);
+  g.block = gemm_block_cols(g.N, threads, kNR, kMaxBlockCols);
   pool().run(&block_f32<W>, &g, (g.N + g.block - 1) / g.block, threads - 1);
 }
 
@@ -494,7 +488,7 @@ void gemm_bf16_avx512(const Problem<BF16>& problem, int threads) {
   std::unique_ptr<uint32_t[]> xp(new uint32_t[size_t(tiles * K2 * kMR)]);
   PackPairs px{g.x, xp.get(), g.T, g.K, K2};
   pool().run(&pack_pairs_tile, &px, tiles, threads - 1);
-  g.block = block_cols(g.N, threads);
+  g.block = gemm_block_cols(g.N, threads, kNR, kMaxBlockCols);
   const PairsProblem pp{&g, xp.get(), K2};
   pool().run(&block_bf16, &pp, (g.N + g.block - 1) / g.block, threads - 1);
 }
@@ -513,7 +507,7 @@ template void stream_avx512<BF16>(const Problem<BF16>&, int);
 
 void stream_bf16_avx512(const Problem<BF16>& problem, int threads) {
   Problem<BF16> p = problem;
-  const int64_t Q = (p.K + 31) / 32 * 16;  // pairs, padded to whole 64-byte loads
+  const int64_t Q = bf16_pairs(p.K);
   // The caller's buffer, kept between calls: a decode step makes ~130 of these products, and the
   // pool's tasks only read it while this call waits for them.
   thread_local std::vector<uint32_t> xq;

@@ -33,7 +33,7 @@ namespace {
 constexpr int kMR = 12, kNR = 32;
 constexpr int64_t kRowBand = 96;            // rows of packed x swept per panel (8 tiles)
 constexpr int64_t kMaxBlockCols = 4 * kNR;  // columns of y per task
-constexpr int64_t kQuadsKC = 256;           // k quads per depth slice: a panel [256][32] x 4 B = 32 KB (L1)
+constexpr int64_t kQuadsKC = kSliceWords;   // k quads per depth slice: a panel [256][32] x 4 B = 32 KB (L1)
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
@@ -336,8 +336,7 @@ void gemm_i8_vnni(const Problem<I8>& problem, int threads) {
   std::unique_ptr<uint32_t[]> xp(new uint32_t[size_t(tiles * K4 * kMR)]);
   PackTiles px{&qx, xp.get(), g.T, K4};
   pool().run(&pack_x_tile, &px, tiles, threads - 1);
-  const int64_t want = (g.N + 4 * threads - 1) / (4 * threads);
-  g.block = std::clamp<int64_t>((want + kNR - 1) / kNR * kNR, kNR, kMaxBlockCols);
+  g.block = gemm_block_cols(g.N, threads, kNR, kMaxBlockCols);
   const QuadsProblem pp{&g, &qx, xp.get(), K4};
   pool().run(&block_i8, &pp, (g.N + g.block - 1) / g.block, threads - 1);
 }
