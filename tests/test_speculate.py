@@ -11,10 +11,11 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY, load_fixtures
+from torch import Tensor
 
 from granite_lsp import kernels
 from granite_lsp.documents import Document
-from granite_lsp.runtime import HybridModel, Interrupted
+from granite_lsp.runtime import HybridModel, Interrupted, ModelState
 from granite_lsp.speculate import MAX_DRAFT, DraftBudget, PromptLookup, VerifyCost
 
 pytestmark = pytest.mark.usefixtures("isa_level")
@@ -178,13 +179,7 @@ def test_a_forward_journaled_whole_is_undone_even_midway(path: str) -> None:
     stopped between two layers: the Mamba states are bit for bit those before it, the KV continues from
     its start, and decoding from there equals decoding from a state that never ran it."""
     model = tiny_model(path)
-    gen = torch.Generator().manual_seed(11)
-    vocab = model.config.vocab_size
-    prompt, piece, after = (torch.randint(0, vocab, (n,), generator=gen) for n in (29, 20, 3))
-    state, plain = model.new_state(8), model.new_state(8)
-    model.forward(prompt, state)
-    model.forward(prompt, plain)
-    before = [t.clone() for t in (*state.conv, *state.ssm)]
+    prompt, piece, after, state, plain, before = _prompted_twice(model, 11, 20)
 
     def stop(done: int, layers: int) -> bool:
         return done == 2  # after two of the four layers
@@ -200,14 +195,10 @@ def test_a_forward_journaled_whole_is_undone_even_midway(path: str) -> None:
         with pytest.raises(ValueError, match="journaled by rows"):
             model.keep(state, 1)
         state.undo()
-        assert state.pos == state.kv.length == len(prompt)
-        for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
-            assert torch.equal(a, b)
+        _assert_back_at(state, len(prompt), before)
         with pytest.raises(ValueError, match="journaled whole"):
             state.undo()  # once
-    for t in after:
-        x, y = model.forward(t.view(1), state), model.forward(t.view(1), plain)
-        assert same(x, y, path)
+    _assert_decodes_alike(model, state, plain, after, path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -217,13 +208,7 @@ def test_a_forward_journaled_whole_is_undone_from_a_later_piece(path: str) -> No
     it, the KV back at its start), and decoding from there equals a state that never ran it."""
     model = tiny_model(path)
     model.prefill_piece = 20  # > GEMV_MAX_ROWS: a piece runs layer by layer and can stop
-    gen = torch.Generator().manual_seed(12)
-    vocab = model.config.vocab_size
-    prompt, piece, after = (torch.randint(0, vocab, (n,), generator=gen) for n in (29, 50, 3))
-    state, plain = model.new_state(8), model.new_state(8)
-    model.forward(prompt, state)
-    model.forward(prompt, plain)
-    before = [t.clone() for t in (*state.conv, *state.ssm)]
+    prompt, piece, after, state, plain, before = _prompted_twice(model, 12, 50)
     looks = []
 
     def stop(done: int, layers: int) -> bool:
@@ -235,9 +220,34 @@ def test_a_forward_journaled_whole_is_undone_from_a_later_piece(path: str) -> No
         model.forward(piece, state, interrupt=stop)
     assert state.pos == len(prompt) + 20 and looks[-1] == state.pos
     state.undo()
-    assert state.pos == state.kv.length == len(prompt)
+    _assert_back_at(state, len(prompt), before)
+    _assert_decodes_alike(model, state, plain, after, path)
+
+
+def _prompted_twice(
+    model: HybridModel, seed: int, piece_len: int
+) -> tuple[Tensor, Tensor, Tensor, ModelState, ModelState, list[Tensor]]:
+    """The undo tests' setup: a 29-token prompt, a piece of ``piece_len`` tokens, 3 tokens to decode
+    after it; two states that both ran the prompt (one to journal the piece on and undo it, one that
+    never runs it); and the first one's Mamba states before the piece."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt, piece, after = (torch.randint(0, vocab, (n,), generator=gen) for n in (29, piece_len, 3))
+    state, plain = model.new_state(8), model.new_state(8)
+    model.forward(prompt, state)
+    model.forward(prompt, plain)
+    return prompt, piece, after, state, plain, [t.clone() for t in (*state.conv, *state.ssm)]
+
+
+def _assert_back_at(state: ModelState, pos: int, before: list[Tensor]) -> None:
+    """The undone state: at ``pos`` (its KV too), its Mamba states bit for bit ``before``."""
+    assert state.pos == state.kv.length == pos
     for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
         assert torch.equal(a, b)
+
+
+def _assert_decodes_alike(model: HybridModel, state: ModelState, plain: ModelState, after: Tensor, path: str) -> None:
+    """Decoding ``after`` from ``state`` gives what it gives from ``plain`` (a state that never ran the piece)."""
     for t in after:
         x, y = model.forward(t.view(1), state), model.forward(t.view(1), plain)
         assert same(x, y, path)
