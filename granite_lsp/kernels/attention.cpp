@@ -25,55 +25,62 @@ inline float exp_shifted_sum(float* p, int64_t n, float m) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention of one new token over the KV cache (decode). In torch ops this is two batched
-// matmuls over a strided view of the cache plus a softmax, ~1 ms a layer at 1,400 keys on one
-// thread, mostly overhead; here each KV head (with its group of query heads) is one task that
-// reads its keys and values once.
+// Attention of one new token over the KV cache (decode), or of a few consecutive ones (a verify's rows:
+// row t over the positions up to its own, causal). In torch ops this is two batched matmuls over a
+// strided view of the cache plus a softmax, ~1 ms a layer at 1,400 keys on one thread, mostly
+// overhead; here each KV head (with its group of query heads) is one task that reads its keys and
+// values from memory once, for every row (a row's result does not depend on the others: it is the
+// same alone or among several).
 
 struct DecodeAttention {
-  const float* q;  // [nq, hd]
-  const float* k;  // [nkv, cap, hd]
-  const float* v;  // [nkv, cap, hd]
-  float* out;      // [nq, hd]
-  float* scores;   // [nkv, L] scratch, one row per task
-  int64_t nq, nkv, hd, cap, L;
+  const float* q;                       // [T, ldq]: each row's query heads first, [nq, hd]
+  const float* k;                       // [nkv, cap, hd]
+  const float* v;                       // [nkv, cap, hd]
+  float* out;                           // [T, nq, hd]
+  float* scores;                        // [nkv, L + T - 1] scratch, one row per task
+  int64_t nq, nkv, hd, cap, L, T, ldq;  // row t attends over L + t positions
   float scale;
 };
 
+// Query head h of row t: its scores over the row's L + t positions, their softmax, the weighted values.
+inline void head_row(const DecodeAttention& a, const float* K, const float* V, float* p, int64_t t, int64_t h) {
+  const int64_t hd = a.hd, L = a.L + t;
+  const float* q = a.q + t * a.ldq + h * hd;
+  float best = -INFINITY;
+  for (int64_t l = 0; l < L; ++l) {
+    const float* kr = K + l * hd;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), acc);
+    float sc = hsum(acc);
+    for (; d < hd; ++d) sc += q[d] * kr[d];
+    sc *= a.scale;
+    p[l] = sc;
+    best = std::max(best, sc);
+  }
+  const float sum = exp_shifted_sum(p, L, best);  // softmax
+  const float inv = 1.0f / sum;
+  float* o = a.out + (t * a.nq + h) * hd;
+  for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
+  for (int64_t l = 0; l < L; ++l) {
+    const float w = p[l] * inv;
+    const float* vr = V + l * hd;
+    const __m256 wv = _mm256_set1_ps(w);
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
+    for (; d < hd; ++d) o[d] += w * vr[d];
+  }
+}
+
 void attention_kv_head(const void* ctx, int64_t g) {
   const auto& a = *static_cast<const DecodeAttention*>(ctx);
-  const int64_t per = a.nq / a.nkv, hd = a.hd, L = a.L;
+  const int64_t per = a.nq / a.nkv, hd = a.hd;
   const float* K = a.k + g * a.cap * hd;
   const float* V = a.v + g * a.cap * hd;
-  float* p = a.scores + g * L;
-  for (int64_t h = g * per; h < (g + 1) * per; ++h) {
-    const float* q = a.q + h * hd;
-    float best = -INFINITY;
-    for (int64_t l = 0; l < L; ++l) {
-      const float* kr = K + l * hd;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 8 <= hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), acc);
-      float sc = hsum(acc);
-      for (; d < hd; ++d) sc += q[d] * kr[d];
-      sc *= a.scale;
-      p[l] = sc;
-      best = std::max(best, sc);
-    }
-    const float sum = exp_shifted_sum(p, L, best);  // softmax
-    const float inv = 1.0f / sum;
-    float* o = a.out + h * hd;
-    for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-    for (int64_t l = 0; l < L; ++l) {
-      const float w = p[l] * inv;
-      const float* vr = V + l * hd;
-      const __m256 wv = _mm256_set1_ps(w);
-      int64_t d = 0;
-      for (; d + 8 <= hd; d += 8)
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
-      for (; d < hd; ++d) o[d] += w * vr[d];
-    }
-  }
+  float* p = a.scores + g * (a.L + a.T - 1);
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t h = g * per; h < (g + 1) * per; ++h) head_row(a, K, V, p, t, h);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,20 +280,20 @@ at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& k, const a
 }
 
 // q [nq * hd] fp32; k, v [nkv, cap, hd] fp32, the first `length` positions valid -> [1, nq * hd].
-at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
-                            int64_t threads) {
+at::Tensor attention_decode_rows(const at::Tensor& qkv, const at::Tensor& k, const at::Tensor& v, int64_t length,
+                                 int64_t n_heads, double scale, int64_t threads) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k, v: [nkv, cap, hd]");
-  for (const at::Tensor* t : {&q, &k, &v})
+  for (const at::Tensor* t : {&qkv, &k, &v})
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "attention_decode: fp32 contiguous");
-  const int64_t nkv = k.size(0), cap = k.size(1), hd = k.size(2);
-  TORCH_CHECK(hd > 0 && q.numel() % hd == 0, "q: [nq * hd]");
-  const int64_t nq = q.numel() / hd;
-  TORCH_CHECK(nkv > 0 && nq % nkv == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(length >= 1 && length <= cap, "length: 1 .. capacity");
-  at::Tensor out = at::empty({1, nq * hd}, q.options());
-  const auto scores = scratch(size_t(nkv * length));
-  DecodeAttention a{q.data_ptr<float>(),
+  const int64_t nkv = k.size(0), cap = k.size(1), hd = k.size(2), nq = n_heads;
+  TORCH_CHECK(hd > 0 && qkv.dim() == 2 && qkv.size(0) >= 1 && qkv.size(1) >= nq * hd, "qkv: [T, >= nq * hd]");
+  TORCH_CHECK(nkv > 0 && nq > 0 && nq % nkv == 0, "query heads must be a multiple of KV heads");
+  const int64_t T = qkv.size(0);
+  TORCH_CHECK(length >= 1 && length + T - 1 <= cap, "length: 1 .. capacity, for every row");
+  at::Tensor out = at::empty({T, nq * hd}, qkv.options());
+  const auto scores = scratch(size_t(nkv * (length + T - 1)));
+  DecodeAttention a{qkv.data_ptr<float>(),
                     k.data_ptr<float>(),
                     v.data_ptr<float>(),
                     out.data_ptr<float>(),
@@ -296,9 +303,17 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
                     hd,
                     cap,
                     length,
+                    T,
+                    qkv.size(1),
                     float(scale)};
   pool().run(&attention_kv_head, &a, nkv, thread_count(threads) - 1);
   return out;
+}
+
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
+                            int64_t threads) {
+  TORCH_CHECK(k.dim() == 3 && k.size(2) > 0 && q.numel() % k.size(2) == 0, "q: [nq * hd]");
+  return attention_decode_rows(q.view({1, q.numel()}), k, v, length, q.numel() / k.size(2), scale, threads);
 }
 
 }  // namespace granite

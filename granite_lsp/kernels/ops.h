@@ -41,6 +41,10 @@ at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& con
 // attention.cpp
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
                             int64_t threads);
+// ... of the T rows of qkv (the n_heads query heads first in each) at consecutive positions, row t over
+// `length` + t positions: each row's result is attention_decode's for it (a verify's rows, step.cpp)
+at::Tensor attention_decode_rows(const at::Tensor& qkv, const at::Tensor& k, const at::Tensor& v, int64_t length,
+                                 int64_t n_heads, double scale, int64_t threads);
 at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& k, const at::Tensor& v, int64_t pos,
                              int64_t n_heads, double scale, int64_t threads);
 

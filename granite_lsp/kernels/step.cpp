@@ -149,13 +149,18 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
           std::memcpy(vb.data_ptr<float>() + (j * cap + at_pos) * hd, src + (nq + nkv + j) * hd, sizeof(float) * hd);
         }
       }
-      // each row over the positions up to its own (Attention.attend's fused branch)
-      std::vector<at::Tensor> rows;
-      rows.reserve(size_t(T));
-      for (int64_t t = 0; t < T; ++t)
-        rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), k[kv_of(t)], v[kv_of(t)], pos_of(t) + 1,
-                                        scale, threads));
-      h = linear3(T == 1 ? rows[0] : at::cat(rows));
+      // each row over the positions up to its own (Attention.attend's fused branch); one sequence's rows
+      // in one call (its keys and values read once for all of them), each the same as alone
+      if (S == 1) {
+        h = linear3(attention_decode_rows(qkv, k[kv_of(0)], v[kv_of(0)], pos[0] + 1, nq, scale, threads));
+      } else {
+        std::vector<at::Tensor> rows;
+        rows.reserve(size_t(T));
+        for (int64_t t = 0; t < T; ++t)
+          rows.push_back(attention_decode(qkv.select(0, t).narrow(0, 0, nq * hd), k[kv_of(t)], v[kv_of(t)],
+                                          pos_of(t) + 1, scale, threads));
+        h = linear3(at::cat(rows));
+      }
       ++a;
     }
     h = add_rms_norm(x, h, rm, ln_post, eps, threads);
