@@ -326,7 +326,8 @@ class StateCache:
     def nbytes(self) -> int:
         """Every byte the cache holds, what ``max_bytes`` caps: the checkpoints' Mamba snapshots, each KV
         buffer a checkpoint or the live state is on (once), the live state's own Mamba states and
-        journal buffers (~23 MB and ~22 MB on the real shape, left out until issue 15's accounting),
+        journal buffers (~23 MB, and on the real shape ~22 MB of states once a piece was journaled whole
+        and ~6 MB of a verify's scan rows: left out until issue 15's accounting),
         and the logits kept (by their storage: a row of a verify's logits keeps all its rows)."""
         kvs = {id(c.hold.kv): c.hold.kv for c in self.checkpoints}
         kvs[id(self.live.kv)] = self.live.kv

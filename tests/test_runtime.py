@@ -383,7 +383,9 @@ def test_one_call_decode_step_is_bit_identical(cfg, weights):
 def test_one_call_rows_and_verify_are_bit_identical(cfg, weights):
     """Forwards of 2..16 tokens through kernels.decode_layers (a short edit; a journaled verify, then
     keep(n) for several n) leave exactly the logits, Mamba states, KV and journal of the layer-by-layer
-    path; a verify's every row equals its plain decode step's."""
+    path; a verify's every row equals its plain decode step's. The one-call verify journals differently
+    (state.Journal: no SSM state written; the rows kept become deferred ones), and the verifies follow each
+    other with rows still deferred, which each applies on its way."""
     conf, one, layered = _one_call_and_layered(cfg, weights)
     gen = torch.Generator().manual_seed(8)
     ids = torch.randint(0, conf["vocab_size"], (100,), generator=gen)
@@ -395,31 +397,38 @@ def test_one_call_rows_and_verify_are_bit_identical(cfg, weights):
         b = layered.forward(ids[at : at + T], s2, all_logits=all_logits)
         assert torch.equal(a, b), T
         at += T
-    assert s1.pos == s2.pos == at
+    assert s1.pos == s2.pos == at and s1.deferred == 0
     for rows, keep in ((9, 1), (9, 4), (16, 16), (2, 1), (2, 2), (5, 3)):
-        plain = s1.fork()
+        plain = s2.fork()  # s2's states are s1's with its deferred rows applied (checked below)
+        before = [t.clone() for t in s2.ssm]
         s1.journal_next()
         s2.journal_next()
         fed = ids[at : at + rows]
         a = one.forward(fed, s1, all_logits=True)
         b = layered.forward(fed, s2, all_logits=True)
         assert torch.equal(a, b), rows
-        for slot in s2.journal.inputs:  # the journal: states after the first row, the other rows' inputs
-            assert torch.equal(s1.journal.conv[slot], s2.journal.conv[slot])
-            assert torch.equal(s1.journal.ssm[slot], s2.journal.ssm[slot])
-            assert torch.equal(s1.journal.inputs[slot], s2.journal.inputs[slot])
         assert s1.journal.inputs.keys() == s2.journal.inputs.keys()
+        for slot in s2.journal.inputs:  # both journals: the conv state after the first row, the other rows
+            assert torch.equal(s1.journal.conv[slot], s2.journal.conv[slot])
+            assert torch.equal(s1.journal.inputs[slot], s2.journal.inputs[slot])
+        # the one-call verify applied the deferred rows in place and left the SSM states there
+        for x, y in zip(s1.ssm, before, strict=True):
+            assert torch.equal(x, y), rows
         for r in range(rows):  # each row is the plain step's
             assert torch.equal(a[r], one.forward(fed[r : r + 1], plain)), (rows, r)
         one.keep(s1, keep)
         layered.keep(s2, keep)
         at += keep
-        assert s1.pos == s2.pos == at
-        for x, y in zip((*s1.conv, *s1.ssm), (*s2.conv, *s2.ssm), strict=True):
+        assert s1.pos == s2.pos == at and s1.deferred == keep
+        for x, y in zip(s1.conv, s2.conv, strict=True):
             assert torch.equal(x, y), (rows, keep)
         for x, y in zip((*s1.kv.k, *s1.kv.v), (*s2.kv.k, *s2.kv.v), strict=True):
             assert torch.equal(x[:, :at], y[:, :at]), (rows, keep)
+    # the step below applies the last verify's 3 rows on its way
     assert torch.equal(one.forward(ids[at : at + 1], s1), layered.forward(ids[at : at + 1], s2))
+    assert s1.deferred == 0
+    for x, y in zip((*s1.conv, *s1.ssm), (*s2.conv, *s2.ssm), strict=True):
+        assert torch.equal(x, y)
 
 
 def test_one_call_rejects_malformed_rows_before_touching_a_state():
@@ -441,8 +450,16 @@ def test_one_call_rejects_malformed_rows_before_touching_a_state():
         k.decode_layers(one.embed_rows(torch.arange(limit + 1)).contiguous(), *plan, *lists, [pos], 1)
     with pytest.raises(RuntimeError, match="one state per Mamba layer and sequence"):
         k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1)
+    width = one.recurrence.scan_row_width
+    journal = ([c.clone() for c in state.conv], [torch.zeros(3, width)] * len(state.ssm))
     with pytest.raises(RuntimeError, match="a journaled call has one sequence"):
-        k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1, list(state.conv), list(state.ssm))
+        k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1, journal=journal)
+    with pytest.raises(RuntimeError, match="deferred rows go with one sequence"):
+        k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1, [torch.zeros(1, width)] * len(state.ssm))
+    with pytest.raises(RuntimeError, match=r"deferred and exported rows \[n, E \+ G N \+ H\]"):
+        k.decode_layers(x, *plan, *lists, [pos], 1, [torch.zeros(1, width + 1)] * len(state.ssm))
+    with pytest.raises(RuntimeError, match="T exported rows"):
+        k.decode_layers(x, *plan, *lists, [pos], 1, journal=(journal[0], [torch.zeros(2, width)] * len(state.ssm)))
     for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
         assert torch.equal(a, b)
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from granite_lsp import kernels
 from granite_lsp.documents import Document
 from granite_lsp.runtime import HybridModel, Interrupted, ModelState
+from granite_lsp.runtime.rows import fork_row, step_rows
 from granite_lsp.speculate import MAX_DRAFT, DraftBudget, PromptLookup, VerifyCost
 
 pytestmark = pytest.mark.usefixtures("isa_level")
@@ -146,13 +147,17 @@ def test_keeping_any_rows_of_a_verify_equals_feeding_just_them(path: str) -> Non
         got = rows[n - 1]
         assert spec.pos == plain.pos == spec.kv.length == len(prompt) + n
         assert same(got, want, path), n
-        for a, b in zip((*spec.conv, *spec.ssm), (*plain.conv, *plain.ssm), strict=True):
-            assert same(a, b, path), n
         for a, b in zip((*spec.kv.k, *spec.kv.v), (*plain.kv.k, *plain.kv.v), strict=True):
             assert same(a[:, : spec.pos], b[:, : plain.pos], path), n
+        # on the kernels the kept rows may be deferred (ModelState.deferred): the first step after
+        # applies them on its way, and the states are the plain ones from there on
+        assert spec.deferred == (n if path == "packed-kernels" else 0), n
         for t in after:  # decoding goes on alike
             x, y = model.forward(t.view(1), spec), model.forward(t.view(1), plain)
             assert same(x, y, path) and int(x.argmax()) == int(y.argmax()), n
+        assert spec.deferred == 0
+        for a, b in zip((*spec.conv, *spec.ssm), (*plain.conv, *plain.ssm), strict=True):
+            assert same(a, b, path), n
 
 
 def test_keep_needs_the_journaled_forward_just_before() -> None:
@@ -171,6 +176,98 @@ def test_keep_needs_the_journaled_forward_just_before() -> None:
     assert state.pos == 4
     with pytest.raises(ValueError, match="journaled"):
         model.keep(state, 1)  # a journal applies once
+
+
+def _deferring(model: HybridModel, keep: int | None) -> tuple[ModelState, ModelState, Tensor]:
+    """A state whose last one-call verify (6 rows) kept ``keep`` of them, leaving them deferred (or, with
+    None, was not taken back at all: its journal still open), and a state fed the same tokens one at a
+    time; and the verify's rows' tokens."""
+    gen = torch.Generator().manual_seed(21)
+    vocab = model.config.vocab_size
+    prompt, fed = torch.randint(0, vocab, (30,), generator=gen), torch.randint(0, vocab, (6,), generator=gen)
+    spec, plain = model.new_state(8), model.new_state(8)
+    model.forward(prompt, spec)
+    model.forward(prompt, plain)
+    spec.journal_next()
+    model.forward(fed, spec, all_logits=True)
+    if keep is not None:
+        model.keep(spec, keep)
+        assert spec.deferred == keep
+    for t in fed[: len(fed) if keep is None else keep]:
+        model.forward(t.view(1), plain)
+    return spec, plain, fed
+
+
+def _assert_same_states(a: ModelState, b: ModelState) -> None:
+    assert a.pos == b.pos == a.kv.length == b.kv.length
+    for x, y in zip((*a.conv, *a.ssm), (*b.conv, *b.ssm), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip((*a.kv.k, *a.kv.v), (*b.kv.k, *b.kv.v), strict=True):
+        assert torch.equal(x[:, : a.pos], y[:, : b.pos])
+
+
+def test_deferred_rows_are_settled_wherever_the_live_states_are_read() -> None:
+    """A one-call verify's kept rows are deferred (ModelState.deferred): the live SSM states have not
+    advanced over them. Every reader of the live states other than the next one-call forward settles
+    them first, and gets exactly the states that feeding the tokens one at a time leaves: a snapshot,
+    a fork, the candidates' forks and batched step (runtime/rows.py), a forward the one-call step does
+    not take (> 16 tokens), a forward journaled whole and undone, a restore; a verify nobody took back
+    keeps all its rows, whether a snapshot or the next forward comes first."""
+    model = tiny_model("packed-kernels")
+    tail = torch.tensor([5, 9, 2])
+
+    spec, plain, _ = _deferring(model, 2)
+    snap = spec.snapshot()  # settles
+    assert spec.deferred == 0
+    for x, y in zip((*snap.conv, *snap.ssm), (*plain.conv, *plain.ssm), strict=True):
+        assert torch.equal(x, y)
+    _assert_same_states(spec, plain)
+
+    spec, plain, _ = _deferring(model, 3)
+    forked = spec.fork()
+    _assert_same_states(forked, plain)
+
+    spec, plain, _ = _deferring(model, 1)
+    long = torch.arange(20) % model.config.vocab_size  # more than GEMV_MAX_ROWS: layer by layer
+    assert torch.equal(model.forward(long, spec, all_logits=True), model.forward(long, plain, all_logits=True))
+    _assert_same_states(spec, plain)
+
+    spec, plain, _ = _deferring(model, 4)
+    before_nbytes = spec.nbytes
+    rows = [fork_row(spec, 4), None]
+    mirror = [fork_row(plain, 4), None]
+    _assert_same_states(rows[0], mirror[0])
+    got = step_rows(model, [7, 8], [rows[0], spec])
+    want = step_rows(model, [7, 8], [mirror[0], plain])
+    assert torch.equal(got, want)
+    _assert_same_states(spec, plain)
+    assert before_nbytes == spec.nbytes > plain.nbytes  # the scan-row buffers count
+
+    spec, plain, _ = _deferring(model, 2)
+    spec.journal_next(whole=True)  # settles: undo must bring back the states at its start
+    model.forward(tail, spec)
+    spec.undo()
+    _assert_same_states(spec, plain)
+
+    spec, plain, _ = _deferring(model, 5)
+    model.forward(tail, spec)  # the one-call step applies them on its way
+    model.forward(tail, plain)
+    _assert_same_states(spec, plain)
+
+    spec, plain, _ = _deferring(model, 2)
+    spec.restore(snap)  # a restore replaces them
+    assert spec.deferred == 0 and spec.pos == snap.pos
+
+    spec, plain, fed = _deferring(model, None)  # never taken back: all six rows stay
+    spec.snapshot()
+    _assert_same_states(spec, plain)
+    with pytest.raises(ValueError, match="journaled"):
+        model.keep(spec, 1)  # the snapshot closed the verify
+
+    spec, plain, fed = _deferring(model, None)
+    x, y = model.forward(tail, spec), model.forward(tail, plain)
+    assert torch.equal(x, y)
+    _assert_same_states(spec, plain)
 
 
 @pytest.mark.parametrize("path", PATHS)

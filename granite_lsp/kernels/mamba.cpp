@@ -14,8 +14,9 @@ namespace {
 // Below kChunkedMinTokens tokens (decode, small edits, speculative decoding's verify rows) the scan
 // is the plain recurrence S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t, one head per
 // task: a head's state (P x N fp32, 16 KB) stays in L1 for all T tokens, a multiply and two FMAs
-// per state element per token. Decode (T = 1) takes one pass per head instead (decode_head below),
-// with the same operations on every value. Longer inputs (prefill) take the chunked matmul form
+// per state element per token. Where the head dim is a multiple of 8 (every real shape) the conv, dt
+// and gate of those tokens run in the same pass per head (rows_head below), with the same operations
+// on every value. Longer inputs (prefill) take the chunked matmul form
 // (mamba_head_chunked below): two FMAs per state element per token, in register tiles (in torch
 // ops that form spent more time in small-op overhead than in math; here it has none). A 512-token
 // mixer on the real shape (1 thread, CPU time, noisy shared machine, the two builds alternating):
@@ -32,6 +33,29 @@ constexpr int64_t kMaxConvWidth = 16;
 constexpr int64_t kMaxHeadDim = 256;  // kernels.MAMBA_MAX_HEAD_DIM
 constexpr int64_t kPrefetchTokens = 8;
 
+// Beside its rows, a call of a few rows (the recurrence: T <= kMaxStreamRows) can take care of what
+// runtime/state.py's ModelState defers (its docstring says why: a verify's rows are kept without a
+// state written for them):
+// - `deferred` [n_deferred, E + G N + H]: rows the state has not advanced over yet, applied in place
+//   before the new ones (each row's x dt, B and decay, as `exported` leaves them);
+// - `exported` [T, E + G N + H], when not null: the new rows advance a copy of the state, which is then
+//   dropped, and leave their x dt, B and decay there instead (a journaled verify: how many of its rows
+//   stay is decided after it). The state itself is then written only where deferred rows advanced it:
+//   no more memory traffic than a plain step's.
+struct Deferral {
+  const float* deferred = nullptr;
+  int64_t n_deferred = 0;
+  float* exported = nullptr;
+};
+
+// A scan row's width in `Deferral`'s rows (x dt [E], B [G N], decay [H]), and where a head's parts are.
+struct ScanRowLayout {
+  int64_t E, GN, H;
+  int64_t width() const { return E + GN + H; }
+  int64_t B(int64_t g, int64_t N) const { return E + g * N; }
+  int64_t decay(int64_t h) const { return E + GN + h; }
+};
+
 struct MambaScan {
   float* ssm;          // [H, P, N]
   const float* x;      // conv output (after SiLU), the x part [T, E]
@@ -40,19 +64,13 @@ struct MambaScan {
   const float* decay;  // [T, H]
   float* y;            // [T, E]
   int64_t T, H, P, N, G, E;
-  float* saved = nullptr;  // [H, P, N] or null: receives the state after the first token (a journaled call)
+  Deferral rows;
 };
 
-// n floats from src to dst, with streaming stores where dst is 32-byte aligned and n % 8 == 0: nothing
-// reads the copy before a rollback, and a plain store would first read dst's lines from memory.
-inline void stream_copy(float* dst, const float* src, int64_t n) {
-  if (reinterpret_cast<uintptr_t>(dst) % 32 != 0 || n % 8 != 0) {
-    std::memcpy(dst, src, sizeof(float) * size_t(n));
-    return;
-  }
-  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-  _mm_sfence();
-}
+// One state value's update for one token: decay, then + x dt B, in one rounding (the vector loops'
+// FMA). Every path that advances a state (state_row, state_rows4, advance_head) gives a value these
+// operations, so applying a row later (a deferred one) changes no bit.
+inline float scan_update(float s, float decay, float xdt, float b) { return std::fma(xdt, b, s * decay); }
 
 // One state row (N values) for one token: decay, add xdt * B, read out through C.
 inline float state_row(float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
@@ -66,10 +84,32 @@ inline float state_row(float* s, int64_t N, const float* B, const float* Cv, flo
   }
   float out = hsum(acc);
   for (; n < N; ++n) {
-    s[n] = s[n] * decay + xdt * B[n];
+    s[n] = scan_update(s[n], decay, xdt, B[n]);
     out += s[n] * Cv[n];
   }
   return out;
+}
+
+// A head's whole state [P, N] advanced over one token with no read-out (a deferred row, whose output
+// was read when it was first fed), as state_row advances each value.
+inline void advance_head(float* s, int64_t P, int64_t N, const float* xdt, const float* B, float decay) {
+  const __m256 d = _mm256_set1_ps(decay);
+  for (int64_t p = 0; p < P; ++p, s += N) {
+    const __m256 xv = _mm256_set1_ps(xdt[p]);
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8)
+      _mm256_storeu_ps(s + n, _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(s + n), d)));
+    for (; n < N; ++n) s[n] = scan_update(s[n], decay, xdt[p], B[n]);
+  }
+}
+
+// Head h's state advanced over the deferred rows of `r` (none when there are none).
+inline void apply_deferred(float* state, const Deferral& r, const ScanRowLayout& lay, int64_t h, int64_t g, int64_t P,
+                           int64_t N) {
+  for (int64_t i = 0; i < r.n_deferred; ++i) {
+    const float* row = r.deferred + i * lay.width();
+    advance_head(state, P, N, row + h * P, row + lay.B(g, N), row[lay.decay(h)]);
+  }
 }
 
 // One token as the scan sees it: its B and C, x * dt of the head's rows, its decay, where its y goes.
@@ -142,11 +182,20 @@ inline void state_rows4_pair(float* s, int64_t N, const TokenRows& ta, const Tok
   tb.y[3] = hsum(e3);
 }
 
+// The most state floats a head may have where a call's rows advance a copy of it (Deferral::exported:
+// the copy is a buffer on the task's stack, 128 KB).
+constexpr int64_t kLocalStateFloats = 1 << 15;
+
 void mamba_head(const void* ctx, int64_t h) {
   const auto& m = *static_cast<const MambaScan*>(ctx);
   const int64_t g = h / (m.H / m.G), P = m.P, N = m.N;
   const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
-  float* state = m.ssm + h * P * N;
+  const ScanRowLayout lay{m.E, m.G * N, m.H};
+  alignas(64) float local[kLocalStateFloats];
+  float* const from = m.ssm + h * P * N;
+  apply_deferred(from, m.rows, lay, h, g, P, N);  // in place
+  float* const state = m.rows.exported ? local : from;
+  if (m.rows.exported) std::memcpy(local, from, sizeof(float) * size_t(P * N));
   auto token = [&](int64_t t, float* xdt) {
     const float* bc = m.bc + t * 2 * m.G * m.N;
     const float dt = m.dt[t * m.H + h];
@@ -160,7 +209,13 @@ void mamba_head(const void* ctx, int64_t h) {
       const char* next = reinterpret_cast<const char*>(m.x + (t + kPrefetchTokens) * m.E + h * P);
       for (int64_t b = 0; b < P * int64_t(sizeof(float)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
-    return TokenRows{bc + g * N, bc + m.G * N + g * N, xdt, m.decay[t * m.H + h], m.y + t * m.E + h * P};
+    const float decay = m.decay[t * m.H + h];
+    if (m.rows.exported) {  // this head's part of the row a later call may apply (the caller writes B)
+      float* row = m.rows.exported + t * lay.width();
+      std::memcpy(row + h * P, xdt, sizeof(float) * size_t(P));
+      row[lay.decay(h)] = decay;
+    }
+    return TokenRows{bc + g * N, bc + m.G * N + g * N, xdt, decay, m.y + t * m.E + h * P};
   };
   // the rows that the four-row kernels do not take, one token at a time
   auto rest = [&](const TokenRows& tr) {
@@ -168,13 +223,6 @@ void mamba_head(const void* ctx, int64_t h) {
   };
   float xdt[2 * kMaxHeadDim];  // a pool task allocates nothing (so it cannot throw)
   int64_t t = 0;
-  if (m.saved) {  // journaled: the first token alone, then the head's state after it (in L1) to the journal
-    const TokenRows a = token(0, xdt);
-    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, a.from(p));
-    rest(a);
-    stream_copy(m.saved + h * P * N, state, P * N);
-    t = 1;
-  }
   for (; t + 2 <= m.T; t += 2) {
     const TokenRows a = token(t, xdt), b = token(t + 1, xdt + P);
     for (int64_t p = 0; p < P4; p += 4) state_rows4_pair(state + p * N, N, a.from(p), b.from(p));
@@ -265,65 +313,117 @@ inline void gate_head(float* y, const float* x, const float* z, float Dh, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
-// One decode token (T = 1) in one pass per head, the heads shared between the threads: the head's
-// conv channels and SiLU, its conv-state channels shifted, its dt and decay, its state rows, its
-// gate. The general path ran the conv, dt and gate on one thread between three pool jobs, over
-// scratch buffers and a copy of the whole conv state; here only B and C's conv (shared by a group's
-// heads) and the group norm stay on the calling thread. Each value goes through the same functions
-// in the same order (conv_span over channels that start at a multiple of 8 with P % 8 == 0,
-// dt_decay, state_rows4 / state_row, gate_head), so the results are the general path's bits:
-// a token decoded alone equals the same token inside a batch (speculative decoding relies on it).
+// A few tokens (T <= kMaxStreamRows: a decode step, a verify's rows, a short edit) in one pass per
+// head, the heads shared between the threads: the head's conv channels and SiLU for every row, its
+// conv-state channels shifted, its dt and decay, its state rows, its gate. The general path ran the
+// conv, dt and gate on one thread between three pool jobs, over scratch buffers and a copy of the
+// whole conv state (a 2-row verify's mixers on the real shape: ~+0.65 ms over one row's, this ~+0.2);
+// here only B and C's conv (shared by a group's heads) and the group norm stay on the calling thread.
+// Each value goes through the same functions in the same order (conv_span over channels that start at
+// a multiple of 8 with P % 8 == 0, dt_decay, state_rows4(_pair) / state_row, gate_head), so the
+// results are the general path's bits: a token decoded alone equals the same token inside a batch
+// (speculative decoding relies on it).
 
-struct DecodeToken {
+struct FewRows {
   float* ssm;       // [H, P, N]
   float* cs;        // conv state [K - 1, C]
-  const float* in;  // the token's zxbcdt row [E + C + H]
+  const float* in;  // the rows' zxbcdt [T, W]
   const float* cw;  // [K, C]
   const float* cb;  // [C] or null
-  const float* bc;  // the token's B and C after the conv [2 G N]
+  const float* bc;  // the rows' B and C after the conv [T, 2 G N]
   const float *db, *A, *D;
-  float* y;  // [E]
-  int64_t H, P, N, G, E, C, K;
+  float* y;           // [T, E]
+  float* conv_saved;  // [K - 1, C] or null: the conv state after the first row
+  int64_t T, H, P, N, G, E, C, K, W;
   float dt_min, dt_max;
+  Deferral rows;
 };
 
-// Bytes of a head's state prefetched ahead of the rows being updated (decode_head).
+// Bytes of a head's state prefetched ahead of the rows being updated (rows_head).
 constexpr int64_t kStatePrefetch = 8192;
 
-void decode_head(const void* ctx, int64_t h) {
-  const auto& d = *static_cast<const DecodeToken*>(ctx);
-  const int64_t P = d.P, N = d.N, C = d.C, E = d.E, K = d.K, c0 = h * P;
+void rows_head(const void* ctx, int64_t h) {
+  const auto& d = *static_cast<const FewRows*>(ctx);
+  const int64_t T = d.T, P = d.P, N = d.N, C = d.C, E = d.E, K = d.K, W = d.W, c0 = h * P;
   const int64_t g = h / (d.H / d.G);
+  const ScanRowLayout lay{E, d.G * N, d.H};
+  // row j of [conv state; the rows' raw conv inputs]: token t's window is rows t .. t + K - 1
+  auto window_row = [&](int64_t j) { return j < K - 1 ? d.cs + j * C : d.in + (j - (K - 1)) * W + E; };
+  float x[kMaxStreamRows * kMaxHeadDim], xdt[2 * kMaxHeadDim];  // a pool task allocates nothing (cannot throw)
+  float dt[kMaxStreamRows], decay[kMaxStreamRows];
   const float* src[kMaxConvWidth];
-  for (int64_t j = 0; j + 1 < K; ++j) src[j] = d.cs + j * C;
-  src[K - 1] = d.in + E;
-  float x[kMaxHeadDim], xdt[kMaxHeadDim];  // a pool task allocates nothing (so it cannot throw)
-  conv_span(src, d.cw, d.cb, C, K, c0, c0 + P, x);
-  // the conv state keeps the last K - 1 raw inputs: this head's channels move up a row
-  for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(d.cs + j * C + c0, src[j + 1] + c0, sizeof(float) * P);
-  float dt, decay;
-  dt_decay(d.in[E + C + h], d.db[h], d.A[h], d.dt_min, d.dt_max, &dt, &decay);
-  for (int64_t p = 0; p < P; ++p) xdt[p] = x[p] * dt;
-  const TokenRows tr{d.bc + g * N, d.bc + d.G * N + g * N, xdt, decay, d.y + c0};
-  float* state = d.ssm + h * P * N;
-  const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
-  // The state is read from memory (the weights streamed since the last step have evicted it),
-  // and the hardware prefetcher does not run far enough ahead on a head's 16 KB: prefetched
-  // kStatePrefetch bytes ahead, 28 real-shape mixers took 0.67-0.84x the CPU time on one thread
-  // and 0.76-0.90x the wall time on two (same process, alternating rounds; three runs on one
-  // thread, two on two, loaded machine; bits unchanged).
-  const char* const base = reinterpret_cast<const char*>(state);
-  const int64_t row_bytes = N * int64_t(sizeof(float)), bytes = P * row_bytes;
-  auto prefetch = [&](int64_t from, int64_t to) {
-    for (int64_t b = from; b < std::min(to, bytes); b += 64) _mm_prefetch(base + b, _MM_HINT_T0);
-  };
-  prefetch(0, kStatePrefetch);
-  for (int64_t p = 0; p < P4; p += 4) {
-    prefetch(kStatePrefetch + p * row_bytes, kStatePrefetch + (p + 4) * row_bytes);
-    state_rows4(state + p * N, N, tr.from(p));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
+    conv_span(src, d.cw, d.cb, C, K, c0, c0 + P, x + t * P);
+    dt_decay(d.in[t * W + E + C + h], d.db[h], d.A[h], d.dt_min, d.dt_max, dt + t, decay + t);
   }
-  for (int64_t p = P4; p < P; ++p) tr.y[p] = state_row(state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
-  gate_head(d.y + c0, x, d.in + c0, d.D[h], P);
+  // the conv state keeps the last K - 1 raw inputs (partly old state when T < K - 1): this head's
+  // channels move up T rows (in increasing order, each row read before it is overwritten), after the
+  // state after the first row is saved (a journaled call)
+  if (d.conv_saved)
+    for (int64_t j = 0; j + 1 < K; ++j)
+      std::memcpy(d.conv_saved + j * C + c0, window_row(1 + j) + c0, sizeof(float) * P);
+  for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(d.cs + j * C + c0, window_row(T + j) + c0, sizeof(float) * P);
+  // The state is read from memory (the weights streamed since the last step have evicted it), and the
+  // hardware prefetcher does not run far enough ahead on a head's 16 KB: prefetched kStatePrefetch bytes
+  // ahead, 28 real-shape decode mixers took 0.67-0.84x the CPU time on one thread and 0.76-0.90x the
+  // wall time on two (same process, alternating rounds; three runs on one thread, two on two, loaded
+  // machine; bits unchanged). Deferred rows are applied in place first (the whole head prefetched: they
+  // are rare) and exported rows advance a copy on the stack, read from L1 once the deferred rows or the
+  // prefetch brought the state there.
+  alignas(64) float local[kLocalStateFloats];
+  float* const from = d.ssm + h * P * N;
+  float* const state = d.rows.exported ? local : from;
+  const char* const base = reinterpret_cast<const char*>(from);
+  const int64_t row_bytes = N * int64_t(sizeof(float)), bytes = P * row_bytes;
+  auto prefetch = [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < std::min(b, bytes); i += 64) _mm_prefetch(base + i, _MM_HINT_T0);
+  };
+  bool cold = true;  // the first pass over the state (prefetching ahead of it)
+  if (d.rows.exported || d.rows.n_deferred) {
+    prefetch(0, bytes);
+    apply_deferred(from, d.rows, lay, h, g, P, N);
+    if (d.rows.exported) std::memcpy(local, from, size_t(bytes));
+    cold = false;
+  } else {
+    prefetch(0, kStatePrefetch);
+  }
+  auto token = [&](int64_t t, float* xt) {
+    for (int64_t p = 0; p < P; ++p) xt[p] = x[t * P + p] * dt[t];
+    if (d.rows.exported) {  // this head's part of the row a later call may apply (the caller writes B)
+      float* row = d.rows.exported + t * lay.width();
+      std::memcpy(row + c0, xt, sizeof(float) * size_t(P));
+      row[lay.decay(h)] = decay[t];
+    }
+    const float* bc = d.bc + t * 2 * d.G * N;
+    return TokenRows{bc + g * N, bc + d.G * N + g * N, xt, decay[t], d.y + t * E + c0};
+  };
+  const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
+  auto ahead = [&](int64_t p) {
+    if (cold) prefetch(kStatePrefetch + p * row_bytes, kStatePrefetch + (p + 4) * row_bytes);
+  };
+  auto rest = [&](const TokenRows& tr) {
+    for (int64_t p = P4; p < P; ++p) tr.y[p] = state_row(state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
+  };
+  int64_t t = 0;
+  for (; t + 2 <= T; t += 2, cold = false) {
+    const TokenRows a = token(t, xdt), b = token(t + 1, xdt + P);
+    for (int64_t p = 0; p < P4; p += 4) {
+      ahead(p);
+      state_rows4_pair(state + p * N, N, a.from(p), b.from(p));
+    }
+    rest(a);
+    rest(b);
+  }
+  if (t < T) {
+    const TokenRows a = token(t, xdt);
+    for (int64_t p = 0; p < P4; p += 4) {
+      ahead(p);
+      state_rows4(state + p * N, N, a.from(p));
+    }
+    rest(a);
+  }
+  for (int64_t r = 0; r < T; ++r) gate_head(d.y + r * E + c0, x + r * P, d.in + r * W + c0, d.D[h], P);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -554,12 +654,12 @@ void mamba_head_chunked(const void* ctx, int64_t h) {
 
 namespace {
 
-// mamba_mixer, and with conv_saved / ssm_saved (non-null: mamba_mixer_journaled) the states after the
-// first token written there on the way.
+// mamba_mixer, and (mamba_mixer_rows) with what a Deferral asks and the conv state after the first token
+// written to conv_saved (non-null) on the way.
 at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
                  const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
                  const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
-                 double eps, double dt_min, double dt_max, int64_t threads, float* conv_saved, float* ssm_saved) {
+                 double eps, double dt_min, double dt_max, int64_t threads, float* conv_saved, const Deferral& rows) {
   const int64_t H = ssm_state.size(0), P = ssm_state.size(1), N = ssm_state.size(2);
   const int64_t E = H * P, G = n_groups, C = E + 2 * G * N, K = conv_w.size(0), W = E + C + H;
   TORCH_CHECK(zxbcdt.is_cpu() && zxbcdt.scalar_type() == at::kFloat && zxbcdt.is_contiguous() && zxbcdt.dim() == 2 &&
@@ -588,37 +688,55 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   const float* Dp = D.data_ptr<float>();
   const float* nw = norm_w.data_ptr<float>();
   const int64_t per = E / G;
-  TORCH_CHECK(!ssm_saved || T <= kMaxStreamRows, "mamba_mixer: a journaled call takes the recurrence's rows");
-  if (T == 1 && P % 8 == 0 && !ssm_saved) {  // decode_head's channels then start where the general path's do
-    thread_local std::vector<float> bc;      // kept between calls: a step decodes ~30 of these
-    bc.resize(size_t(C - E));
+  TORCH_CHECK(!(rows.n_deferred || rows.exported) || T <= kMaxStreamRows,
+              "mamba_mixer: deferred and exported rows go with the recurrence's few rows");
+  TORCH_CHECK(!rows.exported || P * N <= kLocalStateFloats, "mamba_mixer: a head's state too large to export rows");
+  if (T <= kMaxStreamRows && P % 8 == 0) {
+    // rows_head's channels start where the general path's do
+    thread_local std::vector<float> bc;  // kept between calls: a step runs ~30 of these
+    const int64_t BC = C - E;
+    bc.resize(size_t(T * BC));
     const float* src[kMaxConvWidth];
-    for (int64_t j = 0; j + 1 < K; ++j) src[j] = cs + j * C;
-    src[K - 1] = in + E;
-    conv_span(src, cw, cb, C, K, E, C, bc.data());
-    for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(cs + j * C + E, src[j + 1] + E, sizeof(float) * (C - E));
+    auto window_row = [&](int64_t j) { return j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E; };
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
+      conv_span(src, cw, cb, C, K, E, C, bc.data() + t * BC);
+      if (rows.exported)  // each row's B, for whoever applies the row later (the heads write x dt and decay)
+        std::memcpy(rows.exported + t * (E + G * N + H) + E, bc.data() + t * BC, sizeof(float) * size_t(G * N));
+    }
+    // B and C's channels of the conv state, as rows_head moves the heads' (after saving the first row's)
+    if (conv_saved)
+      for (int64_t j = 0; j + 1 < K; ++j)
+        std::memcpy(conv_saved + j * C + E, window_row(1 + j) + E, sizeof(float) * BC);
+    for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(cs + j * C + E, window_row(T + j) + E, sizeof(float) * BC);
     float* y = out.data_ptr<float>();
-    const DecodeToken d{ssm_state.data_ptr<float>(),
-                        cs,
-                        in,
-                        cw,
-                        cb,
-                        bc.data(),
-                        dt_bias.data_ptr<float>(),
-                        A.data_ptr<float>(),
-                        Dp,
-                        y,
-                        H,
-                        P,
-                        N,
-                        G,
-                        E,
-                        C,
-                        K,
-                        float(dt_min),
-                        float(dt_max)};
-    pool().run(&decode_head, &d, H, n_threads - 1);
-    for (int64_t g = 0; g < G; ++g) rms_norm_row(y + g * per, nw + g * per, y + g * per, per, float(eps));
+    const FewRows d{ssm_state.data_ptr<float>(),
+                    cs,
+                    in,
+                    cw,
+                    cb,
+                    bc.data(),
+                    dt_bias.data_ptr<float>(),
+                    A.data_ptr<float>(),
+                    Dp,
+                    y,
+                    conv_saved,
+                    T,
+                    H,
+                    P,
+                    N,
+                    G,
+                    E,
+                    C,
+                    K,
+                    W,
+                    float(dt_min),
+                    float(dt_max),
+                    rows};
+    pool().run(&rows_head, &d, H, n_threads - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g)
+        rms_norm_row(y + t * E + g * per, nw + g * per, y + t * E + g * per, per, float(eps));
     return out;
   }
   // (1) One pass over the tokens, rows in parallel: dt = clamp(softplus(raw + bias)) (and for the
@@ -676,7 +794,10 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
   // (3) the scan, one head per task: in chunks for a prefill (above), token by token for a few tokens
   float* y = out.data_ptr<float>();
-  MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, ssm_saved};
+  if (rows.exported)  // each row's B, for whoever applies the row later (the heads write x dt and decay)
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(rows.exported + t * (E + G * N + H) + E, bcs + t * BC, sizeof(float) * size_t(G * N));
+  MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, rows};
   if (chunked) {
     const int64_t chunks = (T + kScanChunk - 1) / kScanChunk;
     const auto cb = scratch(size_t(chunks * G * kScanChunk * kScanChunk));
@@ -709,22 +830,74 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
                        const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
                        double eps, double dt_min, double dt_max, int64_t threads) {
   return mixer(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w, n_groups, eps, dt_min, dt_max,
-               threads, nullptr, nullptr);
+               threads, nullptr, Deferral{});
 }
 
-at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
-                                 const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias,
-                                 const at::Tensor& A, const at::Tensor& D, const at::Tensor& ssm_state,
-                                 const at::Tensor& norm_w, int64_t n_groups, double eps, double dt_min, double dt_max,
-                                 int64_t threads, const at::Tensor& conv_saved, const at::Tensor& ssm_saved) {
-  TORCH_CHECK(conv_saved.sizes() == conv_state.sizes() && ssm_saved.sizes() == ssm_state.sizes() &&
-                  conv_saved.is_contiguous() && ssm_saved.is_contiguous() && conv_saved.scalar_type() == at::kFloat &&
-                  ssm_saved.scalar_type() == at::kFloat,
-              "mamba_mixer_journaled: journal buffers shaped like the states (contiguous fp32)");
-  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(0) >= 2 && zxbcdt.size(0) <= kMaxStreamRows,
-              "mamba_mixer_journaled: 2 <= T <= 16 rows (one row needs no journal; more take the chunked scan)");
+namespace {
+
+// A Deferral's rows (deferred or exported) for a state [H, P, N] of n_groups groups: contiguous fp32
+// [n, H P + n_groups N + H] (n = rows, or any with rows < 0).
+const float* scan_rows(const std::optional<at::Tensor>& t, const at::Tensor& ssm, int64_t n_groups, int64_t rows,
+                       const char* what) {
+  if (!t) return nullptr;
+  const int64_t H = ssm.size(0), width = H * ssm.size(1) + n_groups * ssm.size(2) + H;
+  TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                  t->size(1) == width && (rows < 0 || t->size(0) == rows),
+              what, ": contiguous fp32 [rows, E + G N + H] scan rows");
+  return t->data_ptr<float>();
+}
+
+}  // namespace
+
+at::Tensor mamba_mixer_rows(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                            const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                            const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w,
+                            int64_t n_groups, double eps, double dt_min, double dt_max, int64_t threads,
+                            const std::optional<at::Tensor>& deferred, const std::optional<at::Tensor>& conv_saved,
+                            const std::optional<at::Tensor>& exported) {
+  TORCH_CHECK(ssm_state.dim() == 3 && zxbcdt.dim() == 2, "mamba_mixer_rows: ssm [H, P, N], zxbcdt [T, W]");
+  TORCH_CHECK(!conv_saved || (conv_saved->sizes() == conv_state.sizes() && conv_saved->is_contiguous() &&
+                              conv_saved->scalar_type() == at::kFloat),
+              "mamba_mixer_rows: conv_saved shaped like the conv state (contiguous fp32)");
+  TORCH_CHECK(!conv_saved || zxbcdt.size(0) >= 2, "mamba_mixer_rows: the conv state after the first of >= 2 rows");
+  Deferral rows;
+  rows.deferred = scan_rows(deferred, ssm_state, n_groups, -1, "deferred");
+  rows.n_deferred = deferred ? deferred->size(0) : 0;
+  rows.exported = const_cast<float*>(scan_rows(exported, ssm_state, n_groups, zxbcdt.size(0), "exported"));
   return mixer(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w, n_groups, eps, dt_min, dt_max,
-               threads, conv_saved.data_ptr<float>(), ssm_saved.data_ptr<float>());
+               threads, conv_saved ? conv_saved->data_ptr<float>() : nullptr, rows);
+}
+
+namespace {
+
+struct AdvanceRows {
+  float* ssm;
+  Deferral rows;
+  ScanRowLayout lay;
+  int64_t H, P, N, G;
+};
+
+void advance_task(const void* ctx, int64_t h) {
+  const auto& a = *static_cast<const AdvanceRows*>(ctx);
+  apply_deferred(a.ssm + h * a.P * a.N, a.rows, a.lay, h, h / (a.H / a.G), a.P, a.N);
+}
+
+}  // namespace
+
+void mamba_advance(const at::Tensor& ssm_state, const at::Tensor& rows, int64_t n_groups, int64_t threads) {
+  TORCH_CHECK(
+      ssm_state.is_cpu() && ssm_state.scalar_type() == at::kFloat && ssm_state.is_contiguous() && ssm_state.dim() == 3,
+      "mamba_advance: ssm_state contiguous fp32 [H, P, N]");
+  const int64_t H = ssm_state.size(0), P = ssm_state.size(1), N = ssm_state.size(2);
+  TORCH_CHECK(n_groups >= 1 && H % n_groups == 0, "mamba_advance: n_groups divides the heads");
+  const AdvanceRows a{ssm_state.data_ptr<float>(),
+                      Deferral{scan_rows(rows, ssm_state, n_groups, -1, "rows"), rows.size(0), nullptr},
+                      ScanRowLayout{H * P, n_groups * N, H},
+                      H,
+                      P,
+                      N,
+                      n_groups};
+  if (a.rows.n_deferred) pool().run(&advance_task, &a, H, thread_count(threads) - 1);
 }
 
 }  // namespace granite

@@ -49,7 +49,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {  // torch.ops.<name given to cpp_extens
       flushed<&mamba_mixer>);
   m.def(
       "decode_layers(Tensor(a!) x, Tensor?[] weights, int[] ints, float[] floats, Tensor(b!)[] conv, "
-      "Tensor(c!)[] ssm, Tensor(d!)[] k, Tensor(e!)[] v, int[] pos, int threads, Tensor(f!)[] conv_saved, "
-      "Tensor(g!)[] ssm_saved) -> Tensor[]",
+      "Tensor(c!)[] ssm, Tensor(d!)[] k, Tensor(e!)[] v, int[] pos, int threads, Tensor[] deferred, "
+      "Tensor(f!)[] conv_saved, Tensor(g!)[] exported) -> Tensor[]",
       flushed<&decode_layers>);
+  m.def("mamba_advance(Tensor(a!) ssm_state, Tensor rows, int n_groups, int threads) -> ()", flushed<&mamba_advance>);
 }

@@ -30,13 +30,20 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
                        const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
                        const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w, int64_t n_groups,
                        double eps, double dt_min, double dt_max, int64_t threads);
-// ... for 2 <= T <= kMaxStreamRows rows, also writing the states after the first row into conv_saved and
-// ssm_saved (shaped like the states) while the scan holds them: a journaled verify (step.cpp)
-at::Tensor mamba_mixer_journaled(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
-                                 const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias,
-                                 const at::Tensor& A, const at::Tensor& D, const at::Tensor& ssm_state,
-                                 const at::Tensor& norm_w, int64_t n_groups, double eps, double dt_min, double dt_max,
-                                 int64_t threads, const at::Tensor& conv_saved, const at::Tensor& ssm_saved);
+// ... for T <= kMaxStreamRows rows, with what runtime/state.py's ModelState defers (mamba.cpp's Deferral):
+// `deferred` [n, E + G N + H] rows the SSM state has yet to advance over, applied first (in place);
+// `exported` [T, E + G N + H]: the new rows leave the SSM state as it is after the deferred ones and
+// their scan inputs there instead; `conv_saved`: the conv state after the first row (T >= 2). A
+// journaled verify (step.cpp) gives the last two.
+at::Tensor mamba_mixer_rows(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
+                            const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,
+                            const at::Tensor& D, const at::Tensor& ssm_state, const at::Tensor& norm_w,
+                            int64_t n_groups, double eps, double dt_min, double dt_max, int64_t threads,
+                            const std::optional<at::Tensor>& deferred, const std::optional<at::Tensor>& conv_saved,
+                            const std::optional<at::Tensor>& exported);
+// ssm_state [H, P, N] advanced over `rows` [n, E + G N + H] as mamba_mixer_rows advances it over deferred
+// rows, bit for bit (ModelState.settle)
+void mamba_advance(const at::Tensor& ssm_state, const at::Tensor& rows, int64_t n_groups, int64_t threads);
 
 // attention.cpp
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
@@ -58,6 +65,7 @@ at::Tensor swiglu(const at::Tensor& gu, int64_t threads);
 std::vector<at::Tensor> decode_layers(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
                                       at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv,
                                       at::TensorList ssm, at::TensorList k, at::TensorList v, at::IntArrayRef pos,
-                                      int64_t threads, at::TensorList conv_saved, at::TensorList ssm_saved);
+                                      int64_t threads, at::TensorList deferred, at::TensorList conv_saved,
+                                      at::TensorList exported);
 
 }  // namespace granite

@@ -107,20 +107,28 @@ class CpuKernels:
         v: list[Tensor],
         pos: list[int],
         threads: int,
-        conv_saved: list[Tensor] | None = None,
-        ssm_saved: list[Tensor] | None = None,
+        deferred: list[Tensor] | None = None,
+        journal: tuple[list[Tensor], list[Tensor]] | None = None,
     ) -> list[Tensor]:
         """Every decoder layer of up to GEMV_MAX_ROWS rows in one call: consecutive tokens of one
         sequence from ``pos[0]`` (a decode step, a verify's rows), or one token for each of several
         sequences at ``pos[i]`` (runtime/rows.py), their states and KV buffers listed layer by layer,
         sequence by sequence (step.cpp documents that and the layout of ``weights``, ``ints`` and
-        ``floats``). Updates ``x``, the states and the KV buffers in place. Returns [the residual
-        stream after the last layer], followed, when ``conv_saved`` / ``ssm_saved`` are given (a
-        journaled forward: they receive each Mamba layer's states after the first row), by each
-        Mamba layer's in_proj rows after the first."""
+        ``floats``). Updates ``x``, the states and the KV buffers in place. ``deferred`` (one sequence):
+        per Mamba layer, scan rows [n, E + G N + H] its SSM state has yet to advance over, applied first.
+        ``journal`` (one sequence, >= 2 rows; runtime/state.py's Journal): per Mamba layer, a buffer for
+        the conv state after the first row and one for the rows' scan inputs [T, E + G N + H], which the
+        SSM state then does not advance over. Returns [the residual stream after the last layer],
+        followed in a journaled call by each Mamba layer's in_proj rows after the first."""
+        conv_saved, exported = journal or ([], [])
         return cast(list[Tensor], self._ops.decode_layers(
-            x, weights, ints, floats, conv, ssm, k, v, pos, threads, conv_saved or [], ssm_saved or [],
+            x, weights, ints, floats, conv, ssm, k, v, pos, threads, deferred or [], conv_saved, exported,
         ))  # fmt: skip
+
+    def mamba_advance(self, ssm_state: Tensor, rows: Tensor, n_groups: int, threads: int) -> None:
+        """Advance ``ssm_state`` [H, P, N] over scan rows [n, E + G N + H] (what a journaled
+        ``decode_layers`` exports), bit for bit as that call would have (ModelState.settle)."""
+        self._ops.mamba_advance(ssm_state, rows, n_groups, threads)
 
     def isa_level(self) -> str:
         """The instruction-set level the kernels run at (isa.h; isa.py reads and sets it)."""

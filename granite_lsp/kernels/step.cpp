@@ -13,10 +13,11 @@
 //   their states over the rows in order. Or
 // - one token for each of T sequences (T `pos`, one per row: runtime/rows.py's candidates), each
 //   with its own Mamba states and KV buffers: only those parts run row by row.
-// A journaled call (conv_saved / ssm_saved given: runtime/state.py's Journal) leaves each Mamba layer's
-// states after the first row in those preallocated buffers (the mixer writes them on its way) and
-// returns the other rows' in_proj outputs: exactly what the layer-by-layer journaled forward records,
-// so the rollback (ModelState.keep) is the same.
+// One sequence's Mamba states may have rows deferred (`deferred`: runtime/state.py's ModelState says why),
+// which each layer applies before the new rows. A journaled call (conv_saved and exported given: state.py's
+// Journal) leaves each SSM state as it is after those (the rows advance a copy), every row's scan inputs in
+// exported (the rows a rollback keeps become deferred ones) and the conv state after the first row in
+// conv_saved, and returns the in_proj rows after the first (for the conv states of the rows kept).
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
 
@@ -35,14 +36,16 @@ namespace granite {
 // floats: eps, residual multiplier, dt_min, dt_max, attention scale.
 // conv, ssm: the Mamba layers' states; k, v: the attention layers' KV buffers [nkv, cap, hd] with
 // room for the new positions; with S sequences (S = pos.size(), 1 or T) layer j's state or buffer of
-// sequence s is entry j * S + s. conv_saved, ssm_saved: empty, or (one sequence) one buffer per Mamba
-// layer shaped like its states (a journaled call, see above).
+// sequence s is entry j * S + s. deferred: empty, or (one sequence) one [n, E + G N + H] per Mamba layer.
+// conv_saved, exported: empty, or (one sequence, T >= 2) one per Mamba layer (a journaled call, see above):
+// shaped like its conv state, and [T, E + G N + H].
 // Returns [the residual stream after the last layer (before the final norm)], followed in a
-// journaled call with T > 1 by each Mamba layer's in_proj rows 1 .. T - 1.
+// journaled call by each Mamba layer's in_proj rows 1 .. T - 1.
 std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
                                       at::IntArrayRef ints, at::ArrayRef<double> floats, at::TensorList conv,
                                       at::TensorList ssm, at::TensorList k, at::TensorList v, at::IntArrayRef pos,
-                                      int64_t threads, at::TensorList conv_saved, at::TensorList ssm_saved) {
+                                      int64_t threads, at::TensorList deferred, at::TensorList conv_saved,
+                                      at::TensorList exported) {
   TORCH_CHECK(x_in.is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(0) >= 1 &&
                   x_in.size(0) <= kMaxStreamRows,
               "x: fp32 [T, D], 1 <= T <= ", kMaxStreamRows);
@@ -50,10 +53,11 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
   const int64_t T = x_in.size(0);
   const int64_t G = ints[0], nq = ints[1], nkv = ints[2], hd = ints[3], L = int64_t(ints.size()) - 4;
   const double eps = floats[0], rm = floats[1], dt_min = floats[2], dt_max = floats[3], scale = floats[4];
-  const bool journaled = !conv_saved.empty() || !ssm_saved.empty();
+  const bool journaled = !conv_saved.empty() || !exported.empty();
   const int64_t S = int64_t(pos.size());
   TORCH_CHECK(S == 1 || S == T, "decode_layers: one position, or one per row");
-  TORCH_CHECK(!journaled || S == 1, "decode_layers: a journaled call has one sequence");
+  TORCH_CHECK(!journaled || (S == 1 && T >= 2), "decode_layers: a journaled call has one sequence and >= 2 rows");
+  TORCH_CHECK(deferred.empty() || S == 1, "decode_layers: deferred rows go with one sequence");
   int64_t n_mamba = 0;
   for (int64_t i = 0; i < L; ++i) n_mamba += ints[4 + i] == 0;
   TORCH_CHECK(conv.size() == size_t(n_mamba * S) && ssm.size() == conv.size() &&
@@ -77,20 +81,27 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
   };
   for (const int64_t p : pos) TORCH_CHECK(p >= 0, "decode_layers: pos >= 0");
   // Every state checked before any is touched: a bad one must not leave the others advanced.
-  for (at::TensorList states : {conv, ssm, k, v, conv_saved, ssm_saved})
+  for (at::TensorList states : {conv, ssm, k, v, deferred, conv_saved, exported})
     for (const at::Tensor& t : states)
       TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-                  "decode_layers: states, journal and KV buffers must be contiguous fp32 CPU tensors");
+                  "decode_layers: states, deferred rows, journal and KV buffers must be contiguous fp32 CPU tensors");
   for (size_t j = 0; j < k.size(); ++j)
     TORCH_CHECK(k[j].dim() == 3 && k[j].sizes() == v[j].sizes() && k[j].size(0) == nkv && k[j].size(2) == hd &&
                     pos[j % S] + T / S <= k[j].size(1),
                 "decode_layers: KV buffers [nkv, cap >= pos + new positions, hd]");
+  TORCH_CHECK(deferred.empty() || deferred.size() == ssm.size(), "decode_layers: deferred rows for every Mamba layer");
+  for (at::TensorList rows : {deferred, exported})
+    for (size_t j = 0; j < rows.size(); ++j) {
+      const at::Tensor& s = ssm[j];
+      TORCH_CHECK(s.dim() == 3 && rows[j].dim() == 2 && rows[j].size(1) == s.size(0) * (s.size(1) + 1) + G * s.size(2),
+                  "decode_layers: deferred and exported rows [n, E + G N + H]");
+    }
   if (journaled) {
-    TORCH_CHECK(conv_saved.size() == conv.size() && ssm_saved.size() == ssm.size(),
-                "decode_layers: one journal buffer per Mamba state");
+    TORCH_CHECK(conv_saved.size() == conv.size() && exported.size() == ssm.size(),
+                "decode_layers: one journal buffer of each kind per Mamba state");
     for (size_t j = 0; j < conv.size(); ++j)
-      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && ssm_saved[j].sizes() == ssm[j].sizes(),
-                  "decode_layers: journal buffers shaped like the states");
+      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && exported[j].dim() == 2 && exported[j].size(0) == T,
+                  "decode_layers: conv journal buffers shaped like the states, T exported rows");
   }
   std::vector<at::Tensor> out(1);
   if (L == 0) {
@@ -116,19 +127,22 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
         return mamba_mixer(rows, conv[m * S + seq], conv_w, conv_b, dt_bias, A, D, ssm[m * S + seq], norm_w, G, eps,
                            dt_min, dt_max, threads);
       };
+      auto some = [](at::TensorList list, size_t j) {
+        return list.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(list[j]);
+      };
       at::Tensor y;
       if (S > 1) {  // each row its own sequence (runtime/rows.py)
         std::vector<at::Tensor> ys;
         for (int64_t t = 0; t < T; ++t) ys.push_back(mix(zxbcdt.narrow(0, t, 1), t));
         y = at::cat(ys);
-      } else if (journaled && T > 1) {
-        // what MambaMixer.forward with a record leaves (the first row, the journal, then the other rows),
-        // in one mixer call: the scan writes each head's state after the first row to the journal while
-        // it holds it, with streaming stores (the copy of every state after a one-row call, its own pass,
-        // cost ~+4% of a 2-row call in CPU time)
-        y = mamba_mixer_journaled(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min,
-                                  dt_max, threads, conv_saved[m], ssm_saved[m]);
-        out.push_back(zxbcdt.narrow(0, 1, T - 1));
+      } else if (journaled || !deferred.empty()) {
+        // a journaled verify reads each SSM state (writing it only where deferred rows advance it, as a
+        // plain step would) and exports its rows rather than write the state after them. Writing the
+        // states after the first row instead (the journal before) wrote 22 MB more on the real shape:
+        // ~+6% of an int8 step; the states after every row, another buffer: the same.
+        y = mamba_mixer_rows(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min, dt_max,
+                             threads, some(deferred, m), some(conv_saved, m), some(exported, m));
+        if (journaled) out.push_back(zxbcdt.narrow(0, 1, T - 1));
       } else {
         y = mix(zxbcdt);
       }

@@ -333,6 +333,12 @@ class MambaMixer:
             y, z = y[out_rows], z[out_rows]
         return self._gated_norm(y, z).to(zxbcdt.dtype)
 
+    def replay_conv(self, zxbcdt: Tensor, conv_state: Tensor) -> None:
+        """Advance ``conv_state`` alone over the in_proj rows ``zxbcdt``: it keeps the last K-1 raw
+        conv inputs, so this is a copy (a rollback that defers the scan: ModelState.keep)."""
+        xbc = zxbcdt[:, self.inner : self.inner + self.conv_dim]
+        conv_state.copy_(torch.cat((conv_state, xbc.to(conv_state.dtype)))[-conv_state.shape[0] :])
+
     def _conv(self, xbc: Tensor, conv_state: Tensor) -> Tensor:
         """Causal depthwise conv over [state; new inputs], then SiLU; updates ``conv_state``
         to the last K-1 raw inputs (which may partly be old state when T < K-1)."""

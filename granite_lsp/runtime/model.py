@@ -89,6 +89,7 @@ class HybridModel:
         # Forwards of up to 16 tokens (decode steps, verifies) through CpuKernels.decode_layers (every
         # layer in one call) where it applies; False forces the layer-by-layer path (tests compare them).
         self.fused_step = True
+        self._mixers: dict[int, MambaMixer] | None = None
         self._step_plan: tuple[list[Tensor | None], list[int], list[float]] | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -262,15 +263,16 @@ class HybridModel:
         journaled = state.journal.records
         if T <= GEMV_MAX_ROWS and self._one_call_step_applies():
             assert self.kernels is not None
-            # a journaled verify: the kernel copies the states after the first row into the journal
-            saved = state.journal_buffers() if journaled and T > 1 else ([], [])
+            # deferred rows applied on the way; a journaled verify leaves its rows for keep (state.Journal)
+            deferred, journal = state.one_call(T, self.recurrence)
             out = self.kernels.decode_layers(
-                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, [pos], matmul_threads(), *saved
-            )
-            if journaled and T > 1:
-                state.recorded(out[1:])
+                x, *self._decode_plan(), state.conv, state.ssm, state.kv.k, state.kv.v, [pos], matmul_threads(),
+                deferred, journal,
+            )  # fmt: skip
+            state.one_call_done(out[1:] if journal is not None else None)
             state.advance(T)
             return self.lm_head_logits(out[0] if all_logits else out[0][-1])
+        state.settle()  # the layers below read and write the live states as they are
         rope = rope_tables(cfg, pos, T, self.dtype, self.device) if cfg.uses_rope else None
         rm, eps = cfg.residual_multiplier, cfg.rms_norm_eps
         k = self.kernels
@@ -307,19 +309,25 @@ class HybridModel:
     def keep(self, state: ModelState, n: int) -> None:
         """Keep the first ``n`` rows of ``state``'s last forward, journaled by ``state.journal_next()``
         (speculative decoding's rollback; ModelState.keep and state.Journal say how and why)."""
-
-        def replay(slot: int, inputs: Tensor, conv: Tensor, ssm: Tensor) -> None:
-            mixer = self._mamba_mixers()[slot]
-            mixer.mix(inputs, conv, ssm, self.chunk_size, self.recurrent_max, slice(-1, None))
-
         if self.single_thread_small_ops:
             with small_ops_single_threaded():
-                state.keep(n, replay)
+                state.keep(n, self.recurrence)
         else:
-            state.keep(n, replay)
+            state.keep(n, self.recurrence)
+
+    @property
+    def recurrence(self) -> _Recurrence:
+        """What ModelState needs of the Mamba layers to take a verify back (state.Recurrence). A new one
+        each time (a few attributes): a state with deferred rows keeps it, and a model that kept it too
+        would be in a reference cycle, freed only by the garbage collector, not when its service is
+        dropped (tests/test_robustness.py reloads a model in a capped address space)."""
+        return _Recurrence(self)
 
     def _mamba_mixers(self) -> dict[int, MambaMixer]:
-        return {blk.slot: blk.mixer for blk in self.blocks if isinstance(blk.mixer, MambaMixer)}
+        """The Mamba mixers by state slot (built once: a model's layers never change)."""
+        if self._mixers is None:
+            self._mixers = {blk.slot: blk.mixer for blk in self.blocks if isinstance(blk.mixer, MambaMixer)}
+        return self._mixers
 
     def interruptible(self, tokens: int) -> bool:
         """Whether a forward of ``tokens`` asks its ``interrupt`` between layers. A one-call forward
@@ -376,3 +384,26 @@ class HybridModel:
         if self.config.logits_scaling != 1.0:
             logits.div_(self.config.logits_scaling)  # a fresh tensor either way
         return logits
+
+
+class _Recurrence:
+    """state.Recurrence on a model's Mamba layers: what ModelState needs to take a verify back. A state
+    with deferred rows refers to it; it refers to nothing but the model (whose weights are not the state's:
+    tests/test_memory.py walks what a state holds)."""
+
+    def __init__(self, model: HybridModel) -> None:
+        self.model = model
+        cfg = model.config
+        self.scan_row_width = cfg.mamba_n_heads * (cfg.mamba_d_head + 1) + cfg.mamba_n_groups * cfg.mamba_d_state
+
+    def replay(self, slot: int, inputs: Tensor, conv: Tensor, ssm: Tensor) -> None:
+        m = self.model
+        m._mamba_mixers()[slot].mix(inputs, conv, ssm, m.chunk_size, m.recurrent_max, slice(-1, None))
+
+    def replay_conv(self, slot: int, inputs: Tensor, conv: Tensor) -> None:
+        self.model._mamba_mixers()[slot].replay_conv(inputs, conv)
+
+    def advance(self, slot: int, rows: Tensor, ssm: Tensor) -> None:
+        kernels = self.model.kernels
+        assert kernels is not None, "deferred rows come from the one-call step, which runs on the kernels"
+        kernels.mamba_advance(ssm, rows, self.model.config.mamba_n_groups, matmul_threads())

@@ -34,6 +34,7 @@ def fork_row(state: ModelState, room: int) -> ModelState:
     snapshot and then copied again, as ``ModelState.fork`` does) and its KV positions with room for
     ``room`` more tokens only (not the source's whole capacity). Copies are memory-bound: call it under
     ``small_ops_single_threaded`` (see StateCache._restore)."""
+    state.settle()  # the live buffers themselves are copied
     view = MambaSnapshot(tuple(state.conv), tuple(state.ssm), state.pos)  # ModelState copies it
     return ModelState(state.kv.clone(state.pos, capacity=state.pos + max(1, room)), view)
 
@@ -52,6 +53,7 @@ def step_rows(model: HybridModel, tokens: Sequence[int], states: Sequence[ModelS
             raise ValueError(f"state is inconsistent: pos {s.pos} but KV length {s.kv.length}")
     with torch.no_grad(), torch.inference_mode(states[0].is_inference):
         for s in states:
+            s.settle()  # each row on its own sequence's live states (no deferred rows: kernels/step.cpp)
             s.prepare(1)
         if model.single_thread_small_ops:
             with small_ops_single_threaded():

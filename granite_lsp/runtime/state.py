@@ -14,17 +14,21 @@ share one buffer, and a branch costs a copy only when it is written.
 A forward can also be *undoable* (``ModelState.journal_next``): the state then keeps what it needs to
 take it back, to any of its rows (speculative decoding's verify: ``ModelState.keep``) or whole (a piece
 of background work stopped between two layers: ``ModelState.undo``). One mechanism for both: ``Journal``.
+A verify's rollback may leave rows *deferred*: the live SSM states not yet advanced over the rows kept,
+which the next forward applies on its way (``ModelState.deferred`` says why and who settles them).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from ..kernels import GEMV_MAX_ROWS
 from .matmul import small_ops_single_threaded
 
 
@@ -194,20 +198,28 @@ class Journal:
     first j + 1 rows (the token it had to feed plus the j drafts the model agreed with). Attention KV
     just crops. A Mamba state cannot be rewound, and writing each row's SSM state (~22 MB per token on
     the real shape) would cost more than the whole forward saves. The first row (the token decoding had
-    to feed anyway) is always kept, so per Mamba layer the journal keeps:
-    - the conv and SSM states *after the first row*, in buffers kept from one verify to the next
-      (allocating 22 MB per step cost page faults);
-    - the other rows' inputs (the layer's in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on
-      the real shape), which is all the recurrence reads.
-    Keeping n < T rows swaps the copies back in (every draft rejected: nothing else) and re-runs only
-    the layer's conv and scan over the n - 1 drafts kept (``replay``: no matmul, the same kernel and
-    arithmetic as the forward). Keeping all rows costs nothing more. bench/verify_cost.py measures a
-    verify and its rollback against a plain step.
-    The layer-by-layer forward journals through ``record`` (one layer at a time: the mixer runs the
-    first row, the states are copied, then the other rows); in the one-call step (kernels/step.cpp) the
-    mixer's scan writes each head's state after the first row into ``journal_buffers()`` while it holds
-    it (streaming stores, no pass of its own) and the inputs go to ``recorded``: the same journal, bit
-    for bit, either way.
+    to feed anyway) is always kept. Per Mamba layer, in buffers kept from one verify to the next
+    (allocating 22 MB per step cost page faults), the journal keeps the conv state *after the first row*
+    and the other rows' inputs (the layer's in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on
+    the real shape), and, by the path the forward took:
+    - the one-call step (kernels/step.cpp, ``one_call``, ``deferring``): no SSM state at all. The kernel
+      applies the deferred rows the live SSM states had (in place, as a plain step would), runs the
+      verify's rows on a copy of each head's state that it drops, and leaves each row's scan inputs
+      (x dt, B, decay) in ``ModelState.spare_rows``. ``keep(n)`` makes the first n of them the deferred
+      rows (``ModelState.deferred``: nothing copied, nothing re-run; the next forward applies them on
+      its way) and, for n < T, rebuilds the conv state after them from the inputs (a copy of raw rows).
+      A verify then reads the SSM states and writes them no more than a plain step: a journal that
+      wrote the states after the first row (the path below) wrote 22 MB more per verify on the real
+      shape, ~+6% of an int8 step, and one that wrote the states after every row to another buffer
+      the same;
+    - layer by layer (``record``, the reference, and the path of every forward the one-call step does
+      not take): the SSM state *after the first row* (the mixer runs the first row, the states are
+      copied, then the other rows). Keeping n < T rows swaps the copies back in and re-runs the layer's
+      conv and scan over the n - 1 drafts kept (``replay``: no matmul, the same kernel and arithmetic
+      as the forward).
+    Either way the state after ``keep(n)`` is bit for bit the one n plain steps leave
+    (tests/test_runtime.py, test_speculate.py). bench/verify_cost.py measures a verify, its rollback
+    and the step after it against plain steps.
     Whether a forward is journaled at all is the caller's: one whose rows all stay (the engine's trail
     tokens and the one after them, no drafts) is not (``StateCache.feed``).
     """
@@ -216,8 +228,9 @@ class Journal:
         self.start = -1  # the state's position when the journaled forward began; -1: none pending
         self.rows = 0
         self.whole = False  # taken back whole (the states before it kept) rather than by rows
+        self.deferring = False  # by rows, through the one-call step: its rows' scan inputs, no SSM states
         # per Mamba slot, kept from one journaled forward to the next: the states before the forward
-        # (whole) or after its first row (by rows)
+        # (whole), or after its first row (by rows: the SSM ones only layer by layer)
         self.conv: dict[int, Tensor] = {}
         self.ssm: dict[int, Tensor] = {}
         self.inputs: dict[int, Tensor] = {}  # per Mamba slot: the forward's in_proj rows after the first
@@ -232,13 +245,26 @@ class Journal:
         return self.active and not self.whole
 
     def clear(self) -> None:
-        self.start, self.rows, self.whole = -1, 0, False
+        self.start, self.rows, self.whole, self.deferring = -1, 0, False, False
         self.inputs.clear()
 
 
-# Re-runs one Mamba layer's conv and scan over in_proj rows, from and into the given states
-# (HybridModel supplies it: the layers live there).
-Replay = Callable[[int, Tensor, Tensor, Tensor], None]
+class Recurrence(Protocol):
+    """What taking a journaled forward back to some of its rows needs from the model (HybridModel's
+    layers know the rows' layout and run the kernels), per Mamba layer ``slot``."""
+
+    def replay(self, slot: int, inputs: Tensor, conv: Tensor, ssm: Tensor) -> None:
+        """Re-run the layer's conv and scan over in_proj rows ``inputs``, from and into the given states."""
+
+    def replay_conv(self, slot: int, inputs: Tensor, conv: Tensor) -> None:
+        """Advance the conv state alone over in_proj rows ``inputs`` (the last raw rows: a copy)."""
+
+    def advance(self, slot: int, rows: Tensor, ssm: Tensor) -> None:
+        """Advance the SSM state over scan rows [n, E + G N + H], as the forward that left them would have."""
+
+    @property
+    def scan_row_width(self) -> int:
+        """Floats in a scan row (E + G N + H)."""
 
 
 class ModelState:
@@ -257,6 +283,17 @@ class ModelState:
     A forward journaled whole (``journal_next(whole=True)``) can be taken back without a snapshot:
     ``undo`` swaps the journal's copies of the states from its start back in. state_cache.StateCache
     journals each piece of background work that can stop between layers that way (StateCache._piece).
+
+    Deferred rows: after a verify through the one-call step keeps n of its rows (``keep``), the live SSM
+    states are those before it, and the first ``deferred`` rows of each ``scan_rows`` buffer are the rows
+    they have yet to advance over (the conv states, the KV and ``pos`` are current). Writing the states
+    after them would cost a pass over ~22 MB (real shape) per verify; deferred, the next one-call forward
+    applies them while it holds each head's state anyway (kernels/step.cpp: at most GEMV_MAX_ROWS rows,
+    each one more pass of arithmetic over a head's state in cache, ~0.3% of an int8 step on the real
+    shape), and whatever else reads or copies the live states settles them first (``settle``:
+    ``snapshot``, ``fork``, a forward the one-call step does not take, runtime/rows.py's candidates).
+    The invariant: each Mamba layer's live SSM state advanced over its deferred rows is the state at
+    ``pos``; while a one-call verify's journal is open, over the verify's rows in ``spare_rows``.
     """
 
     def __init__(self, kv: KVCache, mamba: MambaSnapshot) -> None:
@@ -270,10 +307,45 @@ class ModelState:
         self.pos = mamba.pos
         self.journal = Journal()
         self._journal_next: bool | None = None  # the next forward's journal: whole (True), by rows, none
+        # per Mamba slot [GEMV_MAX_ROWS, E + G N + H], allocated by the first one-call verify: the deferred
+        # rows, and the buffers a verify leaves its rows in (the two swap when its rows are kept)
+        self.scan_rows: list[Tensor] = []
+        self.spare_rows: list[Tensor] = []
+        self.deferred = 0
+        self._recurrence: Recurrence | None = None  # what applies deferred rows (the model that left them)
 
     def snapshot(self) -> MambaSnapshot:
-        """Copy of the Mamba states at the current position (the KV needs no copy, see restore)."""
+        """Copy of the Mamba states at the current position (the KV needs no copy, see restore). Settles
+        deferred rows first (and a one-call verify not taken back keeps all its rows: ``settle``)."""
+        self.settle()
         return MambaSnapshot(tuple(t.clone() for t in self.conv), tuple(t.clone() for t in self.ssm), self.pos)
+
+    def settle(self) -> None:
+        """Make the live buffers hold the states at ``pos`` themselves, for whatever reads or copies them
+        other than a one-call forward: a verify through the one-call step that nobody took back keeps all
+        its rows (as the journal of a layer-by-layer one would), and deferred rows are applied (one pass
+        over the states: the same kernel arithmetic as the forward that would have, so the same bits)."""
+        self._close_deferring_journal()
+        if not self.deferred:
+            return
+        assert self._recurrence is not None
+        with torch.no_grad(), torch.inference_mode(self.is_inference):
+            for slot, rows in enumerate(self.scan_rows):
+                self._recurrence.advance(slot, rows[: self.deferred], self.ssm[slot])
+        self.deferred = 0
+
+    def _close_deferring_journal(self) -> None:
+        """A one-call verify's journal still open (nobody called ``keep``): all its rows stay."""
+        j = self.journal
+        if j.deferring and j.active:
+            self._defer_verified(j.rows)
+            j.clear()
+
+    def _defer_verified(self, n: int) -> None:
+        """The first ``n`` rows of the one-call verify just run become the deferred rows (the kernel applied
+        the ones before it)."""
+        self.scan_rows, self.spare_rows = self.spare_rows, self.scan_rows
+        self.deferred = n
 
     def restore(self, snap: MambaSnapshot, hold: KVHold | None = None) -> None:
         """Rewind to ``snap``: copy its Mamba states back and continue from its position, on this
@@ -303,6 +375,7 @@ class ModelState:
         self.pos = snap.pos
         self.journal.clear()
         self._journal_next = None
+        self.deferred = 0
 
     # -- undoable forwards (speculative decoding, pieces of background work; see Journal) --------
     def journal_next(self, whole: bool = False) -> None:
@@ -313,6 +386,7 @@ class ModelState:
     def begin_forward(self, n: int) -> bool:
         """A forward of ``n`` tokens starts (after ``prepare``); whether it records its rows (journaled by
         rows). Any older journal is dropped: ``keep`` and ``undo`` only ever apply to the last forward."""
+        self._close_deferring_journal()
         j = self.journal
         j.clear()
         whole, self._journal_next = self._journal_next, None
@@ -320,6 +394,7 @@ class ModelState:
             return False
         j.start, j.rows, j.whole = self.pos, n, whole
         if whole:
+            self.settle()  # undo swaps the states back in: they must be the states at the start
             pairs = [self._journal_slot(slot) for slot in range(len(self.conv))]
             # memory-bound copies, on one thread (see StateCache._restore)
             with small_ops_single_threaded(), torch.inference_mode(self.is_inference):
@@ -354,23 +429,41 @@ class ModelState:
             ssm.copy_(self.ssm[slot])
         self.journal.inputs[slot] = inputs
 
-    def journal_buffers(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Every Mamba layer's journal buffers, for a journaled forward that copies the states after the
-        first row into them itself (the one-call step, kernels/step.cpp); ``recorded`` follows it. Once
-        allocated they keep their shapes (a state's never change: ``restore`` checks them; keep and undo
-        only swap buffers), so later calls just list them: checking every slot (``_journal_slot``) cost
-        ~0.14 ms of CPU per verify on the real shape, ~0.5% of a step."""
-        j, n = self.journal, len(self.conv)
-        if len(j.conv) != n or len(j.ssm) != n:
-            pairs = [self._journal_slot(slot) for slot in range(n)]
-            return [c for c, _ in pairs], [s for _, s in pairs]
-        if not j.records or j.start != self.pos:
+    def one_call(
+        self, rows: int, recurrence: Recurrence
+    ) -> tuple[list[Tensor], tuple[list[Tensor], list[Tensor]] | None]:
+        """What a one-call forward of ``rows`` tokens (kernels/step.cpp) takes beside the live states: each
+        Mamba layer's deferred rows (applied first; none: []), and for a forward journaled by rows, the
+        journal: buffers for the conv states after the first row and for the rows' scan inputs (which
+        ``recurrence``, the model's, applies if they are settled later). Call ``one_call_done`` after it."""
+        deferred = [r[: self.deferred] for r in self.scan_rows] if self.deferred else []
+        j = self.journal
+        if not (j.records and rows > 1):
+            return deferred, None
+        n = len(self.conv)
+        if len(j.conv) != n:  # once allocated they keep their shapes (see restore)
+            for slot in range(n):
+                self._journal_slot(slot)
+        if j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
-        return [j.conv[slot] for slot in range(n)], [j.ssm[slot] for slot in range(n)]
+        width = recurrence.scan_row_width
+        if len(self.spare_rows) != n or self.spare_rows[0].shape[1] != width:
+            with torch.inference_mode(self.is_inference):
+                self.scan_rows = [self.ssm[0].new_empty(GEMV_MAX_ROWS, width) for _ in range(n)]
+                self.spare_rows = [self.ssm[0].new_empty(GEMV_MAX_ROWS, width) for _ in range(n)]
+            deferred = []
+            assert not self.deferred, "deferred rows come from a verify, which allocated the buffers"
+        j.deferring = True
+        self._recurrence = recurrence
+        return deferred, ([j.conv[slot] for slot in range(n)], [r[:rows] for r in self.spare_rows])
 
-    def recorded(self, inputs: Sequence[Tensor]) -> None:
-        """The one-call journaled forward filled ``journal_buffers()`` and returned every Mamba layer's
-        in_proj rows after the first (in slot order): what ``record`` keeps one layer at a time."""
+    def one_call_done(self, inputs: Sequence[Tensor] | None) -> None:
+        """The one-call forward returned: it applied the deferred rows to the live states in place, and
+        unjournaled, its own rows too; journaled (``inputs``: each Mamba layer's in_proj rows after the
+        first, in slot order), it left its rows' scan inputs for ``keep``."""
+        self.deferred = 0
+        if inputs is None:
+            return
         if len(inputs) != len(self.conv):
             raise ValueError(f"{len(inputs)} journaled inputs for {len(self.conv)} Mamba layers")
         for slot, rows in enumerate(inputs):
@@ -390,24 +483,30 @@ class ModelState:
                 bufs.append(buf)
         return bufs[0], bufs[1]
 
-    def keep(self, n: int, replay: Replay) -> None:
+    def keep(self, n: int, recurrence: Recurrence) -> None:
         """Keep the first ``n`` >= 1 rows of the last (journaled) forward: the state is then exactly as
-        if only those tokens had been fed. ``replay`` re-runs a Mamba layer's recurrence."""
+        if only those tokens had been fed (with rows deferred, see the class docstring)."""
         j = self.journal
         if not j.records or self.pos != j.start + j.rows:
             raise ValueError("keep() follows a forward journaled by rows, before anything else moves the state")
         if not 1 <= n <= j.rows:
             raise ValueError(f"cannot keep {n} of a journaled forward's {j.rows} rows (the first is always kept)")
-        if n < j.rows:
-            with torch.no_grad(), torch.inference_mode(self.is_inference):
+        with torch.no_grad(), torch.inference_mode(self.is_inference):
+            if j.deferring:  # the live SSM states are those before the verify: its first n rows wait
+                self._defer_verified(n)
+            if n < j.rows:
                 for slot, inputs in j.inputs.items():
                     # the states after the first row become live again; the advanced ones are scratch
                     self.conv[slot], j.conv[slot] = j.conv[slot], self.conv[slot]
+                    if j.deferring:
+                        if n > 1:
+                            recurrence.replay_conv(slot, inputs[: n - 1], self.conv[slot])
+                        continue
                     self.ssm[slot], j.ssm[slot] = j.ssm[slot], self.ssm[slot]
                     if n > 1:
-                        replay(slot, inputs[: n - 1], self.conv[slot], self.ssm[slot])
-            self.kv.crop(j.start + n)
-            self.pos = j.start + n
+                        recurrence.replay(slot, inputs[: n - 1], self.conv[slot], self.ssm[slot])
+                self.kv.crop(j.start + n)
+                self.pos = j.start + n
         j.clear()
 
     def prepare(self, n: int) -> None:
@@ -434,7 +533,7 @@ class ModelState:
 
     @property
     def nbytes(self) -> int:
-        journal = _nbytes([*self.journal.conv.values(), *self.journal.ssm.values()])
+        journal = _nbytes([*self.journal.conv.values(), *self.journal.ssm.values(), *self.scan_rows, *self.spare_rows])
         return self.kv.nbytes + _nbytes(self.conv) + _nbytes(self.ssm) + journal
 
     @property
