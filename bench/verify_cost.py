@@ -13,7 +13,8 @@ prompt tokens, in alternating rounds (same machine state for every side), it tim
 - ``rows k``: the same 1 + k rows unjournaled (what the rows' arithmetic alone costs);
 - with ``--layered``, the same verify and rollback through the layer-by-layer path (runtime/layers.py,
   ``fused_step`` off: how verifies ran before the one-call rows; its journal writes the states after the
-  first row and its rollback re-runs the kept rows).
+  first row and its rollback re-runs the kept rows; the step after it runs on the one-call path, as
+  the second plain step does).
 A rejected verify costs ``verify + keep + after`` where two plain steps cost ``step + step``: ``rejected``
 below is the difference over one step, in all and per draft (the issue asks a rejected draft to cost
 < 10% of a step). A verify whose drafts are all accepted yields 1 + k tokens, so ``tok/s if all
@@ -81,6 +82,7 @@ def measure(model: HybridModel, depth: int, drafts: list[int], rounds: int, laye
                 t1 = time.perf_counter()
                 model.keep(state, 1)
                 t2 = time.perf_counter()
+                model.fused_step = True  # the next step as plain steps run (the second step's path)
                 model.forward(then, state)
                 t3 = time.perf_counter()
                 if r:

@@ -13,31 +13,15 @@ draft: the step is a plain one-token step.
 Nothing here decides what is generated; a wrong draft only costs the extra rows of one forward and
 its rollback (runtime/state.py's Journal; bench/verify_cost.py measures it).
 
-A verify runs as one C++ call through every layer, like a plain step (kernels/step.cpp, up to 16 rows;
-it was ~300 Python-dispatched kernel calls), so what a rejected draft costs is its row's arithmetic in
-the matmuls, its scan and the journal (the Mamba states after the first row, which the scan writes out as
-it goes: 22 MB on the real shape; kernels/mamba.cpp). Measured (bench/verify_cost.py --layered, real
-shape, random weights, 2 threads, depth 512, 11 alternating rounds, medians, on a machine shared by ~6
-engineers at load ~13 on 2 cores: noisy, ratios of the same run), verify + rollback of k rejected drafts
-against a plain step, bf16: k = 1: 1.07x (layer by layer: 1.45x), 2: 1.41x (1.60x), 4: 1.69x (2.21x),
-8: 3.34x (3.67x); int8: 1.26x (1.65x), 1.36x (1.73x), 1.69x (2.17x), 3.02x (3.60x). An earlier bf16 run
-(load ~7) gave 1.14x / 1.58x / 2.37x / 3.74x. So a rejected draft costs ~7-26% of a step for one draft
-and ~17-29% per draft for more, not the issue's < 10%: in process CPU time (not wall) a second row
-costs ~+19% of a one-row call without the journal and ~+23% with it, so the rest is the streaming
-matmuls' per-row arithmetic (kernels/linear*.cpp), which on this loaded machine does not hide behind
-the weights' memory traffic. Past 8 rows the streaming kernels take the rows in a second group (k = 8
-is 9 rows), hence the jump from k = 4 to 8. VerifyCost therefore decides from measured costs, and
-speculation stays on by default: with the model/tiny fixtures' files as context (bench/spec_fixtures.py
---context) it decodes in 0.59x plain's time (3.43 tokens per forward), and where drafts are refused
-(the fixtures alone: 2 drafts fed in 14 completions) it costs at most a draft's price now and then
-(EXPLORE_COST). Those figures predate the journal written by the scan and the streaming kernels' wider
-tiles and prefetch for 3+ rows. Then bench/verify_cost.py (bf16, depth 512, 9 rounds; this tree and
-00cb152 run alternately twice, load ~2 on 2 cores, step 24.3-26.0 ms both) gave, this tree / 00cb152,
-all rejected over a step: k = 1 1.15-1.18x / 1.17-1.22x, k = 2 1.18-1.20x / 1.34-1.46x, k = 4 1.48-1.49x
-/ 1.78-1.85x, k = 8 2.12-2.15x / 3.37-3.57x: per draft 15-18%, 9-10%, 12%, 14% (was 17-22%, 17-23%, 20-21%,
-30-32%). At k = 1 the journal is most of the excess (the same rows unjournaled: 1.07-1.09x): its 22 MB
-written per verify, which only a rollback that recomputes lazily (the rejected row re-run inside the next
-forward's scan, from the state before the verify) would avoid.
+A verify runs as one C++ call through every layer, like a plain step (kernels/step.cpp, up to 16 rows; it was ~300
+Python-dispatched kernel calls), and writes no Mamba state of its own: the first row goes into the state as a step's
+would, the drafts run on a copy, and those a rollback keeps are deferred to the next forward (runtime/state.py's
+Journal and ModelState.deferred say how and why). So what a rejected draft costs is its row's arithmetic in the
+matmuls, the scan and attention. bench/verify_cost.py measures it against plain steps (the step after the rollback
+included); the README has the figures. VerifyCost decides from what it measures on the running machine, and
+speculation stays on by default: with the model/tiny fixtures' files as context (bench/spec_fixtures.py --context)
+it decodes in ~0.55x plain's time (3.4 tokens per forward), and where drafts are refused it costs at most a draft's
+price now and then (EXPLORE_COST).
 """
 
 from __future__ import annotations
@@ -107,11 +91,12 @@ class DraftBudget:
 class VerifyCost:
     """How many drafts pay on this model and machine, from what the engine measured (across requests).
 
-    A verify of 1 + k rows (its rollback included) costs ``ratio[k]`` plain steps, measured: a small
-    fixed part (the journal's copy of the Mamba states; the verify is one call like a step,
-    kernels/step.cpp) and a part per row (arithmetic in every matmul, the scan). On the real shape
-    that is ~1.1-1.3 steps for one draft and ~3-3.4 for eight on 2 busy cores (bench/verify_cost.py).
-    With ``accept`` the
+    A verify of 1 + k rows (its rollback included) costs ``ratio[k]`` plain steps, measured: the verify
+    is one call like a step (kernels/step.cpp) and costs a part per row (arithmetic in every matmul, the
+    scan, attention); the drafts it keeps are applied by the next step (runtime/state.py's deferred rows),
+    whose time counts as a step's (a slight bias towards drafting, ~1-2% of an int8 step per draft kept,
+    only when drafts were accepted). On the real shape a rejected draft costs ~4-8% of a step
+    (bench/verify_cost.py). With ``accept`` the
     chance that the model agrees with a draft (counted over verifies), k drafts yield
     1 + accept + accept^2 + ... + accept^k tokens for ``ratio[k]`` steps' time: the k with the most
     tokens per step's time is fed, none when no k beats a plain step (1 token per step). Then one

@@ -628,7 +628,7 @@ TINY = 1e-39  # a denormal float32 (below 2^-126 ~ 1.18e-38)
 
 
 @needs_ext
-@pytest.mark.parametrize("tokens", [1, 2, 40])  # decode_head, the recurrence, the chunked scan
+@pytest.mark.parametrize("tokens", [1, 2, 40])  # rows_head (one row, two), the chunked scan
 def test_kernels_flush_denormals_and_leave_the_caller_s_mode(tokens: int) -> None:
     """Inside the kernels denormals are zero (common.h's DenormalsFlushed: on Intel cores each one
     costs a microcode assist, and the Mamba scan makes them all the time), on the calling thread and
@@ -669,10 +669,10 @@ def test_kernels_flush_denormals_and_leave_the_caller_s_mode(tokens: int) -> Non
 @needs_ext
 @pytest.mark.parametrize("heads,head_dim,state,groups", [(48, 32, 128, 1), (8, 16, 32, 2), (4, 6, 16, 1)])
 def test_mamba_mixer_one_token_at_a_time_equals_a_batch(heads: int, head_dim: int, state: int, groups: int) -> None:
-    """A decode token (T = 1: mamba.cpp's decode_head, one pass per head on the pool, where
-    head_dim % 8 == 0) leaves the same bits in y, the conv state and the SSM state as the same
-    tokens inside one call of several (the general path): speculative decoding's verify and a
-    plain step must agree exactly. (4, 6, 16): a head dim the decode pass leaves to the general path."""
+    """A decode token (T = 1) leaves the same bits in y, the conv state and the SSM state as the same
+    tokens inside one call of several: speculative decoding's verify and a plain step must agree
+    exactly. Both take mamba.cpp's rows_head (one pass per head on the pool) where head_dim % 8 == 0,
+    the general path for (4, 6, 16)."""
     ops = _ops()
     g = torch.Generator().manual_seed(heads)
     E, K = heads * head_dim, 4

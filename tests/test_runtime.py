@@ -322,7 +322,7 @@ def test_fused_mixer_equals_torch_ops(cfg):
     assert start == 120
 
 
-ONE_CALL_CONFIGS = ["tiny", "odd", "odd-rows", "mamba-last", "biases-untied", "mamba-only"]
+ONE_CALL_CONFIGS = ["tiny", "odd", "odd-rows", "mamba-last", "biases-untied", "mamba-only", "attention-only"]
 
 
 def _one_call_and_layered(cfg: str, weights: str) -> tuple[dict, HybridModel, HybridModel]:
@@ -338,6 +338,7 @@ def _one_call_and_layered(cfg: str, weights: str) -> tuple[dict, HybridModel, Hy
         # biases everywhere, 2 SSM groups, a dt clamp, an untied head (the variant without RoPE)
         "biases-untied": {**VARIANT_CONFIG, "position_embedding_type": "nope"},
         "mamba-only": {**TINY_CONFIG, "layer_types": ["mamba"] * 4},
+        "attention-only": {**TINY_CONFIG, "layer_types": ["attention"] * 4},
     }[cfg]
     hf = _hf_model(conf, seed=6)
     dtype = torch.float32 if weights == "int8" else getattr(torch, weights)
@@ -398,9 +399,11 @@ def test_one_call_rows_and_verify_are_bit_identical(cfg, weights):
         assert torch.equal(a, b), T
         at += T
     assert s1.pos == s2.pos == at and s1.deferred == 0
-    for rows, keep in ((9, 1), (9, 4), (16, 16), (2, 1), (2, 2), (5, 3)):
+    # (7, 2) runs with the layer-by-layer path on `one` too (its forward settles the deferred rows first);
+    # after (2, 2) the deferred rows are settled explicitly (ModelState.settle: kernels.mamba_advance)
+    for rows, keep in ((9, 1), (9, 4), (16, 16), (2, 1), (7, 2), (2, 2), (5, 3)):
+        one.fused_step = (rows, keep) != (7, 2)
         plain = s2.fork()  # s2's states are s1's with its deferred rows applied (checked below)
-        before = [t.clone() for t in s2.ssm]
         s1.journal_next()
         s2.journal_next()
         fed = ids[at : at + rows]
@@ -411,20 +414,28 @@ def test_one_call_rows_and_verify_are_bit_identical(cfg, weights):
         for slot in s2.journal.inputs:  # both journals: the conv state after the first row, the other rows
             assert torch.equal(s1.journal.conv[slot], s2.journal.conv[slot])
             assert torch.equal(s1.journal.inputs[slot], s2.journal.inputs[slot])
-        # the one-call verify applied the deferred rows in place and left the SSM states there
-        for x, y in zip(s1.ssm, before, strict=True):
-            assert torch.equal(x, y), rows
         for r in range(rows):  # each row is the plain step's
             assert torch.equal(a[r], one.forward(fed[r : r + 1], plain)), (rows, r)
+            if r == 0 and one.fused_step:  # the one-call verify left the SSM states after its first row
+                for x, y in zip(s1.ssm, plain.ssm, strict=True):
+                    assert torch.equal(x, y), rows
         one.keep(s1, keep)
         layered.keep(s2, keep)
         at += keep
-        assert s1.pos == s2.pos == at and s1.deferred == keep
+        # the rows after the first that stay are deferred (the first went into the state)
+        assert s1.pos == s2.pos == at and s1.deferred == (keep - 1 if one.fused_step and s1.ssm else 0)
+        if (rows, keep) == (2, 2):
+            s1.settle()
+            assert s1.deferred == 0
         for x, y in zip(s1.conv, s2.conv, strict=True):
             assert torch.equal(x, y), (rows, keep)
         for x, y in zip((*s1.kv.k, *s1.kv.v), (*s2.kv.k, *s2.kv.v), strict=True):
             assert torch.equal(x[:, :at], y[:, :at]), (rows, keep)
-    # the step below applies the last verify's 3 rows on its way
+        if not s1.deferred:
+            for x, y in zip(s1.ssm, s2.ssm, strict=True):
+                assert torch.equal(x, y), (rows, keep)
+    one.fused_step = True
+    # the step below applies the last verify's 2 deferred rows on its way
     assert torch.equal(one.forward(ids[at : at + 1], s1), layered.forward(ids[at : at + 1], s2))
     assert s1.deferred == 0
     for x, y in zip((*s1.conv, *s1.ssm), (*s2.conv, *s2.ssm), strict=True):
@@ -451,15 +462,15 @@ def test_one_call_rejects_malformed_rows_before_touching_a_state():
     with pytest.raises(RuntimeError, match="one state per Mamba layer and sequence"):
         k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1)
     width = one.recurrence.scan_row_width
-    journal = ([c.clone() for c in state.conv], [torch.zeros(3, width)] * len(state.ssm))
+    journal = ([c.clone() for c in state.conv], [torch.zeros(2, width)] * len(state.ssm))
     with pytest.raises(RuntimeError, match="a journaled call has one sequence"):
         k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1, journal=journal)
     with pytest.raises(RuntimeError, match="deferred rows go with one sequence"):
         k.decode_layers(x, *plan, *lists, [pos, pos, pos], 1, [torch.zeros(1, width)] * len(state.ssm))
     with pytest.raises(RuntimeError, match=r"deferred and exported rows \[n, E \+ G N \+ H\]"):
         k.decode_layers(x, *plan, *lists, [pos], 1, [torch.zeros(1, width + 1)] * len(state.ssm))
-    with pytest.raises(RuntimeError, match="T exported rows"):
-        k.decode_layers(x, *plan, *lists, [pos], 1, journal=(journal[0], [torch.zeros(2, width)] * len(state.ssm)))
+    with pytest.raises(RuntimeError, match="T - 1 exported rows"):  # three rows: two after the first
+        k.decode_layers(x, *plan, *lists, [pos], 1, journal=(journal[0], [torch.zeros(3, width)] * len(state.ssm)))
     for a, b in zip(before, (*state.conv, *state.ssm), strict=True):
         assert torch.equal(a, b)
 

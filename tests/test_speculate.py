@@ -149,9 +149,9 @@ def test_keeping_any_rows_of_a_verify_equals_feeding_just_them(path: str) -> Non
         assert same(got, want, path), n
         for a, b in zip((*spec.kv.k, *spec.kv.v), (*plain.kv.k, *plain.kv.v), strict=True):
             assert same(a[:, : spec.pos], b[:, : plain.pos], path), n
-        # on the kernels the kept rows may be deferred (ModelState.deferred): the first step after
-        # applies them on its way, and the states are the plain ones from there on
-        assert spec.deferred == (n if path == "packed-kernels" else 0), n
+        # on the kernels the kept rows after the first are deferred (ModelState.deferred): the first step
+        # after applies them on its way, and the states are the plain ones from there on
+        assert spec.deferred == (n - 1 if path == "packed-kernels" else 0), n
         for t in after:  # decoding goes on alike
             x, y = model.forward(t.view(1), spec), model.forward(t.view(1), plain)
             assert same(x, y, path) and int(x.argmax()) == int(y.argmax()), n
@@ -179,9 +179,9 @@ def test_keep_needs_the_journaled_forward_just_before() -> None:
 
 
 def _deferring(model: HybridModel, keep: int | None) -> tuple[ModelState, ModelState, Tensor]:
-    """A state whose last one-call verify (6 rows) kept ``keep`` of them, leaving them deferred (or, with
-    None, was not taken back at all: its journal still open), and a state fed the same tokens one at a
-    time; and the verify's rows' tokens."""
+    """A state whose last one-call verify (6 rows) kept ``keep`` of them, leaving those after the first
+    deferred (or, with None, was not taken back at all: its journal still open), and a state fed the same
+    tokens one at a time; and the verify's rows' tokens."""
     gen = torch.Generator().manual_seed(21)
     vocab = model.config.vocab_size
     prompt, fed = torch.randint(0, vocab, (30,), generator=gen), torch.randint(0, vocab, (6,), generator=gen)
@@ -192,7 +192,7 @@ def _deferring(model: HybridModel, keep: int | None) -> tuple[ModelState, ModelS
     model.forward(fed, spec, all_logits=True)
     if keep is not None:
         model.keep(spec, keep)
-        assert spec.deferred == keep
+        assert spec.deferred == keep - 1  # the first row went into the state
     for t in fed[: len(fed) if keep is None else keep]:
         model.forward(t.view(1), plain)
     return spec, plain, fed
@@ -227,7 +227,7 @@ def test_deferred_rows_are_settled_wherever_the_live_states_are_read() -> None:
     forked = spec.fork()
     _assert_same_states(forked, plain)
 
-    spec, plain, _ = _deferring(model, 1)
+    spec, plain, _ = _deferring(model, 3)
     long = torch.arange(20) % model.config.vocab_size  # more than GEMV_MAX_ROWS: layer by layer
     assert torch.equal(model.forward(long, spec, all_logits=True), model.forward(long, plain, all_logits=True))
     _assert_same_states(spec, plain)
@@ -244,7 +244,7 @@ def test_deferred_rows_are_settled_wherever_the_live_states_are_read() -> None:
     assert before_nbytes == spec.nbytes > plain.nbytes  # the scan-row buffers count
 
     spec, plain, _ = _deferring(model, 2)
-    spec.journal_next(whole=True)  # settles: undo must bring back the states at its start
+    spec.journal_next(whole=True)  # the forward settles as it begins: undo brings back the states there
     model.forward(tail, spec)
     spec.undo()
     _assert_same_states(spec, plain)

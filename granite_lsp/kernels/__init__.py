@@ -22,6 +22,7 @@ knobs, which benchmark to run.
 from .ops import (
     ATTENTION_MAX_HEAD_DIM,
     GEMV_MAX_ROWS,
+    MAMBA_MAX_EXPORT_STATE,
     MAMBA_MAX_HEAD_DIM,
     CpuKernels,
     KernelsRequired,
@@ -35,6 +36,7 @@ from .packed import PackedLinear
 __all__ = [
     "ATTENTION_MAX_HEAD_DIM",
     "GEMV_MAX_ROWS",
+    "MAMBA_MAX_EXPORT_STATE",
     "MAMBA_MAX_HEAD_DIM",
     "CpuKernels",
     "KernelsRequired",

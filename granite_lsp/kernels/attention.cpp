@@ -279,7 +279,8 @@ at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& k, const a
   return out;
 }
 
-// q [nq * hd] fp32; k, v [nkv, cap, hd] fp32, the first `length` positions valid -> [1, nq * hd].
+// qkv [T, >= nq * hd] fp32 (each row's query heads first); k, v [nkv, cap, hd] fp32, the first
+// `length` + T - 1 positions valid; row t over `length` + t of them -> [T, nq * hd].
 at::Tensor attention_decode_rows(const at::Tensor& qkv, const at::Tensor& k, const at::Tensor& v, int64_t length,
                                  int64_t n_heads, double scale, int64_t threads) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k, v: [nkv, cap, hd]");
@@ -310,6 +311,7 @@ at::Tensor attention_decode_rows(const at::Tensor& qkv, const at::Tensor& k, con
   return out;
 }
 
+// q [nq * hd] fp32; k, v [nkv, cap, hd] fp32, the first `length` positions valid -> [1, nq * hd].
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
                             int64_t threads) {
   TORCH_CHECK(k.dim() == 3 && k.size(2) > 0 && q.numel() % k.size(2) == 0, "q: [nq * hd]");

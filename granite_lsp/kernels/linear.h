@@ -170,11 +170,10 @@ void gemm_bf16_amx(const Problem<BF16>& p, int threads);
 void stream_i8_amx(const Problem<I8>& p, int threads);
 void stream_bf16_amx(const Problem<BF16>& p, int threads);
 
-// TileConfig::load is ldtilecfg with the whole 64-byte configuration as its operand: GCC's
-// _tile_loadconfig names only its first 8 bytes to the compiler, which may then leave the rest of a
-// configuration built just before it unwritten (the crash upstream llama.cpp's PR #26954 traces to a
-// tile configuration on the stack).
 // ldtilecfg's 64-byte operand (palette 1): each tile's rows and bytes per row (tiles not set: unused).
+// load() is ldtilecfg with the whole configuration as its operand: GCC's _tile_loadconfig names only
+// its first 8 bytes to the compiler, which may then leave the rest of a configuration built just before
+// it unwritten (the crash upstream llama.cpp's PR #26954 traces to a tile configuration on the stack).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};

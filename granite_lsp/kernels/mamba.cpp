@@ -34,14 +34,12 @@ constexpr int64_t kMaxHeadDim = 256;  // kernels.MAMBA_MAX_HEAD_DIM
 constexpr int64_t kPrefetchTokens = 8;
 
 // Beside its rows, a call of a few rows (the recurrence: T <= kMaxStreamRows) can take care of what
-// runtime/state.py's ModelState defers (its docstring says why: a verify's rows are kept without a
-// state written for them):
+// runtime/state.py's ModelState defers (why: state.py's Journal):
 // - `deferred` [n_deferred, E + G N + H]: rows the state has not advanced over yet, applied in place
 //   before the new ones (each row's x dt, B and decay, as `exported` leaves them);
-// - `exported` [T, E + G N + H], when not null: the new rows advance a copy of the state, which is then
-//   dropped, and leave their x dt, B and decay there instead (a journaled verify: how many of its rows
-//   stay is decided after it). The state itself is then written only where deferred rows advanced it:
-//   no more memory traffic than a plain step's.
+// - `exported` [T - 1, E + G N + H], when not null (T >= 2): the first new row advances the state, the
+//   others a copy of it, which is then dropped, and leave their x dt, B and decay there instead (a
+//   journaled verify: the first row always stays, the others may not).
 struct Deferral {
   const float* deferred = nullptr;
   int64_t n_deferred = 0;
@@ -72,26 +70,29 @@ struct MambaScan {
 // operations, so applying a row later (a deferred one) changes no bit.
 inline float scan_update(float s, float decay, float xdt, float b) { return std::fma(xdt, b, s * decay); }
 
-// One state row (N values) for one token: decay, add xdt * B, read out through C.
-inline float state_row(float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
+// One state row (N values) for one token: decay, add xdt * B, read out through C. The row is read from
+// `src` and written to `s` (the same row, or its copy's: rows_head's first pass over a head it must not
+// change; null: nowhere, the last token of a copy that is dropped).
+inline float state_row(const float* src, float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
   const __m256 xv = _mm256_set1_ps(xdt), d = _mm256_set1_ps(decay);
   __m256 acc = _mm256_setzero_ps();
   int64_t n = 0;
   for (; n + 8 <= N; n += 8) {
-    const __m256 sv = _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(s + n), d));
-    _mm256_storeu_ps(s + n, sv);
+    const __m256 sv = _mm256_fmadd_ps(xv, _mm256_loadu_ps(B + n), _mm256_mul_ps(_mm256_loadu_ps(src + n), d));
+    if (s) _mm256_storeu_ps(s + n, sv);
     acc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(Cv + n), acc);
   }
   float out = hsum(acc);
   for (; n < N; ++n) {
-    s[n] = scan_update(s[n], decay, xdt, B[n]);
-    out += s[n] * Cv[n];
+    const float v = scan_update(src[n], decay, xdt, B[n]);
+    if (s) s[n] = v;
+    out += v * Cv[n];
   }
   return out;
 }
 
-// A head's whole state [P, N] advanced over one token with no read-out (a deferred row, whose output
-// was read when it was first fed), as state_row advances each value.
+// P rows of a head's state [P, N] advanced over one token with no read-out (a deferred row, whose
+// output was read when it was first fed), as state_row advances each value.
 inline void advance_head(float* s, int64_t P, int64_t N, const float* xdt, const float* B, float decay) {
   const __m256 d = _mm256_set1_ps(decay);
   for (int64_t p = 0; p < P; ++p, s += N) {
@@ -103,12 +104,14 @@ inline void advance_head(float* s, int64_t P, int64_t N, const float* xdt, const
   }
 }
 
-// Head h's state advanced over the deferred rows of `r` (none when there are none).
+// Rows [p0, p1) of head h's state (`state` is the head's row 0; P rows in all) advanced over the
+// deferred rows of `r` (none when there are none).
 inline void apply_deferred(float* state, const Deferral& r, const ScanRowLayout& lay, int64_t h, int64_t g, int64_t P,
-                           int64_t N) {
+                           int64_t N, int64_t p0 = 0, int64_t p1 = -1) {
+  if (p1 < 0) p1 = P;
   for (int64_t i = 0; i < r.n_deferred; ++i) {
     const float* row = r.deferred + i * lay.width();
-    advance_head(state, P, N, row + h * P, row + lay.B(g, N), row[lay.decay(h)]);
+    advance_head(state + p0 * N, p1 - p0, N, row + h * P + p0, row + lay.B(g, N), row[lay.decay(h)]);
   }
 }
 
@@ -122,7 +125,10 @@ struct TokenRows {
 // Four state rows at once (N % 8 == 0): four independent FMA chains for the read-out (one chain
 // waits on FMA latency) sharing the B and C loads. Named variables: as arrays GCC keeps them in
 // memory.
-inline void state_rows4(float* s, int64_t N, const TokenRows& tr) {
+// Without Store the rows are read out and not written (the last token of a copy that is dropped: a verify's
+// rows on a copy of the state, rows_head, whose lines would only push the state's out of L1).
+template <bool Store = true>
+inline void state_rows4(const float* src, float* s, int64_t N, const TokenRows& tr) {
   const float *B = tr.B, *Cv = tr.C, *xdt = tr.xdt;
   float* y = tr.y;
   const __m256 d = _mm256_set1_ps(tr.decay);
@@ -130,12 +136,13 @@ inline void state_rows4(float* s, int64_t N, const TokenRows& tr) {
                x3 = _mm256_set1_ps(xdt[3]);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
+  const float *r0 = src, *r1 = src + N, *r2 = src + 2 * N, *r3 = src + 3 * N;
   for (int64_t n = 0; n < N; n += 8) {
     const __m256 b = _mm256_loadu_ps(B + n), c = _mm256_loadu_ps(Cv + n);
 #define GRANITE_STATE_ROW(i)                                                                \
   {                                                                                         \
-    const __m256 v = _mm256_fmadd_ps(x##i, b, _mm256_mul_ps(_mm256_loadu_ps(s##i + n), d)); \
-    _mm256_storeu_ps(s##i + n, v);                                                          \
+    const __m256 v = _mm256_fmadd_ps(x##i, b, _mm256_mul_ps(_mm256_loadu_ps(r##i + n), d)); \
+    if constexpr (Store) _mm256_storeu_ps(s##i + n, v);                                     \
     a##i = _mm256_fmadd_ps(v, c, a##i);                                                     \
   }
     GRANITE_STATE_ROW(0) GRANITE_STATE_ROW(1) GRANITE_STATE_ROW(2) GRANITE_STATE_ROW(3)
@@ -150,7 +157,11 @@ inline void state_rows4(float* s, int64_t N, const TokenRows& tr) {
 // The same for two consecutive tokens a, b in one pass over the rows: the state is loaded and
 // stored once per pair instead of once per token. Each value goes through the same operations in
 // the same order as two calls of state_rows4, so the results are identical.
-inline void state_rows4_pair(float* s, int64_t N, const TokenRows& ta, const TokenRows& tb) {
+// With Mid, the rows after token a are also stored to `mid` (a verify's first row, which stays); Store as
+// in state_rows4, for the rows after token b.
+template <bool Mid = false, bool Store = true>
+inline void state_rows4_pair(const float* src, float* s, int64_t N, const TokenRows& ta, const TokenRows& tb,
+                             float* mid = nullptr) {
   const __m256 da = _mm256_set1_ps(ta.decay), db = _mm256_set1_ps(tb.decay);
   const __m256 x0 = _mm256_set1_ps(ta.xdt[0]), x1 = _mm256_set1_ps(ta.xdt[1]), x2 = _mm256_set1_ps(ta.xdt[2]),
                x3 = _mm256_set1_ps(ta.xdt[3]);
@@ -158,15 +169,18 @@ inline void state_rows4_pair(float* s, int64_t N, const TokenRows& ta, const Tok
                w3 = _mm256_set1_ps(tb.xdt[3]);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
   float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
+  const float *r0 = src, *r1 = src + N, *r2 = src + 2 * N, *r3 = src + 3 * N;
+  float *m0 = mid, *m1 = mid + N, *m2 = mid + 2 * N, *m3 = mid + 3 * N;
   for (int64_t n = 0; n < N; n += 8) {
     const __m256 ba = _mm256_loadu_ps(ta.B + n), ca = _mm256_loadu_ps(ta.C + n);
     const __m256 bb = _mm256_loadu_ps(tb.B + n), cb = _mm256_loadu_ps(tb.C + n);
 #define GRANITE_STATE_ROW_PAIR(i)                                                       \
   {                                                                                     \
-    __m256 v = _mm256_fmadd_ps(x##i, ba, _mm256_mul_ps(_mm256_loadu_ps(s##i + n), da)); \
+    __m256 v = _mm256_fmadd_ps(x##i, ba, _mm256_mul_ps(_mm256_loadu_ps(r##i + n), da)); \
+    if constexpr (Mid) _mm256_storeu_ps(m##i + n, v);                                   \
     a##i = _mm256_fmadd_ps(v, ca, a##i);                                                \
     v = _mm256_fmadd_ps(w##i, bb, _mm256_mul_ps(v, db));                                \
-    _mm256_storeu_ps(s##i + n, v);                                                      \
+    if constexpr (Store) _mm256_storeu_ps(s##i + n, v);                                 \
     e##i = _mm256_fmadd_ps(v, cb, e##i);                                                \
   }
     GRANITE_STATE_ROW_PAIR(0) GRANITE_STATE_ROW_PAIR(1) GRANITE_STATE_ROW_PAIR(2) GRANITE_STATE_ROW_PAIR(3)
@@ -183,8 +197,9 @@ inline void state_rows4_pair(float* s, int64_t N, const TokenRows& ta, const Tok
 }
 
 // The most state floats a head may have where a call's rows advance a copy of it (Deferral::exported:
-// the copy is a buffer on the task's stack, 128 KB).
-constexpr int64_t kLocalStateFloats = 1 << 15;
+// the copy is a buffer on the task's stack, 128 KB; kernels.MAMBA_MAX_EXPORT_STATE, where a model whose
+// heads are larger verifies layer by layer).
+constexpr int64_t kLocalStateFloats = 32768;
 
 void mamba_head(const void* ctx, int64_t h) {
   const auto& m = *static_cast<const MambaScan*>(ctx);
@@ -194,8 +209,7 @@ void mamba_head(const void* ctx, int64_t h) {
   alignas(64) float local[kLocalStateFloats];
   float* const from = m.ssm + h * P * N;
   apply_deferred(from, m.rows, lay, h, g, P, N);  // in place
-  float* const state = m.rows.exported ? local : from;
-  if (m.rows.exported) std::memcpy(local, from, sizeof(float) * size_t(P * N));
+  float* state = from;                            // with exported rows: the first row in place, then `local` (below)
   auto token = [&](int64_t t, float* xdt) {
     const float* bc = m.bc + t * 2 * m.G * m.N;
     const float dt = m.dt[t * m.H + h];
@@ -210,8 +224,8 @@ void mamba_head(const void* ctx, int64_t h) {
       for (int64_t b = 0; b < P * int64_t(sizeof(float)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
     const float decay = m.decay[t * m.H + h];
-    if (m.rows.exported) {  // this head's part of the row a later call may apply (the caller writes B)
-      float* row = m.rows.exported + t * lay.width();
+    if (m.rows.exported && t > 0) {  // this head's part of the row a later call may apply (the caller writes B)
+      float* row = m.rows.exported + (t - 1) * lay.width();
       std::memcpy(row + h * P, xdt, sizeof(float) * size_t(P));
       row[lay.decay(h)] = decay;
     }
@@ -219,19 +233,28 @@ void mamba_head(const void* ctx, int64_t h) {
   };
   // the rows that the four-row kernels do not take, one token at a time
   auto rest = [&](const TokenRows& tr) {
-    for (int64_t p = P4; p < P; ++p) tr.y[p] = state_row(state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
+    for (int64_t p = P4; p < P; ++p)
+      tr.y[p] = state_row(state + p * N, state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
   };
   float xdt[2 * kMaxHeadDim];  // a pool task allocates nothing (so it cannot throw)
   int64_t t = 0;
+  if (m.rows.exported) {  // the first row in place (it stays), the others on a copy
+    const TokenRows a = token(0, xdt);
+    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, state + p * N, N, a.from(p));
+    rest(a);
+    std::memcpy(local, from, sizeof(float) * size_t(P * N));
+    state = local;
+    t = 1;
+  }
   for (; t + 2 <= m.T; t += 2) {
     const TokenRows a = token(t, xdt), b = token(t + 1, xdt + P);
-    for (int64_t p = 0; p < P4; p += 4) state_rows4_pair(state + p * N, N, a.from(p), b.from(p));
+    for (int64_t p = 0; p < P4; p += 4) state_rows4_pair(state + p * N, state + p * N, N, a.from(p), b.from(p));
     rest(a);
     rest(b);
   }
   if (t < m.T) {
     const TokenRows a = token(t, xdt);
-    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, N, a.from(p));
+    for (int64_t p = 0; p < P4; p += 4) state_rows4(state + p * N, state + p * N, N, a.from(p));
     rest(a);
   }
 }
@@ -368,30 +391,26 @@ void rows_head(const void* ctx, int64_t h) {
   // hardware prefetcher does not run far enough ahead on a head's 16 KB: prefetched kStatePrefetch bytes
   // ahead, 28 real-shape decode mixers took 0.67-0.84x the CPU time on one thread and 0.76-0.90x the
   // wall time on two (same process, alternating rounds; three runs on one thread, two on two, loaded
-  // machine; bits unchanged). Deferred rows are applied in place first (the whole head prefetched: they
-  // are rare) and exported rows advance a copy on the stack, read from L1 once the deferred rows or the
-  // prefetch brought the state there.
+  // machine; bits unchanged). The first token (pair) passes over the state block by block as it comes
+  // in: the deferred rows applied to each block in place just before, and with exported rows the state
+  // after the first token written back in place and the state after the second to a copy on the stack
+  // (which the later pairs update): the state is read and written once, as in a plain step. (A
+  // separate pass for the deferred rows and a copy of the head before the scan cost ~0.5 ms of CPU per
+  // int8 verify.)
   alignas(64) float local[kLocalStateFloats];
   float* const from = d.ssm + h * P * N;
   float* const state = d.rows.exported ? local : from;
+  float* const mid = d.rows.exported ? from : nullptr;  // where the first token leaves the state
   const char* const base = reinterpret_cast<const char*>(from);
   const int64_t row_bytes = N * int64_t(sizeof(float)), bytes = P * row_bytes;
   auto prefetch = [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < std::min(b, bytes); i += 64) _mm_prefetch(base + i, _MM_HINT_T0);
   };
-  bool cold = true;  // the first pass over the state (prefetching ahead of it)
-  if (d.rows.exported || d.rows.n_deferred) {
-    prefetch(0, bytes);
-    apply_deferred(from, d.rows, lay, h, g, P, N);
-    if (d.rows.exported) std::memcpy(local, from, size_t(bytes));
-    cold = false;
-  } else {
-    prefetch(0, kStatePrefetch);
-  }
+  prefetch(0, kStatePrefetch);
   auto token = [&](int64_t t, float* xt) {
     for (int64_t p = 0; p < P; ++p) xt[p] = x[t * P + p] * dt[t];
-    if (d.rows.exported) {  // this head's part of the row a later call may apply (the caller writes B)
-      float* row = d.rows.exported + t * lay.width();
+    if (d.rows.exported && t > 0) {  // this head's part of the row a later call may apply (the caller writes B)
+      float* row = d.rows.exported + (t - 1) * lay.width();
       std::memcpy(row + c0, xt, sizeof(float) * size_t(P));
       row[lay.decay(h)] = decay[t];
     }
@@ -399,29 +418,53 @@ void rows_head(const void* ctx, int64_t h) {
     return TokenRows{bc + g * N, bc + d.G * N + g * N, xt, decay[t], d.y + t * E + c0};
   };
   const int64_t P4 = N % 8 == 0 ? P / 4 * 4 : 0;
-  auto ahead = [&](int64_t p) {
-    if (cold) prefetch(kStatePrefetch + p * row_bytes, kStatePrefetch + (p + 4) * row_bytes);
+  // before the first pass reads rows [p0, p1): prefetch further ahead, apply the deferred rows
+  auto arrive = [&](int64_t p0, int64_t p1) {
+    prefetch(kStatePrefetch + p0 * row_bytes, kStatePrefetch + p1 * row_bytes);
+    apply_deferred(from, d.rows, lay, h, g, P, N, p0, p1);
   };
-  auto rest = [&](const TokenRows& tr) {
-    for (int64_t p = P4; p < P; ++p) tr.y[p] = state_row(state + p * N, N, tr.B, tr.C, tr.xdt[p], tr.decay);
+  // the rows the four-row kernels do not take, one token; `to` null: not stored (see state_row)
+  auto rest = [&](const float* src, float* to, const TokenRows& tr) {
+    for (int64_t p = P4; p < P; ++p)
+      tr.y[p] = state_row(src + p * N, to ? to + p * N : nullptr, N, tr.B, tr.C, tr.xdt[p], tr.decay);
   };
   int64_t t = 0;
-  for (; t + 2 <= T; t += 2, cold = false) {
+  for (; t + 2 <= T; t += 2) {
     const TokenRows a = token(t, xdt), b = token(t + 1, xdt + P);
+    const float* src = t == 0 ? from : state;
+    const bool stay = mid && t == 0, drop = d.rows.exported && t + 2 == T;  // drop: the copy's last state
     for (int64_t p = 0; p < P4; p += 4) {
-      ahead(p);
-      state_rows4_pair(state + p * N, N, a.from(p), b.from(p));
+      if (t == 0) arrive(p, p + 4);
+      const float* r = src + p * N;
+      float* w = state + p * N;
+      if (stay && drop) {
+        state_rows4_pair<true, false>(r, w, N, a.from(p), b.from(p), mid + p * N);
+      } else if (stay) {
+        state_rows4_pair<true, true>(r, w, N, a.from(p), b.from(p), mid + p * N);
+      } else if (drop) {
+        state_rows4_pair<false, false>(r, w, N, a.from(p), b.from(p));
+      } else {
+        state_rows4_pair(r, w, N, a.from(p), b.from(p));
+      }
     }
-    rest(a);
-    rest(b);
+    if (t == 0) arrive(P4, P);
+    rest(src, stay ? from : state, a);  // a verify's first token in place
+    rest(stay ? from : state, drop ? nullptr : state, b);
   }
   if (t < T) {
     const TokenRows a = token(t, xdt);
+    const float* src = t == 0 ? from : state;
+    const bool drop = d.rows.exported != nullptr;  // a verify's last token (it has at least two)
     for (int64_t p = 0; p < P4; p += 4) {
-      ahead(p);
-      state_rows4(state + p * N, N, a.from(p));
+      if (t == 0) arrive(p, p + 4);
+      if (drop) {
+        state_rows4<false>(src + p * N, state + p * N, N, a.from(p));
+      } else {
+        state_rows4(src + p * N, state + p * N, N, a.from(p));
+      }
     }
-    rest(a);
+    if (t == 0) arrive(P4, P);
+    rest(src, drop ? nullptr : state, a);
   }
   for (int64_t r = 0; r < T; ++r) gate_head(d.y + r * E + c0, x + r * P, d.in + r * W + c0, d.D[h], P);
 }
@@ -691,6 +734,7 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   TORCH_CHECK(!(rows.n_deferred || rows.exported) || T <= kMaxStreamRows,
               "mamba_mixer: deferred and exported rows go with the recurrence's few rows");
   TORCH_CHECK(!rows.exported || P * N <= kLocalStateFloats, "mamba_mixer: a head's state too large to export rows");
+  TORCH_CHECK(!rows.exported || T >= 2, "mamba_mixer: exported rows follow a first row");
   if (T <= kMaxStreamRows && P % 8 == 0) {
     // rows_head's channels start where the general path's do
     thread_local std::vector<float> bc;  // kept between calls: a step runs ~30 of these
@@ -701,8 +745,8 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
       conv_span(src, cw, cb, C, K, E, C, bc.data() + t * BC);
-      if (rows.exported)  // each row's B, for whoever applies the row later (the heads write x dt and decay)
-        std::memcpy(rows.exported + t * (E + G * N + H) + E, bc.data() + t * BC, sizeof(float) * size_t(G * N));
+      if (rows.exported && t > 0)  // each row's B, for whoever applies it later (the heads write x dt, decay)
+        std::memcpy(rows.exported + (t - 1) * (E + G * N + H) + E, bc.data() + t * BC, sizeof(float) * size_t(G * N));
     }
     // B and C's channels of the conv state, as rows_head moves the heads' (after saving the first row's)
     if (conv_saved)
@@ -794,9 +838,9 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
   // (3) the scan, one head per task: in chunks for a prefill (above), token by token for a few tokens
   float* y = out.data_ptr<float>();
-  if (rows.exported)  // each row's B, for whoever applies the row later (the heads write x dt and decay)
-    for (int64_t t = 0; t < T; ++t)
-      std::memcpy(rows.exported + t * (E + G * N + H) + E, bcs + t * BC, sizeof(float) * size_t(G * N));
+  if (rows.exported)  // each row's B, for whoever applies it later (the heads write x dt, decay)
+    for (int64_t t = 1; t < T; ++t)
+      std::memcpy(rows.exported + (t - 1) * (E + G * N + H) + E, bcs + t * BC, sizeof(float) * size_t(G * N));
   MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, rows};
   if (chunked) {
     const int64_t chunks = (T + kScanChunk - 1) / kScanChunk;
@@ -863,7 +907,7 @@ at::Tensor mamba_mixer_rows(const at::Tensor& zxbcdt, const at::Tensor& conv_sta
   Deferral rows;
   rows.deferred = scan_rows(deferred, ssm_state, n_groups, -1, "deferred");
   rows.n_deferred = deferred ? deferred->size(0) : 0;
-  rows.exported = const_cast<float*>(scan_rows(exported, ssm_state, n_groups, zxbcdt.size(0), "exported"));
+  rows.exported = const_cast<float*>(scan_rows(exported, ssm_state, n_groups, zxbcdt.size(0) - 1, "exported"));
   return mixer(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A, D, ssm_state, norm_w, n_groups, eps, dt_min, dt_max,
                threads, conv_saved ? conv_saved->data_ptr<float>() : nullptr, rows);
 }

@@ -32,7 +32,7 @@ at::Tensor mamba_mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, c
                        double eps, double dt_min, double dt_max, int64_t threads);
 // ... for T <= kMaxStreamRows rows, with what runtime/state.py's ModelState defers (mamba.cpp's Deferral):
 // `deferred` [n, E + G N + H] rows the SSM state has yet to advance over, applied first (in place);
-// `exported` [T, E + G N + H]: the new rows leave the SSM state as it is after the deferred ones and
+// `exported` [T - 1, E + G N + H]: the rows after the first leave the SSM state as it is after it and
 // their scan inputs there instead; `conv_saved`: the conv state after the first row (T >= 2). A
 // journaled verify (step.cpp) gives the last two.
 at::Tensor mamba_mixer_rows(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 GEMV_MAX_ROWS = build.header_constant("ops.h", "kMaxStreamRows")
 # Largest Mamba head dim CpuKernels.mamba_mixer takes (mamba.cpp's per-head scratch), read from there.
 MAMBA_MAX_HEAD_DIM = build.header_constant("mamba.cpp", "kMaxHeadDim")
+# Largest Mamba head state (P * N floats) whose rows a one-call verify exports (mamba.cpp's copy of it on
+# a task's stack), read from there: a model with larger heads verifies layer by layer.
+MAMBA_MAX_EXPORT_STATE = build.header_constant("mamba.cpp", "kLocalStateFloats")
 # Largest attention head dim CpuKernels.attention_prefill takes, read from attention.cpp.
 ATTENTION_MAX_HEAD_DIM = build.header_constant("attention.cpp", "kMaxPrefillHeadDim")
 
@@ -116,10 +119,10 @@ class CpuKernels:
         sequence by sequence (step.cpp documents that and the layout of ``weights``, ``ints`` and
         ``floats``). Updates ``x``, the states and the KV buffers in place. ``deferred`` (one sequence):
         per Mamba layer, scan rows [n, E + G N + H] its SSM state has yet to advance over, applied first.
-        ``journal`` (one sequence, >= 2 rows; runtime/state.py's Journal): per Mamba layer, a buffer for
-        the conv state after the first row and one for the rows' scan inputs [T, E + G N + H], which the
-        SSM state then does not advance over. Returns [the residual stream after the last layer],
-        followed in a journaled call by each Mamba layer's in_proj rows after the first."""
+        ``journal`` (one sequence, >= 2 rows; runtime/state.py's Journal): per Mamba layer, a buffer for the conv state
+        after the first row and one for the other rows' scan inputs [T - 1, E + G N + H], which the SSM state then
+        does not advance over (it does over the first). Returns [the residual stream after the last layer], followed
+        in a journaled call by each Mamba layer's in_proj rows after the first."""
         conv_saved, exported = journal or ([], [])
         return cast(list[Tensor], self._ops.decode_layers(
             x, weights, ints, floats, conv, ssm, k, v, pos, threads, deferred or [], conv_saved, exported,

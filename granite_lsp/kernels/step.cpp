@@ -15,9 +15,10 @@
 //   with its own Mamba states and KV buffers: only those parts run row by row.
 // One sequence's Mamba states may have rows deferred (`deferred`: runtime/state.py's ModelState says why),
 // which each layer applies before the new rows. A journaled call (conv_saved and exported given: state.py's
-// Journal) leaves each SSM state as it is after those (the rows advance a copy), every row's scan inputs in
-// exported (the rows a rollback keeps become deferred ones) and the conv state after the first row in
-// conv_saved, and returns the in_proj rows after the first (for the conv states of the rows kept).
+// Journal) leaves each SSM state as it is after those and the first row (the other rows advance a copy),
+// the other rows' scan inputs in exported (those a rollback keeps become deferred ones) and the conv state
+// after the first row in conv_saved, and returns the in_proj rows after the first (for the conv states of
+// the rows kept).
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
 
@@ -38,7 +39,7 @@ namespace granite {
 // room for the new positions; with S sequences (S = pos.size(), 1 or T) layer j's state or buffer of
 // sequence s is entry j * S + s. deferred: empty, or (one sequence) one [n, E + G N + H] per Mamba layer.
 // conv_saved, exported: empty, or (one sequence, T >= 2) one per Mamba layer (a journaled call, see above):
-// shaped like its conv state, and [T, E + G N + H].
+// shaped like its conv state, and [T - 1, E + G N + H].
 // Returns [the residual stream after the last layer (before the final norm)], followed in a
 // journaled call by each Mamba layer's in_proj rows 1 .. T - 1.
 std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
@@ -90,6 +91,7 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
                     pos[j % S] + T / S <= k[j].size(1),
                 "decode_layers: KV buffers [nkv, cap >= pos + new positions, hd]");
   TORCH_CHECK(deferred.empty() || deferred.size() == ssm.size(), "decode_layers: deferred rows for every Mamba layer");
+  TORCH_CHECK(exported.empty() || exported.size() == ssm.size(), "decode_layers: exported rows for every Mamba layer");
   for (at::TensorList rows : {deferred, exported})
     for (size_t j = 0; j < rows.size(); ++j) {
       const at::Tensor& s = ssm[j];
@@ -100,8 +102,8 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
     TORCH_CHECK(conv_saved.size() == conv.size() && exported.size() == ssm.size(),
                 "decode_layers: one journal buffer of each kind per Mamba state");
     for (size_t j = 0; j < conv.size(); ++j)
-      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && exported[j].dim() == 2 && exported[j].size(0) == T,
-                  "decode_layers: conv journal buffers shaped like the states, T exported rows");
+      TORCH_CHECK(conv_saved[j].sizes() == conv[j].sizes() && exported[j].dim() == 2 && exported[j].size(0) == T - 1,
+                  "decode_layers: conv journal buffers shaped like the states, T - 1 exported rows");
   }
   std::vector<at::Tensor> out(1);
   if (L == 0) {
@@ -136,10 +138,8 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
         for (int64_t t = 0; t < T; ++t) ys.push_back(mix(zxbcdt.narrow(0, t, 1), t));
         y = at::cat(ys);
       } else if (journaled || !deferred.empty()) {
-        // a journaled verify reads each SSM state (writing it only where deferred rows advance it, as a
-        // plain step would) and exports its rows rather than write the state after them. Writing the
-        // states after the first row instead (the journal before) wrote 22 MB more on the real shape:
-        // ~+6% of an int8 step; the states after every row, another buffer: the same.
+        // deferred rows applied in place; a journaled verify's rows exported, not written into the state
+        // (why: runtime/state.py's Journal)
         y = mamba_mixer_rows(zxbcdt, conv[m], conv_w, conv_b, dt_bias, A, D, ssm[m], norm_w, G, eps, dt_min, dt_max,
                              threads, some(deferred, m), some(conv_saved, m), some(exported, m));
         if (journaled) out.push_back(zxbcdt.narrow(0, 1, T - 1));

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import failpoints
-from ..kernels import GEMV_MAX_ROWS, CpuKernels, PackedLinear
+from ..kernels import GEMV_MAX_ROWS, MAMBA_MAX_EXPORT_STATE, CpuKernels, PackedLinear
 from .config import HybridConfig
 from .layers import Block, MambaMixer, add_rms_norm, rms_norm, rope_tables
 from .matmul import linear, matmul_threads, small_ops_single_threaded
@@ -261,7 +261,7 @@ class HybridModel:
             x = x * cfg.embedding_multiplier
         x = x.contiguous()
         journaled = state.journal.records
-        if T <= GEMV_MAX_ROWS and self._one_call_step_applies():
+        if T <= GEMV_MAX_ROWS and self._one_call_step_applies() and (T == 1 or not journaled or self._heads_export):
             assert self.kernels is not None
             # deferred rows applied on the way; a journaled verify leaves its rows for keep (state.Journal)
             deferred, journal = state.one_call(T, self.recurrence)
@@ -348,6 +348,13 @@ class HybridModel:
             and all(blk.mixer.fused for blk in self.blocks)
             and not failpoints.armed("forward-midway")
         )
+
+    @property
+    def _heads_export(self) -> bool:
+        """Whether a journaled verify can take the one-call step: every Mamba head's state small enough for
+        the kernel's copy of it (kernels.MAMBA_MAX_EXPORT_STATE; larger heads verify layer by layer)."""
+        cfg = self.config
+        return cfg.mamba_d_head * cfg.mamba_d_state <= MAMBA_MAX_EXPORT_STATE
 
     def _decode_plan(self) -> tuple[list[Tensor | None], list[int], list[float]]:
         """The weights and sizes CpuKernels.decode_layers takes, flattened once (layout: step.cpp;

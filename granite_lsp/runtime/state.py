@@ -23,7 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -203,15 +203,15 @@ class Journal:
     and the other rows' inputs (the layer's in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on
     the real shape), and, by the path the forward took:
     - the one-call step (kernels/step.cpp, ``one_call``, ``deferring``): no SSM state at all. The kernel
-      applies the deferred rows the live SSM states had (in place, as a plain step would), runs the
-      verify's rows on a copy of each head's state that it drops, and leaves each row's scan inputs
-      (x dt, B, decay) in ``ModelState.spare_rows``. ``keep(n)`` makes the first n of them the deferred
-      rows (``ModelState.deferred``: nothing copied, nothing re-run; the next forward applies them on
-      its way) and, for n < T, rebuilds the conv state after them from the inputs (a copy of raw rows).
-      A verify then reads the SSM states and writes them no more than a plain step: a journal that
-      wrote the states after the first row (the path below) wrote 22 MB more per verify on the real
-      shape, ~+6% of an int8 step, and one that wrote the states after every row to another buffer
-      the same;
+      applies the deferred rows the live SSM states had and the verify's first row (in place, as a plain
+      step would), runs the other rows on a copy of each head's state that it drops, and leaves their
+      scan inputs (x dt, B, decay) in ``ModelState.spare_rows``. ``keep(n)`` makes the first n - 1 of
+      them the deferred rows (``ModelState.deferred``: nothing copied, nothing re-run; the next forward
+      applies them on its way; none when every draft was rejected) and, for n < T, rebuilds the conv
+      state after the n rows from the inputs (a copy of raw rows). A verify then reads and writes the
+      SSM states as a plain step does: a journal that wrote the states after the first row to buffers of
+      their own (the path below) wrote 22 MB more per verify on the real shape, ~+6% of an int8 step, and
+      one that wrote the states after every row to another buffer the same;
     - layer by layer (``record``, the reference, and the path of every forward the one-call step does
       not take): the SSM state *after the first row* (the mixer runs the first row, the states are
       copied, then the other rows). Keeping n < T rows swaps the copies back in and re-runs the layer's
@@ -284,16 +284,16 @@ class ModelState:
     ``undo`` swaps the journal's copies of the states from its start back in. state_cache.StateCache
     journals each piece of background work that can stop between layers that way (StateCache._piece).
 
-    Deferred rows: after a verify through the one-call step keeps n of its rows (``keep``), the live SSM
-    states are those before it, and the first ``deferred`` rows of each ``scan_rows`` buffer are the rows
-    they have yet to advance over (the conv states, the KV and ``pos`` are current). Writing the states
-    after them would cost a pass over ~22 MB (real shape) per verify; deferred, the next one-call forward
-    applies them while it holds each head's state anyway (kernels/step.cpp: at most GEMV_MAX_ROWS rows,
-    each one more pass of arithmetic over a head's state in cache, ~0.3% of an int8 step on the real
-    shape), and whatever else reads or copies the live states settles them first (``settle``:
-    ``snapshot``, ``fork``, a forward the one-call step does not take, runtime/rows.py's candidates).
-    The invariant: each Mamba layer's live SSM state advanced over its deferred rows is the state at
-    ``pos``; while a one-call verify's journal is open, over the verify's rows in ``spare_rows``.
+    Deferred rows: after a verify through the one-call step keeps n of its rows (``keep``), the live SSM states are
+    those after its first row, and the first ``deferred`` (n - 1) rows of each ``scan_rows`` buffer are the rows
+    they have yet to advance over (the conv states, the KV and ``pos`` are current). Writing the states after them
+    would cost a pass over ~22 MB (real shape) per verify; deferred, the next one-call forward applies them while it
+    holds each head's state anyway (kernels/step.cpp: at most GEMV_MAX_ROWS rows, each one more pass of arithmetic
+    over a head's state in cache, ~0.3% of an int8 step on the real shape), and whatever else reads or copies the
+    live states settles them first (``settle``: ``snapshot``, ``fork``, a forward the one-call step does not take,
+    runtime/rows.py's candidates). The invariant: each Mamba layer's live SSM state advanced over its deferred rows
+    is the state at ``pos``; while a one-call verify's journal is open, over the verify's other rows in
+    ``spare_rows``.
     """
 
     def __init__(self, kv: KVCache, mamba: MambaSnapshot) -> None:
@@ -342,10 +342,10 @@ class ModelState:
             j.clear()
 
     def _defer_verified(self, n: int) -> None:
-        """The first ``n`` rows of the one-call verify just run become the deferred rows (the kernel applied
-        the ones before it)."""
+        """The first ``n`` rows of the one-call verify just run stay: those after its first (which the kernel
+        applied, with the deferred rows before it) become the deferred rows."""
         self.scan_rows, self.spare_rows = self.spare_rows, self.scan_rows
-        self.deferred = n
+        self.deferred = n - 1
 
     def restore(self, snap: MambaSnapshot, hold: KVHold | None = None) -> None:
         """Rewind to ``snap``: copy its Mamba states back and continue from its position, on this
@@ -399,6 +399,7 @@ class ModelState:
             # memory-bound copies, on one thread (see StateCache._restore)
             with small_ops_single_threaded(), torch.inference_mode(self.is_inference):
                 for slot, (conv, ssm) in enumerate(pairs):
+                    assert ssm is not None
                     conv.copy_(self.conv[slot])
                     ssm.copy_(self.ssm[slot])
         return j.records
@@ -424,6 +425,7 @@ class ModelState:
         """A journaled forward's Mamba layer ``slot`` has advanced its states over the first row and is
         about to advance them over ``inputs`` (the other rows)."""
         conv, ssm = self._journal_slot(slot)
+        assert ssm is not None
         with torch.inference_mode(self.is_inference):
             conv.copy_(self.conv[slot])
             ssm.copy_(self.ssm[slot])
@@ -441,9 +443,11 @@ class ModelState:
         if not (j.records and rows > 1):
             return deferred, None
         n = len(self.conv)
+        if not n:  # no Mamba layer: nothing to journal but the KV (keep crops it)
+            return deferred, ([], [])
         if len(j.conv) != n:  # once allocated they keep their shapes (see restore)
             for slot in range(n):
-                self._journal_slot(slot)
+                self._journal_slot(slot, ssm=False)
         if j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
         width = recurrence.scan_row_width
@@ -453,14 +457,14 @@ class ModelState:
                 self.spare_rows = [self.ssm[0].new_empty(GEMV_MAX_ROWS, width) for _ in range(n)]
             deferred = []
             assert not self.deferred, "deferred rows come from a verify, which allocated the buffers"
-        j.deferring = True
         self._recurrence = recurrence
-        return deferred, ([j.conv[slot] for slot in range(n)], [r[:rows] for r in self.spare_rows])
+        return deferred, ([j.conv[slot] for slot in range(n)], [r[: rows - 1] for r in self.spare_rows])
 
     def one_call_done(self, inputs: Sequence[Tensor] | None) -> None:
-        """The one-call forward returned: it applied the deferred rows to the live states in place, and
-        unjournaled, its own rows too; journaled (``inputs``: each Mamba layer's in_proj rows after the
-        first, in slot order), it left its rows' scan inputs for ``keep``."""
+        """The one-call forward returned: it applied the deferred rows to the live states in place, and unjournaled,
+        its own rows too; journaled (``inputs``: each Mamba layer's in_proj rows after the first, in slot
+        order), its first row, leaving the others' scan inputs for ``keep``. (A forward that raised does not
+        get here: its state is restored, and until then nothing takes its half-written rows for rows.)"""
         self.deferred = 0
         if inputs is None:
             return
@@ -468,20 +472,25 @@ class ModelState:
             raise ValueError(f"{len(inputs)} journaled inputs for {len(self.conv)} Mamba layers")
         for slot, rows in enumerate(inputs):
             self.journal.inputs[slot] = rows
+        self.journal.deferring = bool(inputs)
 
-    def _journal_slot(self, slot: int) -> tuple[Tensor, Tensor]:
-        """Mamba slot ``slot``'s journal buffers, allocated on the first journaled forward and kept."""
+    def _journal_slot(self, slot: int, ssm: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Mamba slot ``slot``'s journal buffers (the SSM one only if ``ssm``: the one-call verify needs
+        none), allocated on the first journaled forward that needs them and kept."""
         j = self.journal
         if not j.active or j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
-        bufs = []
+        bufs: list[Tensor | None] = []
         with torch.inference_mode(self.is_inference):
-            for live, saved in ((self.conv, j.conv), (self.ssm, j.ssm)):
+            for live, saved in ((self.conv, j.conv), (self.ssm, j.ssm) if ssm else ((), {})):
+                if not live:
+                    bufs.append(None)
+                    continue
                 buf = saved.get(slot)
                 if buf is None or buf.shape != live[slot].shape or buf.dtype != live[slot].dtype:
                     buf = saved[slot] = torch.empty_like(live[slot])
                 bufs.append(buf)
-        return bufs[0], bufs[1]
+        return cast(Tensor, bufs[0]), bufs[1]
 
     def keep(self, n: int, recurrence: Recurrence) -> None:
         """Keep the first ``n`` >= 1 rows of the last (journaled) forward: the state is then exactly as
