@@ -8,8 +8,8 @@ prompt tokens, in alternating rounds (same machine state for every side), it tim
   have it);
 - ``verify k``: one journaled forward of 1 + k rows (the fed token and k drafts), all logits (the
   one-call step of kernels/step.cpp up to 16 rows), then ``keep`` (the rollback when every draft is
-  rejected: on the one-call step the kept row is deferred, runtime/state.py's ModelState), then the
-  next plain step (``after``: it applies the deferred row on its way);
+  rejected), then the next plain step (``after``: on the one-call step it would apply the drafts a
+  rollback kept, runtime/state.py's deferred rows; with every draft rejected there are none);
 - ``rows k``: the same 1 + k rows unjournaled (what the rows' arithmetic alone costs);
 - with ``--layered``, the same verify and rollback through the layer-by-layer path (runtime/layers.py,
   ``fused_step`` off: how verifies ran before the one-call rows; its journal writes the states after the

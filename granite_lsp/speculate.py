@@ -55,7 +55,7 @@ class DraftBudget:
     """How many drafts the next verify may feed, from how the request's earlier verifies went.
 
     A verify's extra rows cost arithmetic in every matmul and a rollback when rejected (on 2 busy
-    cores ~0.1-0.3 of a step per row: bench/verify_cost.py), and with weights that do not copy the
+    cores ~0.04-0.09 of a step per draft: bench/verify_cost.py), and with weights that do not copy the
     prompt (random ones, or text unlike anything above) nearly every draft is rejected. So: start at
     START_DRAFT, double after a verify whose drafts were all accepted (up to MAX_DRAFT), fall back to
     one more than were accepted otherwise, and after a verify that accepted nothing leave out the

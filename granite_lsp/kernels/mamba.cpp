@@ -71,8 +71,8 @@ struct MambaScan {
 inline float scan_update(float s, float decay, float xdt, float b) { return std::fma(xdt, b, s * decay); }
 
 // One state row (N values) for one token: decay, add xdt * B, read out through C. The row is read from
-// `src` and written to `s` (the same row, or its copy's: rows_head's first pass over a head it must not
-// change; null: nowhere, the last token of a copy that is dropped).
+// `src` and written to `s` (the same row, or its copy's: a verify's rows after the first run on a copy
+// of the head's state; null: nowhere, the last token of a copy that is dropped).
 inline float state_row(const float* src, float* s, int64_t N, const float* B, const float* Cv, float xdt, float decay) {
   const __m256 xv = _mm256_set1_ps(xdt), d = _mm256_set1_ps(decay);
   __m256 acc = _mm256_setzero_ps();
@@ -170,7 +170,8 @@ inline void state_rows4_pair(const float* src, float* s, int64_t N, const TokenR
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
   float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
   const float *r0 = src, *r1 = src + N, *r2 = src + 2 * N, *r3 = src + 3 * N;
-  float *m0 = mid, *m1 = mid + N, *m2 = mid + 2 * N, *m3 = mid + 3 * N;
+  float *m0 = mid, *m1 = m0, *m2 = m0, *m3 = m0;  // (no arithmetic on a null `mid`)
+  if constexpr (Mid) m1 = mid + N, m2 = mid + 2 * N, m3 = mid + 3 * N;
   for (int64_t n = 0; n < N; n += 8) {
     const __m256 ba = _mm256_loadu_ps(ta.B + n), ca = _mm256_loadu_ps(ta.C + n);
     const __m256 bb = _mm256_loadu_ps(tb.B + n), cb = _mm256_loadu_ps(tb.C + n);

@@ -354,7 +354,7 @@ class HybridModel:
         """Whether a journaled verify can take the one-call step: every Mamba head's state small enough for
         the kernel's copy of it (kernels.MAMBA_MAX_EXPORT_STATE; larger heads verify layer by layer)."""
         cfg = self.config
-        return cfg.mamba_d_head * cfg.mamba_d_state <= MAMBA_MAX_EXPORT_STATE
+        return not self._mamba_mixers() or cfg.mamba_d_head * cfg.mamba_d_state <= MAMBA_MAX_EXPORT_STATE
 
     def _decode_plan(self) -> tuple[list[Tensor | None], list[int], list[float]]:
         """The weights and sizes CpuKernels.decode_layers takes, flattened once (layout: step.cpp;

@@ -200,7 +200,7 @@ class Journal:
     the real shape) would cost more than the whole forward saves. The first row (the token decoding had
     to feed anyway) is always kept. Per Mamba layer, in buffers kept from one verify to the next
     (allocating 22 MB per step cost page faults), the journal keeps the conv state *after the first row*
-    and the other rows' inputs (the layer's in_proj output rows: [T, E + C + H] fp32, ~13 KB a row on
+    and the other rows' inputs (the layer's in_proj output rows: [T - 1, E + C + H] fp32, ~13 KB a row on
     the real shape), and, by the path the forward took:
     - the one-call step (kernels/step.cpp, ``one_call``, ``deferring``): no SSM state at all. The kernel
       applies the deferred rows the live SSM states had and the verify's first row (in place, as a plain
@@ -436,7 +436,7 @@ class ModelState:
     ) -> tuple[list[Tensor], tuple[list[Tensor], list[Tensor]] | None]:
         """What a one-call forward of ``rows`` tokens (kernels/step.cpp) takes beside the live states: each
         Mamba layer's deferred rows (applied first; none: []), and for a forward journaled by rows, the
-        journal: buffers for the conv states after the first row and for the rows' scan inputs (which
+        journal: buffers for the conv states after the first row and for the other rows' scan inputs (which
         ``recurrence``, the model's, applies if they are settled later). Call ``one_call_done`` after it."""
         deferred = [r[: self.deferred] for r in self.scan_rows] if self.deferred else []
         j = self.journal
@@ -501,7 +501,7 @@ class ModelState:
         if not 1 <= n <= j.rows:
             raise ValueError(f"cannot keep {n} of a journaled forward's {j.rows} rows (the first is always kept)")
         with torch.no_grad(), torch.inference_mode(self.is_inference):
-            if j.deferring:  # the live SSM states are those before the verify: its first n rows wait
+            if j.deferring:  # the live SSM states are those after the verify's first row: n - 1 rows wait
                 self._defer_verified(n)
             if n < j.rows:
                 for slot, inputs in j.inputs.items():
