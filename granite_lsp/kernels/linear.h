@@ -49,6 +49,22 @@ inline int64_t bf16_pairs(int64_t K) { return (K + 31) / 32 * 16; }
 // fp32 variant uses the same slices, so each y element is summed in the same order on every level.
 constexpr int kKC = 256;
 
+// The order in which a column block's micro-tiles run (BLIS): bands of RowBand rows of x (a band's packed
+// rows stay in L2), in each band every panel of NR columns (from column n0), in each panel the band's
+// tiles of MR rows. f(j, n, ncols, t, rows): panel j at column n (ncols of its NR valid), rows t ..
+// t + rows. Every GEMM variant sweeps its tiles this way (linear*.cpp).
+template <int MR, int NR, int64_t RowBand, class F>
+inline void for_each_tile(int64_t T, int64_t N, int64_t n0, int64_t panels, const F& f) {
+  for (int64_t band = 0; band < T; band += RowBand) {
+    const int64_t band_end = std::min(T, band + RowBand);
+    for (int64_t j = 0; j < panels; ++j) {
+      const int64_t n = n0 + j * NR;
+      const int ncols = int(std::min<int64_t>(NR, N - n));
+      for (int64_t t = band; t < band_end; t += MR) f(j, n, ncols, t, int(std::min<int64_t>(MR, T - t)));
+    }
+  }
+}
+
 inline void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {

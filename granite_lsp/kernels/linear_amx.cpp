@@ -224,23 +224,14 @@ void block(const void* problem, int64_t c) {
       }
     }
     tile_operands_written();
-    for (int64_t band = 0; band < g.T; band += kRowBand) {
-      const int64_t band_end = std::min(g.T, band + kRowBand);
-      for (int64_t j = 0; j < panels; ++j) {
-        const int64_t n = n0 + j * kNR;
-        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
-        for (int64_t t = band; t < band_end; t += kMR) {
-          const int rows = int(std::min<int64_t>(kMR, g.T - t));
-          block_sums<kInt8>(pp.x + t * pp.xw + q0 * kMR, packed + j * kNR * qp, steps, sums);
-          float* y = g.y + t * g.N + n;
-          const float* bias = g.bias ? g.bias + n : nullptr;
-          if constexpr (kInt8)
-            finish_i8(reinterpret_cast<const int32_t*>(sums), pp.sx + t, g.scale + n, bias, y, g.N, rows, ncols,
-                      q0 > 0);
-          else finish_bf16(reinterpret_cast<const float*>(sums), bias, y, g.N, rows, ncols, q0 > 0);
-        }
-      }
-    }
+    for_each_tile<kMR, kNR, kRowBand>(g.T, g.N, n0, panels, [&](int64_t j, int64_t n, int ncols, int64_t t, int rows) {
+      block_sums<kInt8>(pp.x + t * pp.xw + q0 * kMR, packed + j * kNR * qp, steps, sums);
+      float* y = g.y + t * g.N + n;
+      const float* bias = g.bias ? g.bias + n : nullptr;
+      if constexpr (kInt8)
+        finish_i8(reinterpret_cast<const int32_t*>(sums), pp.sx + t, g.scale + n, bias, y, g.N, rows, ncols, q0 > 0);
+      else finish_bf16(reinterpret_cast<const float*>(sums), bias, y, g.N, rows, ncols, q0 > 0);
+    });
   }
   _tile_release();
 }

@@ -111,18 +111,11 @@ void block_f32(const void* problem, int64_t c) {
   for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
     const int64_t kc = std::min<int64_t>(kKC, g.K - k0);
     for (int64_t j = 0; j < panels; ++j) pack_panel<W, kNR>(g, n0 + j * kNR, k0, kc, packed + j * kNR * kc);
-    for (int64_t band = 0; band < g.T; band += kRowBand) {
-      const int64_t band_end = std::min(g.T, band + kRowBand);
-      for (int64_t j = 0; j < panels; ++j) {
-        const int64_t n = n0 + j * kNR;
-        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
-        for (int64_t t = band; t < band_end; t += kMR) {
-          const float* a = g.xp + (t / kMR) * g.K * kMR + k0 * kMR;
-          micro_f32(a, packed + j * kNR * kc, kc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)), ncols,
-                    k0 > 0, g.bias ? g.bias + n : nullptr);
-        }
-      }
-    }
+    for_each_tile<kMR, kNR, kRowBand>(g.T, g.N, n0, panels, [&](int64_t j, int64_t n, int ncols, int64_t t, int rows) {
+      const float* a = g.xp + (t / kMR) * g.K * kMR + k0 * kMR;
+      micro_f32(a, packed + j * kNR * kc, kc, g.y + t * g.N + n, g.N, rows, ncols, k0 > 0,
+                g.bias ? g.bias + n : nullptr);
+    });
   }
 }
 
@@ -445,18 +438,11 @@ void block_bf16(const void* problem, int64_t c) {
   for (int64_t q0 = 0; q0 < pp.K2; q0 += kPairsKC) {
     const int64_t qc = std::min<int64_t>(kPairsKC, pp.K2 - q0);
     for (int64_t j = 0; j < panels; ++j) pack_pairs_panel(g, n0 + j * kNR, q0, qc, packed + j * kNR * qc);
-    for (int64_t band = 0; band < g.T; band += kRowBand) {
-      const int64_t band_end = std::min(g.T, band + kRowBand);
-      for (int64_t j = 0; j < panels; ++j) {
-        const int64_t n = n0 + j * kNR;
-        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
-        for (int64_t t = band; t < band_end; t += kMR) {
-          const uint32_t* a = pp.xp + (t / kMR) * pp.K2 * kMR + q0 * kMR;
-          micro_bf16(a, packed + j * kNR * qc, qc, g.y + t * g.N + n, g.N, int(std::min<int64_t>(kMR, g.T - t)), ncols,
-                     q0 > 0, g.bias ? g.bias + n : nullptr);
-        }
-      }
-    }
+    for_each_tile<kMR, kNR, kRowBand>(g.T, g.N, n0, panels, [&](int64_t j, int64_t n, int ncols, int64_t t, int rows) {
+      const uint32_t* a = pp.xp + (t / kMR) * pp.K2 * kMR + q0 * kMR;
+      micro_bf16(a, packed + j * kNR * qc, qc, g.y + t * g.N + n, g.N, rows, ncols, q0 > 0,
+                 g.bias ? g.bias + n : nullptr);
+    });
   }
 }
 

@@ -288,19 +288,11 @@ void block_i8(const void* problem, int64_t c) {
     const int64_t qc = std::min<int64_t>(kQuadsKC, pp.K4 - q0);
     for (int64_t j = 0; j < panels; ++j)
       pack_panel_i8(g, n0 + j * kNR, q0, qc, packed + j * kNR * qc, offsets + j * kNR);
-    for (int64_t band = 0; band < g.T; band += kRowBand) {
-      const int64_t band_end = std::min(g.T, band + kRowBand);
-      for (int64_t j = 0; j < panels; ++j) {
-        const int64_t n = n0 + j * kNR;
-        const int ncols = int(std::min<int64_t>(kNR, g.N - n));
-        for (int64_t t = band; t < band_end; t += kMR) {
-          const int rows = int(std::min<int64_t>(kMR, g.T - t));
-          const uint32_t* a = pp.xp + (t / kMR) * pp.K4 * kMR + q0 * kMR;
-          micro_i8(a, packed + j * kNR * qc, offsets + j * kNR, qc, g.y + t * g.N + n, g.N, rows, ncols, q0 > 0,
-                   pp.qx->scale.get() + t, g.scale + n, g.bias ? g.bias + n : nullptr);
-        }
-      }
-    }
+    for_each_tile<kMR, kNR, kRowBand>(g.T, g.N, n0, panels, [&](int64_t j, int64_t n, int ncols, int64_t t, int rows) {
+      const uint32_t* a = pp.xp + (t / kMR) * pp.K4 * kMR + q0 * kMR;
+      micro_i8(a, packed + j * kNR * qc, offsets + j * kNR, qc, g.y + t * g.N + n, g.N, rows, ncols, q0 > 0,
+               pp.qx->scale.get() + t, g.scale + n, g.bias ? g.bias + n : nullptr);
+    });
   }
 }
 

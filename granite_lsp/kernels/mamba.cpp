@@ -40,18 +40,55 @@ constexpr int64_t kPrefetchTokens = 8;
 // - `exported` [T - 1, E + G N + H], when not null (T >= 2): the first new row advances the state, the
 //   others a copy of it, which is then dropped, and leave their x dt, B and decay there instead (a
 //   journaled verify: the first row always stays, the others may not).
-struct Deferral {
-  const float* deferred = nullptr;
-  int64_t n_deferred = 0;
-  float* exported = nullptr;
-};
-
 // A scan row's width in `Deferral`'s rows (x dt [E], B [G N], decay [H]), and where a head's parts are.
 struct ScanRowLayout {
   int64_t E, GN, H;
   int64_t width() const { return E + GN + H; }
   int64_t B(int64_t g, int64_t N) const { return E + g * N; }
   int64_t decay(int64_t h) const { return E + GN + h; }
+};
+
+struct Deferral {
+  const float* deferred = nullptr;
+  int64_t n_deferred = 0;
+  float* exported = nullptr;
+
+  // Token t's part of head h (x dt of its P channels from c0, its decay) in the exported rows (the first
+  // token is not exported: it advances the state).
+  void export_head(const ScanRowLayout& lay, int64_t t, int64_t h, int64_t c0, const float* xdt, int64_t P,
+                   float decay) const {
+    if (!exported || t == 0) return;
+    float* row = exported + (t - 1) * lay.width();
+    std::memcpy(row + c0, xdt, sizeof(float) * size_t(P));
+    row[lay.decay(h)] = decay;
+  }
+  // Every exported token's B (the first G N of its row of B and C after the conv, rows of bc_width).
+  void export_B(const ScanRowLayout& lay, const float* bc, int64_t bc_width, int64_t T) const {
+    if (!exported) return;
+    for (int64_t t = 1; t < T; ++t)
+      std::memcpy(exported + (t - 1) * lay.width() + lay.E, bc + t * bc_width, sizeof(float) * size_t(lay.GN));
+  }
+};
+
+// Rows of [conv state; the rows' raw conv inputs], the causal conv's window: token t's is rows t ..
+// t + K - 1, row j the state's while j < K - 1, else raw input j - (K - 1).
+struct ConvWindow {
+  float* cs;        // [K - 1, C]
+  const float* in;  // zxbcdt [T, W], the conv inputs from column E
+  int64_t C, K, W, E;
+  const float* row(int64_t j) const { return j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E; }
+  void of_token(int64_t t, const float** src) const {
+    for (int64_t j = 0; j < K; ++j) src[j] = row(t + j);
+  }
+  // Channels [c0, c1) of the conv state, which keeps the last K - 1 raw inputs, after T tokens (partly
+  // old state when T < K - 1; in increasing order, each row read before it is overwritten), and of the
+  // state after the first token into `saved` first (null: not wanted).
+  void advance(int64_t T, int64_t c0, int64_t c1, float* saved) const {
+    const size_t bytes = sizeof(float) * size_t(c1 - c0);
+    if (saved)
+      for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(saved + j * C + c0, row(1 + j) + c0, bytes);
+    for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(cs + j * C + c0, row(T + j) + c0, bytes);
+  }
 };
 
 struct MambaScan {
@@ -225,11 +262,7 @@ void mamba_head(const void* ctx, int64_t h) {
       for (int64_t b = 0; b < P * int64_t(sizeof(float)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
     const float decay = m.decay[t * m.H + h];
-    if (m.rows.exported && t > 0) {  // this head's part of the row a later call may apply (the caller writes B)
-      float* row = m.rows.exported + (t - 1) * lay.width();
-      std::memcpy(row + h * P, xdt, sizeof(float) * size_t(P));
-      row[lay.decay(h)] = decay;
-    }
+    m.rows.export_head(lay, t, h, h * P, xdt, P, decay);  // (the caller exports B)
     return TokenRows{bc + g * N, bc + m.G * N + g * N, xdt, decay, m.y + t * m.E + h * P};
   };
   // the rows that the four-row kernels do not take, one token at a time
@@ -371,23 +404,16 @@ void rows_head(const void* ctx, int64_t h) {
   const int64_t T = d.T, P = d.P, N = d.N, C = d.C, E = d.E, K = d.K, W = d.W, c0 = h * P;
   const int64_t g = h / (d.H / d.G);
   const ScanRowLayout lay{E, d.G * N, d.H};
-  // row j of [conv state; the rows' raw conv inputs]: token t's window is rows t .. t + K - 1
-  auto window_row = [&](int64_t j) { return j < K - 1 ? d.cs + j * C : d.in + (j - (K - 1)) * W + E; };
+  const ConvWindow window{d.cs, d.in, C, K, W, E};
   float x[kMaxStreamRows * kMaxHeadDim], xdt[2 * kMaxHeadDim];  // a pool task allocates nothing (cannot throw)
   float dt[kMaxStreamRows], decay[kMaxStreamRows];
   const float* src[kMaxConvWidth];
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
+    window.of_token(t, src);
     conv_span(src, d.cw, d.cb, C, K, c0, c0 + P, x + t * P);
     dt_decay(d.in[t * W + E + C + h], d.db[h], d.A[h], d.dt_min, d.dt_max, dt + t, decay + t);
   }
-  // the conv state keeps the last K - 1 raw inputs (partly old state when T < K - 1): this head's
-  // channels move up T rows (in increasing order, each row read before it is overwritten), after the
-  // state after the first row is saved (a journaled call)
-  if (d.conv_saved)
-    for (int64_t j = 0; j + 1 < K; ++j)
-      std::memcpy(d.conv_saved + j * C + c0, window_row(1 + j) + c0, sizeof(float) * P);
-  for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(d.cs + j * C + c0, window_row(T + j) + c0, sizeof(float) * P);
+  window.advance(T, c0, c0 + P, d.conv_saved);  // this head's channels of the conv state
   // The state is read from memory (the weights streamed since the last step have evicted it), and the
   // hardware prefetcher does not run far enough ahead on a head's 16 KB: prefetched kStatePrefetch bytes
   // ahead, 28 real-shape decode mixers took 0.67-0.84x the CPU time on one thread and 0.76-0.90x the
@@ -410,11 +436,7 @@ void rows_head(const void* ctx, int64_t h) {
   prefetch(0, kStatePrefetch);
   auto token = [&](int64_t t, float* xt) {
     for (int64_t p = 0; p < P; ++p) xt[p] = x[t * P + p] * dt[t];
-    if (d.rows.exported && t > 0) {  // this head's part of the row a later call may apply (the caller writes B)
-      float* row = d.rows.exported + (t - 1) * lay.width();
-      std::memcpy(row + c0, xt, sizeof(float) * size_t(P));
-      row[lay.decay(h)] = decay[t];
-    }
+    d.rows.export_head(lay, t, h, c0, xt, P, decay[t]);  // (the caller exports B)
     const float* bc = d.bc + t * 2 * d.G * N;
     return TokenRows{bc + g * N, bc + d.G * N + g * N, xt, decay[t], d.y + t * E + c0};
   };
@@ -742,18 +764,13 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
     const int64_t BC = C - E;
     bc.resize(size_t(T * BC));
     const float* src[kMaxConvWidth];
-    auto window_row = [&](int64_t j) { return j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E; };
+    const ConvWindow window{cs, in, C, K, W, E};
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
+      window.of_token(t, src);
       conv_span(src, cw, cb, C, K, E, C, bc.data() + t * BC);
-      if (rows.exported && t > 0)  // each row's B, for whoever applies it later (the heads write x dt, decay)
-        std::memcpy(rows.exported + (t - 1) * (E + G * N + H) + E, bc.data() + t * BC, sizeof(float) * size_t(G * N));
     }
-    // B and C's channels of the conv state, as rows_head moves the heads' (after saving the first row's)
-    if (conv_saved)
-      for (int64_t j = 0; j + 1 < K; ++j)
-        std::memcpy(conv_saved + j * C + E, window_row(1 + j) + E, sizeof(float) * BC);
-    for (int64_t j = 0; j + 1 < K; ++j) std::memcpy(cs + j * C + E, window_row(T + j) + E, sizeof(float) * BC);
+    rows.export_B(ScanRowLayout{E, G * N, H}, bc.data(), BC, T);  // (the heads export x dt and decay)
+    window.advance(T, E, C, conv_saved);  // B and C's channels of the conv state (rows_head moves the heads')
     float* y = out.data_ptr<float>();
     const FewRows d{ssm_state.data_ptr<float>(),
                     cs,
@@ -790,9 +807,7 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
   // chunked scan dt * x head-major (a chunk's rows of a head contiguous: read by the heads at x's row
   // stride, E floats, a page apart on the real shape, the loads missed and were ~20% of the scan).
   // In one pass x is still in L1 when dt * x is taken (three passes and pool jobs before).
-  // Row j of [state; inputs] is state row j while j < K - 1, else raw input j - (K - 1); token t's
-  // window is rows t .. t + K - 1.
-  auto window_row = [&](int64_t j) { return j < K - 1 ? cs + j * C : in + (j - (K - 1)) * W + E; };
+  const ConvWindow window{cs, in, C, K, W, E};
   // The conv's output split in two: x [T, E] and B, C [T, 2 G N], so that the scan reads each
   // token's B and C from one short contiguous row rather than at the stride of a whole conv row.
   const int64_t BC = C - E;
@@ -818,7 +833,7 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
         for (int64_t h = 0; h < H; ++h)
           dt_decay(raw[h], db[h], Ap[h], float(dt_min), float(dt_max), dt + t * H + h, decay + t * H + h);
       }
-      for (int64_t j = 0; j < K; ++j) src[j] = window_row(t + j);
+      window.of_token(t, src);
       conv_span(src, cw, cb, C, K, 0, E, xs + t * E);
       conv_span(src, cw, cb, C, K, E, C, bcs + t * BC);
       if (!chunked) continue;
@@ -831,17 +846,10 @@ at::Tensor mixer(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const a
     }
   };
   parallel_rows(T, 16, n_threads, token_rows);
-  // the conv state keeps the last K-1 raw inputs (partly old state when T < K - 1)
-  std::vector<float> keep(size_t((K - 1) * C));
-  for (int64_t r = 0; r < K - 1; ++r) std::memcpy(keep.data() + r * C, window_row(T + r), sizeof(float) * C);
-  if (conv_saved)  // the conv state after the first token: the K - 1 raw inputs that end with it
-    for (int64_t r = 0; r < K - 1; ++r) std::memcpy(conv_saved + r * C, window_row(1 + r), sizeof(float) * C);
-  std::memcpy(cs, keep.data(), sizeof(float) * keep.size());
+  window.advance(T, 0, C, conv_saved);
   // (3) the scan, one head per task: in chunks for a prefill (above), token by token for a few tokens
   float* y = out.data_ptr<float>();
-  if (rows.exported)  // each row's B, for whoever applies it later (the heads write x dt, decay)
-    for (int64_t t = 1; t < T; ++t)
-      std::memcpy(rows.exported + (t - 1) * (E + G * N + H) + E, bcs + t * BC, sizeof(float) * size_t(G * N));
+  rows.export_B(ScanRowLayout{E, G * N, H}, bcs, BC, T);  // (the heads export x dt and decay)
   MambaScan m{ssm_state.data_ptr<float>(), xs, bcs, dt, decay, y, T, H, P, N, G, E, rows};
   if (chunked) {
     const int64_t chunks = (T + kScanChunk - 1) / kScanChunk;
@@ -885,14 +893,18 @@ namespace {
 const float* scan_rows(const std::optional<at::Tensor>& t, const at::Tensor& ssm, int64_t n_groups, int64_t rows,
                        const char* what) {
   if (!t) return nullptr;
-  const int64_t H = ssm.size(0), width = H * ssm.size(1) + n_groups * ssm.size(2) + H;
   TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
-                  t->size(1) == width && (rows < 0 || t->size(0) == rows),
+                  t->size(1) == scan_row_width(ssm, n_groups) && (rows < 0 || t->size(0) == rows),
               what, ": contiguous fp32 [rows, E + G N + H] scan rows");
   return t->data_ptr<float>();
 }
 
 }  // namespace
+
+int64_t scan_row_width(const at::Tensor& ssm_state, int64_t n_groups) {
+  const int64_t H = ssm_state.size(0);
+  return ScanRowLayout{H * ssm_state.size(1), n_groups * ssm_state.size(2), H}.width();
+}
 
 at::Tensor mamba_mixer_rows(const at::Tensor& zxbcdt, const at::Tensor& conv_state, const at::Tensor& conv_w,
                             const std::optional<at::Tensor>& conv_b, const at::Tensor& dt_bias, const at::Tensor& A,

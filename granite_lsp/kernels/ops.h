@@ -41,6 +41,8 @@ at::Tensor mamba_mixer_rows(const at::Tensor& zxbcdt, const at::Tensor& conv_sta
                             int64_t n_groups, double eps, double dt_min, double dt_max, int64_t threads,
                             const std::optional<at::Tensor>& deferred, const std::optional<at::Tensor>& conv_saved,
                             const std::optional<at::Tensor>& exported);
+// The floats of one scan row (x dt [E], B [G N], decay [H]) for an SSM state [H, P, N] of n_groups groups.
+int64_t scan_row_width(const at::Tensor& ssm_state, int64_t n_groups);
 // ssm_state [H, P, N] advanced over `rows` [n, E + G N + H] as mamba_mixer_rows advances it over deferred
 // rows, bit for bit (ModelState.settle)
 void mamba_advance(const at::Tensor& ssm_state, const at::Tensor& rows, int64_t n_groups, int64_t threads);

@@ -95,7 +95,7 @@ std::vector<at::Tensor> decode_layers(const at::Tensor& x_in, const c10::List<st
   for (at::TensorList rows : {deferred, exported})
     for (size_t j = 0; j < rows.size(); ++j) {
       const at::Tensor& s = ssm[j];
-      TORCH_CHECK(s.dim() == 3 && rows[j].dim() == 2 && rows[j].size(1) == s.size(0) * (s.size(1) + 1) + G * s.size(2),
+      TORCH_CHECK(s.dim() == 3 && rows[j].dim() == 2 && rows[j].size(1) == scan_row_width(s, G),
                   "decode_layers: deferred and exported rows [n, E + G N + H]");
     }
   if (journaled) {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -399,7 +399,6 @@ class ModelState:
             # memory-bound copies, on one thread (see StateCache._restore)
             with small_ops_single_threaded(), torch.inference_mode(self.is_inference):
                 for slot, (conv, ssm) in enumerate(pairs):
-                    assert ssm is not None
                     conv.copy_(self.conv[slot])
                     ssm.copy_(self.ssm[slot])
         return j.records
@@ -425,7 +424,6 @@ class ModelState:
         """A journaled forward's Mamba layer ``slot`` has advanced its states over the first row and is
         about to advance them over ``inputs`` (the other rows)."""
         conv, ssm = self._journal_slot(slot)
-        assert ssm is not None
         with torch.inference_mode(self.is_inference):
             conv.copy_(self.conv[slot])
             ssm.copy_(self.ssm[slot])
@@ -447,7 +445,7 @@ class ModelState:
             return deferred, ([], [])
         if len(j.conv) != n:  # once allocated they keep their shapes (see restore)
             for slot in range(n):
-                self._journal_slot(slot, ssm=False)
+                self._journal_buffer(self.conv, j.conv, slot)
         if j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
         width = recurrence.scan_row_width
@@ -474,23 +472,23 @@ class ModelState:
             self.journal.inputs[slot] = rows
         self.journal.deferring = bool(inputs)
 
-    def _journal_slot(self, slot: int, ssm: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Mamba slot ``slot``'s journal buffers (the SSM one only if ``ssm``: the one-call verify needs
-        none), allocated on the first journaled forward that needs them and kept."""
+    def _journal_slot(self, slot: int) -> tuple[Tensor, Tensor]:
+        """Mamba slot ``slot``'s journal buffers for its conv and SSM states (``_journal_buffer``)."""
+        return self._journal_buffer(self.conv, self.journal.conv, slot), self._journal_buffer(
+            self.ssm, self.journal.ssm, slot
+        )
+
+    def _journal_buffer(self, live: list[Tensor], saved: dict[int, Tensor], slot: int) -> Tensor:
+        """The journal's buffer in ``saved`` for the live state ``live[slot]``, allocated on the first
+        journaled forward that needs it and kept (the one-call verify needs only the conv ones)."""
         j = self.journal
         if not j.active or j.start != self.pos:
             raise ValueError("no journaled forward is running on this state")
-        bufs: list[Tensor | None] = []
-        with torch.inference_mode(self.is_inference):
-            for live, saved in ((self.conv, j.conv), (self.ssm, j.ssm) if ssm else ((), {})):
-                if not live:
-                    bufs.append(None)
-                    continue
-                buf = saved.get(slot)
-                if buf is None or buf.shape != live[slot].shape or buf.dtype != live[slot].dtype:
-                    buf = saved[slot] = torch.empty_like(live[slot])
-                bufs.append(buf)
-        return cast(Tensor, bufs[0]), bufs[1]
+        buf = saved.get(slot)
+        if buf is None or buf.shape != live[slot].shape or buf.dtype != live[slot].dtype:
+            with torch.inference_mode(self.is_inference):
+                buf = saved[slot] = torch.empty_like(live[slot])
+        return buf
 
     def keep(self, n: int, recurrence: Recurrence) -> None:
         """Keep the first ``n`` >= 1 rows of the last (journaled) forward: the state is then exactly as
