@@ -33,13 +33,6 @@ constexpr int64_t kMaxConvWidth = 16;
 constexpr int64_t kMaxHeadDim = 256;  // kernels.MAMBA_MAX_HEAD_DIM
 constexpr int64_t kPrefetchTokens = 8;
 
-// Beside its rows, a call of a few rows (the recurrence: T <= kMaxStreamRows) can take care of what
-// runtime/state.py's ModelState defers (why: state.py's Journal):
-// - `deferred` [n_deferred, E + G N + H]: rows the state has not advanced over yet, applied in place
-//   before the new ones (each row's x dt, B and decay, as `exported` leaves them);
-// - `exported` [T - 1, E + G N + H], when not null (T >= 2): the first new row advances the state, the
-//   others a copy of it, which is then dropped, and leave their x dt, B and decay there instead (a
-//   journaled verify: the first row always stays, the others may not).
 // A scan row's width in `Deferral`'s rows (x dt [E], B [G N], decay [H]), and where a head's parts are.
 struct ScanRowLayout {
   int64_t E, GN, H;
@@ -48,18 +41,24 @@ struct ScanRowLayout {
   int64_t decay(int64_t h) const { return E + GN + h; }
 };
 
+// Beside its rows, a call of a few rows (the recurrence: T <= kMaxStreamRows) can take care of what
+// runtime/state.py's ModelState defers (why: state.py's Journal):
+// - `deferred` [n_deferred, E + G N + H]: rows the state has not advanced over yet, applied in place
+//   before the new ones (each row's x dt, B and decay, as `exported` leaves them);
+// - `exported` [T - 1, E + G N + H], when not null (T >= 2): the first new row advances the state, the
+//   others a copy of it, which is then dropped, and leave their x dt, B and decay there instead (a
+//   journaled verify: the first row always stays, the others may not).
 struct Deferral {
   const float* deferred = nullptr;
   int64_t n_deferred = 0;
   float* exported = nullptr;
 
-  // Token t's part of head h (x dt of its P channels from c0, its decay) in the exported rows (the first
-  // token is not exported: it advances the state).
-  void export_head(const ScanRowLayout& lay, int64_t t, int64_t h, int64_t c0, const float* xdt, int64_t P,
-                   float decay) const {
+  // Token t's part of head h (x dt of its P channels, its decay) in the exported rows (the first token is
+  // not exported: it advances the state).
+  void export_head(const ScanRowLayout& lay, int64_t t, int64_t h, const float* xdt, int64_t P, float decay) const {
     if (!exported || t == 0) return;
     float* row = exported + (t - 1) * lay.width();
-    std::memcpy(row + c0, xdt, sizeof(float) * size_t(P));
+    std::memcpy(row + h * P, xdt, sizeof(float) * size_t(P));
     row[lay.decay(h)] = decay;
   }
   // Every exported token's B (the first G N of its row of B and C after the conv, rows of bc_width).
@@ -262,7 +261,7 @@ void mamba_head(const void* ctx, int64_t h) {
       for (int64_t b = 0; b < P * int64_t(sizeof(float)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
     const float decay = m.decay[t * m.H + h];
-    m.rows.export_head(lay, t, h, h * P, xdt, P, decay);  // (the caller exports B)
+    m.rows.export_head(lay, t, h, xdt, P, decay);  // (the caller exports B)
     return TokenRows{bc + g * N, bc + m.G * N + g * N, xdt, decay, m.y + t * m.E + h * P};
   };
   // the rows that the four-row kernels do not take, one token at a time
@@ -436,7 +435,7 @@ void rows_head(const void* ctx, int64_t h) {
   prefetch(0, kStatePrefetch);
   auto token = [&](int64_t t, float* xt) {
     for (int64_t p = 0; p < P; ++p) xt[p] = x[t * P + p] * dt[t];
-    d.rows.export_head(lay, t, h, c0, xt, P, decay[t]);  // (the caller exports B)
+    d.rows.export_head(lay, t, h, xt, P, decay[t]);  // (the caller exports B)
     const float* bc = d.bc + t * 2 * d.G * N;
     return TokenRows{bc + g * N, bc + d.G * N + g * N, xt, decay[t], d.y + t * E + c0};
   };
